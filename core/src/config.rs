@@ -1,0 +1,458 @@
+//! The plugin configuration: the JSON an operator writes (`FilterConfig`), checked once and
+//! compiled into an immutable [`Policy`] that every request reads.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::routes::{Methods, PathMatch, Route, RouteTable, RouteTarget};
+use crate::token::{KeySet, Jwks};
+
+/// Index of a feature in [`Policy::features`]; features are named by routes.
+pub type FeatureId = u16;
+
+/// A configuration problem: which field, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path of the offending field, e.g. `plans.gold.rate_limit.burst`.
+    pub field: String,
+    /// What is wrong, for a human.
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError { field: field.into(), problem: problem.into() }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() || self.field == "." {
+            write!(f, "invalid configuration: {}", self.problem)
+        } else {
+            write!(f, "invalid configuration at `{}`: {}", self.field, self.problem)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The plugin configuration as written (the `configuration` of Envoy's wasm plugin).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    pub token: TokenConfig,
+    pub plans: BTreeMap<String, LimitsConfig>,
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub unmatched_routes: UnmatchedRoutes,
+    #[serde(default)]
+    pub upstream_headers: UpstreamHeadersConfig,
+    /// How often per-worker counters are folded into Envoy stats.
+    #[serde(default = "default_stats_flush_interval_ms")]
+    pub stats_flush_interval_ms: u64,
+}
+
+fn default_stats_flush_interval_ms() -> u64 {
+    1000
+}
+
+/// Where the license token is and how it is checked.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    #[serde(default = "default_token_header")]
+    pub header: String,
+    #[serde(default = "default_token_prefix")]
+    pub prefix: String,
+    /// Accepted `iss` values; empty: `iss` is not checked.
+    #[serde(default)]
+    pub issuers: Vec<String>,
+    /// Accepted `aud` values (one must match); empty: `aud` is not checked.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    #[serde(default = "default_leeway_seconds")]
+    pub leeway_seconds: u64,
+    #[serde(default = "default_cache_entries")]
+    pub cache_entries: usize,
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: usize,
+    pub jwks: Jwks,
+}
+
+fn default_token_header() -> String {
+    "authorization".into()
+}
+fn default_token_prefix() -> String {
+    "Bearer ".into()
+}
+fn default_leeway_seconds() -> u64 {
+    30
+}
+fn default_cache_entries() -> usize {
+    10_000
+}
+fn default_max_token_bytes() -> usize {
+    8192
+}
+
+/// Limits of a plan, or a license's overrides of its plan's limits (the `limits` claim).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Requests per license, all features together.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+    /// Requests per license and feature, by feature name.
+    #[serde(default)]
+    pub feature_rate_limits: BTreeMap<String, RateLimitConfig>,
+}
+
+/// A GCRA rate: a sustained rate and the burst allowed on top of it.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub requests_per_second: f64,
+    /// Requests that may arrive at once; defaults to one second's worth (at least 1).
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// One route: a path (exact or prefix), optional methods, and the feature it belongs to.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub feature: Option<String>,
+    /// Served without a license (no token needed, no metering by account).
+    #[serde(default)]
+    pub public: bool,
+}
+
+/// What happens to a request that no route matches.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnmatchedRoutes {
+    /// Refuse with 403 `route_not_licensed`.
+    #[default]
+    Deny,
+    /// Pass through untouched, like a public route.
+    Allow,
+}
+
+/// Names of the request headers that carry the license context upstream; `null` turns one off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamHeadersConfig {
+    pub account: Option<String>,
+    pub license: Option<String>,
+    pub plan: Option<String>,
+    pub feature: Option<String>,
+}
+
+impl Default for UpstreamHeadersConfig {
+    fn default() -> Self {
+        UpstreamHeadersConfig {
+            account: Some("x-tollgate-account".into()),
+            license: Some("x-tollgate-license".into()),
+            plan: Some("x-tollgate-plan".into()),
+            feature: Some("x-tollgate-feature".into()),
+        }
+    }
+}
+
+/// A compiled rate: the GCRA emission interval and burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RateQuota {
+    /// Nanoseconds between two requests at the sustained rate.
+    pub period_nanos: u64,
+    pub burst: u32,
+}
+
+impl RateQuota {
+    /// Seconds for an empty bucket to refill to the full burst (the `w` of `RateLimit-Policy`).
+    pub fn window_seconds(&self) -> u64 {
+        let nanos = self.period_nanos.saturating_mul(u64::from(self.burst));
+        nanos.div_ceil(1_000_000_000).max(1)
+    }
+
+    fn compile(field: &str, rate: &RateLimitConfig) -> Result<RateQuota, ConfigError> {
+        let rps = rate.requests_per_second;
+        if !rps.is_finite() || rps <= 0.0 || rps > 1e9 {
+            return Err(ConfigError::new(
+                format!("{field}.requests_per_second"),
+                "must be a number above 0 and at most 1e9",
+            ));
+        }
+        let burst = match rate.burst {
+            Some(0) => return Err(ConfigError::new(format!("{field}.burst"), "must be at least 1")),
+            Some(b) => b,
+            // `as` saturates for floats; rps <= 1e9 fits in u32 after ceil anyway.
+            None => (rps.ceil() as u32).max(1),
+        };
+        let period_nanos = (1e9 / rps).round() as u64;
+        Ok(RateQuota { period_nanos: period_nanos.max(1), burst })
+    }
+}
+
+/// Rate limits in force for one license: its plan's, with the license's overrides applied.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CompiledLimits {
+    pub license: Option<RateQuota>,
+    /// Indexed by [`FeatureId`].
+    pub per_feature: Vec<Option<RateQuota>>,
+}
+
+impl CompiledLimits {
+    /// The limits of `overrides` laid over `self`; each override replaces the plan's value.
+    pub(crate) fn overridden(
+        &self,
+        field: &str,
+        overrides: &LimitsConfig,
+        features: &[String],
+    ) -> Result<CompiledLimits, ConfigError> {
+        let mut out = self.clone();
+        if let Some(rate) = &overrides.rate_limit {
+            out.license = Some(RateQuota::compile(&format!("{field}.rate_limit"), rate)?);
+        }
+        for (name, rate) in &overrides.feature_rate_limits {
+            let at = format!("{field}.feature_rate_limits.{name}");
+            let Some(index) = features.iter().position(|f| f == name) else {
+                return Err(ConfigError::new(at, "no route names this feature"));
+            };
+            if let Some(slot) = out.per_feature.get_mut(index) {
+                *slot = Some(RateQuota::compile(&at, rate)?);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn for_feature(&self, feature: FeatureId) -> Option<RateQuota> {
+        self.per_feature.get(usize::from(feature)).copied().flatten()
+    }
+}
+
+/// A plan as compiled from the configuration.
+#[derive(Debug)]
+pub struct Plan {
+    pub name: Arc<str>,
+    pub limits: CompiledLimits,
+}
+
+/// Token checks, compiled.
+#[derive(Debug)]
+pub struct TokenPolicy {
+    /// Lower-case header name.
+    pub header: String,
+    pub prefix: String,
+    pub issuers: Vec<String>,
+    pub audiences: Vec<String>,
+    pub leeway_seconds: u64,
+    pub cache_entries: usize,
+    pub max_token_bytes: usize,
+    pub keys: KeySet,
+}
+
+/// Header names for the license context sent upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamHeaders {
+    pub account: Option<String>,
+    pub license: Option<String>,
+    pub plan: Option<String>,
+    pub feature: Option<String>,
+}
+
+impl UpstreamHeaders {
+    /// Every configured header name, for stripping client-sent copies.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        [&self.account, &self.license, &self.plan, &self.feature]
+            .into_iter()
+            .filter_map(|name| name.as_deref())
+    }
+}
+
+/// The compiled, immutable configuration shared by every request of a VM.
+#[derive(Debug)]
+pub struct Policy {
+    pub token: TokenPolicy,
+    /// Feature names; a [`FeatureId`] indexes this list.
+    pub features: Vec<String>,
+    pub plans: BTreeMap<String, Arc<Plan>>,
+    pub routes: RouteTable,
+    pub unmatched_routes: UnmatchedRoutes,
+    pub upstream_headers: UpstreamHeaders,
+    pub stats_flush_interval_ms: u64,
+}
+
+impl Policy {
+    /// Parse and check a configuration; the error names the field at fault.
+    pub fn from_json(bytes: &[u8]) -> Result<Policy, ConfigError> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let config: FilterConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            // serde_json appends "at line L column C"; keep it, it helps with long configs.
+            ConfigError::new(field, inner.to_string())
+        })?;
+        de.end().map_err(|e| ConfigError::new("", e.to_string()))?;
+        Policy::compile(config)
+    }
+
+    /// Check a parsed configuration and compile it.
+    pub fn compile(config: FilterConfig) -> Result<Policy, ConfigError> {
+        let token = compile_token(config.token)?;
+        if config.stats_flush_interval_ms == 0 {
+            return Err(ConfigError::new("stats_flush_interval_ms", "must be at least 1"));
+        }
+
+        let mut features: Vec<String> = Vec::new();
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for (i, route) in config.routes.iter().enumerate() {
+            routes.push(compile_route(&format!("routes[{i}]"), route, &mut features)?);
+        }
+        if features.len() > usize::from(FeatureId::MAX) {
+            return Err(ConfigError::new("routes", "too many distinct features"));
+        }
+
+        if config.plans.is_empty() {
+            return Err(ConfigError::new("plans", "at least one plan is needed"));
+        }
+        let empty = CompiledLimits { license: None, per_feature: vec![None; features.len()] };
+        let mut plans = BTreeMap::new();
+        for (name, limits) in &config.plans {
+            let limits = empty.overridden(&format!("plans.{name}"), limits, &features)?;
+            plans.insert(name.clone(), Arc::new(Plan { name: name.as_str().into(), limits }));
+        }
+
+        let headers = config.upstream_headers;
+        let upstream_headers = UpstreamHeaders {
+            account: header_name("upstream_headers.account", headers.account)?,
+            license: header_name("upstream_headers.license", headers.license)?,
+            plan: header_name("upstream_headers.plan", headers.plan)?,
+            feature: header_name("upstream_headers.feature", headers.feature)?,
+        };
+        if upstream_headers.names().any(|name| name == token.header) {
+            return Err(ConfigError::new(
+                "upstream_headers",
+                "a license header must not be the token header",
+            ));
+        }
+
+        Ok(Policy {
+            token,
+            features,
+            plans,
+            routes: RouteTable::new(routes),
+            unmatched_routes: config.unmatched_routes,
+            upstream_headers,
+            stats_flush_interval_ms: config.stats_flush_interval_ms,
+        })
+    }
+
+    /// The feature's name.
+    pub fn feature_name(&self, feature: FeatureId) -> &str {
+        self.features.get(usize::from(feature)).map(String::as_str).unwrap_or("")
+    }
+}
+
+fn compile_token(token: TokenConfig) -> Result<TokenPolicy, ConfigError> {
+    let header = token.header.to_ascii_lowercase();
+    if !is_header_name(&header) || header.starts_with(':') {
+        return Err(ConfigError::new("token.header", "not a valid HTTP header name"));
+    }
+    if token.cache_entries == 0 {
+        return Err(ConfigError::new("token.cache_entries", "must be at least 1"));
+    }
+    if token.max_token_bytes < 64 {
+        return Err(ConfigError::new("token.max_token_bytes", "must be at least 64"));
+    }
+    let keys = KeySet::from_jwks(&token.jwks)?;
+    Ok(TokenPolicy {
+        header,
+        prefix: token.prefix,
+        issuers: token.issuers,
+        audiences: token.audiences,
+        leeway_seconds: token.leeway_seconds,
+        cache_entries: token.cache_entries,
+        max_token_bytes: token.max_token_bytes,
+        keys,
+    })
+}
+
+fn compile_route(
+    at: &str,
+    route: &RouteConfig,
+    features: &mut Vec<String>,
+) -> Result<Route, ConfigError> {
+    let path = match (&route.path, &route.prefix) {
+        (Some(path), None) => PathMatch::Exact(path.clone()),
+        (None, Some(prefix)) => PathMatch::Prefix(prefix.clone()),
+        _ => return Err(ConfigError::new(at, "needs exactly one of `path` or `prefix`")),
+    };
+    let (PathMatch::Exact(p) | PathMatch::Prefix(p)) = &path;
+    if !p.starts_with('/') {
+        return Err(ConfigError::new(format!("{at}.path"), "must start with `/`"));
+    }
+    let mut methods = Vec::with_capacity(route.methods.len());
+    for (i, method) in route.methods.iter().enumerate() {
+        if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(ConfigError::new(
+                format!("{at}.methods[{i}]"),
+                "methods are upper-case HTTP method names, e.g. \"GET\"",
+            ));
+        }
+        methods.push(method.clone());
+    }
+    let target = match (&route.feature, route.public) {
+        (Some(name), false) => {
+            if name.is_empty() || name.len() > 64 || !name.bytes().all(is_name_byte) {
+                return Err(ConfigError::new(
+                    format!("{at}.feature"),
+                    "feature names are 1-64 characters of a-z, A-Z, 0-9, `-`, `_`",
+                ));
+            }
+            let id = match features.iter().position(|f| f == name) {
+                Some(id) => id,
+                None => {
+                    features.push(name.clone());
+                    features.len() - 1
+                }
+            };
+            RouteTarget::Feature(FeatureId::try_from(id).unwrap_or(FeatureId::MAX))
+        }
+        (None, true) => RouteTarget::Public,
+        _ => return Err(ConfigError::new(at, "needs exactly one of `feature` or `public: true`")),
+    };
+    Ok(Route { path, methods: Methods::new(methods), target })
+}
+
+fn header_name(field: &str, name: Option<String>) -> Result<Option<String>, ConfigError> {
+    match name {
+        None => Ok(None),
+        Some(name) => {
+            let lower = name.to_ascii_lowercase();
+            if !is_header_name(&lower) || lower.starts_with(':') {
+                return Err(ConfigError::new(field, "not a valid HTTP header name"));
+            }
+            Ok(Some(lower))
+        }
+    }
+}
+
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:!#$%&'*+^`|~".contains(&b))
+}
+
+fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}

@@ -1,0 +1,17 @@
+//! Tollgate's core: everything the filter decides, with no proxy-wasm dependency, so it is
+//! tested natively with an injected clock. The filter crate is a thin adapter over [`Gate`].
+
+pub mod cache;
+pub mod config;
+pub mod gate;
+pub mod meter;
+pub mod ratelimit;
+pub mod refusal;
+pub mod routes;
+pub mod token;
+
+pub use config::{ConfigError, FeatureId, Policy};
+pub use gate::{Admission, Gate, GateCounters, RequestHead, Verdict};
+pub use meter::{Outcome, UsageKey, UsageTotals};
+pub use ratelimit::{MemoryCells, SharedCells, StoreError};
+pub use refusal::{Code, Refusal};

@@ -1,0 +1,296 @@
+//! GCRA rate limits (through `governor`) whose state lives in cells shared by every worker.
+//!
+//! Envoy runs one VM per worker; a limit kept in each VM would let N workers admit N times the
+//! rate. The state of a GCRA limit is one number (the theoretical arrival time, TAT), so it is
+//! kept in proxy-wasm shared data and updated with compare-and-swap: read, let governor decide,
+//! write back only if no other worker wrote in between, else retry.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::rc::Rc;
+use std::time::Duration;
+
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::StateStore;
+use governor::{NotUntil, Quota, RateLimiter};
+
+use crate::config::RateQuota;
+
+/// Cells of `u64` shared by every worker, with a version for compare-and-swap.
+/// In Envoy: proxy-wasm shared data. In tests: [`MemoryCells`].
+pub trait SharedCells {
+    /// The value and its version, or `None` if the cell was never written.
+    fn load(&self, key: &str) -> Result<Option<(u64, u32)>, StoreError>;
+    /// Write `value` if the cell is still at `version` (`None`: the cell did not exist).
+    /// `Ok(false)` means another writer came first.
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        value: u64,
+        version: Option<u32>,
+    ) -> Result<bool, StoreError>;
+}
+
+/// The shared store failed (not a CAS conflict).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreError;
+
+impl<T: SharedCells + ?Sized> SharedCells for Rc<T> {
+    fn load(&self, key: &str) -> Result<Option<(u64, u32)>, StoreError> {
+        (**self).load(key)
+    }
+    fn compare_and_swap(&self, key: &str, value: u64, version: Option<u32>) -> Result<bool, StoreError> {
+        (**self).compare_and_swap(key, value, version)
+    }
+}
+
+/// In-memory cells, for native tests and tools; several limiters may share one through `Rc`.
+#[derive(Debug, Default)]
+pub struct MemoryCells {
+    cells: std::cell::RefCell<HashMap<String, (u64, u32)>>,
+}
+
+impl SharedCells for MemoryCells {
+    fn load(&self, key: &str) -> Result<Option<(u64, u32)>, StoreError> {
+        Ok(self.cells.borrow().get(key).copied())
+    }
+
+    fn compare_and_swap(&self, key: &str, value: u64, version: Option<u32>) -> Result<bool, StoreError> {
+        let mut cells = self.cells.borrow_mut();
+        let current = cells.get(key).map(|(_, v)| *v);
+        if current != version {
+            return Ok(false);
+        }
+        let next = current.map_or(1, |v| v.wrapping_add(1));
+        cells.insert(key.to_string(), (value, next));
+        Ok(true)
+    }
+}
+
+/// How many times a conflicting CAS is retried before the decision is taken without it.
+const CAS_ATTEMPTS: usize = 32;
+
+/// Health of the shared store, for stats.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StoreHealth {
+    pub cas_conflicts: u64,
+    pub errors: u64,
+}
+
+/// governor's state store over [`SharedCells`].
+struct CellStore<S> {
+    cells: S,
+    health: Rc<Cell<StoreHealth>>,
+}
+
+impl<S: SharedCells> CellStore<S> {
+    fn note(&self, update: impl FnOnce(&mut StoreHealth)) {
+        let mut health = self.health.get();
+        update(&mut health);
+        self.health.set(health);
+    }
+}
+
+impl<S: SharedCells> StateStore for CellStore<S> {
+    type Key = String;
+
+    fn measure_and_replace<T, F, E>(&self, key: &String, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let current = match self.cells.load(key) {
+                Ok(current) => current,
+                Err(StoreError) => {
+                    // Without the shared store the best available answer is a fresh bucket:
+                    // requests keep flowing and the error shows in stats.
+                    self.note(|h| h.errors += 1);
+                    return f(None).map(|(t, _)| t);
+                }
+            };
+            let (outcome, new_tat) = f(current.map(|(tat, _)| Nanos::from(tat)))?;
+            match self.cells.compare_and_swap(key, new_tat.as_u64(), current.map(|(_, v)| v)) {
+                Ok(true) => return Ok(outcome),
+                Ok(false) if attempts < CAS_ATTEMPTS => self.note(|h| h.cas_conflicts += 1),
+                Ok(false) => return Ok(outcome),
+                Err(StoreError) => {
+                    self.note(|h| h.errors += 1);
+                    return Ok(outcome);
+                }
+            }
+        }
+    }
+}
+
+/// A clock that reads the time the adapter last set: the host's, in nanoseconds since the
+/// Unix epoch.
+#[derive(Debug, Clone, Default)]
+struct SetClock(Rc<Cell<u64>>);
+
+impl Clock for SetClock {
+    type Instant = Nanos;
+    fn now(&self) -> Nanos {
+        Nanos::from(self.0.get())
+    }
+}
+
+type Limiter<S> = RateLimiter<String, CellStore<S>, SetClock, NoOpMiddleware<Nanos>>;
+
+/// Rate limits for every quota in use, all over one shared store.
+pub struct RateLimits<S: SharedCells + Clone> {
+    cells: S,
+    clock: SetClock,
+    health: Rc<Cell<StoreHealth>>,
+    limiters: HashMap<RateQuota, Limiter<S>>,
+}
+
+impl<S: SharedCells + Clone> RateLimits<S> {
+    pub fn new(cells: S) -> Self {
+        RateLimits {
+            cells,
+            clock: SetClock::default(),
+            health: Rc::default(),
+            limiters: HashMap::new(),
+        }
+    }
+
+    /// Take one request from `key`'s bucket at `now` (Unix nanoseconds); on refusal, the
+    /// nanoseconds until a request would conform.
+    pub fn check(&mut self, key: &String, quota: RateQuota, now_nanos: u64) -> Result<(), u64> {
+        let limiter = match self.limiters.entry(quota) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                // governor measures time from the limiter's creation. Creating every limiter
+                // while the clock reads 0 makes that origin the Unix epoch, so the TATs kept in
+                // shared data mean the same to every worker and survive VM restarts.
+                self.clock.0.set(0);
+                let Some(governor_quota) = governor_quota(quota) else {
+                    return Ok(());
+                };
+                let store = CellStore { cells: self.cells.clone(), health: Rc::clone(&self.health) };
+                e.insert(RateLimiter::new(governor_quota, store, self.clock.clone()))
+            }
+        };
+        self.clock.0.set(now_nanos);
+        limiter
+            .check_key(key)
+            .map_err(|not_until: NotUntil<Nanos>| {
+                let wait: Duration = not_until.wait_time_from(Nanos::from(now_nanos));
+                u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX)
+            })
+    }
+
+    /// Conflicts and errors met in the shared store so far.
+    pub fn health(&self) -> StoreHealth {
+        self.health.get()
+    }
+}
+
+fn governor_quota(quota: RateQuota) -> Option<Quota> {
+    let burst = NonZeroU32::new(quota.burst)?;
+    Some(Quota::with_period(Duration::from_nanos(quota.period_nanos))?.allow_burst(burst))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: u64 = 1_000_000_000;
+    // Some day in 2026, in nanoseconds since the epoch: TATs are absolute times.
+    const T0: u64 = 1_780_000_000 * SECOND;
+
+    fn quota(rps: u64, burst: u32) -> RateQuota {
+        RateQuota { period_nanos: SECOND / rps, burst }
+    }
+
+    #[test]
+    fn burst_then_sustained_rate() {
+        let mut limits = RateLimits::new(Rc::new(MemoryCells::default()));
+        let key = "lic".to_string();
+        let q = quota(10, 5);
+        for _ in 0..5 {
+            assert_eq!(limits.check(&key, q, T0), Ok(()));
+        }
+        let wait = limits.check(&key, q, T0).unwrap_err();
+        assert_eq!(wait, SECOND / 10);
+        // One period later exactly one more request conforms.
+        assert_eq!(limits.check(&key, q, T0 + SECOND / 10), Ok(()));
+        assert!(limits.check(&key, q, T0 + SECOND / 10).is_err());
+        // After a full second the bucket is full again.
+        for _ in 0..5 {
+            assert_eq!(limits.check(&key, q, T0 + 2 * SECOND), Ok(()));
+        }
+    }
+
+    #[test]
+    fn two_workers_sharing_cells_admit_one_limit_not_two() {
+        let cells = Rc::new(MemoryCells::default());
+        let mut worker_a = RateLimits::new(Rc::clone(&cells));
+        let mut worker_b = RateLimits::new(Rc::clone(&cells));
+        let key = "lic".to_string();
+        let q = quota(10, 10);
+        let mut admitted = 0;
+        // 3 seconds of requests alternating between workers, 100 per second each.
+        for step in 0..600u64 {
+            let now = T0 + step * SECOND / 200;
+            let worker = if step % 2 == 0 { &mut worker_a } else { &mut worker_b };
+            if worker.check(&key, q, now).is_ok() {
+                admitted += 1;
+            }
+        }
+        // burst + rate * elapsed, within one request.
+        assert!((39..=40).contains(&admitted), "admitted {admitted}");
+    }
+
+    #[test]
+    fn limiter_created_later_reads_the_same_state() {
+        let cells = Rc::new(MemoryCells::default());
+        let key = "lic".to_string();
+        let q = quota(1, 1);
+        let mut first = RateLimits::new(Rc::clone(&cells));
+        assert_eq!(first.check(&key, q, T0), Ok(()));
+        // A VM started after a reload sees the bucket the old VM drained.
+        let mut second = RateLimits::new(Rc::clone(&cells));
+        assert_eq!(second.check(&key, q, T0 + SECOND / 2), Err(SECOND / 2));
+    }
+
+    /// Cells whose every first CAS loses to another writer.
+    struct Contended {
+        inner: MemoryCells,
+        lose_next: Cell<bool>,
+    }
+
+    impl SharedCells for Contended {
+        fn load(&self, key: &str) -> Result<Option<(u64, u32)>, StoreError> {
+            self.inner.load(key)
+        }
+        fn compare_and_swap(&self, key: &str, value: u64, version: Option<u32>) -> Result<bool, StoreError> {
+            if self.lose_next.replace(false) {
+                // Another worker takes a request in between our read and our write.
+                let current = self.inner.load(key)?;
+                let tat = current.map_or(T0, |(t, _)| t) + SECOND;
+                self.inner.compare_and_swap(key, tat, current.map(|(_, v)| v))?;
+                return Ok(false);
+            }
+            self.lose_next.set(true);
+            self.inner.compare_and_swap(key, value, version)
+        }
+    }
+
+    #[test]
+    fn cas_conflict_rereads_and_decides_again() {
+        let cells = Rc::new(Contended { inner: MemoryCells::default(), lose_next: Cell::new(false) });
+        let mut limits = RateLimits::new(Rc::clone(&cells));
+        let key = "lic".to_string();
+        let q = quota(1, 2);
+        assert_eq!(limits.check(&key, q, T0), Ok(()));
+        // This check's first write loses: the other worker's request took the last unit.
+        assert!(limits.check(&key, q, T0).is_err());
+        assert_eq!(limits.health().cas_conflicts, 1);
+    }
+}

@@ -1,0 +1,202 @@
+//! Refusals as values: a stable code, the HTTP status, a message, and when to retry.
+
+use crate::config::RateQuota;
+
+/// The stable refusal codes: the `error` of every refusal body. Never renamed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Code {
+    MissingToken,
+    InvalidToken,
+    TokenExpired,
+    TokenNotYetValid,
+    InvalidIssuer,
+    InvalidAudience,
+    InvalidLicense,
+    UnknownPlan,
+    FeatureNotLicensed,
+    RouteNotLicensed,
+    RateLimited,
+}
+
+impl Code {
+    /// Every code, in a fixed order (used to define one counter each).
+    pub const ALL: [Code; 11] = [
+        Code::MissingToken,
+        Code::InvalidToken,
+        Code::TokenExpired,
+        Code::TokenNotYetValid,
+        Code::InvalidIssuer,
+        Code::InvalidAudience,
+        Code::InvalidLicense,
+        Code::UnknownPlan,
+        Code::FeatureNotLicensed,
+        Code::RouteNotLicensed,
+        Code::RateLimited,
+    ];
+
+    /// The code as it appears in bodies, stats and usage records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::MissingToken => "missing_token",
+            Code::InvalidToken => "invalid_token",
+            Code::TokenExpired => "token_expired",
+            Code::TokenNotYetValid => "token_not_yet_valid",
+            Code::InvalidIssuer => "invalid_issuer",
+            Code::InvalidAudience => "invalid_audience",
+            Code::InvalidLicense => "invalid_license",
+            Code::UnknownPlan => "unknown_plan",
+            Code::FeatureNotLicensed => "feature_not_licensed",
+            Code::RouteNotLicensed => "route_not_licensed",
+            Code::RateLimited => "rate_limited",
+        }
+    }
+
+    /// Position in [`Code::ALL`].
+    pub fn index(self) -> usize {
+        Code::ALL.iter().position(|c| *c == self).unwrap_or(0)
+    }
+
+    /// The HTTP status of a refusal with this code.
+    pub fn status(self) -> u16 {
+        match self {
+            Code::MissingToken
+            | Code::InvalidToken
+            | Code::TokenExpired
+            | Code::TokenNotYetValid
+            | Code::InvalidIssuer
+            | Code::InvalidAudience
+            | Code::InvalidLicense => 401,
+            Code::UnknownPlan | Code::FeatureNotLicensed | Code::RouteNotLicensed => 403,
+            Code::RateLimited => 429,
+        }
+    }
+}
+
+/// Which limit refused a request: named in the `RateLimit` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitScope {
+    License,
+    Feature,
+}
+
+impl LimitScope {
+    fn policy_name(self) -> &'static str {
+        match self {
+            LimitScope::License => "license",
+            LimitScope::Feature => "feature",
+        }
+    }
+}
+
+/// Details of a rate-limit refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitDenial {
+    pub scope: LimitScope,
+    pub quota: RateQuota,
+    /// Nanoseconds until the next request would conform.
+    pub wait_nanos: u64,
+}
+
+impl RateLimitDenial {
+    /// Whole seconds to wait, rounded up (`Retry-After` has no fractions), at least 1.
+    pub fn retry_after_seconds(&self) -> u64 {
+        self.wait_nanos.div_ceil(1_000_000_000).max(1)
+    }
+}
+
+/// A refused request: everything needed to answer it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: Code,
+    pub message: String,
+    pub rate_limit: Option<RateLimitDenial>,
+}
+
+impl Refusal {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Refusal { code, message: message.into(), rate_limit: None }
+    }
+
+    pub fn status(&self) -> u16 {
+        self.code.status()
+    }
+
+    /// The JSON body: `{"error": code, "message": text}`.
+    pub fn body(&self) -> String {
+        serde_json::json!({ "error": self.code.as_str(), "message": self.message }).to_string()
+    }
+
+    /// Response headers besides `content-type`.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut headers = vec![("content-type", "application/json".to_string())];
+        match self.code {
+            // RFC 6750 section 3.1: a request without credentials gets no error code.
+            Code::MissingToken => {
+                headers.push(("www-authenticate", "Bearer realm=\"tollgate\"".into()));
+            }
+            code if code.status() == 401 => headers.push((
+                "www-authenticate",
+                format!(
+                    "Bearer realm=\"tollgate\", error=\"invalid_token\", error_description=\"{}\"",
+                    code.as_str()
+                ),
+            )),
+            _ => {}
+        }
+        if let Some(limit) = &self.rate_limit {
+            let retry = limit.retry_after_seconds();
+            let name = limit.scope.policy_name();
+            headers.push(("retry-after", retry.to_string()));
+            // draft-ietf-httpapi-ratelimit-headers (structured fields): q = quota units,
+            // w = window seconds, r = remaining, t = seconds until units are available.
+            headers.push((
+                "ratelimit-policy",
+                format!("\"{name}\";q={};w={}", limit.quota.burst, limit.quota.window_seconds()),
+            ));
+            headers.push(("ratelimit", format!("\"{name}\";r=0;t={retry}")));
+        }
+        headers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_listed_once_with_their_status() {
+        for (i, code) in Code::ALL.iter().enumerate() {
+            assert_eq!(code.index(), i);
+            assert!(matches!(code.status(), 401 | 403 | 429));
+        }
+    }
+
+    #[test]
+    fn rate_limit_refusal_has_retry_after_and_ratelimit_headers() {
+        let refusal = Refusal {
+            code: Code::RateLimited,
+            message: "slow down".into(),
+            rate_limit: Some(RateLimitDenial {
+                scope: LimitScope::License,
+                quota: RateQuota { period_nanos: 100_000_000, burst: 20 },
+                wait_nanos: 1_200_000_000,
+            }),
+        };
+        let headers = refusal.headers();
+        let get = |n: &str| headers.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_str());
+        assert_eq!(get("retry-after"), Some("2"));
+        assert_eq!(get("ratelimit-policy"), Some("\"license\";q=20;w=2"));
+        assert_eq!(get("ratelimit"), Some("\"license\";r=0;t=2"));
+        assert_eq!(refusal.status(), 429);
+        let body: serde_json::Value = serde_json::from_str(&refusal.body()).unwrap();
+        assert_eq!(body["error"], "rate_limited");
+    }
+
+    #[test]
+    fn invalid_token_names_the_error_but_missing_token_does_not() {
+        let invalid = Refusal::new(Code::TokenExpired, "expired").headers();
+        assert!(invalid.iter().any(|(k, v)| *k == "www-authenticate" && v.contains("invalid_token")));
+        let missing = Refusal::new(Code::MissingToken, "none").headers();
+        assert!(missing.iter().any(|(k, v)| *k == "www-authenticate" && !v.contains("error=")));
+    }
+}

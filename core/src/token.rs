@@ -1,0 +1,374 @@
+//! License tokens: the JWKS, signature checks with a pinned algorithm per key, and the claims
+//! that make a [`License`].
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::config::{CompiledLimits, ConfigError, FeatureId, LimitsConfig, Plan, Policy};
+use crate::refusal::Code;
+
+/// A JSON Web Key Set as written in the configuration (RFC 7517).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Jwks {
+    pub keys: Vec<JwkConfig>,
+}
+
+/// One public key. Unknown JWK members (`x5c`, `key_ops`, ...) are ignored.
+#[derive(Debug, Deserialize)]
+pub struct JwkConfig {
+    pub kty: String,
+    #[serde(default)]
+    pub kid: Option<String>,
+    #[serde(default)]
+    pub alg: Option<String>,
+    #[serde(default, rename = "use")]
+    pub use_: Option<String>,
+    #[serde(default)]
+    pub crv: Option<String>,
+    #[serde(default)]
+    pub x: Option<String>,
+    #[serde(default)]
+    pub y: Option<String>,
+    #[serde(default)]
+    pub n: Option<String>,
+    #[serde(default)]
+    pub e: Option<String>,
+}
+
+/// A verification key with the one algorithm it accepts.
+pub struct VerifyingKey {
+    pub kid: Option<String>,
+    pub alg: Algorithm,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for VerifyingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyingKey").field("kid", &self.kid).field("alg", &self.alg).finish()
+    }
+}
+
+/// The configured keys, looked up by `kid`.
+#[derive(Debug)]
+pub struct KeySet {
+    keys: Vec<VerifyingKey>,
+}
+
+fn b64_len(field: &str, value: &Option<String>) -> Result<usize, ConfigError> {
+    let Some(value) = value else {
+        return Err(ConfigError::new(field, "missing"));
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(value.trim_end_matches('='))
+        .map(|bytes| bytes.len())
+        .map_err(|_| ConfigError::new(field, "not base64url"))
+}
+
+impl KeySet {
+    /// Compile a JWKS; every key must pin one of EdDSA (Ed25519), ES256 or RS256.
+    pub fn from_jwks(jwks: &Jwks) -> Result<KeySet, ConfigError> {
+        if jwks.keys.is_empty() {
+            return Err(ConfigError::new("token.jwks.keys", "at least one key is needed"));
+        }
+        let mut keys: Vec<VerifyingKey> = Vec::with_capacity(jwks.keys.len());
+        for (i, jwk) in jwks.keys.iter().enumerate() {
+            let at = format!("token.jwks.keys[{i}]");
+            let key = compile_jwk(&at, jwk)?;
+            if jwks.keys.len() > 1 && key.kid.is_none() {
+                return Err(ConfigError::new(
+                    format!("{at}.kid"),
+                    "every key needs a `kid` when the set has more than one",
+                ));
+            }
+            if keys.iter().any(|k| k.kid.is_some() && k.kid == key.kid) {
+                return Err(ConfigError::new(format!("{at}.kid"), "duplicate key id"));
+            }
+            keys.push(key);
+        }
+        Ok(KeySet { keys })
+    }
+
+    fn find(&self, kid: Option<&str>) -> Option<&VerifyingKey> {
+        match kid {
+            Some(kid) => self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)),
+            // A token without `kid` is accepted only when there is a single key to choose.
+            None => match self.keys.as_slice() {
+                [only] => Some(only),
+                _ => None,
+            },
+        }
+    }
+}
+
+fn compile_jwk(at: &str, jwk: &JwkConfig) -> Result<VerifyingKey, ConfigError> {
+    if let Some(use_) = &jwk.use_ {
+        if use_ != "sig" {
+            return Err(ConfigError::new(format!("{at}.use"), "only `sig` keys verify tokens"));
+        }
+    }
+    let implied = match (jwk.kty.as_str(), jwk.crv.as_deref()) {
+        ("OKP", Some("Ed25519")) => Algorithm::EdDSA,
+        ("EC", Some("P-256")) => Algorithm::ES256,
+        ("RSA", None) => Algorithm::RS256,
+        ("oct", _) => {
+            return Err(ConfigError::new(
+                format!("{at}.kty"),
+                "symmetric (`oct`) keys are not accepted: license tokens must be signed with a private key",
+            ))
+        }
+        (kty, crv) => {
+            return Err(ConfigError::new(
+                format!("{at}.kty"),
+                format!(
+                    "unsupported key type `{kty}`{}: use OKP/Ed25519, EC/P-256 or RSA",
+                    crv.map(|c| format!(" with curve `{c}`")).unwrap_or_default()
+                ),
+            ))
+        }
+    };
+    if let Some(alg) = &jwk.alg {
+        let named = match alg.as_str() {
+            "EdDSA" | "Ed25519" => Algorithm::EdDSA,
+            "ES256" => Algorithm::ES256,
+            "RS256" => Algorithm::RS256,
+            other => {
+                return Err(ConfigError::new(
+                    format!("{at}.alg"),
+                    format!("unsupported algorithm `{other}`: use EdDSA, ES256 or RS256"),
+                ))
+            }
+        };
+        if named != implied {
+            return Err(ConfigError::new(
+                format!("{at}.alg"),
+                format!("`{alg}` does not fit a `{}` key", jwk.kty),
+            ));
+        }
+    }
+    let decoding = match implied {
+        Algorithm::EdDSA => {
+            if b64_len(&format!("{at}.x"), &jwk.x)? != 32 {
+                return Err(ConfigError::new(format!("{at}.x"), "an Ed25519 key is 32 bytes"));
+            }
+            DecodingKey::from_ed_components(jwk.x.as_deref().unwrap_or_default())
+        }
+        Algorithm::ES256 => {
+            let xl = b64_len(&format!("{at}.x"), &jwk.x)?;
+            let yl = b64_len(&format!("{at}.y"), &jwk.y)?;
+            if xl != 32 || yl != 32 {
+                return Err(ConfigError::new(
+                    format!("{at}.x"),
+                    "P-256 coordinates are 32 bytes each",
+                ));
+            }
+            DecodingKey::from_ec_components(
+                jwk.x.as_deref().unwrap_or_default(),
+                jwk.y.as_deref().unwrap_or_default(),
+            )
+        }
+        _ => {
+            let n_len = b64_len(&format!("{at}.n"), &jwk.n)?;
+            b64_len(&format!("{at}.e"), &jwk.e)?;
+            if n_len < 256 {
+                return Err(ConfigError::new(
+                    format!("{at}.n"),
+                    "RSA keys shorter than 2048 bits are not accepted",
+                ));
+            }
+            DecodingKey::from_rsa_components(
+                jwk.n.as_deref().unwrap_or_default(),
+                jwk.e.as_deref().unwrap_or_default(),
+            )
+        }
+    }
+    .map_err(|e| ConfigError::new(at, format!("unusable key: {e}")))?;
+
+    // Time, issuer and audience are checked by `verify` against the proxy's clock; the
+    // library's own checks would read the WASI clock instead.
+    let mut validation = Validation::new(implied);
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.validate_aud = false;
+    validation.required_spec_claims.clear();
+    validation.leeway = 0;
+    Ok(VerifyingKey { kid: jwk.kid.clone(), alg: implied, decoding, validation })
+}
+
+/// `aud` is a string or a list of strings (RFC 7519 section 4.1.3).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The claims of a license token.
+#[derive(Debug, Deserialize)]
+struct LicenseClaims {
+    sub: String,
+    lid: String,
+    plan: String,
+    #[serde(default)]
+    features: Vec<String>,
+    exp: u64,
+    #[serde(default)]
+    nbf: Option<u64>,
+    #[serde(default)]
+    iss: Option<String>,
+    #[serde(default)]
+    aud: Option<Audience>,
+    #[serde(default)]
+    limits: Option<LimitsConfig>,
+}
+
+/// Features a license entitles, as a bit set over [`Policy::features`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FeatureSet(Vec<u64>);
+
+impl FeatureSet {
+    pub fn insert(&mut self, feature: FeatureId) {
+        let (word, bit) = (usize::from(feature) / 64, feature % 64);
+        if self.0.len() <= word {
+            self.0.resize(word + 1, 0);
+        }
+        if let Some(w) = self.0.get_mut(word) {
+            *w |= 1 << bit;
+        }
+    }
+
+    pub fn contains(&self, feature: FeatureId) -> bool {
+        let (word, bit) = (usize::from(feature) / 64, feature % 64);
+        self.0.get(word).is_some_and(|w| w & (1 << bit) != 0)
+    }
+}
+
+/// A verified license: who it is for and what it allows.
+#[derive(Debug)]
+pub struct License {
+    pub account: Arc<str>,
+    pub license_id: Arc<str>,
+    pub plan: Arc<Plan>,
+    pub features: FeatureSet,
+    pub limits: CompiledLimits,
+    /// `exp`, seconds since the Unix epoch.
+    pub expires_at: u64,
+    /// Shared-data key of the license-wide rate state.
+    pub rate_key: String,
+    /// Shared-data keys of per-feature rate states, indexed by [`FeatureId`].
+    pub feature_rate_keys: Vec<Option<String>>,
+}
+
+/// Why a token was refused: the refusal code and a message for the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenError {
+    pub code: Code,
+    pub message: String,
+}
+
+impl TokenError {
+    fn new(code: Code, message: impl Into<String>) -> Self {
+        TokenError { code, message: message.into() }
+    }
+}
+
+/// Verify a token's signature and claims at `now` (seconds since the Unix epoch).
+pub fn verify(policy: &Policy, token: &str, now: u64) -> Result<License, TokenError> {
+    let tp = &policy.token;
+    if token.len() > tp.max_token_bytes {
+        return Err(TokenError::new(Code::InvalidToken, "the token is too large"));
+    }
+    let header = jsonwebtoken::decode_header(token)
+        .map_err(|_| TokenError::new(Code::InvalidToken, "the token is not a well-formed JWT"))?;
+    let key = tp.keys.find(header.kid.as_deref()).ok_or_else(|| {
+        TokenError::new(Code::InvalidToken, "the token is not signed with a configured key")
+    })?;
+    if header.alg != key.alg {
+        return Err(TokenError::new(
+            Code::InvalidToken,
+            "the token's algorithm is not the one its key is pinned to",
+        ));
+    }
+    let data = jsonwebtoken::decode::<LicenseClaims>(token, &key.decoding, &key.validation)
+        .map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::Json(_) => TokenError::new(
+                Code::InvalidLicense,
+                "the token's claims are not a valid license (need sub, lid, plan, exp)",
+            ),
+            jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                TokenError::new(Code::InvalidToken, "the token's signature does not verify")
+            }
+            _ => TokenError::new(Code::InvalidToken, "the token is not a well-formed JWT"),
+        })?;
+    let claims = data.claims;
+
+    if claims.exp.saturating_add(tp.leeway_seconds) < now {
+        return Err(TokenError::new(Code::TokenExpired, "the license token has expired"));
+    }
+    if claims.nbf.is_some_and(|nbf| nbf > now.saturating_add(tp.leeway_seconds)) {
+        return Err(TokenError::new(Code::TokenNotYetValid, "the license token is not valid yet"));
+    }
+    if !tp.issuers.is_empty() && !claims.iss.as_ref().is_some_and(|iss| tp.issuers.contains(iss))
+    {
+        return Err(TokenError::new(Code::InvalidIssuer, "the token's issuer is not accepted"));
+    }
+    if !tp.audiences.is_empty() {
+        let accepted = match &claims.aud {
+            Some(Audience::One(a)) => tp.audiences.contains(a),
+            Some(Audience::Many(list)) => list.iter().any(|a| tp.audiences.contains(a)),
+            None => false,
+        };
+        if !accepted {
+            return Err(TokenError::new(
+                Code::InvalidAudience,
+                "the token is not meant for this audience",
+            ));
+        }
+    }
+    if claims.sub.is_empty() || claims.lid.is_empty() || claims.sub.len() > 256 || claims.lid.len() > 256 {
+        return Err(TokenError::new(
+            Code::InvalidLicense,
+            "the license's `sub` and `lid` must be 1-256 characters",
+        ));
+    }
+    let plan = policy.plans.get(&claims.plan).ok_or_else(|| {
+        TokenError::new(Code::UnknownPlan, "the license's plan is not offered here")
+    })?;
+
+    let mut features = FeatureSet::default();
+    for name in &claims.features {
+        if let Some(id) = policy.features.iter().position(|f| f == name) {
+            features.insert(FeatureId::try_from(id).unwrap_or(FeatureId::MAX));
+        }
+    }
+    let limits = match &claims.limits {
+        None => plan.limits.clone(),
+        Some(overrides) => plan.limits.overridden("limits", overrides, &policy.features).map_err(
+            |e| TokenError::new(Code::InvalidLicense, format!("the license's {e}")),
+        )?,
+    };
+    let rate_key = format!("tollgate/rl/{}", claims.lid);
+    let feature_rate_keys = limits
+        .per_feature
+        .iter()
+        .enumerate()
+        // Named by feature, not index: indexes change when routes are reordered on a reload.
+        .map(|(id, quota)| {
+            quota.map(|_| format!("{rate_key}/{}", policy.features.get(id).map_or("", |f| f)))
+        })
+        .collect();
+    Ok(License {
+        account: claims.sub.into(),
+        license_id: claims.lid.into(),
+        plan: Arc::clone(plan),
+        features,
+        limits,
+        expires_at: claims.exp,
+        rate_key,
+        feature_rate_keys,
+    })
+}

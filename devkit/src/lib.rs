@@ -1,0 +1,6 @@
+//! Tollgate's developer kit: license keys and minting, a local upstream, an Envoy runner,
+//! and the demo. Shared by the CLI tools, the demo and the tests.
+
+pub mod keys;
+
+pub use keys::{jwks, unix_now, KeyAlg, KeyFile, LicenseSpec, SigningKey};
