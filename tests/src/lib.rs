@@ -1,1 +1,20 @@
+//! Test hosts for the real filter: a wasmtime host implementing the proxy-wasm ABI
+//! ([`wasm_host`]), and helpers shared by the end-to-end tests through a real Envoy.
 
+pub mod wasm_host;
+
+use std::path::PathBuf;
+
+/// The release .wasm the tests load: `$TOLLGATE_WASM`, else the workspace's build output
+/// (`make wasm` builds it).
+pub fn filter_wasm_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("TOLLGATE_WASM") {
+        return PathBuf::from(path);
+    }
+    workspace_root().join("target/wasm32-wasip1/release/tollgate_filter.wasm")
+}
+
+/// The repository root.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
