@@ -4,3 +4,8 @@
 pub mod keys;
 
 pub use keys::{jwks, unix_now, KeyAlg, KeyFile, LicenseSpec, SigningKey};
+pub mod envoy;
+pub mod upstream;
+
+pub use envoy::{Bootstrap, Envoy};
+pub use upstream::Upstream;

@@ -1,0 +1,333 @@
+//! A real Envoy with Tollgate in its filter chain: the bootstrap, the process, its admin API.
+//! Listeners and the admin bind port 0; the ports are read back from the admin API.
+
+use std::collections::BTreeMap;
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+/// The `envoy` binary: `$ENVOY_BIN`, else the project's virtualenv, else `envoy` on `PATH`.
+pub fn envoy_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("ENVOY_BIN") {
+        return PathBuf::from(bin);
+    }
+    let venv = workspace_root().join(".venv/bin/envoy");
+    if venv.exists() {
+        return venv;
+    }
+    PathBuf::from("envoy")
+}
+
+/// The repository root (this crate lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The release build of the filter.
+pub fn filter_wasm_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("TOLLGATE_WASM") {
+        return PathBuf::from(path);
+    }
+    workspace_root().join("target/wasm32-wasip1/release/tollgate_filter.wasm")
+}
+
+/// What goes into a generated bootstrap.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    /// Tollgate's plugin configuration; `None` builds Envoy without the filter.
+    pub plugin_config: Option<Value>,
+    pub wasm_path: PathBuf,
+    pub upstream_port: u16,
+    /// Listener port; 0 picks a free one.
+    pub listen_port: u16,
+    /// Admin port; 0 picks a free one.
+    pub admin_port: u16,
+}
+
+impl Bootstrap {
+    pub fn new(plugin_config: Value, upstream_port: u16) -> Self {
+        Bootstrap {
+            plugin_config: Some(plugin_config),
+            wasm_path: filter_wasm_path(),
+            upstream_port,
+            listen_port: 0,
+            admin_port: 0,
+        }
+    }
+
+    /// The Tollgate HTTP filter entry for an HTTP connection manager.
+    pub fn tollgate_filter(&self, plugin_config: &Value) -> Value {
+        json!({
+            "name": "tollgate",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": {
+                    "name": "tollgate",
+                    "root_id": "tollgate",
+                    "vm_config": {
+                        "vm_id": "tollgate",
+                        "runtime": "envoy.wasm.runtime.v8",
+                        "code": {"local": {"filename": self.wasm_path.to_string_lossy()}},
+                    },
+                    "configuration": {
+                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "value": plugin_config.to_string(),
+                    },
+                    // If the VM cannot be created or crashes, refuse traffic: unlicensed use
+                    // must not pass silently.
+                    "failure_policy": "FAIL_CLOSED",
+                }
+            }
+        })
+    }
+
+    /// The bootstrap as JSON (Envoy reads JSON as YAML).
+    pub fn to_json(&self) -> Value {
+        let mut http_filters = Vec::new();
+        if let Some(config) = &self.plugin_config {
+            http_filters.push(self.tollgate_filter(config));
+        }
+        http_filters.push(json!({
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+        }));
+        json!({
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": self.admin_port}}},
+            "stats_config": stats_config(),
+            "static_resources": {
+                "listeners": [{
+                    "name": "api",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": self.listen_port}},
+                    "filter_chains": [{"filters": [{
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "api",
+                            // Routes are matched on the normalised path: `/v1/../admin` and
+                            // `//v1` cannot dodge a route's feature.
+                            "normalize_path": true,
+                            "merge_slashes": true,
+                            "path_with_escaped_slashes_action": "REJECT_REQUEST",
+                            "route_config": {"virtual_hosts": [{
+                                "name": "api",
+                                "domains": ["*"],
+                                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]
+                            }]},
+                            "http_filters": http_filters,
+                        }
+                    }]}]
+                }],
+                "clusters": [{
+                    "name": "upstream",
+                    "connect_timeout": "1s",
+                    "type": "STATIC",
+                    "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [{
+                        "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": self.upstream_port}}}
+                    }]}]}
+                }]
+            }
+        })
+    }
+}
+
+/// Tag extraction so Prometheus sees `reason` and `feature` labels on Tollgate's stats.
+pub fn stats_config() -> Value {
+    json!({"stats_tags": [
+        {"tag_name": "tollgate_reason", "regex": "^wasmcustom\\.tollgate\\.requests_refused(\\.reason\\.(\\w+))$"},
+        {"tag_name": "tollgate_feature", "regex": "^wasmcustom\\.tollgate\\.feature((\\.[\\w-]+?)\\.)"}
+    ]})
+}
+
+/// A running Envoy; killed when dropped.
+pub struct Envoy {
+    child: Child,
+    dir: PathBuf,
+    pub admin: SocketAddr,
+    pub listener: SocketAddr,
+    agent: ureq::Agent,
+}
+
+fn scratch_dir(name: &str) -> Result<PathBuf> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!("tollgate-{name}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// `envoy --mode validate` on a configuration file; the error carries Envoy's output.
+pub fn validate(config: &Path) -> Result<()> {
+    let output = Command::new(envoy_binary())
+        .args(["--mode", "validate", "--disable-hot-restart", "-l", "error", "-c"])
+        .arg(config)
+        .current_dir(workspace_root())
+        .output()
+        .with_context(|| format!("running {}", envoy_binary().display()))?;
+    if !output.status.success() {
+        bail!(
+            "{} does not validate:\n{}{}",
+            config.display(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+impl Envoy {
+    /// Start Envoy with `bootstrap` and `concurrency` worker threads; returns once it is ready.
+    pub fn start(name: &str, bootstrap: &Value, concurrency: u32) -> Result<Envoy> {
+        let dir = scratch_dir(name)?;
+        let config_path = dir.join("envoy.json");
+        std::fs::write(&config_path, serde_json::to_vec_pretty(bootstrap)?)?;
+        Envoy::start_file(&dir, &config_path, concurrency)
+    }
+
+    /// Start Envoy from a configuration file; `dir` receives its log and admin address.
+    pub fn start_file(dir: &Path, config_path: &Path, concurrency: u32) -> Result<Envoy> {
+        let admin_path = dir.join("admin.address");
+        let log_path = dir.join("envoy.log");
+        let _ = std::fs::remove_file(&admin_path);
+        let child = Command::new(envoy_binary())
+            .arg("-c")
+            .arg(config_path)
+            .args(["--concurrency", &concurrency.to_string()])
+            // Many Envoys run side by side in tests: no shared memory, so no base-id clashes.
+            .arg("--disable-hot-restart")
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .arg("--log-path")
+            .arg(&log_path)
+            .args(["-l", "info"])
+            .current_dir(workspace_root())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {} (run `make envoy` to install it)", envoy_binary().display()))?;
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
+        let mut envoy = Envoy {
+            child,
+            dir: dir.to_path_buf(),
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listener: SocketAddr::from(([127, 0, 0, 1], 0)),
+            agent,
+        };
+        envoy.wait_ready(Duration::from_secs(60))?;
+        Ok(envoy)
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        let admin_path = self.dir.join("admin.address");
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("envoy exited ({status}) while starting; log:\n{}", self.log_tail(60));
+            }
+            if Instant::now() > deadline {
+                bail!("envoy was not ready within {limit:?}; log:\n{}", self.log_tail(60));
+            }
+            if self.admin.port() == 0 {
+                if let Ok(text) = std::fs::read_to_string(&admin_path) {
+                    if let Ok(addr) = text.trim().parse() {
+                        self.admin = addr;
+                    }
+                }
+            }
+            if self.admin.port() != 0 {
+                if let Ok(body) = self.admin_get("/ready") {
+                    if body.trim() == "LIVE" {
+                        self.listener = self.read_listener()?;
+                        return Ok(());
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn read_listener(&self) -> Result<SocketAddr> {
+        let listeners: Value = serde_json::from_str(&self.admin_get("/listeners?format=json")?)?;
+        let port = listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+            .as_u64()
+            .context("no listener port in /listeners")?;
+        Ok(SocketAddr::from(([127, 0, 0, 1], u16::try_from(port)?)))
+    }
+
+    /// `http://127.0.0.1:<listener><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.listener, path)
+    }
+
+    /// GET on the admin API.
+    pub fn admin_get(&self, path: &str) -> Result<String> {
+        let response = self.agent.get(&format!("http://{}{}", self.admin, path)).call()?;
+        Ok(response.into_string()?)
+    }
+
+    /// POST on the admin API.
+    pub fn admin_post(&self, path: &str) -> Result<String> {
+        let response = self.agent.post(&format!("http://{}{}", self.admin, path)).call()?;
+        Ok(response.into_string()?)
+    }
+
+    /// Every counter and gauge, by name.
+    pub fn stats(&self) -> Result<BTreeMap<String, u64>> {
+        let text = self.admin_get("/stats?usedonly")?;
+        Ok(text
+            .lines()
+            .filter_map(|line| {
+                let (name, value) = line.split_once(": ")?;
+                Some((name.to_string(), value.trim().parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// One stat's value (0 if it does not exist yet).
+    pub fn stat(&self, name: &str) -> Result<u64> {
+        Ok(self.stats()?.get(name).copied().unwrap_or(0))
+    }
+
+    /// The whole Envoy log.
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut file) = std::fs::File::open(self.dir.join("envoy.log")) {
+            let _ = file.read_to_string(&mut text);
+        }
+        text
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        let skip = all.len().saturating_sub(lines);
+        all.into_iter().skip(skip).collect::<Vec<_>>().join("\n")
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The directory with this Envoy's config and log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::env::var_os("TOLLGATE_KEEP_TMP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
