@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::routes::{Methods, PathMatch, Route, RouteTable, RouteTarget};
-use crate::token::{KeySet, Jwks};
+use crate::token::{Jwks, KeySet};
 
 /// Index of a feature in [`Policy::features`]; features are named by routes.
 pub type FeatureId = u16;
@@ -24,7 +24,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub(crate) fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        ConfigError { field: field.into(), problem: problem.into() }
+        ConfigError {
+            field: field.into(),
+            problem: problem.into(),
+        }
     }
 }
 
@@ -33,7 +36,11 @@ impl fmt::Display for ConfigError {
         if self.field.is_empty() || self.field == "." {
             write!(f, "invalid configuration: {}", self.problem)
         } else {
-            write!(f, "invalid configuration at `{}`: {}", self.field, self.problem)
+            write!(
+                f,
+                "invalid configuration at `{}`: {}",
+                self.field, self.problem
+            )
         }
     }
 }
@@ -55,6 +62,9 @@ pub struct FilterConfig {
     #[serde(default = "default_stats_flush_interval_ms")]
     pub stats_flush_interval_ms: u64,
 }
+
+/// The host takes the tick period as 32-bit milliseconds; an hour is plenty.
+const MAX_STATS_FLUSH_INTERVAL_MS: u64 = 3_600_000;
 
 fn default_stats_flush_interval_ms() -> u64 {
     1000
@@ -194,13 +204,21 @@ impl RateQuota {
             ));
         }
         let burst = match rate.burst {
-            Some(0) => return Err(ConfigError::new(format!("{field}.burst"), "must be at least 1")),
+            Some(0) => {
+                return Err(ConfigError::new(
+                    format!("{field}.burst"),
+                    "must be at least 1",
+                ))
+            }
             Some(b) => b,
             // `as` saturates for floats; rps <= 1e9 fits in u32 after ceil anyway.
             None => (rps.ceil() as u32).max(1),
         };
         let period_nanos = (1e9 / rps).round() as u64;
-        Ok(RateQuota { period_nanos: period_nanos.max(1), burst })
+        Ok(RateQuota {
+            period_nanos: period_nanos.max(1),
+            burst,
+        })
     }
 }
 
@@ -237,7 +255,10 @@ impl CompiledLimits {
     }
 
     pub fn for_feature(&self, feature: FeatureId) -> Option<RateQuota> {
-        self.per_feature.get(usize::from(feature)).copied().flatten()
+        self.per_feature
+            .get(usize::from(feature))
+            .copied()
+            .flatten()
     }
 }
 
@@ -310,14 +331,21 @@ impl Policy {
     /// Check a parsed configuration and compile it.
     pub fn compile(config: FilterConfig) -> Result<Policy, ConfigError> {
         let token = compile_token(config.token)?;
-        if config.stats_flush_interval_ms == 0 {
-            return Err(ConfigError::new("stats_flush_interval_ms", "must be at least 1"));
+        if !(1..=MAX_STATS_FLUSH_INTERVAL_MS).contains(&config.stats_flush_interval_ms) {
+            return Err(ConfigError::new(
+                "stats_flush_interval_ms",
+                format!("must be between 1 and {MAX_STATS_FLUSH_INTERVAL_MS} (one hour)"),
+            ));
         }
 
         let mut features: Vec<String> = Vec::new();
         let mut routes = Vec::with_capacity(config.routes.len());
         for (i, route) in config.routes.iter().enumerate() {
-            routes.push(compile_route(&format!("routes[{i}]"), route, &mut features)?);
+            routes.push(compile_route(
+                &format!("routes[{i}]"),
+                route,
+                &mut features,
+            )?);
         }
         if features.len() > usize::from(FeatureId::MAX) {
             return Err(ConfigError::new("routes", "too many distinct features"));
@@ -326,11 +354,20 @@ impl Policy {
         if config.plans.is_empty() {
             return Err(ConfigError::new("plans", "at least one plan is needed"));
         }
-        let empty = CompiledLimits { license: None, per_feature: vec![None; features.len()] };
+        let empty = CompiledLimits {
+            license: None,
+            per_feature: vec![None; features.len()],
+        };
         let mut plans = BTreeMap::new();
         for (name, limits) in &config.plans {
             let limits = empty.overridden(&format!("plans.{name}"), limits, &features)?;
-            plans.insert(name.clone(), Arc::new(Plan { name: name.as_str().into(), limits }));
+            plans.insert(
+                name.clone(),
+                Arc::new(Plan {
+                    name: name.as_str().into(),
+                    limits,
+                }),
+            );
         }
 
         let headers = config.upstream_headers;
@@ -360,20 +397,32 @@ impl Policy {
 
     /// The feature's name.
     pub fn feature_name(&self, feature: FeatureId) -> &str {
-        self.features.get(usize::from(feature)).map(String::as_str).unwrap_or("")
+        self.features
+            .get(usize::from(feature))
+            .map(String::as_str)
+            .unwrap_or("")
     }
 }
 
 fn compile_token(token: TokenConfig) -> Result<TokenPolicy, ConfigError> {
     let header = token.header.to_ascii_lowercase();
     if !is_header_name(&header) || header.starts_with(':') {
-        return Err(ConfigError::new("token.header", "not a valid HTTP header name"));
+        return Err(ConfigError::new(
+            "token.header",
+            "not a valid HTTP header name",
+        ));
     }
     if token.cache_entries == 0 {
-        return Err(ConfigError::new("token.cache_entries", "must be at least 1"));
+        return Err(ConfigError::new(
+            "token.cache_entries",
+            "must be at least 1",
+        ));
     }
     if token.max_token_bytes < 64 {
-        return Err(ConfigError::new("token.max_token_bytes", "must be at least 64"));
+        return Err(ConfigError::new(
+            "token.max_token_bytes",
+            "must be at least 64",
+        ));
     }
     let keys = KeySet::from_jwks(&token.jwks)?;
     Ok(TokenPolicy {
@@ -396,11 +445,19 @@ fn compile_route(
     let path = match (&route.path, &route.prefix) {
         (Some(path), None) => PathMatch::Exact(path.clone()),
         (None, Some(prefix)) => PathMatch::Prefix(prefix.clone()),
-        _ => return Err(ConfigError::new(at, "needs exactly one of `path` or `prefix`")),
+        _ => {
+            return Err(ConfigError::new(
+                at,
+                "needs exactly one of `path` or `prefix`",
+            ))
+        }
     };
     let (PathMatch::Exact(p) | PathMatch::Prefix(p)) = &path;
     if !p.starts_with('/') {
-        return Err(ConfigError::new(format!("{at}.path"), "must start with `/`"));
+        return Err(ConfigError::new(
+            format!("{at}.path"),
+            "must start with `/`",
+        ));
     }
     let mut methods = Vec::with_capacity(route.methods.len());
     for (i, method) in route.methods.iter().enumerate() {
@@ -430,9 +487,18 @@ fn compile_route(
             RouteTarget::Feature(FeatureId::try_from(id).unwrap_or(FeatureId::MAX))
         }
         (None, true) => RouteTarget::Public,
-        _ => return Err(ConfigError::new(at, "needs exactly one of `feature` or `public: true`")),
+        _ => {
+            return Err(ConfigError::new(
+                at,
+                "needs exactly one of `feature` or `public: true`",
+            ))
+        }
     };
-    Ok(Route { path, methods: Methods::new(methods), target })
+    Ok(Route {
+        path,
+        methods: Methods::new(methods),
+        target,
+    })
 }
 
 fn header_name(field: &str, name: Option<String>) -> Result<Option<String>, ConfigError> {
@@ -450,7 +516,9 @@ fn header_name(field: &str, name: Option<String>) -> Result<Option<String>, Conf
 
 fn is_header_name(name: &str) -> bool {
     !name.is_empty()
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:!#$%&'*+^`|~".contains(&b))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:!#$%&'*+^`|~".contains(&b))
 }
 
 fn is_name_byte(b: u8) -> bool {

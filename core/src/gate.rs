@@ -87,7 +87,13 @@ const NANOS_PER_SECOND: u64 = 1_000_000_000;
 impl<S: SharedCells + Clone> Gate<S> {
     pub fn new(policy: Arc<Policy>, cells: S) -> Self {
         let cache = TokenCache::new(policy.token.cache_entries, policy.token.leeway_seconds);
-        Gate { policy, cache, limits: RateLimits::new(cells), ledger: Ledger::default(), counters: GateCounters::default() }
+        Gate {
+            policy,
+            cache,
+            limits: RateLimits::new(cells),
+            ledger: Ledger::default(),
+            counters: GateCounters::default(),
+        }
     }
 
     pub fn policy(&self) -> &Arc<Policy> {
@@ -105,7 +111,10 @@ impl<S: SharedCells + Clone> Gate<S> {
                     return refuse(
                         None,
                         None,
-                        Refusal::new(Code::RouteNotLicensed, "no licensed feature serves this route"),
+                        Refusal::new(
+                            Code::RouteNotLicensed,
+                            "no licensed feature serves this route",
+                        ),
                     )
                 }
             },
@@ -120,19 +129,32 @@ impl<S: SharedCells + Clone> Gate<S> {
                 "the license does not include the feature `{}`",
                 self.policy.feature_name(feature)
             );
-            return refuse(Some(license), Some(feature), Refusal::new(Code::FeatureNotLicensed, message));
+            return refuse(
+                Some(license),
+                Some(feature),
+                Refusal::new(Code::FeatureNotLicensed, message),
+            );
         }
 
         let checks = [
-            (LimitScope::License, license.limits.license, Some(&license.rate_key)),
+            (
+                LimitScope::License,
+                license.limits.license,
+                Some(&license.rate_key),
+            ),
             (
                 LimitScope::Feature,
                 license.limits.for_feature(feature),
-                license.feature_rate_keys.get(usize::from(feature)).and_then(Option::as_ref),
+                license
+                    .feature_rate_keys
+                    .get(usize::from(feature))
+                    .and_then(Option::as_ref),
             ),
         ];
         for (scope, quota, key) in checks {
-            let (Some(quota), Some(key)) = (quota, key) else { continue };
+            let (Some(quota), Some(key)) = (quota, key) else {
+                continue;
+            };
             if let Err(wait_nanos) = self.limits.check(key, quota, now_nanos) {
                 let refusal = Refusal {
                     code: Code::RateLimited,
@@ -143,12 +165,20 @@ impl<S: SharedCells + Clone> Gate<S> {
                             self.policy.feature_name(feature)
                         ),
                     },
-                    rate_limit: Some(RateLimitDenial { scope, quota, wait_nanos }),
+                    rate_limit: Some(RateLimitDenial {
+                        scope,
+                        quota,
+                        wait_nanos,
+                    }),
                 };
                 return refuse(Some(Arc::clone(&license)), Some(feature), refusal);
             }
         }
-        Admission { verdict: Verdict::Allow, license: Some(license), feature: Some(feature) }
+        Admission {
+            verdict: Verdict::Allow,
+            license: Some(license),
+            feature: Some(feature),
+        }
     }
 
     fn license(&mut self, credential: Option<&str>, now: u64) -> Result<Arc<License>, Refusal> {
@@ -158,8 +188,8 @@ impl<S: SharedCells + Clone> Gate<S> {
             return Ok(license);
         }
         self.counters.token_cache_misses += 1;
-        let license = token::verify(&self.policy, token, now)
-            .map_err(|e| Refusal::new(e.code, e.message))?;
+        let license =
+            token::verify(&self.policy, token, now).map_err(|e| Refusal::new(e.code, e.message))?;
         let license = Arc::new(license);
         self.cache.insert(token, Arc::clone(&license));
         Ok(license)
@@ -171,7 +201,12 @@ impl<S: SharedCells + Clone> Gate<S> {
             Some(l) => (Arc::clone(&l.account), Arc::clone(&l.license_id)),
             None => (Arc::from(""), Arc::from("")),
         };
-        let key = UsageKey { account, license, feature: admission.feature, outcome: admission.outcome() };
+        let key = UsageKey {
+            account,
+            license,
+            feature: admission.feature,
+            outcome: admission.outcome(),
+        };
         self.ledger.record(key, usage);
     }
 
@@ -195,18 +230,33 @@ impl<S: SharedCells + Clone> Gate<S> {
 }
 
 fn public() -> Admission {
-    Admission { verdict: Verdict::Public, license: None, feature: None }
+    Admission {
+        verdict: Verdict::Public,
+        license: None,
+        feature: None,
+    }
 }
 
-fn refuse(license: Option<Arc<License>>, feature: Option<FeatureId>, refusal: Refusal) -> Admission {
-    Admission { verdict: Verdict::Refuse(refusal), license, feature }
+fn refuse(
+    license: Option<Arc<License>>,
+    feature: Option<FeatureId>,
+    refusal: Refusal,
+) -> Admission {
+    Admission {
+        verdict: Verdict::Refuse(refusal),
+        license,
+        feature,
+    }
 }
 
 /// The token in a credential header value: after the prefix (matched without regard to case,
 /// as the `Bearer` scheme is), trimmed.
 fn bearer_token<'a>(credential: Option<&'a str>, prefix: &str) -> Result<&'a str, Refusal> {
     let Some(value) = credential.map(str::trim).filter(|v| !v.is_empty()) else {
-        return Err(Refusal::new(Code::MissingToken, "a license token is required"));
+        return Err(Refusal::new(
+            Code::MissingToken,
+            "a license token is required",
+        ));
     };
     let scheme = prefix.trim();
     let token = if scheme.is_empty() {
@@ -231,7 +281,10 @@ fn bearer_token<'a>(credential: Option<&'a str>, prefix: &str) -> Result<&'a str
     };
     let token = token.trim_start();
     if token.is_empty() {
-        return Err(Refusal::new(Code::MissingToken, "a license token is required"));
+        return Err(Refusal::new(
+            Code::MissingToken,
+            "a license token is required",
+        ));
     }
     Ok(token)
 }

@@ -85,13 +85,23 @@ mod tests {
     use super::*;
 
     fn key(license: &str, outcome: Outcome) -> UsageKey {
-        UsageKey { account: "acct".into(), license: license.into(), feature: Some(0), outcome }
+        UsageKey {
+            account: "acct".into(),
+            license: license.into(),
+            feature: Some(0),
+            outcome,
+        }
     }
 
     #[test]
     fn requests_with_the_same_key_aggregate() {
         let mut ledger = Ledger::default();
-        let one = UsageTotals { calls: 1, request_bytes: 10, response_bytes: 100, processing_nanos: 5 };
+        let one = UsageTotals {
+            calls: 1,
+            request_bytes: 10,
+            response_bytes: 100,
+            processing_nanos: 5,
+        };
         for _ in 0..3 {
             ledger.record(key("l1", Outcome::Allowed), one);
         }
@@ -103,7 +113,12 @@ mod tests {
         assert_eq!(drained[0].0, key("l1", Outcome::Allowed));
         assert_eq!(
             drained[0].1,
-            UsageTotals { calls: 3, request_bytes: 30, response_bytes: 300, processing_nanos: 15 }
+            UsageTotals {
+                calls: 3,
+                request_bytes: 30,
+                response_bytes: 300,
+                processing_nanos: 15
+            }
         );
         assert_eq!(drained.iter().map(|(_, t)| t.calls).sum::<u64>(), 5);
     }

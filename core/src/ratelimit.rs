@@ -42,7 +42,12 @@ impl<T: SharedCells + ?Sized> SharedCells for Rc<T> {
     fn load(&self, key: &str) -> Result<Option<(u64, u32)>, StoreError> {
         (**self).load(key)
     }
-    fn compare_and_swap(&self, key: &str, value: u64, version: Option<u32>) -> Result<bool, StoreError> {
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        value: u64,
+        version: Option<u32>,
+    ) -> Result<bool, StoreError> {
         (**self).compare_and_swap(key, value, version)
     }
 }
@@ -58,7 +63,12 @@ impl SharedCells for MemoryCells {
         Ok(self.cells.borrow().get(key).copied())
     }
 
-    fn compare_and_swap(&self, key: &str, value: u64, version: Option<u32>) -> Result<bool, StoreError> {
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        value: u64,
+        version: Option<u32>,
+    ) -> Result<bool, StoreError> {
         let mut cells = self.cells.borrow_mut();
         let current = cells.get(key).map(|(_, v)| *v);
         if current != version {
@@ -114,7 +124,10 @@ impl<S: SharedCells> StateStore for CellStore<S> {
                 }
             };
             let (outcome, new_tat) = f(current.map(|(tat, _)| Nanos::from(tat)))?;
-            match self.cells.compare_and_swap(key, new_tat.as_u64(), current.map(|(_, v)| v)) {
+            match self
+                .cells
+                .compare_and_swap(key, new_tat.as_u64(), current.map(|(_, v)| v))
+            {
                 Ok(true) => return Ok(outcome),
                 Ok(false) if attempts < CAS_ATTEMPTS => self.note(|h| h.cas_conflicts += 1),
                 Ok(false) => return Ok(outcome),
@@ -172,7 +185,10 @@ impl<S: SharedCells + Clone> RateLimits<S> {
                 let Some(governor_quota) = governor_quota(quota) else {
                     return Ok(());
                 };
-                let store = CellStore { cells: self.cells.clone(), health: Rc::clone(&self.health) };
+                let store = CellStore {
+                    cells: self.cells.clone(),
+                    health: Rc::clone(&self.health),
+                };
                 e.insert(RateLimiter::new(governor_quota, store, self.clock.clone()))
             }
         };
@@ -205,7 +221,10 @@ mod tests {
     const T0: u64 = 1_780_000_000 * SECOND;
 
     fn quota(rps: u64, burst: u32) -> RateQuota {
-        RateQuota { period_nanos: SECOND / rps, burst }
+        RateQuota {
+            period_nanos: SECOND / rps,
+            burst,
+        }
     }
 
     #[test]
@@ -238,7 +257,11 @@ mod tests {
         // 3 seconds of requests alternating between workers, 100 per second each.
         for step in 0..600u64 {
             let now = T0 + step * SECOND / 200;
-            let worker = if step % 2 == 0 { &mut worker_a } else { &mut worker_b };
+            let worker = if step % 2 == 0 {
+                &mut worker_a
+            } else {
+                &mut worker_b
+            };
             if worker.check(&key, q, now).is_ok() {
                 admitted += 1;
             }
@@ -269,12 +292,18 @@ mod tests {
         fn load(&self, key: &str) -> Result<Option<(u64, u32)>, StoreError> {
             self.inner.load(key)
         }
-        fn compare_and_swap(&self, key: &str, value: u64, version: Option<u32>) -> Result<bool, StoreError> {
+        fn compare_and_swap(
+            &self,
+            key: &str,
+            value: u64,
+            version: Option<u32>,
+        ) -> Result<bool, StoreError> {
             if self.lose_next.replace(false) {
                 // Another worker takes a request in between our read and our write.
                 let current = self.inner.load(key)?;
                 let tat = current.map_or(T0, |(t, _)| t) + SECOND;
-                self.inner.compare_and_swap(key, tat, current.map(|(_, v)| v))?;
+                self.inner
+                    .compare_and_swap(key, tat, current.map(|(_, v)| v))?;
                 return Ok(false);
             }
             self.lose_next.set(true);
@@ -284,7 +313,10 @@ mod tests {
 
     #[test]
     fn cas_conflict_rereads_and_decides_again() {
-        let cells = Rc::new(Contended { inner: MemoryCells::default(), lose_next: Cell::new(false) });
+        let cells = Rc::new(Contended {
+            inner: MemoryCells::default(),
+            lose_next: Cell::new(false),
+        });
         let mut limits = RateLimits::new(Rc::clone(&cells));
         let key = "lic".to_string();
         let q = quota(1, 2);

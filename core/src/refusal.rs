@@ -114,7 +114,11 @@ pub struct Refusal {
 
 impl Refusal {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
-        Refusal { code, message: message.into(), rate_limit: None }
+        Refusal {
+            code,
+            message: message.into(),
+            rate_limit: None,
+        }
     }
 
     pub fn status(&self) -> u16 {
@@ -151,7 +155,11 @@ impl Refusal {
             // w = window seconds, r = remaining, t = seconds until units are available.
             headers.push((
                 "ratelimit-policy",
-                format!("\"{name}\";q={};w={}", limit.quota.burst, limit.quota.window_seconds()),
+                format!(
+                    "\"{name}\";q={};w={}",
+                    limit.quota.burst,
+                    limit.quota.window_seconds()
+                ),
             ));
             headers.push(("ratelimit", format!("\"{name}\";r=0;t={retry}")));
         }
@@ -178,12 +186,20 @@ mod tests {
             message: "slow down".into(),
             rate_limit: Some(RateLimitDenial {
                 scope: LimitScope::License,
-                quota: RateQuota { period_nanos: 100_000_000, burst: 20 },
+                quota: RateQuota {
+                    period_nanos: 100_000_000,
+                    burst: 20,
+                },
                 wait_nanos: 1_200_000_000,
             }),
         };
         let headers = refusal.headers();
-        let get = |n: &str| headers.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_str());
+        let get = |n: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.as_str())
+        };
         assert_eq!(get("retry-after"), Some("2"));
         assert_eq!(get("ratelimit-policy"), Some("\"license\";q=20;w=2"));
         assert_eq!(get("ratelimit"), Some("\"license\";r=0;t=2"));
@@ -195,8 +211,12 @@ mod tests {
     #[test]
     fn invalid_token_names_the_error_but_missing_token_does_not() {
         let invalid = Refusal::new(Code::TokenExpired, "expired").headers();
-        assert!(invalid.iter().any(|(k, v)| *k == "www-authenticate" && v.contains("invalid_token")));
+        assert!(invalid
+            .iter()
+            .any(|(k, v)| *k == "www-authenticate" && v.contains("invalid_token")));
         let missing = Refusal::new(Code::MissingToken, "none").headers();
-        assert!(missing.iter().any(|(k, v)| *k == "www-authenticate" && !v.contains("error=")));
+        assert!(missing
+            .iter()
+            .any(|(k, v)| *k == "www-authenticate" && !v.contains("error=")));
     }
 }

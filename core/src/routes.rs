@@ -95,17 +95,29 @@ mod tests {
 
     #[test]
     fn exact_path_ignores_query_string() {
-        assert_eq!(table().lookup("GET", "/healthz?verbose=1"), Some(RouteTarget::Public));
+        assert_eq!(
+            table().lookup("GET", "/healthz?verbose=1"),
+            Some(RouteTarget::Public)
+        );
         assert_eq!(table().lookup("GET", "/healthz/more"), None);
     }
 
     #[test]
     fn first_matching_route_wins_and_methods_filter() {
         let t = table();
-        assert_eq!(t.lookup("POST", "/v1/design/run"), Some(RouteTarget::Feature(1)));
+        assert_eq!(
+            t.lookup("POST", "/v1/design/run"),
+            Some(RouteTarget::Feature(1))
+        );
         // GET on the design prefix falls through to the broader /v1/ route.
-        assert_eq!(t.lookup("GET", "/v1/design/run"), Some(RouteTarget::Feature(0)));
-        assert_eq!(t.lookup("GET", "/v1/search?q=x"), Some(RouteTarget::Feature(0)));
+        assert_eq!(
+            t.lookup("GET", "/v1/design/run"),
+            Some(RouteTarget::Feature(0))
+        );
+        assert_eq!(
+            t.lookup("GET", "/v1/search?q=x"),
+            Some(RouteTarget::Feature(0))
+        );
     }
 
     #[test]

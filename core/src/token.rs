@@ -49,7 +49,10 @@ pub struct VerifyingKey {
 
 impl std::fmt::Debug for VerifyingKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VerifyingKey").field("kid", &self.kid).field("alg", &self.alg).finish()
+        f.debug_struct("VerifyingKey")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .finish()
     }
 }
 
@@ -73,7 +76,10 @@ impl KeySet {
     /// Compile a JWKS; every key must pin one of EdDSA (Ed25519), ES256 or RS256.
     pub fn from_jwks(jwks: &Jwks) -> Result<KeySet, ConfigError> {
         if jwks.keys.is_empty() {
-            return Err(ConfigError::new("token.jwks.keys", "at least one key is needed"));
+            return Err(ConfigError::new(
+                "token.jwks.keys",
+                "at least one key is needed",
+            ));
         }
         let mut keys: Vec<VerifyingKey> = Vec::with_capacity(jwks.keys.len());
         for (i, jwk) in jwks.keys.iter().enumerate() {
@@ -108,7 +114,10 @@ impl KeySet {
 fn compile_jwk(at: &str, jwk: &JwkConfig) -> Result<VerifyingKey, ConfigError> {
     if let Some(use_) = &jwk.use_ {
         if use_ != "sig" {
-            return Err(ConfigError::new(format!("{at}.use"), "only `sig` keys verify tokens"));
+            return Err(ConfigError::new(
+                format!("{at}.use"),
+                "only `sig` keys verify tokens",
+            ));
         }
     }
     let implied = match (jwk.kty.as_str(), jwk.crv.as_deref()) {
@@ -153,7 +162,10 @@ fn compile_jwk(at: &str, jwk: &JwkConfig) -> Result<VerifyingKey, ConfigError> {
     let decoding = match implied {
         Algorithm::EdDSA => {
             if b64_len(&format!("{at}.x"), &jwk.x)? != 32 {
-                return Err(ConfigError::new(format!("{at}.x"), "an Ed25519 key is 32 bytes"));
+                return Err(ConfigError::new(
+                    format!("{at}.x"),
+                    "an Ed25519 key is 32 bytes",
+                ));
             }
             DecodingKey::from_ed_components(jwk.x.as_deref().unwrap_or_default())
         }
@@ -196,7 +208,12 @@ fn compile_jwk(at: &str, jwk: &JwkConfig) -> Result<VerifyingKey, ConfigError> {
     validation.validate_aud = false;
     validation.required_spec_claims.clear();
     validation.leeway = 0;
-    Ok(VerifyingKey { kid: jwk.kid.clone(), alg: implied, decoding, validation })
+    Ok(VerifyingKey {
+        kid: jwk.kid.clone(),
+        alg: implied,
+        decoding,
+        validation,
+    })
 }
 
 /// `aud` is a string or a list of strings (RFC 7519 section 4.1.3).
@@ -272,7 +289,10 @@ pub struct TokenError {
 
 impl TokenError {
     fn new(code: Code, message: impl Into<String>) -> Self {
-        TokenError { code, message: message.into() }
+        TokenError {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -280,12 +300,18 @@ impl TokenError {
 pub fn verify(policy: &Policy, token: &str, now: u64) -> Result<License, TokenError> {
     let tp = &policy.token;
     if token.len() > tp.max_token_bytes {
-        return Err(TokenError::new(Code::InvalidToken, "the token is too large"));
+        return Err(TokenError::new(
+            Code::InvalidToken,
+            "the token is too large",
+        ));
     }
     let header = jsonwebtoken::decode_header(token)
         .map_err(|_| TokenError::new(Code::InvalidToken, "the token is not a well-formed JWT"))?;
     let key = tp.keys.find(header.kid.as_deref()).ok_or_else(|| {
-        TokenError::new(Code::InvalidToken, "the token is not signed with a configured key")
+        TokenError::new(
+            Code::InvalidToken,
+            "the token is not signed with a configured key",
+        )
     })?;
     if header.alg != key.alg {
         return Err(TokenError::new(
@@ -307,14 +333,30 @@ pub fn verify(policy: &Policy, token: &str, now: u64) -> Result<License, TokenEr
     let claims = data.claims;
 
     if claims.exp.saturating_add(tp.leeway_seconds) < now {
-        return Err(TokenError::new(Code::TokenExpired, "the license token has expired"));
+        return Err(TokenError::new(
+            Code::TokenExpired,
+            "the license token has expired",
+        ));
     }
-    if claims.nbf.is_some_and(|nbf| nbf > now.saturating_add(tp.leeway_seconds)) {
-        return Err(TokenError::new(Code::TokenNotYetValid, "the license token is not valid yet"));
-    }
-    if !tp.issuers.is_empty() && !claims.iss.as_ref().is_some_and(|iss| tp.issuers.contains(iss))
+    if claims
+        .nbf
+        .is_some_and(|nbf| nbf > now.saturating_add(tp.leeway_seconds))
     {
-        return Err(TokenError::new(Code::InvalidIssuer, "the token's issuer is not accepted"));
+        return Err(TokenError::new(
+            Code::TokenNotYetValid,
+            "the license token is not valid yet",
+        ));
+    }
+    if !tp.issuers.is_empty()
+        && !claims
+            .iss
+            .as_ref()
+            .is_some_and(|iss| tp.issuers.contains(iss))
+    {
+        return Err(TokenError::new(
+            Code::InvalidIssuer,
+            "the token's issuer is not accepted",
+        ));
     }
     if !tp.audiences.is_empty() {
         let accepted = match &claims.aud {
@@ -329,7 +371,11 @@ pub fn verify(policy: &Policy, token: &str, now: u64) -> Result<License, TokenEr
             ));
         }
     }
-    if claims.sub.is_empty() || claims.lid.is_empty() || claims.sub.len() > 256 || claims.lid.len() > 256 {
+    if claims.sub.is_empty()
+        || claims.lid.is_empty()
+        || claims.sub.len() > 256
+        || claims.lid.len() > 256
+    {
         return Err(TokenError::new(
             Code::InvalidLicense,
             "the license's `sub` and `lid` must be 1-256 characters",
@@ -347,11 +393,14 @@ pub fn verify(policy: &Policy, token: &str, now: u64) -> Result<License, TokenEr
     }
     let limits = match &claims.limits {
         None => plan.limits.clone(),
-        Some(overrides) => plan.limits.overridden("limits", overrides, &policy.features).map_err(
-            |e| TokenError::new(Code::InvalidLicense, format!("the license's {e}")),
-        )?,
+        Some(overrides) => plan
+            .limits
+            .overridden("limits", overrides, &policy.features)
+            .map_err(|e| TokenError::new(Code::InvalidLicense, format!("the license's {e}")))?,
     };
-    let rate_key = format!("tollgate/rl/{}", claims.lid);
+    // Length-prefixed so no license id can spell another license's feature key
+    // (`lic-a/design` vs `lic-a` + feature `design`); feature names cannot contain `/`.
+    let rate_key = format!("tollgate/rl/{}:{}", claims.lid.len(), claims.lid);
     let feature_rate_keys = limits
         .per_feature
         .iter()

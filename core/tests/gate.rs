@@ -65,8 +65,22 @@ fn token(key: &SigningKey, spec: &LicenseSpec) -> String {
     key.sign(&spec.claims_at(NOW)).unwrap()
 }
 
-fn ask(gate: &mut Gate<Rc<MemoryCells>>, method: &str, path: &str, credential: Option<&str>, at: u64) -> Verdict {
-    gate.admit(&RequestHead { method, path, credential }, at * SECOND).verdict
+fn ask(
+    gate: &mut Gate<Rc<MemoryCells>>,
+    method: &str,
+    path: &str,
+    credential: Option<&str>,
+    at: u64,
+) -> Verdict {
+    gate.admit(
+        &RequestHead {
+            method,
+            path,
+            credential,
+        },
+        at * SECOND,
+    )
+    .verdict
 }
 
 fn code(verdict: Verdict) -> Option<Code> {
@@ -82,8 +96,14 @@ fn each_algorithm_verifies_and_sets_upstream_headers() {
     for key in [&k.ed, &k.es, &k.rs] {
         let mut gate = gate();
         let bearer = format!("Bearer {}", token(key, &spec("starter", &["search"])));
-        let admission =
-            gate.admit(&RequestHead { method: "GET", path: "/v1/search?q=1", credential: Some(&bearer) }, NOW * SECOND);
+        let admission = gate.admit(
+            &RequestHead {
+                method: "GET",
+                path: "/v1/search?q=1",
+                credential: Some(&bearer),
+            },
+            NOW * SECOND,
+        );
         assert_eq!(admission.verdict, Verdict::Allow, "{:?}", key.file.alg);
         let policy = Arc::clone(gate.policy());
         let headers = admission.upstream_headers(&policy);
@@ -103,11 +123,44 @@ fn each_algorithm_verifies_and_sets_upstream_headers() {
 fn scheme_is_case_insensitive_but_must_be_separated() {
     let mut gate = gate();
     let t = token(&keys().ed, &spec("starter", &["search"]));
-    assert_eq!(ask(&mut gate, "GET", "/v1/search", Some(&format!("bearer  {t}")), NOW), Verdict::Allow);
-    assert_eq!(code(ask(&mut gate, "GET", "/v1/search", Some(&format!("Bearer{t}")), NOW)), Some(Code::InvalidToken));
-    assert_eq!(code(ask(&mut gate, "GET", "/v1/search", Some(&format!("Basic {t}")), NOW)), Some(Code::InvalidToken));
-    assert_eq!(code(ask(&mut gate, "GET", "/v1/search", Some("Bearer "), NOW)), Some(Code::MissingToken));
-    assert_eq!(code(ask(&mut gate, "GET", "/v1/search", None, NOW)), Some(Code::MissingToken));
+    assert_eq!(
+        ask(
+            &mut gate,
+            "GET",
+            "/v1/search",
+            Some(&format!("bearer  {t}")),
+            NOW
+        ),
+        Verdict::Allow
+    );
+    assert_eq!(
+        code(ask(
+            &mut gate,
+            "GET",
+            "/v1/search",
+            Some(&format!("Bearer{t}")),
+            NOW
+        )),
+        Some(Code::InvalidToken)
+    );
+    assert_eq!(
+        code(ask(
+            &mut gate,
+            "GET",
+            "/v1/search",
+            Some(&format!("Basic {t}")),
+            NOW
+        )),
+        Some(Code::InvalidToken)
+    );
+    assert_eq!(
+        code(ask(&mut gate, "GET", "/v1/search", Some("Bearer "), NOW)),
+        Some(Code::MissingToken)
+    );
+    assert_eq!(
+        code(ask(&mut gate, "GET", "/v1/search", None, NOW)),
+        Some(Code::MissingToken)
+    );
 }
 
 #[test]
@@ -117,20 +170,41 @@ fn time_issuer_and_audience_are_checked_against_the_injected_clock() {
     let t = token(&k.ed, &spec("starter", &["search"]));
     let b = format!("Bearer {t}");
     // Valid for an hour plus the 30 s default leeway.
-    assert_eq!(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW + 3600 + 30), Verdict::Allow);
+    assert_eq!(
+        ask(&mut gate, "GET", "/v1/search", Some(&b), NOW + 3600 + 30),
+        Verdict::Allow
+    );
     // The cached entry is not served past exp + leeway either.
-    assert_eq!(code(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW + 3600 + 31)), Some(Code::TokenExpired));
-    assert_eq!(code(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW - 31)), Some(Code::TokenNotYetValid));
+    assert_eq!(
+        code(ask(
+            &mut gate,
+            "GET",
+            "/v1/search",
+            Some(&b),
+            NOW + 3600 + 31
+        )),
+        Some(Code::TokenExpired)
+    );
+    assert_eq!(
+        code(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW - 31)),
+        Some(Code::TokenNotYetValid)
+    );
 
     let mut wrong_iss = spec("starter", &["search"]);
     wrong_iss.issuer = Some("https://evil.example".into());
     let b = format!("Bearer {}", token(&k.ed, &wrong_iss));
-    assert_eq!(code(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW)), Some(Code::InvalidIssuer));
+    assert_eq!(
+        code(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW)),
+        Some(Code::InvalidIssuer)
+    );
 
     let mut wrong_aud = spec("starter", &["search"]);
     wrong_aud.audience = Some("other.example".into());
     let b = format!("Bearer {}", token(&k.ed, &wrong_aud));
-    assert_eq!(code(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW)), Some(Code::InvalidAudience));
+    assert_eq!(
+        code(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW)),
+        Some(Code::InvalidAudience)
+    );
 }
 
 #[test]
@@ -146,13 +220,26 @@ fn forged_and_malformed_tokens_are_invalid() {
     let mut parts: Vec<&str> = good.split('.').collect();
 
     // alg none, no signature.
-    let none = format!("{}.{}.", b64(&json!({"alg": "none", "kid": "ed-1"})), b64(&claims));
+    let none = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "kid": "ed-1"})),
+        b64(&claims)
+    );
     // HS256 "signed" with the public key bytes, naming an asymmetric key.
     let hs = {
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
         header.kid = Some("ed-1".into());
-        let secret = k.ed.file.public_jwk["x"].as_str().unwrap().as_bytes().to_vec();
-        jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(&secret)).unwrap()
+        let secret = k.ed.file.public_jwk["x"]
+            .as_str()
+            .unwrap()
+            .as_bytes()
+            .to_vec();
+        jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(&secret),
+        )
+        .unwrap()
     };
     // A token from the ES256 key presented under the Ed25519 key's id.
     let swapped = {
@@ -172,11 +259,34 @@ fn forged_and_malformed_tokens_are_invalid() {
     parts[1] = &tampered_claims;
     let tampered = parts.join(".");
     let truncated = &good[..good.len() - 5];
-    let huge = format!("{}.{}.{}", "a".repeat(5000), "b".repeat(5000), "c".repeat(5000));
+    let huge = format!(
+        "{}.{}.{}",
+        "a".repeat(5000),
+        "b".repeat(5000),
+        "c".repeat(5000)
+    );
 
-    for bad in [none.as_str(), &hs, &swapped, &unknown_kid, &tampered, truncated, &huge, "x", "a.b.c", "....", "é.é.é"] {
+    for bad in [
+        none.as_str(),
+        &hs,
+        &swapped,
+        &unknown_kid,
+        &tampered,
+        truncated,
+        &huge,
+        "x",
+        "a.b.c",
+        "....",
+        "é.é.é",
+    ] {
         assert_eq!(
-            code(ask(&mut gate, "GET", "/v1/search", Some(&format!("Bearer {bad}")), NOW)),
+            code(ask(
+                &mut gate,
+                "GET",
+                "/v1/search",
+                Some(&format!("Bearer {bad}")),
+                NOW
+            )),
             Some(Code::InvalidToken),
             "{bad:.60}"
         );
@@ -190,10 +300,16 @@ fn claims_that_are_not_a_license_are_refused() {
     let mut claims = spec("starter", &["search"]).claims_at(NOW);
     claims.as_object_mut().unwrap().remove("lid");
     let b = format!("Bearer {}", k.ed.sign(&claims).unwrap());
-    assert_eq!(code(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW)), Some(Code::InvalidLicense));
+    assert_eq!(
+        code(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW)),
+        Some(Code::InvalidLicense)
+    );
 
     let b = format!("Bearer {}", token(&k.ed, &spec("platinum", &["search"])));
-    assert_eq!(code(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW)), Some(Code::UnknownPlan));
+    assert_eq!(
+        code(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW)),
+        Some(Code::UnknownPlan)
+    );
 }
 
 #[test]
@@ -201,15 +317,27 @@ fn features_routes_and_public_paths() {
     let k = keys();
     let mut gate = gate();
     let b = format!("Bearer {}", token(&k.ed, &spec("starter", &["search"])));
-    assert_eq!(code(ask(&mut gate, "POST", "/v1/design/run", Some(&b), NOW)), Some(Code::FeatureNotLicensed));
+    assert_eq!(
+        code(ask(&mut gate, "POST", "/v1/design/run", Some(&b), NOW)),
+        Some(Code::FeatureNotLicensed)
+    );
     // GET is not a route of the design feature: nothing matches.
-    assert_eq!(code(ask(&mut gate, "GET", "/v1/design/run", Some(&b), NOW)), Some(Code::RouteNotLicensed));
-    assert_eq!(ask(&mut gate, "GET", "/healthz", None, NOW), Verdict::Public);
+    assert_eq!(
+        code(ask(&mut gate, "GET", "/v1/design/run", Some(&b), NOW)),
+        Some(Code::RouteNotLicensed)
+    );
+    assert_eq!(
+        ask(&mut gate, "GET", "/healthz", None, NOW),
+        Verdict::Public
+    );
 
     let mut open = config();
     open["unmatched_routes"] = json!("allow");
     let mut gate = gate_with(&open);
-    assert_eq!(ask(&mut gate, "GET", "/anything", None, NOW), Verdict::Public);
+    assert_eq!(
+        ask(&mut gate, "GET", "/anything", None, NOW),
+        Verdict::Public
+    );
 }
 
 #[test]
@@ -218,7 +346,10 @@ fn license_rate_limit_with_retry_after() {
     let mut gate = gate();
     let b = format!("Bearer {}", token(&k.ed, &spec("starter", &["search"])));
     for _ in 0..3 {
-        assert_eq!(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW), Verdict::Allow);
+        assert_eq!(
+            ask(&mut gate, "GET", "/v1/search", Some(&b), NOW),
+            Verdict::Allow
+        );
     }
     let Verdict::Refuse(refusal) = ask(&mut gate, "GET", "/v1/search", Some(&b), NOW) else {
         panic!("the fourth request at once must be refused")
@@ -228,9 +359,19 @@ fn license_rate_limit_with_retry_after() {
     assert_eq!(limit.wait_nanos, SECOND / 2);
     assert_eq!(limit.retry_after_seconds(), 1);
     // Half a second later one request conforms again.
-    assert_eq!(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW) == Verdict::Allow, false);
+    assert_eq!(
+        ask(&mut gate, "GET", "/v1/search", Some(&b), NOW) == Verdict::Allow,
+        false
+    );
     let half = NOW * SECOND + SECOND / 2;
-    let allowed = gate.admit(&RequestHead { method: "GET", path: "/v1/search", credential: Some(&b) }, half);
+    let allowed = gate.admit(
+        &RequestHead {
+            method: "GET",
+            path: "/v1/search",
+            credential: Some(&b),
+        },
+        half,
+    );
     assert_eq!(allowed.verdict, Verdict::Allow);
 }
 
@@ -238,29 +379,69 @@ fn license_rate_limit_with_retry_after() {
 fn feature_rate_limit_and_license_override() {
     let k = keys();
     let mut gate = gate();
-    let b = format!("Bearer {}", token(&k.ed, &spec("pro", &["search", "design"])));
-    assert_eq!(ask(&mut gate, "POST", "/v1/design", Some(&b), NOW), Verdict::Allow);
-    assert_eq!(code(ask(&mut gate, "POST", "/v1/design", Some(&b), NOW)), Some(Code::RateLimited));
+    let b = format!(
+        "Bearer {}",
+        token(&k.ed, &spec("pro", &["search", "design"]))
+    );
+    assert_eq!(
+        ask(&mut gate, "POST", "/v1/design", Some(&b), NOW),
+        Verdict::Allow
+    );
+    assert_eq!(
+        code(ask(&mut gate, "POST", "/v1/design", Some(&b), NOW)),
+        Some(Code::RateLimited)
+    );
     // The plan limits design only: search is unlimited.
     for _ in 0..50 {
-        assert_eq!(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW), Verdict::Allow);
+        assert_eq!(
+            ask(&mut gate, "GET", "/v1/search", Some(&b), NOW),
+            Verdict::Allow
+        );
     }
 
     // A license with its own, larger design limit.
     let mut big = spec("pro", &["design"]);
     big.license_id = "lic-big".into();
-    big.limits = Some(json!({"feature_rate_limits": {"design": {"requests_per_second": 1, "burst": 5}}}));
+    big.limits =
+        Some(json!({"feature_rate_limits": {"design": {"requests_per_second": 1, "burst": 5}}}));
     let b = format!("Bearer {}", token(&k.ed, &big));
     for _ in 0..5 {
-        assert_eq!(ask(&mut gate, "POST", "/v1/design", Some(&b), NOW), Verdict::Allow);
+        assert_eq!(
+            ask(&mut gate, "POST", "/v1/design", Some(&b), NOW),
+            Verdict::Allow
+        );
     }
-    assert_eq!(code(ask(&mut gate, "POST", "/v1/design", Some(&b), NOW)), Some(Code::RateLimited));
+    assert_eq!(
+        code(ask(&mut gate, "POST", "/v1/design", Some(&b), NOW)),
+        Some(Code::RateLimited)
+    );
 
     // An override naming a feature no route has is not a valid license.
     let mut odd = spec("pro", &["design"]);
     odd.limits = Some(json!({"feature_rate_limits": {"teleport": {"requests_per_second": 1}}}));
     let b = format!("Bearer {}", token(&k.ed, &odd));
-    assert_eq!(code(ask(&mut gate, "POST", "/v1/design", Some(&b), NOW)), Some(Code::InvalidLicense));
+    assert_eq!(
+        code(ask(&mut gate, "POST", "/v1/design", Some(&b), NOW)),
+        Some(Code::InvalidLicense)
+    );
+}
+
+#[test]
+fn a_license_id_cannot_share_another_licenses_feature_bucket() {
+    let k = keys();
+    let mut gate = gate();
+    let a = format!("Bearer {}", token(&k.ed, &spec("pro", &["design"])));
+    let mut tricky = spec("pro", &["design"]);
+    tricky.license_id = "lic-1/design".into();
+    let b = format!("Bearer {}", token(&k.ed, &tricky));
+    assert_eq!(
+        ask(&mut gate, "POST", "/v1/design", Some(&a), NOW),
+        Verdict::Allow
+    );
+    assert_eq!(
+        ask(&mut gate, "POST", "/v1/design", Some(&b), NOW),
+        Verdict::Allow
+    );
 }
 
 #[test]
@@ -269,10 +450,16 @@ fn tokens_are_verified_once_and_cached() {
     let mut gate = gate();
     let b = format!("Bearer {}", token(&k.rs, &spec("pro", &["search"])));
     for _ in 0..10 {
-        assert_eq!(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW), Verdict::Allow);
+        assert_eq!(
+            ask(&mut gate, "GET", "/v1/search", Some(&b), NOW),
+            Verdict::Allow
+        );
     }
     let counters = gate.take_counters();
-    assert_eq!((counters.token_cache_misses, counters.token_cache_hits), (1, 9));
+    assert_eq!(
+        (counters.token_cache_misses, counters.token_cache_hits),
+        (1, 9)
+    );
     assert_eq!(gate.cached_tokens(), 1);
 }
 
@@ -286,7 +473,10 @@ fn token_cache_is_bounded() {
         let mut s = spec("pro", &["search"]);
         s.license_id = format!("lic-{i}");
         let b = format!("Bearer {}", token(&k.ed, &s));
-        assert_eq!(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW), Verdict::Allow);
+        assert_eq!(
+            ask(&mut gate, "GET", "/v1/search", Some(&b), NOW),
+            Verdict::Allow
+        );
         assert!(gate.cached_tokens() <= 4);
     }
 }
@@ -296,17 +486,43 @@ fn usage_is_aggregated_by_license_feature_and_outcome() {
     let k = keys();
     let mut gate = gate();
     let b = format!("Bearer {}", token(&k.ed, &spec("starter", &["search"])));
-    let head = RequestHead { method: "GET", path: "/v1/search", credential: Some(&b) };
+    let head = RequestHead {
+        method: "GET",
+        path: "/v1/search",
+        credential: Some(&b),
+    };
     for _ in 0..5 {
         let admission = gate.admit(&head, NOW * SECOND);
-        gate.record(&admission, UsageTotals { calls: 1, request_bytes: 7, response_bytes: 100, processing_nanos: 1000 });
+        gate.record(
+            &admission,
+            UsageTotals {
+                calls: 1,
+                request_bytes: 7,
+                response_bytes: 100,
+                processing_nanos: 1000,
+            },
+        );
     }
     let usage = gate.drain_usage();
-    let allowed: Vec<_> = usage.iter().filter(|(k, _)| k.outcome == Outcome::Allowed).collect();
-    let limited: Vec<_> = usage.iter().filter(|(k, _)| k.outcome == Outcome::Refused(Code::RateLimited)).collect();
+    let allowed: Vec<_> = usage
+        .iter()
+        .filter(|(k, _)| k.outcome == Outcome::Allowed)
+        .collect();
+    let limited: Vec<_> = usage
+        .iter()
+        .filter(|(k, _)| k.outcome == Outcome::Refused(Code::RateLimited))
+        .collect();
     assert_eq!(allowed.len(), 1);
     assert_eq!(&*allowed[0].0.license, "lic-1");
-    assert_eq!(allowed[0].1, UsageTotals { calls: 3, request_bytes: 21, response_bytes: 300, processing_nanos: 3000 });
+    assert_eq!(
+        allowed[0].1,
+        UsageTotals {
+            calls: 3,
+            request_bytes: 21,
+            response_bytes: 300,
+            processing_nanos: 3000
+        }
+    );
     assert_eq!(limited[0].1.calls, 2);
     assert!(gate.drain_usage().is_empty());
 }
@@ -314,26 +530,138 @@ fn usage_is_aggregated_by_license_feature_and_outcome() {
 #[test]
 fn configuration_errors_name_the_field() {
     let cases: Vec<(Value, &str)> = vec![
-        (json!({"token": {"jwks": {"keys": []}}, "plans": {}, "routes": []}), "token.jwks.keys"),
-        ({ let mut c = config(); c["bogus"] = json!(1); c }, "unknown field `bogus`"),
-        ({ let mut c = config(); c["plans"]["starter"]["rate_limit"]["burst"] = json!(0); c }, "plans.starter.rate_limit.burst"),
-        ({ let mut c = config(); c["plans"]["starter"]["rate_limit"]["requests_per_second"] = json!(-1); c }, "plans.starter.rate_limit.requests_per_second"),
-        ({ let mut c = config(); c["plans"]["pro"]["feature_rate_limits"]["nope"] = json!({"requests_per_second": 1}); c }, "plans.pro.feature_rate_limits.nope"),
-        ({ let mut c = config(); c["plans"] = json!({}); c }, "`plans`"),
-        ({ let mut c = config(); c["routes"][1] = json!({"prefix": "/x"}); c }, "routes[1]"),
-        ({ let mut c = config(); c["routes"][1] = json!({"prefix": "x", "feature": "f"}); c }, "routes[1].path"),
-        ({ let mut c = config(); c["token"]["jwks"]["keys"][0]["x"] = json!("AAAA"); c }, "token.jwks.keys[0].x"),
-        ({ let mut c = config(); c["token"]["jwks"]["keys"][0]["kty"] = json!("oct"); c }, "token.jwks.keys[0].kty"),
-        ({ let mut c = config(); c["token"]["jwks"]["keys"][1]["alg"] = json!("HS256"); c }, "token.jwks.keys[1].alg"),
-        ({ let mut c = config(); c["token"]["jwks"]["keys"][2]["alg"] = json!("ES256"); c }, "token.jwks.keys[2].alg"),
-        ({ let mut c = config(); c["token"]["jwks"]["keys"][1]["kid"] = json!("ed-1"); c }, "token.jwks.keys[1].kid"),
-        ({ let mut c = config(); c["token"]["leeway_seconds"] = json!("soon"); c }, "token.leeway_seconds"),
+        (
+            json!({"token": {"jwks": {"keys": []}}, "plans": {}, "routes": []}),
+            "token.jwks.keys",
+        ),
+        (
+            {
+                let mut c = config();
+                c["bogus"] = json!(1);
+                c
+            },
+            "unknown field `bogus`",
+        ),
+        (
+            {
+                let mut c = config();
+                c["plans"]["starter"]["rate_limit"]["burst"] = json!(0);
+                c
+            },
+            "plans.starter.rate_limit.burst",
+        ),
+        (
+            {
+                let mut c = config();
+                c["plans"]["starter"]["rate_limit"]["requests_per_second"] = json!(-1);
+                c
+            },
+            "plans.starter.rate_limit.requests_per_second",
+        ),
+        (
+            {
+                let mut c = config();
+                c["plans"]["pro"]["feature_rate_limits"]["nope"] =
+                    json!({"requests_per_second": 1});
+                c
+            },
+            "plans.pro.feature_rate_limits.nope",
+        ),
+        (
+            {
+                let mut c = config();
+                c["plans"] = json!({});
+                c
+            },
+            "`plans`",
+        ),
+        (
+            {
+                let mut c = config();
+                c["routes"][1] = json!({"prefix": "/x"});
+                c
+            },
+            "routes[1]",
+        ),
+        (
+            {
+                let mut c = config();
+                c["routes"][1] = json!({"prefix": "x", "feature": "f"});
+                c
+            },
+            "routes[1].path",
+        ),
+        (
+            {
+                let mut c = config();
+                c["token"]["jwks"]["keys"][0]["x"] = json!("AAAA");
+                c
+            },
+            "token.jwks.keys[0].x",
+        ),
+        (
+            {
+                let mut c = config();
+                c["token"]["jwks"]["keys"][0]["kty"] = json!("oct");
+                c
+            },
+            "token.jwks.keys[0].kty",
+        ),
+        (
+            {
+                let mut c = config();
+                c["token"]["jwks"]["keys"][1]["alg"] = json!("HS256");
+                c
+            },
+            "token.jwks.keys[1].alg",
+        ),
+        (
+            {
+                let mut c = config();
+                c["token"]["jwks"]["keys"][2]["alg"] = json!("ES256");
+                c
+            },
+            "token.jwks.keys[2].alg",
+        ),
+        (
+            {
+                let mut c = config();
+                c["token"]["jwks"]["keys"][1]["kid"] = json!("ed-1");
+                c
+            },
+            "token.jwks.keys[1].kid",
+        ),
+        (
+            {
+                let mut c = config();
+                c["token"]["leeway_seconds"] = json!("soon");
+                c
+            },
+            "token.leeway_seconds",
+        ),
+        (
+            {
+                let mut c = config();
+                c["stats_flush_interval_ms"] = json!(4_294_967_296u64);
+                c
+            },
+            "stats_flush_interval_ms",
+        ),
     ];
     for (config, expected) in cases {
-        let err = Policy::from_json(config.to_string().as_bytes()).unwrap_err().to_string();
+        let err = Policy::from_json(config.to_string().as_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(expected), "expected `{expected}` in: {err}");
     }
-    for junk in [&b""[..], b"{", b"null", b"[]", b"\xff\xfe", b"{\"token\": 1}"] {
+    for junk in [
+        &b""[..],
+        b"{",
+        b"null",
+        b"[]",
+        b"\xff\xfe",
+        b"{\"token\": 1}",
+    ] {
         assert!(Policy::from_json(junk).is_err());
     }
 }

@@ -47,6 +47,8 @@ pub struct Bootstrap {
     pub listen_port: u16,
     /// Admin port; 0 picks a free one.
     pub admin_port: u16,
+    /// Spread connections evenly over the workers (tests that need every worker busy).
+    pub exact_balance: bool,
 }
 
 impl Bootstrap {
@@ -57,6 +59,7 @@ impl Bootstrap {
             upstream_port,
             listen_port: 0,
             admin_port: 0,
+            exact_balance: false,
         }
     }
 
@@ -96,7 +99,7 @@ impl Bootstrap {
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
         }));
-        json!({
+        let mut bootstrap = json!({
             "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": self.admin_port}}},
             "stats_config": stats_config(),
             "static_resources": {
@@ -131,7 +134,12 @@ impl Bootstrap {
                     }]}]}
                 }]
             }
-        })
+        });
+        if self.exact_balance {
+            bootstrap["static_resources"]["listeners"][0]["connection_balance_config"] =
+                json!({"exact_balance": {}});
+        }
+        bootstrap
     }
 }
 
@@ -139,7 +147,7 @@ impl Bootstrap {
 pub fn stats_config() -> Value {
     json!({"stats_tags": [
         {"tag_name": "tollgate_reason", "regex": "^wasmcustom\\.tollgate\\.requests_refused(\\.reason\\.(\\w+))$"},
-        {"tag_name": "tollgate_feature", "regex": "^wasmcustom\\.tollgate\\.feature((\\.[\\w-]+?)\\.)"}
+        {"tag_name": "tollgate_feature", "regex": "^wasmcustom\\.tollgate\\.feature(\\.([\\w-]+))\\.\\w+$"}
     ]})
 }
 
@@ -165,7 +173,14 @@ fn scratch_dir(name: &str) -> Result<PathBuf> {
 /// `envoy --mode validate` on a configuration file; the error carries Envoy's output.
 pub fn validate(config: &Path) -> Result<()> {
     let output = Command::new(envoy_binary())
-        .args(["--mode", "validate", "--disable-hot-restart", "-l", "error", "-c"])
+        .args([
+            "--mode",
+            "validate",
+            "--disable-hot-restart",
+            "-l",
+            "error",
+            "-c",
+        ])
         .arg(config)
         .current_dir(workspace_root())
         .output()
@@ -211,8 +226,15 @@ impl Envoy {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .with_context(|| format!("starting {} (run `make envoy` to install it)", envoy_binary().display()))?;
-        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
+            .with_context(|| {
+                format!(
+                    "starting {} (run `make envoy` to install it)",
+                    envoy_binary().display()
+                )
+            })?;
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .build();
         let mut envoy = Envoy {
             child,
             dir: dir.to_path_buf(),
@@ -229,10 +251,16 @@ impl Envoy {
         let admin_path = self.dir.join("admin.address");
         loop {
             if let Some(status) = self.child.try_wait()? {
-                bail!("envoy exited ({status}) while starting; log:\n{}", self.log_tail(60));
+                bail!(
+                    "envoy exited ({status}) while starting; log:\n{}",
+                    self.log_tail(60)
+                );
             }
             if Instant::now() > deadline {
-                bail!("envoy was not ready within {limit:?}; log:\n{}", self.log_tail(60));
+                bail!(
+                    "envoy was not ready within {limit:?}; log:\n{}",
+                    self.log_tail(60)
+                );
             }
             if self.admin.port() == 0 {
                 if let Ok(text) = std::fs::read_to_string(&admin_path) {
@@ -255,7 +283,8 @@ impl Envoy {
 
     fn read_listener(&self) -> Result<SocketAddr> {
         let listeners: Value = serde_json::from_str(&self.admin_get("/listeners?format=json")?)?;
-        let port = listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+        let port = listeners["listener_statuses"][0]["local_address"]["socket_address"]
+            ["port_value"]
             .as_u64()
             .context("no listener port in /listeners")?;
         Ok(SocketAddr::from(([127, 0, 0, 1], u16::try_from(port)?)))
@@ -268,13 +297,19 @@ impl Envoy {
 
     /// GET on the admin API.
     pub fn admin_get(&self, path: &str) -> Result<String> {
-        let response = self.agent.get(&format!("http://{}{}", self.admin, path)).call()?;
+        let response = self
+            .agent
+            .get(&format!("http://{}{}", self.admin, path))
+            .call()?;
         Ok(response.into_string()?)
     }
 
     /// POST on the admin API.
     pub fn admin_post(&self, path: &str) -> Result<String> {
-        let response = self.agent.post(&format!("http://{}{}", self.admin, path)).call()?;
+        let response = self
+            .agent
+            .post(&format!("http://{}{}", self.admin, path))
+            .call()?;
         Ok(response.into_string()?)
     }
 

@@ -102,7 +102,12 @@ impl SigningKey {
         public_jwk["kid"] = json!(kid);
         public_jwk["alg"] = json!(alg.name());
         public_jwk["use"] = json!("sig");
-        SigningKey::from_file(KeyFile { kid: kid.into(), alg, private_pem, public_jwk })
+        SigningKey::from_file(KeyFile {
+            kid: kid.into(),
+            alg,
+            private_pem,
+            public_jwk,
+        })
     }
 
     pub fn from_file(file: KeyFile) -> Result<SigningKey> {

@@ -57,7 +57,8 @@ async fn echo(
 impl Upstream {
     /// Start on `port` (0: any free port).
     pub fn start(port: u16) -> Result<Upstream> {
-        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).context("binding the upstream")?;
+        let listener =
+            std::net::TcpListener::bind(("127.0.0.1", port)).context("binding the upstream")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let requests = Arc::new(AtomicU64::new(0));
@@ -70,7 +71,9 @@ impl Upstream {
             .context("starting the upstream's runtime")?;
         let thread = std::thread::spawn(move || {
             runtime.block_on(async move {
-                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
                 let app = axum::Router::new().fallback(echo).with_state(counter);
                 // Not a graceful shutdown: a proxy's keep-alive connections would hold it open.
                 tokio::select! {
@@ -80,7 +83,12 @@ impl Upstream {
             });
             runtime.shutdown_background();
         });
-        Ok(Upstream { addr, requests, shutdown: Some(tx), thread: Some(thread) })
+        Ok(Upstream {
+            addr,
+            requests,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
     }
 
     pub fn port(&self) -> u16 {

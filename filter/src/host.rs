@@ -23,7 +23,12 @@ impl SharedCells for SharedDataCells {
         }
     }
 
-    fn compare_and_swap(&self, key: &str, value: u64, version: Option<u32>) -> Result<bool, StoreError> {
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        value: u64,
+        version: Option<u32>,
+    ) -> Result<bool, StoreError> {
         // Envoy takes CAS 0 as "write unconditionally": the first write of a key can race
         // with another worker's first write; both wrote from an empty bucket, so at most one
         // extra request per worker is admitted, once per key.
@@ -74,7 +79,10 @@ impl Metrics {
     pub fn define(policy: &Policy) -> Result<Metrics, String> {
         let mut refused = Vec::with_capacity(Code::ALL.len());
         for code in Code::ALL {
-            refused.push(counter(&format!("tollgate.requests_refused.reason.{}", code.as_str()))?);
+            refused.push(counter(&format!(
+                "tollgate.requests_refused.reason.{}",
+                code.as_str()
+            ))?);
         }
         let mut features = Vec::with_capacity(policy.features.len());
         for name in &policy.features {
@@ -108,8 +116,13 @@ impl Metrics {
         add(self.cache_hits, counters.token_cache_hits);
         add(self.cache_misses, counters.token_cache_misses);
         let health = gate.store_health();
-        let (conflicts, errors) = self.reported_store.replace((health.cas_conflicts, health.errors));
-        add(self.store_conflicts, health.cas_conflicts.saturating_sub(conflicts));
+        let (conflicts, errors) = self
+            .reported_store
+            .replace((health.cas_conflicts, health.errors));
+        add(
+            self.store_conflicts,
+            health.cas_conflicts.saturating_sub(conflicts),
+        );
         add(self.store_errors, health.errors.saturating_sub(errors));
 
         // Until usage is shipped to the collector, the stats are its only outlet.

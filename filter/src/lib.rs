@@ -73,21 +73,27 @@ impl RootContext for TollgateRoot {
         ) {
             Ok(Some(bytes)) => bytes,
             Ok(None) | Err(_) => {
-                log(LogLevel::Critical, "tollgate: invalid configuration: the plugin configuration is empty");
+                log(
+                    LogLevel::Critical,
+                    "invalid configuration: the plugin configuration is empty",
+                );
                 return false;
             }
         };
         let policy = match Policy::from_json(&config) {
             Ok(policy) => Arc::new(policy),
             Err(e) => {
-                log(LogLevel::Critical, &format!("tollgate: {e}"));
+                log(LogLevel::Critical, &e.to_string());
                 return false;
             }
         };
         let metrics = match Metrics::define(&policy) {
             Ok(metrics) => Rc::new(metrics),
             Err(problem) => {
-                log(LogLevel::Critical, &format!("tollgate: cannot define stats: {problem}"));
+                log(
+                    LogLevel::Critical,
+                    &format!("cannot define stats: {problem}"),
+                );
                 return false;
             }
         };
@@ -131,7 +137,9 @@ struct TollgateHttp {
 impl Context for TollgateHttp {}
 
 fn request_header(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).ok().flatten()
+    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()
 }
 
 /// Forward with the license headers, strip forged ones, or send the refusal.
@@ -150,11 +158,12 @@ fn answer(admission: &Admission, policy: &Policy) {
         }
         Verdict::Refuse(refusal) => {
             let headers = refusal.headers();
-            let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
             let body = refusal.body();
             let status = u32::from(refusal.status());
             if hostcalls::send_http_response(status, headers, Some(body.as_bytes())).is_err() {
-                log(LogLevel::Error, "tollgate: could not send a refusal");
+                log(LogLevel::Error, "could not send a refusal");
             }
         }
     }
@@ -166,26 +175,35 @@ impl HttpContext for TollgateHttp {
         let Some(gate) = self.gate.clone() else {
             // The VM has no valid configuration; Envoy normally refuses to start so. Fail closed.
             let body = br#"{"error":"not_configured","message":"the licensing filter has no valid configuration"}"#;
-            let _ = hostcalls::send_http_response(503, vec![("content-type", "application/json")], Some(body));
+            let _ = hostcalls::send_http_response(
+                503,
+                vec![("content-type", "application/json")],
+                Some(body),
+            );
             return Action::Pause;
         };
         let (admission, policy) = {
             // try_borrow: a re-entrant callback must get an error path, never a panic.
             let Ok(mut gate) = gate.try_borrow_mut() else {
-                log(LogLevel::Error, "tollgate: gate busy in on_http_request_headers");
+                log(LogLevel::Error, "gate busy in on_http_request_headers");
                 return Action::Continue;
             };
             let path = request_header(":path").unwrap_or_default();
             let method = request_header(":method").unwrap_or_default();
             let credential = request_header(&gate.policy().token.header);
             // Bytes that are not UTF-8 cannot be a JWT or a configured path.
-            let credential = credential.as_deref().map(|c| std::str::from_utf8(c).unwrap_or("\u{fffd}"));
+            let credential = credential
+                .as_deref()
+                .map(|c| std::str::from_utf8(c).unwrap_or("\u{fffd}"));
             let head = RequestHead {
                 method: std::str::from_utf8(&method).unwrap_or(""),
                 path: std::str::from_utf8(&path).unwrap_or(""),
                 credential,
             };
-            (gate.admit(&head, self.started_nanos), Arc::clone(gate.policy()))
+            (
+                gate.admit(&head, self.started_nanos),
+                Arc::clone(gate.policy()),
+            )
         };
         answer(&admission, &policy);
         let action = match admission.verdict {
@@ -207,7 +225,9 @@ impl HttpContext for TollgateHttp {
     }
 
     fn on_log(&mut self) {
-        let (Some(gate), Some(admission)) = (&self.gate, &self.admission) else { return };
+        let (Some(gate), Some(admission)) = (&self.gate, &self.admission) else {
+            return;
+        };
         let usage = UsageTotals {
             calls: 1,
             request_bytes: self.request_bytes,
@@ -216,7 +236,10 @@ impl HttpContext for TollgateHttp {
         };
         match gate.try_borrow_mut() {
             Ok(mut gate) => gate.record(admission, usage),
-            Err(_) => log(LogLevel::Error, "tollgate: gate busy in on_log; usage of one request not metered"),
+            Err(_) => log(
+                LogLevel::Error,
+                "gate busy in on_log; usage of one request not metered",
+            ),
         }
     }
 }

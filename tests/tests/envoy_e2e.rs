@@ -1,0 +1,523 @@
+//! End to end through a real Envoy (from `make envoy`) running the release .wasm, with a real
+//! upstream. Each test starts its own Envoy on free ports and stops it when done.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tollgate_devkit::envoy::{validate, workspace_root};
+use tollgate_devkit::{unix_now, Bootstrap, Envoy, LicenseSpec, SigningKey, Upstream};
+use tollgate_tests::http::{request, RawResponse};
+
+const ISSUER: &str = "https://licenses.tollgate.example";
+const AUDIENCE: &str = "api.example.com";
+
+fn demo_key() -> SigningKey {
+    SigningKey::load(&workspace_root().join("envoy/demo-signing-key.json")).unwrap()
+}
+
+fn demo_config() -> Value {
+    serde_json::from_slice(&std::fs::read(workspace_root().join("envoy/tollgate.json")).unwrap())
+        .unwrap()
+}
+
+fn license(account: &str, id: &str, plan: &str, features: &[&str]) -> LicenseSpec {
+    let mut spec = LicenseSpec::new(account, id, plan, features);
+    spec.issuer = Some(ISSUER.into());
+    spec.audience = Some(AUDIENCE.into());
+    spec
+}
+
+struct Stack {
+    envoy: Envoy,
+    upstream: Upstream,
+}
+
+fn stack(name: &str, config: Value, concurrency: u32) -> Stack {
+    let upstream = Upstream::start(0).unwrap();
+    let mut bootstrap = Bootstrap::new(config, upstream.port());
+    bootstrap.exact_balance = true;
+    let envoy = Envoy::start(name, &bootstrap.to_json(), concurrency).unwrap();
+    Stack { envoy, upstream }
+}
+
+fn get(stack: &Stack, path: &str, headers: &[(&str, &[u8])]) -> RawResponse {
+    request(stack.envoy.listener, "GET", path, headers).unwrap()
+}
+
+fn bearer(token: &str) -> Vec<u8> {
+    format!("Bearer {token}").into_bytes()
+}
+
+/// Poll until `check` holds (stats are folded in once a second), at most 15 s.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The VM never panicked: Envoy logs a failed wasm call or a Rust panic message otherwise.
+fn assert_no_vm_failure(envoy: &Envoy) {
+    let log = envoy.log();
+    for sign in [
+        "panicked at",
+        "Function: proxy_on",
+        "wasm trap",
+        "VM has failed",
+        "Plugin configured to fail closed",
+    ] {
+        assert!(!log.contains(sign), "Envoy log shows `{sign}`:\n{log}");
+    }
+}
+
+#[test]
+fn licensed_request_reaches_upstream_with_context_headers_and_no_forgeries() {
+    let s = stack("forward", demo_config(), 2);
+    let token = license("acme", "lic-1", "starter", &["search"])
+        .mint(&demo_key())
+        .unwrap();
+    let auth = bearer(&token);
+    let r = get(
+        &s,
+        "/v1/search?q=x",
+        &[
+            ("authorization", &auth),
+            ("x-tollgate-account", b"someone-else"),
+            ("x-tollgate-account", b"and-another"),
+            ("X-Tollgate-Plan", b"enterprise"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let seen = r.json().unwrap();
+    assert_eq!(seen["headers"]["x-tollgate-account"], json!(["acme"]));
+    assert_eq!(seen["headers"]["x-tollgate-license"], json!(["lic-1"]));
+    assert_eq!(seen["headers"]["x-tollgate-plan"], json!(["starter"]));
+    assert_eq!(seen["headers"]["x-tollgate-feature"], json!(["search"]));
+
+    // A public route needs no token and forwards no forged license headers either.
+    let r = get(
+        &s,
+        "/healthz",
+        &[
+            ("x-tollgate-account", b"forged"),
+            ("x-tollgate-feature", b"forged"),
+        ],
+    );
+    assert_eq!(r.status, 200);
+    let seen = r.json().unwrap();
+    assert!(
+        seen["headers"].get("x-tollgate-account").is_none(),
+        "{seen}"
+    );
+    assert!(
+        seen["headers"].get("x-tollgate-feature").is_none(),
+        "{seen}"
+    );
+    assert_eq!(s.upstream.requests(), 2);
+}
+
+#[test]
+fn every_refusal_has_its_status_code_and_json_body() {
+    let mut config = demo_config();
+    // A second issuer's key, which the filter does not trust.
+    let key = demo_key();
+    config["plans"]["legacy"] = json!({});
+    let s = stack("refusals", config, 1);
+    let now = unix_now();
+    let acme = license("acme", "lic-1", "starter", &["search"]);
+    let sign = |spec: &LicenseSpec, at: u64| key.sign(&spec.claims_at(at)).unwrap();
+    let mut wrong_iss = acme.clone();
+    wrong_iss.issuer = Some("https://elsewhere.example".into());
+    let mut wrong_aud = acme.clone();
+    wrong_aud.audience = Some("other-api".into());
+    let unknown_plan = license("acme", "lic-1", "platinum", &["search"]);
+    let mut no_lid = acme.claims_at(now);
+    no_lid.as_object_mut().unwrap().remove("lid");
+    let stranger = SigningKey::generate(tollgate_devkit::KeyAlg::EdDSA, "demo-2026").unwrap();
+
+    let cases: Vec<(&str, Option<String>, u16, &str)> = vec![
+        ("/v1/search", None, 401, "missing_token"),
+        (
+            "/v1/search",
+            Some("Bearer not.a.jwt".into()),
+            401,
+            "invalid_token",
+        ),
+        (
+            "/v1/search",
+            Some(format!("Bearer {}", sign(&acme, now).replace('.', ".x"))),
+            401,
+            "invalid_token",
+        ),
+        (
+            "/v1/search",
+            Some(format!(
+                "Bearer {}",
+                stranger.sign(&acme.claims_at(now)).unwrap()
+            )),
+            401,
+            "invalid_token",
+        ),
+        (
+            "/v1/search",
+            Some(format!("Bearer {}", sign(&acme, now - 7200))),
+            401,
+            "token_expired",
+        ),
+        (
+            "/v1/search",
+            Some(format!("Bearer {}", sign(&acme, now + 3600))),
+            401,
+            "token_not_yet_valid",
+        ),
+        (
+            "/v1/search",
+            Some(format!("Bearer {}", sign(&wrong_iss, now))),
+            401,
+            "invalid_issuer",
+        ),
+        (
+            "/v1/search",
+            Some(format!("Bearer {}", sign(&wrong_aud, now))),
+            401,
+            "invalid_audience",
+        ),
+        (
+            "/v1/search",
+            Some(format!("Bearer {}", key.sign(&no_lid).unwrap())),
+            401,
+            "invalid_license",
+        ),
+        (
+            "/v1/search",
+            Some(format!("Bearer {}", sign(&unknown_plan, now))),
+            403,
+            "unknown_plan",
+        ),
+        (
+            "/v1/reports/q3",
+            Some(format!("Bearer {}", sign(&acme, now))),
+            403,
+            "feature_not_licensed",
+        ),
+        (
+            "/internal/admin",
+            Some(format!("Bearer {}", sign(&acme, now))),
+            403,
+            "route_not_licensed",
+        ),
+    ];
+    for (path, credential, status, code) in cases {
+        let headers: Vec<(&str, &[u8])> = credential
+            .as_deref()
+            .map(|c| vec![("authorization", c.as_bytes())])
+            .unwrap_or_default();
+        let r = get(&s, path, &headers);
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (status, code),
+            "{path} {credential:?}"
+        );
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert!(r.json().unwrap()["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+        if status == 401 {
+            let challenge = r.header("www-authenticate").unwrap();
+            assert!(challenge.starts_with("Bearer"), "{challenge}");
+            assert_eq!(
+                challenge.contains("error=\"invalid_token\""),
+                code != "missing_token",
+                "{challenge}"
+            );
+        }
+    }
+    assert_eq!(
+        s.upstream.requests(),
+        0,
+        "no refused request may reach the upstream"
+    );
+    assert_no_vm_failure(&s.envoy);
+}
+
+#[test]
+fn rate_limit_holds_for_the_whole_envoy_across_two_workers() {
+    let rps = 20.0;
+    let burst = 20.0;
+    let (rps_json, burst_json) = (20, 20);
+    let mut config = demo_config();
+    config["plans"]["metered"] =
+        json!({"rate_limit": {"requests_per_second": rps_json, "burst": burst_json}});
+    let s = stack("ratelimit", config, 2);
+    let token = license("acme", "lic-rl", "metered", &["search"])
+        .mint(&demo_key())
+        .unwrap();
+
+    // 8 client connections, spread evenly over both workers, as fast as they can for ~3 s.
+    let admitted = Arc::new(AtomicU64::new(0));
+    let limited = Arc::new(AtomicU64::new(0));
+    let url = s.envoy.url("/v1/search");
+    let started = Instant::now();
+    let run_for = Duration::from_secs(3);
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (admitted, limited, url, token) = (
+                admitted.clone(),
+                limited.clone(),
+                url.clone(),
+                token.clone(),
+            );
+            std::thread::spawn(move || {
+                let agent = ureq::AgentBuilder::new()
+                    .max_idle_connections_per_host(1)
+                    .build();
+                let mut retry_after_seen = false;
+                while started.elapsed() < run_for {
+                    match agent
+                        .get(&url)
+                        .set("authorization", &format!("Bearer {token}"))
+                        .call()
+                    {
+                        Ok(_) => admitted.fetch_add(1, Ordering::Relaxed),
+                        Err(ureq::Error::Status(429, r)) => {
+                            retry_after_seen |= r.header("retry-after").is_some()
+                                && r.header("ratelimit-policy") == Some("\"license\";q=20;w=1");
+                            limited.fetch_add(1, Ordering::Relaxed)
+                        }
+                        Err(e) => panic!("{e}"),
+                    };
+                }
+                retry_after_seen
+            })
+        })
+        .collect();
+    let headers_ok = threads
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .all(|seen| seen);
+    let elapsed = started.elapsed().as_secs_f64();
+    let admitted = admitted.load(Ordering::Relaxed);
+    let limited = limited.load(Ordering::Relaxed);
+
+    // Both workers served requests, so the limit was shared, not per worker.
+    let stats = s.envoy.stats().unwrap();
+    let per_worker: Vec<u64> = (0..2)
+        .map(|w| {
+            stats
+                .iter()
+                .filter(|(name, _)| {
+                    name.ends_with(&format!(".worker_{w}.downstream_cx_total"))
+                        && name.starts_with("listener.127")
+                })
+                .map(|(_, v)| *v)
+                .sum()
+        })
+        .collect();
+    assert!(
+        per_worker.iter().all(|&n| n >= 2),
+        "connections per worker: {per_worker:?}"
+    );
+
+    let ideal = burst + rps * elapsed;
+    eprintln!(
+        "rate limit {rps}/s burst {burst}, 2 workers, 8 connections, {elapsed:.2} s: admitted {admitted} \
+         (ideal {ideal:.1}, over by {:.1}), refused {limited}",
+        admitted as f64 - ideal
+    );
+    assert!(
+        limited > 0 && headers_ok,
+        "429s with Retry-After and RateLimit-Policy expected"
+    );
+    // The documented bound: one request per worker from the first-write race of a new key.
+    assert!(
+        admitted as f64 <= ideal + 2.0,
+        "admitted {admitted} > {ideal:.1} + 2"
+    );
+    // Per-worker limits would admit about twice this; the shared limit admits about once.
+    assert!(
+        admitted as f64 >= ideal * 0.8,
+        "admitted {admitted}, far under {ideal:.1}"
+    );
+    assert_no_vm_failure(&s.envoy);
+}
+
+#[test]
+fn malformed_tokens_all_get_401_and_envoy_keeps_serving() {
+    let s = stack("malformed", demo_config(), 2);
+    let key = demo_key();
+    let good = license("acme", "lic-1", "starter", &["search"])
+        .mint(&key)
+        .unwrap();
+    let es = SigningKey::generate(tollgate_devkit::KeyAlg::ES256, "demo-2026").unwrap();
+    let wrong_alg = es
+        .sign(&license("acme", "lic-1", "starter", &["search"]).claims_at(unix_now()))
+        .unwrap();
+    let none = {
+        use base64::Engine as _;
+        let b64 =
+            |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        let claims = license("acme", "lic-1", "starter", &["search"]).claims_at(unix_now());
+        format!(
+            "{}.{}.",
+            b64(&json!({"alg": "none", "kid": "demo-2026"})),
+            b64(&claims)
+        )
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut credentials: Vec<Vec<u8>> = Vec::new();
+    for i in 0..1000 {
+        let credential: Vec<u8> = match i % 8 {
+            // Random header-legal bytes, including obs-text (not UTF-8).
+            0 | 1 => {
+                let len = rng.gen_range(1..300);
+                let mut v = b"Bearer ".to_vec();
+                v.extend((0..len).map(|_| {
+                    let b: u8 = rng.gen_range(0x21..=0xff);
+                    if b == 0x7f {
+                        b'a'
+                    } else {
+                        b
+                    }
+                }));
+                v
+            }
+            2 => bearer(&good[..rng.gen_range(1..good.len() - 1)]),
+            3 => bearer(&format!("{good}{}", "A".repeat(rng.gen_range(1..20)))),
+            4 => {
+                // One character of the payload or signature changed.
+                let mut t = good.clone().into_bytes();
+                let at = rng.gen_range(40..t.len());
+                t[at] = if t[at] == b'A' { b'B' } else { b'A' };
+                bearer(&String::from_utf8(t).unwrap())
+            }
+            5 => bearer(&wrong_alg),
+            6 => bearer(&none),
+            _ => bearer(&"eyJ".repeat(rng.gen_range(3000..15000))),
+        };
+        credentials.push(credential);
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for credential in &credentials {
+        let r = get(&s, "/v1/search", &[("authorization", credential)]);
+        *statuses.entry((r.status, r.code())).or_insert(0) += 1;
+        if r.status != 401 {
+            panic!(
+                "{} {:?} for {:.80}",
+                r.status,
+                r.code(),
+                String::from_utf8_lossy(credential)
+            );
+        }
+    }
+    eprintln!("malformed credentials: {statuses:?}");
+    assert_eq!(
+        get(&s, "/v1/search", &[("authorization", &bearer(&good))]).status,
+        200
+    );
+    assert_eq!(s.upstream.requests(), 1);
+    assert_no_vm_failure(&s.envoy);
+}
+
+#[test]
+fn usage_is_metered_into_envoy_stats() {
+    let s = stack("metering", demo_config(), 2);
+    let key = demo_key();
+    let token = license("acme", "lic-m", "pro", &["search", "generative-design"])
+        .mint(&key)
+        .unwrap();
+    let auth = bearer(&token);
+    for _ in 0..7 {
+        let r = get(&s, "/v1/search?bytes=1000", &[("authorization", &auth)]);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), 1000);
+    }
+    for _ in 0..3 {
+        assert_eq!(get(&s, "/v1/search", &[]).status, 401);
+    }
+    eventually("7 allowed requests in stats", || {
+        s.envoy
+            .stat("wasmcustom.tollgate.requests_allowed")
+            .unwrap()
+            == 7
+    });
+    let stats = s.envoy.stats().unwrap();
+    let stat = |name: &str| {
+        stats
+            .get(&format!("wasmcustom.tollgate.{name}"))
+            .copied()
+            .unwrap_or(0)
+    };
+    assert_eq!(stat("requests_refused.reason.missing_token"), 3);
+    assert_eq!(stat("feature.search.requests_allowed"), 7);
+    assert_eq!(stat("feature.search.requests_refused"), 3);
+    // 7 upstream bodies of 1000 bytes plus the three JSON refusals.
+    let refusal_bytes = stat("response_bytes") - 7000;
+    assert!(
+        refusal_bytes > 0 && refusal_bytes < 3 * 200,
+        "response bytes {}",
+        stat("response_bytes")
+    );
+    assert_eq!(stat("token_cache_hits") + stat("token_cache_misses"), 7);
+    assert!(
+        stat("token_cache_misses") <= 2,
+        "at most one verification per worker"
+    );
+    assert!(stat("processing_time_us") > 0);
+
+    let prometheus = s.envoy.admin_get("/stats/prometheus").unwrap();
+    assert!(
+        prometheus.contains("tollgate_requests_refused{tollgate_reason=\"missing_token\"} 3"),
+        "{}",
+        prometheus
+            .lines()
+            .filter(|l| l.contains("tollgate"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(prometheus.contains("tollgate_requests_allowed{} 7"));
+    assert!(prometheus.contains("tollgate_feature_requests_allowed{tollgate_feature=\"search\"} 7"));
+}
+
+#[test]
+fn shipped_envoy_configs_validate() {
+    let dir = workspace_root().join("envoy");
+    let mut validated = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            validate(&path).unwrap();
+            validated += 1;
+        }
+    }
+    assert!(validated >= 1);
+
+    // envoy.yaml embeds envoy/tollgate.json as its plugin configuration.
+    let yaml = std::fs::read_to_string(dir.join("envoy.yaml")).unwrap();
+    let embedded = yaml
+        .split("value: |\n")
+        .nth(1)
+        .unwrap()
+        .split("\n          - name:")
+        .next()
+        .unwrap();
+    let embedded: Value = serde_json::from_str(embedded).unwrap();
+    assert_eq!(embedded, demo_config());
+}
+
+#[test]
+fn invalid_plugin_configuration_is_refused_with_the_field_named() {
+    let mut config = demo_config();
+    config["plans"]["starter"]["rate_limit"]["burst"] = json!(0);
+    let bootstrap = Bootstrap::new(config, 1).to_json();
+    let path =
+        std::env::temp_dir().join(format!("tollgate-bad-config-{}.json", std::process::id()));
+    std::fs::write(&path, bootstrap.to_string()).unwrap();
+    let err = validate(&path).unwrap_err().to_string();
+    std::fs::remove_file(&path).unwrap();
+    assert!(err.contains("plans.starter.rate_limit.burst"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

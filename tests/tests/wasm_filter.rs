@@ -1,0 +1,848 @@
+//! The real, release-built filter `.wasm` under the wasmtime proxy-wasm host: tokens minted
+//! with the devkit, requests run through Envoy's callback sequence, a fake clock.
+//!
+//! Build the filter first: `cargo build -p tollgate-filter --target wasm32-wasip1 --release`.
+
+// Test code through and through: the helpers below may panic as freely as the tests.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tollgate_devkit::{jwks, KeyAlg, LicenseSpec, SigningKey};
+use tollgate_tests::wasm_host::{Exchange, FilterHost, LogLevel, Request, SharedData, Vm};
+
+const NOW: u64 = 1_780_000_000;
+const SECOND: u64 = 1_000_000_000;
+
+const LICENSE_HEADERS: [&str; 4] = [
+    "x-tollgate-account",
+    "x-tollgate-license",
+    "x-tollgate-plan",
+    "x-tollgate-feature",
+];
+
+struct Keys {
+    ed: SigningKey,
+    es: SigningKey,
+    rs: SigningKey,
+}
+
+/// Generated once per test binary: RSA key generation is slow.
+fn keys() -> &'static Keys {
+    static KEYS: OnceLock<Keys> = OnceLock::new();
+    KEYS.get_or_init(|| Keys {
+        ed: SigningKey::generate(KeyAlg::EdDSA, "ed-1").unwrap(),
+        es: SigningKey::generate(KeyAlg::ES256, "es-1").unwrap(),
+        rs: SigningKey::generate(KeyAlg::RS256, "rs-1").unwrap(),
+    })
+}
+
+fn config() -> Value {
+    let k = keys();
+    json!({
+        "token": {
+            "issuers": ["https://licenses.example"],
+            "audiences": ["api.example"],
+            "jwks": jwks([&k.ed, &k.es, &k.rs]),
+        },
+        "plans": {
+            "starter": {"rate_limit": {"requests_per_second": 5, "burst": 5}},
+            "pro": {"feature_rate_limits": {"design": {"requests_per_second": 1, "burst": 1}}},
+        },
+        "routes": [
+            {"path": "/healthz", "public": true},
+            {"prefix": "/v1/search", "feature": "search"},
+            {"prefix": "/v1/design", "methods": ["POST"], "feature": "design"},
+        ],
+    })
+}
+
+fn host() -> &'static FilterHost {
+    FilterHost::shared().unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// A worker VM of its own Envoy, its clock at `NOW`.
+fn start(config: &Value) -> Vm {
+    start_with(config, &SharedData::new())
+}
+
+fn start_with(config: &Value, shared: &SharedData) -> Vm {
+    let mut vm = host()
+        .start(&config.to_string(), shared)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    vm.set_time(NOW * SECOND);
+    vm
+}
+
+fn spec(plan: &str, features: &[&str]) -> LicenseSpec {
+    let mut spec = LicenseSpec::new("acct-1", "lic-1", plan, features);
+    spec.issuer = Some("https://licenses.example".into());
+    spec.audience = Some("api.example".into());
+    spec
+}
+
+/// A token issued at `NOW`, valid for an hour.
+fn token(key: &SigningKey, spec: &LicenseSpec) -> String {
+    key.sign(&spec.claims_at(NOW)).unwrap()
+}
+
+/// Run a request; the VM must not trap.
+fn send(vm: &mut Vm, request: Request) -> Exchange {
+    let exchange = vm
+        .request(&request)
+        .unwrap_or_else(|e| panic!("{} {}: {e:#}", request.method, request.path));
+    assert!(!vm.trapped(), "{:?}", vm.trap());
+    exchange
+}
+
+/// A refusal answered by the filter itself: status, JSON body `{"error", "message"}`.
+fn assert_refused(exchange: &Exchange, status: u16, code: &str) -> Value {
+    assert_eq!(exchange.status(), status, "{exchange:?}");
+    assert!(
+        !exchange.reached_upstream(),
+        "a refused request reached upstream"
+    );
+    let local = exchange.local_response.as_ref().expect("a local response");
+    assert_eq!(u32::from(status), local.status);
+    assert_eq!(
+        exchange.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    let body = exchange.json().unwrap();
+    let object = body.as_object().expect("a JSON object");
+    assert_eq!(object.len(), 2, "{body}");
+    assert_eq!(body["error"], code, "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    body
+}
+
+fn b64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+        }
+    }
+    out
+}
+
+/// The three segments of a JWT.
+fn segments(token: &str) -> [String; 3] {
+    let parts: Vec<&str> = token.split('.').collect();
+    assert_eq!(parts.len(), 3);
+    [parts[0].into(), parts[1].into(), parts[2].into()]
+}
+
+/// `token` with one character of its signature changed.
+fn tamper_signature(token: &str) -> String {
+    let [header, payload, signature] = segments(token);
+    let mut signature = signature.into_bytes();
+    let middle = signature.len() / 2;
+    signature[middle] = if signature[middle] == b'A' {
+        b'B'
+    } else {
+        b'A'
+    };
+    format!(
+        "{header}.{payload}.{}",
+        String::from_utf8(signature).unwrap()
+    )
+}
+
+#[test]
+fn licensed_request_is_forwarded_with_license_headers_replacing_forged_ones() {
+    let k = keys();
+    let mut vm = start(&config());
+    let t = token(&k.ed, &spec("pro", &["search", "design"]));
+
+    let ex = send(
+        &mut vm,
+        Request::get("/v1/search?q=wasm")
+            .bearer(&t)
+            .header("x-tollgate-account", "attacker")
+            .header("X-Tollgate-Account", "attacker-2")
+            .header("x-tollgate-license", "lic-forged")
+            .header("x-tollgate-plan", "enterprise")
+            .header("X-TOLLGATE-PLAN", "enterprise")
+            .header("x-tollgate-feature", "design")
+            .header("x-tollgate-feature", "admin")
+            .header("x-request-id", "req-1")
+            .response_body(["hello ", "world"]),
+    );
+    assert_eq!(ex.status(), 200, "{ex:?}");
+    assert!(ex.local_response.is_none());
+    assert_eq!(ex.upstream_headers("x-tollgate-account"), ["acct-1"]);
+    assert_eq!(ex.upstream_headers("x-tollgate-license"), ["lic-1"]);
+    assert_eq!(ex.upstream_headers("x-tollgate-plan"), ["pro"]);
+    assert_eq!(ex.upstream_headers("x-tollgate-feature"), ["search"]);
+    // Everything else is forwarded untouched, and the response comes back untouched.
+    assert_eq!(ex.upstream_header("x-request-id").as_deref(), Some("req-1"));
+    assert_eq!(
+        ex.upstream_header(":path").as_deref(),
+        Some("/v1/search?q=wasm")
+    );
+    assert_eq!(ex.body(), b"hello world");
+    assert_eq!(
+        ex.header("content-type").as_deref(),
+        Some("application/json")
+    );
+
+    // The feature header names the route's feature; the request body is forwarded.
+    let ex = send(
+        &mut vm,
+        Request::post("/v1/design/run")
+            .bearer(&t)
+            .header("x-tollgate-feature", "search")
+            .body("{\"shape\":")
+            .body("\"cube\"}"),
+    );
+    assert_eq!(ex.status(), 200, "{ex:?}");
+    assert_eq!(ex.upstream_headers("x-tollgate-feature"), ["design"]);
+    assert_eq!(ex.upstream.as_ref().unwrap().body, b"{\"shape\":\"cube\"}");
+
+    // ES256 and RS256 licenses verify inside the VM as well.
+    for key in [&k.es, &k.rs] {
+        let t = token(key, &spec("pro", &["search"]));
+        let ex = send(
+            &mut vm,
+            Request::get("/v1/search")
+                .bearer(&t)
+                .header("x-tollgate-plan", "enterprise"),
+        );
+        assert_eq!(ex.status(), 200, "{:?}: {ex:?}", key.file.alg);
+        assert_eq!(ex.upstream_headers("x-tollgate-account"), ["acct-1"]);
+        assert_eq!(ex.upstream_headers("x-tollgate-plan"), ["pro"]);
+    }
+
+    // A public route needs no token, and forged license headers never reach the upstream.
+    let mut public = Request::get("/healthz").header("x-other", "kept");
+    for name in LICENSE_HEADERS {
+        public = public.header(name, "forged").header(name, "forged-again");
+    }
+    let ex = send(&mut vm, public.clone());
+    assert_eq!(ex.status(), 200, "{ex:?}");
+    for name in LICENSE_HEADERS {
+        assert_eq!(ex.upstream_headers(name), Vec::<String>::new(), "{name}");
+    }
+    assert_eq!(ex.upstream_header("x-other").as_deref(), Some("kept"));
+    // Not even a broken token is looked at on a public route.
+    let ex = send(&mut vm, public.header("authorization", "Bearer not-a-jwt"));
+    assert_eq!(ex.status(), 200, "{ex:?}");
+    assert_eq!(
+        ex.upstream_headers("x-tollgate-account"),
+        Vec::<String>::new()
+    );
+
+    assert!(
+        vm.logs().iter().all(|(level, _)| *level < LogLevel::Warn),
+        "{}",
+        vm.log_text()
+    );
+    assert!(vm.host_notes().is_empty(), "{:?}", vm.host_notes());
+}
+
+#[test]
+fn refusals_have_their_status_code_and_json_body() {
+    let k = keys();
+    let mut vm = start(&config());
+    let starter = token(&k.ed, &spec("starter", &["search"]));
+
+    // No credential: 401 with a challenge that names no error (RFC 6750 section 3.1).
+    let ex = send(&mut vm, Request::get("/v1/search"));
+    assert_refused(&ex, 401, "missing_token");
+    assert_eq!(
+        ex.header("www-authenticate").as_deref(),
+        Some("Bearer realm=\"tollgate\"")
+    );
+    let ex = send(
+        &mut vm,
+        Request::get("/v1/search").header("authorization", "Bearer   "),
+    );
+    assert_refused(&ex, 401, "missing_token");
+
+    // A bad signature, and a good signature by a key the filter does not trust.
+    let ex = send(
+        &mut vm,
+        Request::get("/v1/search").bearer(&tamper_signature(&starter)),
+    );
+    assert_refused(&ex, 401, "invalid_token");
+    assert_eq!(
+        ex.header("www-authenticate").as_deref(),
+        Some("Bearer realm=\"tollgate\", error=\"invalid_token\", error_description=\"invalid_token\"")
+    );
+    let impostor = SigningKey::generate(KeyAlg::EdDSA, "ed-1").unwrap();
+    let ex = send(
+        &mut vm,
+        Request::get("/v1/search").bearer(&token(&impostor, &spec("starter", &["search"]))),
+    );
+    assert_refused(&ex, 401, "invalid_token");
+
+    // Issuer and audience.
+    let mut other_issuer = spec("starter", &["search"]);
+    other_issuer.issuer = Some("https://evil.example".into());
+    let ex = send(
+        &mut vm,
+        Request::get("/v1/search").bearer(&token(&k.ed, &other_issuer)),
+    );
+    assert_refused(&ex, 401, "invalid_issuer");
+    let mut other_audience = spec("starter", &["search"]);
+    other_audience.audience = Some("other.example".into());
+    let ex = send(
+        &mut vm,
+        Request::get("/v1/search").bearer(&token(&k.ed, &other_audience)),
+    );
+    assert_refused(&ex, 401, "invalid_audience");
+
+    // Licensed, but not for this feature: 403 and no challenge.
+    let ex = send(&mut vm, Request::post("/v1/design/run").bearer(&starter));
+    let body = assert_refused(&ex, 403, "feature_not_licensed");
+    assert!(
+        body["message"].as_str().unwrap().contains("design"),
+        "{body}"
+    );
+    assert_eq!(ex.header("www-authenticate"), None);
+
+    // A plan this gateway does not offer.
+    let ex = send(
+        &mut vm,
+        Request::get("/v1/search").bearer(&token(&k.ed, &spec("platinum", &["search"]))),
+    );
+    assert_refused(&ex, 403, "unknown_plan");
+
+    // No route serves it: an unknown path, or a known prefix with a method it does not allow.
+    let ex = send(&mut vm, Request::get("/v2/search").bearer(&starter));
+    assert_refused(&ex, 403, "route_not_licensed");
+    let ex = send(&mut vm, Request::get("/v1/design/run").bearer(&starter));
+    assert_refused(&ex, 403, "route_not_licensed");
+
+    // Expiry follows the proxy's (fake) clock: valid for an hour plus 30 s of leeway.
+    let pro = token(&k.ed, &spec("pro", &["search"]));
+    vm.set_time((NOW + 3600 + 30) * SECOND);
+    let ex = send(&mut vm, Request::get("/v1/search").bearer(&pro));
+    assert_eq!(ex.status(), 200, "{ex:?}");
+    vm.advance(Duration::from_secs(1));
+    let ex = send(&mut vm, Request::get("/v1/search").bearer(&pro));
+    assert_refused(&ex, 401, "token_expired");
+    assert_eq!(
+        ex.header("www-authenticate").as_deref(),
+        Some("Bearer realm=\"tollgate\", error=\"invalid_token\", error_description=\"token_expired\"")
+    );
+
+    // And so does `nbf`: a token issued two hours from now.
+    let early =
+        k.ed.sign(&spec("pro", &["search"]).claims_at(NOW + 7200))
+            .unwrap();
+    vm.set_time(NOW * SECOND);
+    let ex = send(&mut vm, Request::get("/v1/search").bearer(&early));
+    assert_refused(&ex, 401, "token_not_yet_valid");
+}
+
+#[test]
+fn rate_limit_answers_429_with_retry_headers_and_recovers_after_one_period() {
+    let k = keys();
+    let mut vm = start(&config());
+    let t = token(&k.ed, &spec("starter", &["search"]));
+    let search = || Request::get("/v1/search").bearer(&t);
+
+    // starter: 5 requests per second, burst 5.
+    for i in 0..5 {
+        assert_eq!(send(&mut vm, search()).status(), 200, "request {i}");
+    }
+    let ex = send(&mut vm, search());
+    assert_refused(&ex, 429, "rate_limited");
+    assert_eq!(ex.header("retry-after").as_deref(), Some("1"));
+    assert_eq!(
+        ex.header("ratelimit-policy").as_deref(),
+        Some("\"license\";q=5;w=1")
+    );
+    assert_eq!(
+        ex.header("ratelimit").as_deref(),
+        Some("\"license\";r=0;t=1")
+    );
+    assert_eq!(ex.header("www-authenticate"), None);
+
+    // One emission period (200 ms) later exactly one request conforms again.
+    vm.advance(Duration::from_millis(199));
+    assert_eq!(send(&mut vm, search()).status(), 429);
+    vm.advance(Duration::from_millis(1));
+    assert_eq!(send(&mut vm, search()).status(), 200);
+    assert_eq!(send(&mut vm, search()).status(), 429);
+
+    // A whole second refills the whole burst, and no more.
+    vm.advance(Duration::from_secs(1));
+    for i in 0..5 {
+        assert_eq!(send(&mut vm, search()).status(), 200, "request {i}");
+    }
+    assert_eq!(send(&mut vm, search()).status(), 429);
+
+    // pro: design is limited to 1 per second, burst 1; search is not limited at all.
+    let mut pro_spec = spec("pro", &["search", "design"]);
+    pro_spec.license_id = "lic-pro".into();
+    let pro = token(&k.ed, &pro_spec);
+    assert_eq!(
+        send(&mut vm, Request::post("/v1/design").bearer(&pro)).status(),
+        200
+    );
+    let ex = send(&mut vm, Request::post("/v1/design").bearer(&pro));
+    let body = assert_refused(&ex, 429, "rate_limited");
+    assert!(
+        body["message"].as_str().unwrap().contains("design"),
+        "{body}"
+    );
+    assert_eq!(
+        ex.header("ratelimit-policy").as_deref(),
+        Some("\"feature\";q=1;w=1")
+    );
+    for i in 0..20 {
+        let ex = send(&mut vm, Request::get("/v1/search").bearer(&pro));
+        assert_eq!(ex.status(), 200, "search request {i}");
+    }
+}
+
+#[test]
+fn workers_sharing_one_shared_data_admit_one_limit_between_them() {
+    let k = keys();
+    let shared = SharedData::new();
+    let mut a = start_with(&config(), &shared);
+    let mut b = start_with(&config(), &shared);
+    let t = token(&k.ed, &spec("starter", &["search"]));
+    let search = || Request::get("/v1/search").bearer(&t);
+
+    let alternate = |a: &mut Vm, b: &mut Vm, n: usize| -> usize {
+        (0..n)
+            .filter(|i| {
+                let vm = if i % 2 == 0 { &mut *a } else { &mut *b };
+                let status = send(vm, search()).status();
+                assert!(status == 200 || status == 429, "{status}");
+                status == 200
+            })
+            .count()
+    };
+
+    // Ten requests at one instant over two workers: the burst of 5, not 5 per worker.
+    assert_eq!(alternate(&mut a, &mut b, 10), 5);
+    // 600 ms later, on both workers' clocks: 5 per second × 0.6 s = 3 more, in total.
+    a.advance(Duration::from_millis(600));
+    b.advance(Duration::from_millis(600));
+    assert_eq!(alternate(&mut a, &mut b, 10), 3);
+
+    // The license's state is one cell of this Envoy's shared data.
+    let (value, cas) = shared
+        .get("tollgate/rl/5:lic-1")
+        .expect("the license's rate cell");
+    assert_eq!(value.len(), 8);
+    assert_ne!(cas, 0);
+
+    // A VM started later (a plugin reload) finds the bucket as drained as it is.
+    let mut reloaded = start_with(&config(), &shared);
+    reloaded.set_time(a.now());
+    assert_refused(&send(&mut reloaded, search()), 429, "rate_limited");
+    // Another Envoy, with shared data of its own, has a full bucket.
+    let mut elsewhere = start(&config());
+    elsewhere.set_time(a.now());
+    assert_eq!(send(&mut elsewhere, search()).status(), 200);
+
+    // Each worker's stats count its own requests; together, the limit.
+    a.tick().unwrap();
+    b.tick().unwrap();
+    let sum = |name: &str| a.metric(name).unwrap() + b.metric(name).unwrap();
+    assert_eq!(sum("tollgate.requests_allowed"), 8);
+    assert_eq!(sum("tollgate.requests_refused.reason.rate_limited"), 12);
+    assert_eq!(sum("tollgate.ratelimit_store_errors"), 0);
+}
+
+#[test]
+fn usage_is_folded_into_metrics_on_tick() {
+    let k = keys();
+    let mut vm = start(&config());
+    assert_eq!(vm.tick_period(), Some(Duration::from_secs(1)));
+    let t = token(&k.ed, &spec("pro", &["search"]));
+
+    // Three allowed requests: 12 request bytes, 23 response bytes, 2 ms upstream each.
+    for _ in 0..3 {
+        let ex = send(
+            &mut vm,
+            Request::post("/v1/search")
+                .bearer(&t)
+                .body("hello")
+                .body(", world")
+                .response_body(["0123456789", "abcdefghij", "xyz"])
+                .upstream_latency(Duration::from_millis(2)),
+        );
+        assert_eq!(ex.status(), 200, "{ex:?}");
+        assert_eq!(ex.upstream.as_ref().unwrap().body, b"hello, world");
+        assert_eq!(ex.body(), b"0123456789abcdefghijxyz");
+    }
+    // Refusals. Like Envoy, the host passes a local reply through the filter's own response
+    // callbacks, so refusal bodies are metered as response bytes.
+    let (mut refused_search_bytes, mut refused_other_bytes) = (0, 0);
+    for _ in 0..2 {
+        let ex = send(&mut vm, Request::post("/v1/search").body("unlicensed"));
+        assert_refused(&ex, 401, "missing_token");
+        refused_search_bytes += ex.body().len() as u64;
+    }
+    let ex = send(&mut vm, Request::get("/v2/nothing").bearer(&t));
+    assert_refused(&ex, 403, "route_not_licensed");
+    refused_other_bytes += ex.body().len() as u64;
+    let ex = send(&mut vm, Request::post("/v1/design").bearer(&t));
+    assert_refused(&ex, 403, "feature_not_licensed");
+    let refused_design_bytes = ex.body().len() as u64;
+    refused_other_bytes += refused_design_bytes;
+
+    // Nothing is folded into stats before a tick.
+    assert_eq!(vm.metric("tollgate.requests_allowed"), Some(0));
+    assert_eq!(vm.metric("tollgate.token_cache_misses"), Some(0));
+    vm.tick().unwrap();
+
+    let m = |name: &str| {
+        vm.metric(name)
+            .unwrap_or_else(|| panic!("metric {name} is not defined"))
+    };
+    assert_eq!(m("tollgate.requests_allowed"), 3);
+    assert_eq!(m("tollgate.requests_refused.reason.missing_token"), 2);
+    assert_eq!(m("tollgate.requests_refused.reason.route_not_licensed"), 1);
+    assert_eq!(
+        m("tollgate.requests_refused.reason.feature_not_licensed"),
+        1
+    );
+    assert_eq!(m("tollgate.requests_refused.reason.rate_limited"), 0);
+    assert_eq!(m("tollgate.requests_refused.reason.invalid_token"), 0);
+    // Refused requests' bodies never reach the filter: it answered at the headers.
+    assert_eq!(m("tollgate.request_bytes"), 36);
+    assert_eq!(
+        m("tollgate.response_bytes"),
+        69 + refused_search_bytes + refused_other_bytes
+    );
+    assert_eq!(m("tollgate.processing_time_us"), 6000);
+    assert_eq!(m("tollgate.feature.search.requests_allowed"), 3);
+    assert_eq!(m("tollgate.feature.search.requests_refused"), 2);
+    assert_eq!(m("tollgate.feature.search.request_bytes"), 36);
+    assert_eq!(
+        m("tollgate.feature.search.response_bytes"),
+        69 + refused_search_bytes
+    );
+    assert_eq!(m("tollgate.feature.search.processing_time_us"), 6000);
+    assert_eq!(m("tollgate.feature.design.requests_allowed"), 0);
+    assert_eq!(m("tollgate.feature.design.requests_refused"), 1);
+    assert_eq!(
+        m("tollgate.feature.design.response_bytes"),
+        refused_design_bytes
+    );
+    // The token was verified once; the three later requests that carried it were cache hits.
+    assert_eq!(m("tollgate.token_cache_misses"), 1);
+    assert_eq!(m("tollgate.token_cache_hits"), 3);
+    assert_eq!(m("tollgate.ratelimit_store_conflicts"), 0);
+    assert_eq!(m("tollgate.ratelimit_store_errors"), 0);
+
+    // A second tick adds nothing.
+    let before = vm.metrics();
+    vm.tick().unwrap();
+    assert_eq!(vm.metrics(), before);
+
+    // Counters not folded yet go out when the VM is shut down.
+    let ex = send(&mut vm, Request::get("/v1/search").bearer(&t));
+    assert_eq!(ex.status(), 200);
+    assert!(vm.shutdown().unwrap());
+    assert_eq!(vm.metric("tollgate.requests_allowed"), Some(4));
+    assert_eq!(vm.metric("tollgate.token_cache_hits"), Some(4));
+    assert!(!vm.trapped());
+}
+
+#[test]
+fn bad_configurations_fail_to_start_and_name_the_field() {
+    let with = |edit: &dyn Fn(&mut Value)| {
+        let mut c = config();
+        edit(&mut c);
+        c.to_string()
+    };
+    let cases: Vec<(String, &str)> = vec![
+        (with(&|c| c["bogus"] = json!(1)), "unknown field `bogus`"),
+        (
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("plans");
+            }),
+            "missing field `plans`",
+        ),
+        (with(&|c| c["plans"] = json!({})), "`plans`"),
+        (
+            with(&|c| {
+                c["plans"]["pro"]["feature_rate_limits"]["teleport"] =
+                    json!({"requests_per_second": 1})
+            }),
+            "plans.pro.feature_rate_limits.teleport",
+        ),
+        (
+            with(&|c| c["plans"]["starter"]["rate_limit"]["burst"] = json!(0)),
+            "plans.starter.rate_limit.burst",
+        ),
+        (
+            with(&|c| c["token"]["jwks"]["keys"][0]["x"] = json!("AAAA")),
+            "token.jwks.keys[0].x",
+        ),
+        (
+            with(&|c| c["token"]["jwks"]["keys"][1]["kty"] = json!("oct")),
+            "token.jwks.keys[1].kty",
+        ),
+        (
+            with(&|c| c["token"]["jwks"]["keys"][2]["n"] = json!("AQAB")),
+            "token.jwks.keys[2].n",
+        ),
+        (
+            with(&|c| c["routes"][1] = json!({"prefix": "/x"})),
+            "routes[1]",
+        ),
+        ("{\"token\": ".into(), "EOF"),
+        (String::new(), "the plugin configuration is empty"),
+    ];
+    for (config, expected) in cases {
+        let error = format!(
+            "{:#}",
+            host().start(&config, &SharedData::new()).unwrap_err()
+        );
+        assert!(
+            error.contains(expected),
+            "expected `{expected}` in: {error}"
+        );
+
+        let mut vm = host().start_unchecked(&config, &SharedData::new()).unwrap();
+        assert!(!vm.configured(), "{config}");
+        assert!(!vm.trapped(), "{:?}", vm.trap());
+        let critical: Vec<String> = vm
+            .logs()
+            .into_iter()
+            .filter(|(level, _)| *level == LogLevel::Critical)
+            .map(|(_, message)| message)
+            .collect();
+        assert_eq!(critical.len(), 1, "{}", vm.log_text());
+        assert!(critical[0].contains(expected), "{}", critical[0]);
+        // Were it asked to serve anyway, it fails closed.
+        let ex = send(&mut vm, Request::get("/v1/search").bearer("x.y.z"));
+        assert_refused(&ex, 503, "not_configured");
+    }
+
+    // Bytes that are not even UTF-8.
+    let vm = host()
+        .start_bytes(b"\xff\xfe{", &SharedData::new())
+        .unwrap();
+    assert!(!vm.configured());
+    assert!(!vm.trapped(), "{:?}", vm.trap());
+}
+
+#[test]
+fn malformed_credentials_are_refused_without_ever_trapping() {
+    let k = keys();
+    let mut vm = start(&config());
+    let mut rng = StdRng::seed_from_u64(0x7011_6a7e);
+    let spec = spec("starter", &["search"]);
+    let claims = spec.claims_at(NOW);
+    let good = token(&k.ed, &spec);
+    let [good_header, good_payload, good_signature] = segments(&good);
+    let [_, _, es_signature] = segments(&token(&k.es, &spec));
+    let payload = b64(claims.to_string().as_bytes());
+    let mut richer = claims.clone();
+    richer["features"] = json!(["search", "design"]);
+    richer["plan"] = json!("pro");
+    let header = |h: Value| b64(h.to_string().as_bytes());
+
+    let mut fixed: Vec<Vec<u8>> = [
+        format!(
+            "{}.{payload}.",
+            header(json!({"alg": "none", "kid": "ed-1"}))
+        ),
+        format!("{}.{payload}.", header(json!({"alg": "none"}))),
+        format!(
+            "{}.{payload}.{good_signature}",
+            header(json!({"alg": "NONE", "kid": "ed-1"}))
+        ),
+        format!(
+            "{}.{payload}.",
+            header(json!({"alg": "None", "typ": "JWT"}))
+        ),
+        format!(
+            "{}.{payload}.{es_signature}",
+            header(json!({"alg": "ES256", "kid": "ed-1"}))
+        ),
+        format!(
+            "{}.{payload}.{good_signature}",
+            header(json!({"alg": "EdDSA", "kid": "es-1"}))
+        ),
+        format!(
+            "{}.{payload}.{good_signature}",
+            header(json!({"alg": "RS256", "kid": "rs-1"}))
+        ),
+        format!(
+            "{}.{payload}.{}",
+            header(json!({"alg": "HS256", "kid": "ed-1"})),
+            b64(&[7; 32])
+        ),
+        format!(
+            "{}.{payload}.{good_signature}",
+            header(json!({"alg": "EdDSA"}))
+        ),
+        format!(
+            "{}.{payload}.{good_signature}",
+            header(json!({"alg": "EdDSA", "kid": 1}))
+        ),
+        format!(
+            "{}.{payload}.{good_signature}",
+            header(json!({"alg": "EdDSA", "kid": "../../etc/passwd"}))
+        ),
+        format!("{}.{payload}.{good_signature}", header(json!(["EdDSA"]))),
+        format!(
+            "{}.{payload}.{good_signature}",
+            b64("[".repeat(100_000).as_bytes())
+        ),
+        format!(
+            "{good_header}.{}.{good_signature}",
+            b64(richer.to_string().as_bytes())
+        ),
+        format!("{good_header}.{}.{good_signature}", b64(b"not json")),
+        format!("{good_header}.{good_payload}"),
+        format!("{good_header}.{good_payload}.{good_signature}.extra"),
+        format!("{good_header}..{good_signature}"),
+        format!("{good}=="),
+        "x".into(),
+        "a.b.c".into(),
+        "....".into(),
+        "é.é.é".into(),
+        ".".repeat(10_000),
+        "A".repeat(100_000),
+        format!("{good}.{}", "A".repeat(100_000)),
+    ]
+    .into_iter()
+    .map(|t| format!("Bearer {t}").into_bytes())
+    .collect();
+    fixed.extend([
+        b"Bearer".to_vec(),
+        b"Basic dXNlcjpwYXNz".to_vec(),
+        format!("Bearer{good}").into_bytes(),
+        format!("Token {good}").into_bytes(),
+        b"Bearer \xff\xfe\xfd".to_vec(),
+        [b"Bearer ".as_slice(), good.as_bytes(), b"\xff"].concat(),
+        [b"\xc3(".as_slice(), good.as_bytes()].concat(),
+        b"Bearer \0\0\0".to_vec(),
+        b"\r\n\t ".to_vec(),
+        vec![0xff; 100_000],
+    ]);
+
+    assert!(fixed.len() < 200);
+    let mut next_fixed = fixed.iter().peekable();
+    let mut codes = std::collections::BTreeMap::<String, usize>::new();
+    for i in 0..1000 {
+        let credential: Vec<u8> = match i % 10 {
+            // The fixed cases first, each once.
+            0 | 1 if next_fixed.peek().is_some() => next_fixed.next().unwrap().clone(),
+            // Random bytes, with and without the scheme.
+            0..=2 => {
+                let len = rng.gen_range(0..300);
+                let bytes: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                if i % 2 == 0 {
+                    [b"Bearer ".as_slice(), &bytes].concat()
+                } else {
+                    bytes
+                }
+            }
+            // A real token cut short.
+            3 => format!("Bearer {}", &good[..rng.gen_range(0..good.len())]).into_bytes(),
+            // A real token with one byte changed (possibly to a non-UTF-8 byte).
+            4 | 5 => {
+                let mut bytes = good.clone().into_bytes();
+                let at = rng.gen_range(0..bytes.len());
+                let mut replacement = rng.gen::<u8>();
+                while replacement == bytes[at] {
+                    replacement = rng.gen();
+                }
+                bytes[at] = replacement;
+                [b"Bearer ".as_slice(), &bytes].concat()
+            }
+            // A forged payload under the real header and signature.
+            6 => {
+                let mut forged = claims.clone();
+                forged["sub"] = json!(format!("acct-{}", rng.gen::<u32>()));
+                format!(
+                    "Bearer {good_header}.{}.{good_signature}",
+                    b64(forged.to_string().as_bytes())
+                )
+                .into_bytes()
+            }
+            // Huge values.
+            7 => {
+                let mut bytes = b"Bearer ".to_vec();
+                bytes.extend((0..100_000).map(|_| rng.gen_range(b'A'..=b'z')));
+                bytes
+            }
+            // Segments of random base64url.
+            8 => {
+                let mut part = |n: usize| {
+                    let bytes: Vec<u8> = (0..n).map(|_| rng.gen()).collect();
+                    b64(&bytes)
+                };
+                format!("Bearer {}.{}.{}", part(30), part(120), part(64)).into_bytes()
+            }
+            // The real token, but a second, broken credential header comes first.
+            _ => {
+                let ex = send(
+                    &mut vm,
+                    Request::get("/v1/search")
+                        .header("authorization", "Bearer broken")
+                        .bearer(&good),
+                );
+                assert_refused(&ex, 401, "invalid_token");
+                continue;
+            }
+        };
+        let request = Request::get("/v1/search").header("authorization", credential.clone());
+        let ex = vm.request(&request).unwrap_or_else(|e| {
+            panic!(
+                "request {i} ({:?}): {e:#}",
+                String::from_utf8_lossy(&credential[..credential.len().min(80)])
+            )
+        });
+        assert!(!vm.trapped(), "{:?}", vm.trap());
+        assert_eq!(
+            ex.status(),
+            401,
+            "request {i} ({:?}): {ex:?}",
+            String::from_utf8_lossy(&credential[..credential.len().min(80)])
+        );
+        let code = ex.json().unwrap()["error"].as_str().unwrap().to_string();
+        assert!(
+            code == "invalid_token" || code == "missing_token",
+            "request {i}: {code}"
+        );
+        *codes.entry(code).or_default() += 1;
+    }
+    assert!(codes["invalid_token"] > 800, "{codes:?}");
+
+    // The same VM still serves a valid license, and never logged an error.
+    let ex = send(&mut vm, Request::get("/v1/search").bearer(&good));
+    assert_eq!(ex.status(), 200, "{ex:?}");
+    assert_eq!(ex.upstream_headers("x-tollgate-license"), ["lic-1"]);
+    assert!(
+        vm.logs().iter().all(|(level, _)| *level < LogLevel::Error),
+        "{}",
+        vm.log_text()
+    );
+    assert!(
+        vm.memory_bytes() < 64 << 20,
+        "the filter holds {} bytes",
+        vm.memory_bytes()
+    );
+}
