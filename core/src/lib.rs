@@ -1,6 +1,9 @@
 //! Tollgate's core: everything the filter decides, with no proxy-wasm dependency, so it is
 //! tested natively with an injected clock. The filter crate is a thin adapter over [`Gate`].
 
+// Slicing that can panic would take down the VM of every request on a worker.
+#![cfg_attr(not(test), deny(clippy::indexing_slicing))]
+
 pub mod cache;
 pub mod config;
 pub mod gate;

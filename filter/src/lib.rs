@@ -5,6 +5,9 @@
 //! header values are read as bytes (the SDK's `String` getters unwrap UTF-8 and would take
 //! down the VM on a non-UTF-8 header).
 
+// Slicing that can panic would take down the VM of every request on a worker.
+#![deny(clippy::indexing_slicing)]
+
 mod host;
 
 use std::cell::RefCell;
