@@ -314,6 +314,29 @@ fn claims_that_are_not_a_license_are_refused() {
 }
 
 #[test]
+fn duplicated_claims_are_not_a_license() {
+    let k = keys();
+    let mut gate = gate();
+    let header = r#"{"alg":"EdDSA","kid":"ed-1","typ":"JWT"}"#;
+    let claims = format!(
+        r#"{{"sub":"acct-1","lid":"lic-1","lid":"lic-other","plan":"starter","features":["search"],"exp":{},"iss":"https://licenses.example","aud":"api.example"}}"#,
+        NOW + 60
+    );
+    let b = format!("Bearer {}", k.ed.sign_raw(header, &claims).unwrap());
+    assert_eq!(
+        code(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW)),
+        Some(Code::InvalidLicense)
+    );
+    // The same claims without the duplicate pass: the refusal is about the duplicate.
+    let clean = claims.replace(r#""lid":"lic-other","#, "");
+    let b = format!("Bearer {}", k.ed.sign_raw(header, &clean).unwrap());
+    assert_eq!(
+        ask(&mut gate, "GET", "/v1/search", Some(&b), NOW),
+        Verdict::Allow
+    );
+}
+
+#[test]
 fn features_routes_and_public_paths() {
     let k = keys();
     let mut gate = gate();
@@ -360,7 +383,10 @@ fn license_rate_limit_with_retry_after() {
     assert_eq!(limit.wait_nanos, SECOND / 2);
     assert_eq!(limit.retry_after_seconds(), 1);
     // Still refused at the same instant; half a second later one request conforms again.
-    assert_ne!(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW), Verdict::Allow);
+    assert_ne!(
+        ask(&mut gate, "GET", "/v1/search", Some(&b), NOW),
+        Verdict::Allow
+    );
     let half = NOW * SECOND + SECOND / 2;
     let allowed = gate.admit(
         &RequestHead {

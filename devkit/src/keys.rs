@@ -141,6 +141,18 @@ impl SigningKey {
         Ok(jsonwebtoken::encode(&header, claims, &self.encoding)?)
     }
 
+    /// Sign raw JSON texts as they are (for tests of duplicated or odd claims).
+    pub fn sign_raw(&self, header_json: &str, claims_json: &str) -> Result<String> {
+        let message = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header_json),
+            URL_SAFE_NO_PAD.encode(claims_json)
+        );
+        let signature =
+            jsonwebtoken::crypto::sign(message.as_bytes(), &self.encoding, self.file.alg.jwt())?;
+        Ok(format!("{message}.{signature}"))
+    }
+
     /// Sign with an explicit header (for tests that forge headers).
     pub fn sign_with_header(&self, header: &Header, claims: &Value) -> Result<String> {
         Ok(jsonwebtoken::encode(header, claims, &self.encoding)?)

@@ -320,10 +320,26 @@ fn rate_limit_holds_for_the_whole_envoy_across_two_workers() {
         "connections per worker: {per_worker:?}"
     );
 
+    // Every answer was metered, and the workers really contended for the shared cell.
+    eventually("metered calls to match the client's count", || {
+        s.envoy
+            .stat("wasmcustom.tollgate.requests_allowed")
+            .unwrap()
+            == admitted
+            && s.envoy
+                .stat("wasmcustom.tollgate.requests_refused.reason.rate_limited")
+                .unwrap()
+                == limited
+    });
+    let conflicts = s
+        .envoy
+        .stat("wasmcustom.tollgate.ratelimit_store_conflicts")
+        .unwrap();
+
     let ideal = burst + rps * elapsed;
     eprintln!(
         "rate limit {rps}/s burst {burst}, 2 workers, 8 connections, {elapsed:.2} s: admitted {admitted} \
-         (ideal {ideal:.1}, over by {:.1}), refused {limited}",
+         (ideal {ideal:.1}, over by {:.1}), refused {limited}, CAS conflicts retried {conflicts}",
         admitted as f64 - ideal
     );
     assert!(
