@@ -80,6 +80,8 @@ pub struct Gate<S: SharedCells + Clone> {
     limits: RateLimits<S>,
     ledger: Ledger,
     counters: GateCounters,
+    /// Account and license of usage without a verified license (shared, not allocated per request).
+    anonymous: Arc<str>,
 }
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
@@ -93,6 +95,7 @@ impl<S: SharedCells + Clone> Gate<S> {
             limits: RateLimits::new(cells),
             ledger: Ledger::default(),
             counters: GateCounters::default(),
+            anonymous: Arc::from(""),
         }
     }
 
@@ -199,7 +202,7 @@ impl<S: SharedCells + Clone> Gate<S> {
     pub fn record(&mut self, admission: &Admission, usage: UsageTotals) {
         let (account, license) = match &admission.license {
             Some(l) => (Arc::clone(&l.account), Arc::clone(&l.license_id)),
-            None => (Arc::from(""), Arc::from("")),
+            None => (Arc::clone(&self.anonymous), Arc::clone(&self.anonymous)),
         };
         let key = UsageKey {
             account,

@@ -2,28 +2,19 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::rc::Rc;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 use tollgate_core::{Code, Gate, MemoryCells, Outcome, Policy, RequestHead, UsageTotals, Verdict};
-use tollgate_devkit::{jwks, KeyAlg, LicenseSpec, SigningKey};
+use tollgate_devkit::{jwks, LicenseSpec, SigningKey};
 
 const NOW: u64 = 1_780_000_000;
 const SECOND: u64 = 1_000_000_000;
 
-struct Keys {
-    ed: SigningKey,
-    es: SigningKey,
-    rs: SigningKey,
-}
+type Keys = tollgate_devkit::keys::KeyTrio;
 
 fn keys() -> &'static Keys {
-    static KEYS: OnceLock<Keys> = OnceLock::new();
-    KEYS.get_or_init(|| Keys {
-        ed: SigningKey::generate(KeyAlg::EdDSA, "ed-1").unwrap(),
-        es: SigningKey::generate(KeyAlg::ES256, "es-1").unwrap(),
-        rs: SigningKey::generate(KeyAlg::RS256, "rs-1").unwrap(),
-    })
+    tollgate_devkit::keys::test_keys().unwrap()
 }
 
 fn config() -> Value {

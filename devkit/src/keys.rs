@@ -229,3 +229,29 @@ impl LicenseSpec {
         key.sign(&self.claims_at(unix_now()))
     }
 }
+
+/// One key of each algorithm (kids `ed-1`, `es-1`, `rs-1`), for tests.
+pub struct KeyTrio {
+    pub ed: SigningKey,
+    pub es: SigningKey,
+    pub rs: SigningKey,
+}
+
+/// The test keys, generated once per process: RSA key generation is slow.
+pub fn test_keys() -> Result<&'static KeyTrio> {
+    static KEYS: std::sync::OnceLock<std::result::Result<KeyTrio, String>> =
+        std::sync::OnceLock::new();
+    let generated = KEYS.get_or_init(|| {
+        let generate = || -> Result<KeyTrio> {
+            Ok(KeyTrio {
+                ed: SigningKey::generate(KeyAlg::EdDSA, "ed-1")?,
+                es: SigningKey::generate(KeyAlg::ES256, "es-1")?,
+                rs: SigningKey::generate(KeyAlg::RS256, "rs-1")?,
+            })
+        };
+        generate().map_err(|e| e.to_string())
+    });
+    generated
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("generating test keys: {e}"))
+}

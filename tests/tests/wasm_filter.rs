@@ -11,7 +11,6 @@
     clippy::indexing_slicing
 )]
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -30,20 +29,10 @@ const LICENSE_HEADERS: [&str; 4] = [
     "x-tollgate-feature",
 ];
 
-struct Keys {
-    ed: SigningKey,
-    es: SigningKey,
-    rs: SigningKey,
-}
+type Keys = tollgate_devkit::keys::KeyTrio;
 
-/// Generated once per test binary: RSA key generation is slow.
 fn keys() -> &'static Keys {
-    static KEYS: OnceLock<Keys> = OnceLock::new();
-    KEYS.get_or_init(|| Keys {
-        ed: SigningKey::generate(KeyAlg::EdDSA, "ed-1").unwrap(),
-        es: SigningKey::generate(KeyAlg::ES256, "es-1").unwrap(),
-        rs: SigningKey::generate(KeyAlg::RS256, "rs-1").unwrap(),
-    })
+    tollgate_devkit::keys::test_keys().unwrap()
 }
 
 fn config() -> Value {
