@@ -38,7 +38,7 @@ $(ENVOY):
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	cargo clippy -p tollgate-core -p tollgate-filter --target wasm32-wasip1 -- -D warnings
+	cargo clippy -p tollgate-core -p tollgate-wire -p tollgate-filter --target wasm32-wasip1 -- -D warnings
 
 fmt:
 	cargo fmt --all
