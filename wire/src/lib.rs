@@ -9,7 +9,7 @@
 
 #![cfg_attr(not(test), deny(clippy::indexing_slicing))]
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -253,8 +253,7 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
     if let Ok(mut mac) = HmacSha256::new_from_slice(secret) {
         mac.update(body);
         for byte in mac.finalize().into_bytes() {
-            out.push(char::from(HEX[usize::from(byte >> 4) & 15]));
-            out.push(char::from(HEX[usize::from(byte) & 15]));
+            let _ = write!(out, "{byte:02x}");
         }
     }
     out
