@@ -278,7 +278,7 @@ pub fn verify(secret: &[u8], body: &[u8], signature: &str) -> bool {
 }
 
 fn decode_hex(hex: &str) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     let digit = |c: u8| HEX.iter().position(|h| *h == c.to_ascii_lowercase());
