@@ -11,6 +11,7 @@ pub mod meter;
 pub mod ratelimit;
 pub mod refusal;
 pub mod routes;
+pub mod shipper;
 pub mod token;
 
 pub use config::{ConfigError, FeatureId, Policy};

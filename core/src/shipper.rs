@@ -1,0 +1,471 @@
+//! Usage on its way to the collector: aggregates sealed into batches with a deterministic
+//! idempotency key, sent one at a time, kept until the collector acknowledges them, retried
+//! with exponential backoff and jitter, within a bounded buffer.
+//!
+//! Pure logic with an injected clock: the adapter sends what [`Shipper::next_send`] returns and
+//! reports the answer with [`Shipper::acknowledged`] or [`Shipper::failed`].
+
+use std::collections::VecDeque;
+
+use tollgate_wire::{BatchAck, Meter, Source, UsageBatch, UsageRecord, VERSION};
+
+use crate::meter::{UsageKey, UsageTotals};
+
+/// What to do with new usage when the buffer is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Refuse new requests until the buffer drains: unmetered use is unbilled use.
+    FailClosed,
+    /// Keep serving; count and log the usage that could not be kept.
+    FailOpen,
+}
+
+/// Batching and retry settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShipperConfig {
+    /// Seal and send at least this often.
+    pub flush_interval_ms: u64,
+    /// Seal early when the open aggregates would make this many records.
+    pub max_batch_records: usize,
+    /// Records kept while unacknowledged, all batches together.
+    pub max_buffered_records: usize,
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    pub overflow: Overflow,
+}
+
+impl Default for ShipperConfig {
+    fn default() -> Self {
+        ShipperConfig {
+            flush_interval_ms: 1000,
+            max_batch_records: 2000,
+            max_buffered_records: 200_000,
+            retry_initial_ms: 200,
+            retry_max_ms: 30_000,
+            overflow: Overflow::FailClosed,
+        }
+    }
+}
+
+/// A sealed batch waiting for its acknowledgement.
+#[derive(Debug, Clone)]
+struct Sealed {
+    batch: UsageBatch,
+    body: Vec<u8>,
+    attempts: u32,
+    not_before_ms: u64,
+}
+
+/// A batch to send now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub batch_id: String,
+    pub body: Vec<u8>,
+    /// 1 for the first try.
+    pub attempt: u32,
+}
+
+/// Usage that fail-open had to drop, by meter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    pub calls: u64,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub processing_nanos: u64,
+}
+
+/// One VM's outbox.
+#[derive(Debug)]
+pub struct Shipper {
+    config: ShipperConfig,
+    source: Source,
+    next_sequence: u64,
+    window_start_ms: u64,
+    queue: VecDeque<Sealed>,
+    in_flight: Option<String>,
+    dropped: Dropped,
+    rng: u64,
+}
+
+impl Shipper {
+    /// An outbox for `source`, with the window starting at `now_ms`.
+    pub fn new(config: ShipperConfig, source: Source, now_ms: u64) -> Self {
+        // Jitter needs no cryptographic randomness; seeding from the VM start spreads retries
+        // of different VMs apart.
+        let rng = source.vm_started_ms ^ 0x9e37_79b9_7f4a_7c15;
+        Shipper {
+            config,
+            source,
+            next_sequence: 1,
+            window_start_ms: now_ms,
+            queue: VecDeque::new(),
+            in_flight: None,
+            dropped: Dropped::default(),
+            rng: rng.max(1),
+        }
+    }
+
+    /// Records held, sealed and unacknowledged.
+    pub fn buffered_records(&self) -> usize {
+        self.queue.iter().map(|s| s.batch.records.len()).sum()
+    }
+
+    /// Batches held.
+    pub fn buffered_batches(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// True while the buffer has room for more usage.
+    pub fn has_room(&self) -> bool {
+        self.buffered_records() < self.config.max_buffered_records
+    }
+
+    pub fn overflow(&self) -> Overflow {
+        self.config.overflow
+    }
+
+    /// What fail-open dropped so far.
+    pub fn dropped(&self) -> Dropped {
+        self.dropped
+    }
+
+    /// Seal `usage` (the drained aggregates) into a batch covering `[window start, now_ms)`.
+    /// `feature_name` names a feature id. Returns the batch id, or `None` if there was nothing
+    /// to seal. When the buffer is full, the usage is dropped and counted in [`Shipper::dropped`]
+    /// (fail-open; under fail-closed the gate refuses requests before this happens).
+    pub fn seal<'a>(
+        &mut self,
+        usage: Vec<(UsageKey, UsageTotals)>,
+        feature_name: impl Fn(u16) -> &'a str,
+        now_ms: u64,
+    ) -> Option<String> {
+        let window_start_ms = std::mem::replace(&mut self.window_start_ms, now_ms);
+        if usage.is_empty() {
+            return None;
+        }
+        if !self.has_room() {
+            for (_, totals) in &usage {
+                self.dropped.calls = self.dropped.calls.saturating_add(totals.calls);
+                self.dropped.request_bytes = self
+                    .dropped
+                    .request_bytes
+                    .saturating_add(totals.request_bytes);
+                self.dropped.response_bytes = self
+                    .dropped
+                    .response_bytes
+                    .saturating_add(totals.response_bytes);
+                self.dropped.processing_nanos = self
+                    .dropped
+                    .processing_nanos
+                    .saturating_add(totals.processing_nanos);
+            }
+            return None;
+        }
+        let mut records = Vec::with_capacity(usage.len() * 2);
+        for (key, totals) in usage {
+            let feature = key.feature.map_or("", &feature_name);
+            for (meter, units) in [
+                (Meter::Calls, totals.calls),
+                (Meter::RequestBytes, totals.request_bytes),
+                (Meter::ResponseBytes, totals.response_bytes),
+                (Meter::ProcessingNs, totals.processing_nanos),
+            ] {
+                if units == 0 {
+                    continue;
+                }
+                records.push(UsageRecord {
+                    account: key.account.to_string(),
+                    license: key.license.to_string(),
+                    feature: feature.to_string(),
+                    outcome: key.outcome.as_str().to_string(),
+                    meter,
+                    units,
+                    window_start_ms,
+                    window_end_ms: now_ms.max(window_start_ms),
+                });
+            }
+        }
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        let batch = UsageBatch {
+            version: VERSION,
+            batch_id: UsageBatch::id_for(&self.source, sequence),
+            source: self.source.clone(),
+            sequence,
+            created_ms: now_ms,
+            records,
+        };
+        let body = batch.encode();
+        let id = batch.batch_id.clone();
+        self.queue.push_back(Sealed {
+            batch,
+            body,
+            attempts: 0,
+            not_before_ms: now_ms,
+        });
+        Some(id)
+    }
+
+    /// True when the open window is due to be sealed.
+    pub fn seal_due(&self, open_records: usize, now_ms: u64) -> bool {
+        open_records >= self.config.max_batch_records
+            || now_ms.saturating_sub(self.window_start_ms) >= self.config.flush_interval_ms
+    }
+
+    /// The batch to send now, if none is in flight and the oldest is due. Batches go one at a
+    /// time, oldest first, so a collector outage costs one timeout per retry, not one per batch.
+    pub fn next_send(&mut self, now_ms: u64) -> Option<Outgoing> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        let head = self.queue.front_mut()?;
+        if head.not_before_ms > now_ms {
+            return None;
+        }
+        head.attempts += 1;
+        self.in_flight = Some(head.batch.batch_id.clone());
+        Some(Outgoing {
+            batch_id: head.batch.batch_id.clone(),
+            body: head.body.clone(),
+            attempt: head.attempts,
+        })
+    }
+
+    /// The collector acknowledged a batch: it is stored, drop it. An acknowledgement for another
+    /// batch than the one in flight changes nothing.
+    pub fn acknowledged(&mut self, ack: &BatchAck) -> bool {
+        if self.in_flight.as_deref() != Some(ack.batch_id.as_str()) {
+            return false;
+        }
+        self.in_flight = None;
+        match self.queue.front() {
+            Some(head) if head.batch.batch_id == ack.batch_id => {
+                self.queue.pop_front();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The send of `batch_id` failed (no answer, an error status, or not an acknowledgement):
+    /// keep it, and try again after a backoff.
+    pub fn failed(&mut self, batch_id: &str, now_ms: u64) {
+        if self.in_flight.as_deref() != Some(batch_id) {
+            return;
+        }
+        self.in_flight = None;
+        let delay = self.backoff_ms(self.queue.front().map_or(1, |s| s.attempts));
+        if let Some(head) = self.queue.front_mut() {
+            head.not_before_ms = now_ms.saturating_add(delay);
+        }
+    }
+
+    /// Exponential backoff with "equal jitter": half fixed, half random, capped.
+    fn backoff_ms(&mut self, attempts: u32) -> u64 {
+        let exp = self
+            .config
+            .retry_initial_ms
+            .saturating_mul(1u64 << attempts.saturating_sub(1).min(30))
+            .min(self.config.retry_max_ms)
+            .max(1);
+        let half = exp / 2;
+        half + self.next_random() % (exp - half + 1)
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
+    }
+
+    /// Every unacknowledged batch body, oldest first (to hand over to a successor VM).
+    pub fn unacknowledged(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.queue
+            .iter()
+            .map(|s| (s.batch.batch_id.as_str(), s.body.as_slice()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tollgate_wire::AckStatus;
+
+    use super::*;
+    use crate::meter::Outcome;
+    use crate::refusal::Code;
+
+    const T0: u64 = 1_780_000_000_000;
+
+    fn source() -> Source {
+        Source {
+            instance: "node-a/tollgate".into(),
+            vm_started_ms: T0,
+        }
+    }
+
+    fn usage(calls: u64) -> Vec<(UsageKey, UsageTotals)> {
+        let key = |outcome| UsageKey {
+            account: Arc::from("acme"),
+            license: Arc::from("lic-1"),
+            feature: Some(0),
+            outcome,
+        };
+        vec![
+            (
+                key(Outcome::Allowed),
+                UsageTotals {
+                    calls,
+                    request_bytes: 0,
+                    response_bytes: 100 * calls,
+                    processing_nanos: 5,
+                },
+            ),
+            (
+                key(Outcome::Refused(Code::RateLimited)),
+                UsageTotals {
+                    calls: 1,
+                    request_bytes: 0,
+                    response_bytes: 0,
+                    processing_nanos: 0,
+                },
+            ),
+        ]
+    }
+
+    fn ack(id: &str) -> BatchAck {
+        BatchAck {
+            version: 1,
+            batch_id: id.into(),
+            status: AckStatus::Accepted,
+            records: 0,
+        }
+    }
+
+    fn shipper(config: ShipperConfig) -> Shipper {
+        Shipper::new(config, source(), T0)
+    }
+
+    #[test]
+    fn sealed_usage_becomes_records_per_meter_with_a_deterministic_id() {
+        let mut s = shipper(ShipperConfig::default());
+        let id = s.seal(usage(3), |_| "search", T0 + 1000).unwrap();
+        assert_eq!(id, "node-a/tollgate/1780000000000/1");
+        let out = s.next_send(T0 + 1000).unwrap();
+        let batch = UsageBatch::decode(&out.body).unwrap();
+        // calls, response_bytes, processing_ns for allowed; calls for the refusal; no zero units.
+        assert_eq!(batch.records.len(), 4);
+        assert_eq!(batch.units(Meter::Calls), 4);
+        assert_eq!(batch.units(Meter::ResponseBytes), 300);
+        assert!(batch
+            .records
+            .iter()
+            .all(|r| r.window_start_ms == T0 && r.window_end_ms == T0 + 1000));
+        assert_eq!(batch.records[0].feature, "search");
+        // The next window starts where this one ended.
+        let id2 = s.seal(usage(1), |_| "search", T0 + 2000).unwrap();
+        assert_eq!(id2, "node-a/tollgate/1780000000000/2");
+        assert!(s.seal(Vec::new(), |_| "search", T0 + 3000).is_none());
+    }
+
+    #[test]
+    fn one_batch_in_flight_and_only_an_ack_removes_it() {
+        let mut s = shipper(ShipperConfig::default());
+        let first = s.seal(usage(1), |_| "f", T0).unwrap();
+        let second = s.seal(usage(2), |_| "f", T0).unwrap();
+        let out = s.next_send(T0).unwrap();
+        assert_eq!(out.batch_id, first);
+        assert!(s.next_send(T0).is_none(), "one in flight at a time");
+        assert!(
+            !s.acknowledged(&ack(&second)),
+            "an ack for another batch changes nothing"
+        );
+        assert!(s.acknowledged(&ack(&first)));
+        assert_eq!(s.next_send(T0).unwrap().batch_id, second);
+        assert_eq!(s.buffered_batches(), 1);
+    }
+
+    #[test]
+    fn a_failed_batch_is_retried_with_the_same_id_and_body_after_backoff() {
+        let mut s = shipper(ShipperConfig {
+            retry_initial_ms: 100,
+            retry_max_ms: 1000,
+            ..Default::default()
+        });
+        s.seal(usage(1), |_| "f", T0).unwrap();
+        let first = s.next_send(T0).unwrap();
+        let mut now = T0;
+        let mut delays = Vec::new();
+        for attempt in 2..=8 {
+            s.failed(&first.batch_id, now);
+            assert!(s.next_send(now).is_none(), "not before the backoff");
+            let mut t = now;
+            let retry = loop {
+                t += 1;
+                if let Some(out) = s.next_send(t) {
+                    break out;
+                }
+            };
+            delays.push(t - now);
+            assert_eq!(
+                (
+                    retry.batch_id.as_str(),
+                    retry.body.as_slice(),
+                    retry.attempt
+                ),
+                (first.batch_id.as_str(), first.body.as_slice(), attempt)
+            );
+            now = t;
+        }
+        // Equal jitter: each delay within [exp/2, exp] of 100, 200, 400, 800, 1000, 1000, 1000.
+        for (delay, exp) in delays.iter().zip([100, 200, 400, 800, 1000, 1000, 1000]) {
+            assert!((exp / 2..=exp).contains(delay), "{delays:?}");
+        }
+        assert!(s.acknowledged(&ack(&first.batch_id)));
+        assert_eq!(s.buffered_records(), 0);
+    }
+
+    #[test]
+    fn the_buffer_is_bounded_and_fail_open_counts_what_it_drops() {
+        let mut s = shipper(ShipperConfig {
+            max_buffered_records: 8,
+            overflow: Overflow::FailOpen,
+            ..Default::default()
+        });
+        s.seal(usage(1), |_| "f", T0).unwrap(); // 4 records
+        assert!(s.has_room());
+        s.seal(usage(1), |_| "f", T0).unwrap(); // 8 records
+        assert!(!s.has_room());
+        assert!(s.seal(usage(5), |_| "f", T0).is_none());
+        assert_eq!(
+            s.dropped(),
+            Dropped {
+                calls: 6,
+                request_bytes: 0,
+                response_bytes: 500,
+                processing_nanos: 5
+            }
+        );
+        // Acknowledged batches make room again.
+        let out = s.next_send(T0).unwrap();
+        s.acknowledged(&ack(&out.batch_id));
+        assert!(s.has_room());
+    }
+
+    #[test]
+    fn sealing_is_due_on_time_or_size() {
+        let s = shipper(ShipperConfig {
+            flush_interval_ms: 1000,
+            max_batch_records: 10,
+            ..Default::default()
+        });
+        assert!(!s.seal_due(9, T0 + 999));
+        assert!(s.seal_due(10, T0 + 1));
+        assert!(s.seal_due(0, T0 + 1000));
+    }
+}
