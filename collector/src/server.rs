@@ -1,0 +1,332 @@
+//! The collector's HTTP API: usage ingest (signed batches, exactly once), usage queries,
+//! health and Prometheus metrics.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tollgate_wire::{
+    AckStatus, BatchAck, UsageBatch, WireError, KEY_ID_HEADER, MAX_BATCH_BYTES, SIGNATURE_HEADER,
+    VERSION,
+};
+
+use crate::store::{now_ms, Ingested, Store, UsageQuery};
+
+/// Shared secrets that may sign batches, by key id. Several at once allow rotation: add the
+/// new key, move the filters to it, then remove the old one.
+#[derive(Debug, Clone, Default)]
+pub struct IngestKeys(HashMap<String, Vec<u8>>);
+
+impl IngestKeys {
+    /// Parse `id=secret` items.
+    pub fn parse<'a>(items: impl IntoIterator<Item = &'a str>) -> anyhow::Result<IngestKeys> {
+        let mut keys = HashMap::new();
+        for item in items {
+            let Some((id, secret)) = item.split_once('=') else {
+                anyhow::bail!(
+                    "an ingest key is `id=secret`, got `{}`",
+                    item.chars().take(20).collect::<String>()
+                );
+            };
+            if id.is_empty() || secret.len() < 16 {
+                anyhow::bail!("ingest key `{id}`: the id must not be empty and the secret needs at least 16 bytes");
+            }
+            keys.insert(id.to_string(), secret.as_bytes().to_vec());
+        }
+        Ok(IngestKeys(keys))
+    }
+
+    fn secret(&self, id: &str) -> Option<&[u8]> {
+        self.0.get(id).map(Vec::as_slice)
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    batches_accepted: AtomicU64,
+    batches_duplicate: AtomicU64,
+    records_accepted: AtomicU64,
+    rejected_unauthorized: AtomicU64,
+    rejected_malformed: AtomicU64,
+    rejected_too_large: AtomicU64,
+    store_errors: AtomicU64,
+    ingest_micros_sum: AtomicU64,
+    ingest_count: AtomicU64,
+    /// Cumulative counts of ingest latency at or under each bound of [`LATENCY_BOUNDS_US`].
+    ingest_buckets: [AtomicU64; 8],
+}
+
+const LATENCY_BOUNDS_US: [u64; 8] = [250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000];
+
+impl Metrics {
+    fn observe(&self, micros: u64) {
+        self.ingest_micros_sum.fetch_add(micros, Ordering::Relaxed);
+        self.ingest_count.fetch_add(1, Ordering::Relaxed);
+        for (bound, bucket) in LATENCY_BOUNDS_US.iter().zip(&self.ingest_buckets) {
+            if micros <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn render(&self) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, lines: Vec<(String, u64)>| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+            for (labels, value) in lines {
+                out.push_str(&format!("{name}{labels} {value}\n"));
+            }
+        };
+        counter(
+            "tollgate_collector_batches_total",
+            "Usage batches taken, by result.",
+            vec![
+                ("{result=\"accepted\"}".into(), get(&self.batches_accepted)),
+                (
+                    "{result=\"duplicate\"}".into(),
+                    get(&self.batches_duplicate),
+                ),
+            ],
+        );
+        counter(
+            "tollgate_collector_records_total",
+            "Usage records stored.",
+            vec![(String::new(), get(&self.records_accepted))],
+        );
+        counter(
+            "tollgate_collector_rejected_total",
+            "Requests to the ingest endpoint refused, by reason.",
+            vec![
+                (
+                    "{reason=\"unauthorized\"}".into(),
+                    get(&self.rejected_unauthorized),
+                ),
+                (
+                    "{reason=\"malformed\"}".into(),
+                    get(&self.rejected_malformed),
+                ),
+                (
+                    "{reason=\"too_large\"}".into(),
+                    get(&self.rejected_too_large),
+                ),
+                ("{reason=\"store_error\"}".into(), get(&self.store_errors)),
+            ],
+        );
+        out.push_str(
+            "# HELP tollgate_collector_ingest_seconds Time to verify, decode and store a batch.\n",
+        );
+        out.push_str("# TYPE tollgate_collector_ingest_seconds histogram\n");
+        for (bound, bucket) in LATENCY_BOUNDS_US.iter().zip(&self.ingest_buckets) {
+            out.push_str(&format!(
+                "tollgate_collector_ingest_seconds_bucket{{le=\"{}\"}} {}\n",
+                *bound as f64 / 1e6,
+                get(bucket)
+            ));
+        }
+        let count = get(&self.ingest_count);
+        out.push_str(&format!(
+            "tollgate_collector_ingest_seconds_bucket{{le=\"+Inf\"}} {count}\n"
+        ));
+        out.push_str(&format!(
+            "tollgate_collector_ingest_seconds_sum {}\ntollgate_collector_ingest_seconds_count {count}\n",
+            get(&self.ingest_micros_sum) as f64 / 1e6
+        ));
+        out
+    }
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub keys: IngestKeys,
+    pub metrics: Metrics,
+}
+
+/// The collector's routes.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/usage", post(ingest).get(usage))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_BATCH_BYTES))
+        .with_state(state)
+}
+
+fn refusal(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": code, "message": message.into()})),
+    )
+        .into_response()
+}
+
+fn log(fields: serde_json::Value) {
+    let mut line = json!({"ts_ms": now_ms()});
+    if let (Some(line), Some(fields)) = (line.as_object_mut(), fields.as_object()) {
+        line.extend(fields.clone());
+    }
+    eprintln!("{line}");
+}
+
+async fn ingest(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let started = Instant::now();
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let authentic = header(KEY_ID_HEADER)
+        .and_then(|id| state.keys.secret(id))
+        .zip(header(SIGNATURE_HEADER))
+        .is_some_and(|(secret, signature)| tollgate_wire::verify(secret, &body, signature));
+    if !authentic {
+        state
+            .metrics
+            .rejected_unauthorized
+            .fetch_add(1, Ordering::Relaxed);
+        return refusal(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!("a batch must be signed: {KEY_ID_HEADER} names a known key and {SIGNATURE_HEADER} is sha256=<HMAC of the body>"),
+        );
+    }
+    let batch = match UsageBatch::decode(&body) {
+        Ok(batch) => batch,
+        Err(e @ WireError::TooLarge { .. }) => {
+            state
+                .metrics
+                .rejected_too_large
+                .fetch_add(1, Ordering::Relaxed);
+            return refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "batch_too_large",
+                e.to_string(),
+            );
+        }
+        Err(e) => {
+            state
+                .metrics
+                .rejected_malformed
+                .fetch_add(1, Ordering::Relaxed);
+            return refusal(StatusCode::BAD_REQUEST, "malformed_batch", e.to_string());
+        }
+    };
+    let store = Arc::clone(&state.store);
+    let batch = Arc::new(batch);
+    let stored = {
+        let batch = Arc::clone(&batch);
+        tokio::task::spawn_blocking(move || {
+            store.ingest(&batch, u64::try_from(now_ms()).unwrap_or(0))
+        })
+        .await
+    };
+    let outcome = match stored {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) => {
+            state.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+            log(
+                json!({"level": "error", "msg": "storing a batch failed", "batch_id": batch.batch_id, "error": format!("{e:#}")}),
+            );
+            return refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the batch was not stored; retry",
+            );
+        }
+        Err(e) => {
+            state.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+            log(json!({"level": "error", "msg": "store task failed", "error": e.to_string()}));
+            return refusal(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the batch was not stored; retry",
+            );
+        }
+    };
+    let (status, records) = match outcome {
+        Ingested::Accepted { records } => {
+            state
+                .metrics
+                .batches_accepted
+                .fetch_add(1, Ordering::Relaxed);
+            state
+                .metrics
+                .records_accepted
+                .fetch_add(records, Ordering::Relaxed);
+            (AckStatus::Accepted, records)
+        }
+        Ingested::Duplicate { records } => {
+            state
+                .metrics
+                .batches_duplicate
+                .fetch_add(1, Ordering::Relaxed);
+            (AckStatus::Duplicate, records)
+        }
+    };
+    let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    state.metrics.observe(micros);
+    log(
+        json!({"level": "info", "msg": "batch", "batch_id": batch.batch_id, "status": status, "records": records, "micros": micros}),
+    );
+    let ack = BatchAck {
+        version: VERSION,
+        batch_id: batch.batch_id.clone(),
+        status,
+        records,
+    };
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        ack.encode(),
+    )
+        .into_response()
+}
+
+async fn usage(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(e) => {
+            return refusal(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                format!("{}; parameters: account, license, feature, meter, outcome, from_ms, to_ms, granularity=hour|day|month", e.body_text()),
+            )
+        }
+    };
+    let store = Arc::clone(&state.store);
+    match tokio::task::spawn_blocking(move || store.usage(&query)).await {
+        Ok(Ok(rows)) => Json(json!({"rows": rows})).into_response(),
+        Ok(Err(e)) => refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("{e:#}"),
+        ),
+        Err(e) => refusal(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let store = Arc::clone(&state.store);
+    match tokio::task::spawn_blocking(move || store.ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response(),
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,256 @@
+//! The collector over real HTTP with a real SQLite file: exactly once, by counting.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tollgate_collector::{open, IngestKeys, Running};
+use tollgate_wire::{
+    sign, Meter, Source, UsageBatch, UsageRecord, KEY_ID_HEADER, SIGNATURE_HEADER,
+};
+
+const SECRET: &str = "collector-test-secret-0123456789";
+// 2026-06-01T10:00:00Z
+const T0: u64 = 1_780_308_000_000;
+
+fn database(name: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("tollgate-collector-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("usage.db")
+}
+
+fn start(db: &Path) -> Running {
+    let keys = IngestKeys::parse([
+        format!("k1={SECRET}").as_str(),
+        "k2=another-secret-for-rotation",
+    ])
+    .unwrap();
+    Running::start(
+        0,
+        open(&format!("sqlite://{}", db.display())).unwrap(),
+        keys,
+    )
+    .unwrap()
+}
+
+fn batch(sequence: u64, calls: u64, at_ms: u64) -> UsageBatch {
+    let source = Source {
+        instance: "node-a/tollgate".into(),
+        vm_started_ms: T0,
+    };
+    let record = |license: &str, meter, units| UsageRecord {
+        account: "acme".into(),
+        license: license.into(),
+        feature: "search".into(),
+        outcome: "allowed".into(),
+        meter,
+        units,
+        window_start_ms: at_ms,
+        window_end_ms: at_ms + 1000,
+    };
+    UsageBatch {
+        version: 1,
+        batch_id: UsageBatch::id_for(&source, sequence),
+        source,
+        sequence,
+        created_ms: at_ms + 1000,
+        records: vec![
+            record("lic-1", Meter::Calls, calls),
+            record("lic-1", Meter::ResponseBytes, calls * 100),
+        ],
+    }
+}
+
+fn post(c: &Running, key: &str, secret: &str, body: &[u8]) -> (u16, Value) {
+    let result = ureq::post(&c.url("/v1/usage"))
+        .set("content-type", "application/json")
+        .set(KEY_ID_HEADER, key)
+        .set(SIGNATURE_HEADER, &sign(secret.as_bytes(), body))
+        .send_bytes(body);
+    let response = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
+    };
+    (
+        response.status(),
+        serde_json::from_str(&response.into_string().unwrap()).unwrap(),
+    )
+}
+
+fn total(c: &Running, meter: &str) -> u64 {
+    let body = ureq::get(&c.url(&format!("/v1/usage?meter={meter}&granularity=month")))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let body: Value = serde_json::from_str(&body).unwrap();
+    body["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["units"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn a_batch_is_counted_once_however_often_it_is_sent() {
+    let db = database("once");
+    let c = start(&db);
+    let body = batch(1, 7, T0).encode();
+    let (status, ack) = post(&c, "k1", SECRET, &body);
+    assert_eq!((status, ack["status"].as_str()), (200, Some("accepted")));
+    assert_eq!(ack["records"], 2);
+    for _ in 0..3 {
+        let (status, ack) = post(&c, "k1", SECRET, &body);
+        assert_eq!(
+            (status, ack["status"].as_str(), ack["records"].as_u64()),
+            (200, Some("duplicate"), Some(2))
+        );
+    }
+    assert_eq!(total(&c, "calls"), 7);
+    assert_eq!(total(&c, "response_bytes"), 700);
+
+    // Retries racing each other from many connections: still once.
+    let body = batch(2, 5, T0).encode();
+    let statuses: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    post(&c, "k2", "another-secret-for-rotation", &body).1["status"]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        statuses.iter().filter(|s| *s == "accepted").count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(total(&c, "calls"), 12);
+
+    // After a restart on the same file, the batch ids are still known.
+    drop(c);
+    let c = start(&db);
+    let (_, ack) = post(&c, "k1", SECRET, &batch(1, 7, T0).encode());
+    assert_eq!(ack["status"], "duplicate");
+    assert_eq!(total(&c, "calls"), 12);
+    let metrics = ureq::get(&c.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_collector_batches_total{result=\"duplicate\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn unsigned_forged_malformed_and_oversized_batches_change_nothing() {
+    let db = database("refused");
+    let c = start(&db);
+    let body = batch(1, 3, T0).encode();
+    // Wrong secret, unknown key id, altered body.
+    assert_eq!(post(&c, "k1", "not-the-secret-at-all-000", &body).0, 401);
+    assert_eq!(post(&c, "k9", SECRET, &body).0, 401);
+    let signature = sign(SECRET.as_bytes(), &body);
+    let mut altered = body.clone();
+    let at = altered.iter().position(|b| *b == b'3').unwrap();
+    altered[at] = b'9';
+    let r = ureq::post(&c.url("/v1/usage"))
+        .set(KEY_ID_HEADER, "k1")
+        .set(SIGNATURE_HEADER, &signature)
+        .send_bytes(&altered);
+    assert!(matches!(r, Err(ureq::Error::Status(401, _))));
+
+    let (status, err) = post(&c, "k1", SECRET, b"{\"version\": 1}");
+    assert_eq!(
+        (status, err["error"].as_str()),
+        (400, Some("malformed_batch"))
+    );
+    assert!(
+        err["message"].as_str().unwrap().contains("missing field"),
+        "{err}"
+    );
+    let mut bad = batch(2, 1, T0);
+    bad.version = 9;
+    let (status, err) = post(&c, "k1", SECRET, &bad.encode());
+    assert_eq!(status, 400);
+    assert!(err["message"]
+        .as_str()
+        .unwrap()
+        .contains("unsupported version 9"));
+    let huge = vec![b' '; tollgate_wire::MAX_BATCH_BYTES + 10];
+    let r = ureq::post(&c.url("/v1/usage"))
+        .set(KEY_ID_HEADER, "k1")
+        .set(SIGNATURE_HEADER, &sign(SECRET.as_bytes(), &huge))
+        .send_bytes(&huge);
+    assert!(matches!(r, Err(ureq::Error::Status(413, _))), "{r:?}");
+
+    assert_eq!(total(&c, "calls"), 0);
+    // The batch refused for its signature is accepted once signed properly.
+    assert_eq!(post(&c, "k1", SECRET, &body).1["status"], "accepted");
+    assert_eq!(total(&c, "calls"), 3);
+}
+
+#[test]
+fn usage_is_summed_by_calendar_period() {
+    let db = database("periods");
+    let c = start(&db);
+    let hour = 3_600_000;
+    post(&c, "k1", SECRET, &batch(1, 1, T0).encode());
+    post(&c, "k1", SECRET, &batch(2, 2, T0 + hour).encode());
+    post(&c, "k1", SECRET, &batch(3, 4, T0 + 30 * 24 * hour).encode());
+    let rows = |granularity: &str| -> Vec<(String, u64)> {
+        let body = ureq::get(&c.url(&format!("/v1/usage?meter=calls&granularity={granularity}")))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        let body: Value = serde_json::from_str(&body).unwrap();
+        body["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["period"].as_str().unwrap().to_string(),
+                    r["units"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        rows("hour"),
+        vec![
+            ("2026-06-01T10:00:00Z".into(), 1),
+            ("2026-06-01T11:00:00Z".into(), 2),
+            ("2026-07-01T10:00:00Z".into(), 4)
+        ]
+    );
+    assert_eq!(
+        rows("day"),
+        vec![
+            ("2026-06-01T00:00:00Z".into(), 3),
+            ("2026-07-01T00:00:00Z".into(), 4)
+        ]
+    );
+    assert_eq!(
+        rows("month"),
+        vec![
+            ("2026-06-01T00:00:00Z".into(), 3),
+            ("2026-07-01T00:00:00Z".into(), 4)
+        ]
+    );
+    let bad = ureq::get(&c.url("/v1/usage?granularity=fortnight")).call();
+    assert!(matches!(bad, Err(ureq::Error::Status(400, _))));
+    assert_eq!(ureq::get(&c.url("/readyz")).call().unwrap().status(), 200);
+    assert_eq!(ureq::get(&c.url("/healthz")).call().unwrap().status(), 200);
+}
