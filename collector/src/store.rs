@@ -66,16 +66,16 @@ pub trait Store: Send + Sync + 'static {
     fn ping(&self) -> Result<()>;
 }
 
-/// Open the store a URL names: `sqlite://<path>` (or a bare path).
+/// Open the store a URL names: `sqlite://<path>` (or a bare path), or `postgres://...`.
 pub fn open(url: &str) -> Result<Box<dyn Store>> {
     if let Some(path) = url.strip_prefix("sqlite://") {
         return Ok(Box::new(SqliteStore::open(Path::new(path))?));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        bail!("PostgreSQL storage is not built yet; use sqlite://<path>");
+        return Ok(Box::new(crate::postgres_store::PostgresStore::open(url)?));
     }
     if url.contains("://") {
-        bail!("unknown database URL `{url}`: use sqlite://<path>");
+        bail!("unknown database URL `{url}`: use sqlite://<path> or postgres://user@host:port/db");
     }
     Ok(Box::new(SqliteStore::open(Path::new(url))?))
 }

@@ -1,10 +1,12 @@
-//! The collector over real HTTP with a real SQLite file: exactly once, by counting.
+//! The collector over real HTTP, against every storage backend (a SQLite file and a throwaway
+//! PostgreSQL server): exactly once, by counting.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde_json::Value;
 use tollgate_collector::{open, IngestKeys, Running};
+use tollgate_devkit::postgres::TestPostgres;
 use tollgate_wire::{
     sign, Meter, Source, UsageBatch, UsageRecord, KEY_ID_HEADER, SIGNATURE_HEADER,
 };
@@ -13,26 +15,50 @@ const SECRET: &str = "collector-test-secret-0123456789";
 // 2026-06-01T10:00:00Z
 const T0: u64 = 1_780_308_000_000;
 
-fn database(name: &str) -> PathBuf {
+/// A storage backend for one test, cleaned up when dropped.
+enum Backend {
+    Sqlite(PathBuf),
+    Postgres(TestPostgres),
+}
+
+impl Backend {
+    fn url(&self) -> String {
+        match self {
+            Backend::Sqlite(path) => format!("sqlite://{}", path.display()),
+            Backend::Postgres(pg) => pg.url(),
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Backend::Sqlite(path) = self {
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+}
+
+/// Every backend, fresh: the same test body runs against each.
+fn backends(name: &str) -> Vec<Backend> {
     let dir =
         std::env::temp_dir().join(format!("tollgate-collector-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir.join("usage.db")
+    vec![
+        Backend::Sqlite(dir.join("usage.db")),
+        Backend::Postgres(TestPostgres::start(name).unwrap()),
+    ]
 }
 
-fn start(db: &Path) -> Running {
+fn start(backend: &Backend) -> Running {
     let keys = IngestKeys::parse([
         format!("k1={SECRET}").as_str(),
         "k2=another-secret-for-rotation",
     ])
     .unwrap();
-    Running::start(
-        0,
-        open(&format!("sqlite://{}", db.display())).unwrap(),
-        keys,
-    )
-    .unwrap()
+    Running::start(0, open(&backend.url()).unwrap(), keys).unwrap()
 }
 
 fn batch(sequence: u64, calls: u64, at_ms: u64) -> UsageBatch {
@@ -97,8 +123,13 @@ fn total(c: &Running, meter: &str) -> u64 {
 
 #[test]
 fn a_batch_is_counted_once_however_often_it_is_sent() {
-    let db = database("once");
-    let c = start(&db);
+    for db in backends("once") {
+        a_batch_is_counted_once_however_often_it_is_sent_on(&db);
+    }
+}
+
+fn a_batch_is_counted_once_however_often_it_is_sent_on(db: &Backend) {
+    let c = start(db);
     let body = batch(1, 7, T0).encode();
     let (status, ack) = post(&c, "k1", SECRET, &body);
     assert_eq!((status, ack["status"].as_str()), (200, Some("accepted")));
@@ -137,7 +168,7 @@ fn a_batch_is_counted_once_however_often_it_is_sent() {
 
     // After a restart on the same file, the batch ids are still known.
     drop(c);
-    let c = start(&db);
+    let c = start(db);
     let (_, ack) = post(&c, "k1", SECRET, &batch(1, 7, T0).encode());
     assert_eq!(ack["status"], "duplicate");
     assert_eq!(total(&c, "calls"), 12);
@@ -154,8 +185,13 @@ fn a_batch_is_counted_once_however_often_it_is_sent() {
 
 #[test]
 fn unsigned_forged_malformed_and_oversized_batches_change_nothing() {
-    let db = database("refused");
-    let c = start(&db);
+    for db in backends("refused") {
+        unsigned_forged_malformed_and_oversized_batches_change_nothing_on(&db);
+    }
+}
+
+fn unsigned_forged_malformed_and_oversized_batches_change_nothing_on(db: &Backend) {
+    let c = start(db);
     let body = batch(1, 3, T0).encode();
     // Wrong secret, unknown key id, altered body.
     assert_eq!(post(&c, "k1", "not-the-secret-at-all-000", &body).0, 401);
@@ -202,8 +238,13 @@ fn unsigned_forged_malformed_and_oversized_batches_change_nothing() {
 
 #[test]
 fn usage_is_summed_by_calendar_period() {
-    let db = database("periods");
-    let c = start(&db);
+    for db in backends("periods") {
+        usage_is_summed_by_calendar_period_on(&db);
+    }
+}
+
+fn usage_is_summed_by_calendar_period_on(db: &Backend) {
+    let c = start(db);
     let hour = 3_600_000;
     post(&c, "k1", SECRET, &batch(1, 1, T0).encode());
     post(&c, "k1", SECRET, &batch(2, 2, T0 + hour).encode());

@@ -1,0 +1,178 @@
+//! PostgreSQL storage, for a cluster of collector replicas sharing one database: any replica
+//! can take any batch, and the batch id's primary key keeps each batch stored once.
+
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use postgres::{Client, NoTls};
+use tollgate_wire::UsageBatch;
+
+use crate::store::{now_ms, Granularity, Ingested, Store, UsageQuery, UsageRow};
+
+/// Migrations, in order; each runs once, recorded in `schema_migrations`.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/postgres/0001_usage.sql"))];
+
+/// Any number to serialise migrations of replicas starting together.
+const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465;
+
+pub struct PostgresStore {
+    client: Mutex<Client>,
+}
+
+fn to_i64(field: &str, value: u64) -> Result<i64> {
+    i64::try_from(value)
+        .with_context(|| format!("{field} {value} does not fit a signed 64-bit integer"))
+}
+
+impl PostgresStore {
+    /// Connect to `url` (`postgres://user:password@host:port/db`) and migrate.
+    pub fn open(url: &str) -> Result<PostgresStore> {
+        let mut client = Client::connect(url, NoTls).context("connecting to PostgreSQL")?;
+        migrate(&mut client)?;
+        Ok(PostgresStore {
+            client: Mutex::new(client),
+        })
+    }
+
+    fn client(&self) -> Result<std::sync::MutexGuard<'_, Client>> {
+        self.client
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the database connection was poisoned"))
+    }
+}
+
+fn migrate(client: &mut Client) -> Result<()> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
+    )?;
+    for (version, sql) in MIGRATIONS {
+        let done = tx.query_opt(
+            "SELECT version FROM schema_migrations WHERE version = $1",
+            &[version],
+        )?;
+        if done.is_none() {
+            tx.batch_execute(sql)
+                .with_context(|| format!("migration {version}"))?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)",
+                &[version, &now_ms()],
+            )?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn bucket_expression(granularity: Granularity) -> &'static str {
+    match granularity {
+        Granularity::Hour => "to_char(to_timestamp(window_start_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:00:00\"Z\"')",
+        Granularity::Day => "to_char(to_timestamp(window_start_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T00:00:00Z\"')",
+        Granularity::Month => "to_char(to_timestamp(window_start_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-\"01T00:00:00Z\"')",
+    }
+}
+
+impl Store for PostgresStore {
+    fn ingest(&self, batch: &UsageBatch, received_ms: u64) -> Result<Ingested> {
+        let mut client = self.client()?;
+        let mut tx = client.transaction()?;
+        let records = to_i64(
+            "records",
+            u64::try_from(batch.records.len()).unwrap_or(u64::MAX),
+        )?;
+        let inserted = tx.execute(
+            "INSERT INTO batches (batch_id, instance, sequence, records, created_ms, received_ms)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (batch_id) DO NOTHING",
+            &[
+                &batch.batch_id,
+                &batch.source.instance,
+                &to_i64("sequence", batch.sequence)?,
+                &records,
+                &to_i64("created_ms", batch.created_ms)?,
+                &to_i64("received_ms", received_ms)?,
+            ],
+        )?;
+        if inserted == 0 {
+            let first: i64 = tx
+                .query_one(
+                    "SELECT records FROM batches WHERE batch_id = $1",
+                    &[&batch.batch_id],
+                )?
+                .get(0);
+            tx.commit()?;
+            return Ok(Ingested::Duplicate {
+                records: u64::try_from(first).unwrap_or(0),
+            });
+        }
+        let insert = tx.prepare(
+            "INSERT INTO usage_records (batch_id, account, license, feature, outcome, meter, units, window_start_ms, window_end_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )?;
+        for r in &batch.records {
+            tx.execute(
+                &insert,
+                &[
+                    &batch.batch_id,
+                    &r.account,
+                    &r.license,
+                    &r.feature,
+                    &r.outcome,
+                    &r.meter.as_str(),
+                    &to_i64("units", r.units)?,
+                    &to_i64("window_start_ms", r.window_start_ms)?,
+                    &to_i64("window_end_ms", r.window_end_ms)?,
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(Ingested::Accepted {
+            records: u64::try_from(records).unwrap_or(0),
+        })
+    }
+
+    fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>> {
+        let bucket = bucket_expression(query.granularity.unwrap_or(Granularity::Day));
+        let sql = format!(
+            "SELECT {bucket} AS period, account, license, feature, outcome, meter, SUM(units)::BIGINT
+             FROM usage_records
+             WHERE ($1::TEXT IS NULL OR account = $1) AND ($2::TEXT IS NULL OR license = $2)
+               AND ($3::TEXT IS NULL OR feature = $3) AND ($4::TEXT IS NULL OR meter = $4)
+               AND ($5::TEXT IS NULL OR outcome = $5)
+               AND ($6::BIGINT IS NULL OR window_start_ms >= $6) AND ($7::BIGINT IS NULL OR window_start_ms < $7)
+             GROUP BY period, account, license, feature, outcome, meter
+             ORDER BY period, account, license, feature, outcome, meter"
+        );
+        let from = query.from_ms.map(|v| to_i64("from_ms", v)).transpose()?;
+        let to = query.to_ms.map(|v| to_i64("to_ms", v)).transpose()?;
+        let rows = self.client()?.query(
+            &sql,
+            &[
+                &query.account,
+                &query.license,
+                &query.feature,
+                &query.meter,
+                &query.outcome,
+                &from,
+                &to,
+            ],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| UsageRow {
+                period: r.get(0),
+                account: r.get(1),
+                license: r.get(2),
+                feature: r.get(3),
+                outcome: r.get(4),
+                meter: r.get(5),
+                units: u64::try_from(r.get::<_, i64>(6)).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    fn ping(&self) -> Result<()> {
+        self.client()?.simple_query("SELECT 1")?;
+        Ok(())
+    }
+}
