@@ -9,12 +9,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tollgate_collector::{open, IngestKeys, Running};
-use tollgate_wire::{sign, Meter, Source, UsageBatch, UsageRecord, KEY_ID_HEADER, SIGNATURE_HEADER};
+use tollgate_wire::{
+    sign, Meter, Source, UsageBatch, UsageRecord, KEY_ID_HEADER, SIGNATURE_HEADER,
+};
 
 const SECRET: &str = "bench-secret-0123456789abcdef";
 
 fn batch(client: usize, sequence: u64, records: usize) -> UsageBatch {
-    let source = Source { instance: format!("bench-{client}"), vm_started_ms: 1_780_000_000_000 };
+    let source = Source {
+        instance: format!("bench-{client}"),
+        vm_started_ms: 1_780_000_000_000,
+    };
     let meters = Meter::ALL;
     UsageBatch {
         version: 1,
@@ -38,7 +43,11 @@ fn batch(client: usize, sequence: u64, records: usize) -> UsageBatch {
 }
 
 fn main() -> Result<()> {
-    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse()).collect::<Result<_, _>>().context("arguments are numbers")?;
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()
+        .context("arguments are numbers")?;
     let batches = args.first().copied().unwrap_or(2000);
     let per_batch = args.get(1).copied().unwrap_or(500);
     let clients = args.get(2).copied().unwrap_or(4).max(1);
@@ -74,14 +83,21 @@ fn main() -> Result<()> {
                     let mut out = Vec::with_capacity(work.len());
                     for (body, signature) in work {
                         let t = Instant::now();
-                        agent.post(&url).set(KEY_ID_HEADER, "bench").set(SIGNATURE_HEADER, signature).send_bytes(body)?;
+                        agent
+                            .post(&url)
+                            .set(KEY_ID_HEADER, "bench")
+                            .set(SIGNATURE_HEADER, signature)
+                            .send_bytes(body)?;
                         out.push(t.elapsed());
                     }
                     Ok(out)
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("client panicked"))?).collect::<Result<Vec<_>>>()
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("client panicked"))?)
+            .collect::<Result<Vec<_>>>()
     })?
     .into_iter()
     .flatten()
@@ -92,10 +108,23 @@ fn main() -> Result<()> {
     let stored: u64 = collector.state.store.usage(&Default::default())?.len() as u64;
     let mut sorted = latencies.clone();
     sorted.sort();
-    let pct = |p: f64| sorted.get(((sent as f64 * p) as usize).min(sent.saturating_sub(1))).map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    let pct = |p: f64| {
+        sorted
+            .get(((sent as f64 * p) as usize).min(sent.saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
     println!("collector ingest, SQLite (WAL, synchronous=FULL), {clients} clients, {sent} batches x {per_batch} records");
-    println!("  {:.0} batches/s, {:.0} records/s over {elapsed:.2} s", sent as f64 / elapsed, (sent * per_batch) as f64 / elapsed);
-    println!("  latency per batch: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms", pct(0.50), pct(0.99), pct(1.0));
+    println!(
+        "  {:.0} batches/s, {:.0} records/s over {elapsed:.2} s",
+        sent as f64 / elapsed,
+        (sent * per_batch) as f64 / elapsed
+    );
+    println!(
+        "  latency per batch: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        pct(0.50),
+        pct(0.99),
+        pct(1.0)
+    );
     println!("  (usage rows after grouping: {stored})");
     drop(collector);
     let _ = std::fs::remove_dir_all(&dir);
