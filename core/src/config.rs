@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::routes::{Methods, PathMatch, Route, RouteTable, RouteTarget};
+use crate::shipper::{Overflow, ShipperConfig};
 use crate::token::{Jwks, KeySet};
 
 /// Index of a feature in [`Policy::features`]; features are named by routes.
@@ -61,6 +62,206 @@ pub struct FilterConfig {
     /// How often per-worker counters are folded into Envoy stats.
     #[serde(default = "default_stats_flush_interval_ms")]
     pub stats_flush_interval_ms: u64,
+    /// Where metered usage is shipped; absent: usage reaches only Envoy stats.
+    #[serde(default)]
+    pub collector: Option<CollectorConfig>,
+}
+
+/// The usage collector: batches of usage records are `POST`ed to it through an Envoy cluster,
+/// signed with HMAC-SHA256, and kept (and retried) until it acknowledges them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorConfig {
+    /// The Envoy cluster that reaches the collector. Default `"tollgate_collector"`.
+    #[serde(default = "default_collector_cluster")]
+    pub cluster: String,
+    /// The `:authority` of the requests to the collector. Default `"tollgate-collector"`.
+    #[serde(default = "default_collector_authority")]
+    pub authority: String,
+    /// The request path. Default `"/v1/usage"`.
+    #[serde(default = "default_collector_path")]
+    pub path: String,
+    /// Names this filter instance in batch ids (e.g. the node name and plugin name); must be
+    /// unique per Envoy. Required: 1-128 characters of `A-Za-z0-9._:-/`.
+    pub instance: String,
+    /// Names the secret in `x-tollgate-key-id`. Required: 1-128 printable ASCII characters.
+    pub key_id: String,
+    /// The HMAC-SHA256 secret batches are signed with. Required: at least 16 bytes.
+    pub secret: String,
+    /// Seal and send the usage at least this often. Default 1000 (1 to 3,600,000).
+    #[serde(default = "default_collector_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    /// The most records in one batch; more usage is split over several batches.
+    /// Default 2000 (1 to 3000, so a batch stays under the collector's 4 MiB limit).
+    #[serde(default = "default_max_batch_records")]
+    pub max_batch_records: usize,
+    /// Records kept while unacknowledged, all batches together; when reached,
+    /// `on_buffer_full` applies. Default 200000 (1 to 10,000,000).
+    #[serde(default = "default_max_buffered_records")]
+    pub max_buffered_records: usize,
+    /// How long a call to the collector may take. Default 5000 (1 to 3,600,000).
+    #[serde(default = "default_collector_timeout_ms")]
+    pub timeout_ms: u64,
+    /// First retry delay after a failed send; doubles on each failure (with jitter).
+    /// Default 200 (at least 1).
+    #[serde(default = "default_retry_initial_ms")]
+    pub retry_initial_ms: u64,
+    /// The longest retry delay. Default 30000 (at least `retry_initial_ms`, at most 3,600,000).
+    #[serde(default = "default_retry_max_ms")]
+    pub retry_max_ms: u64,
+    /// What happens when the buffer is full. Default `fail_closed`.
+    #[serde(default)]
+    pub on_buffer_full: OnBufferFull,
+}
+
+/// What happens to requests when the usage buffer is full.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBufferFull {
+    /// Refuse every request with 503 `metering_unavailable` until acknowledgements make room;
+    /// the usage of requests already served is kept.
+    #[default]
+    FailClosed,
+    /// Keep serving; usage that does not fit is dropped, counted in
+    /// `tollgate.usage_dropped_calls` and logged.
+    FailOpen,
+}
+
+fn default_collector_cluster() -> String {
+    "tollgate_collector".into()
+}
+fn default_collector_authority() -> String {
+    "tollgate-collector".into()
+}
+fn default_collector_path() -> String {
+    "/v1/usage".into()
+}
+fn default_collector_flush_interval_ms() -> u64 {
+    1000
+}
+fn default_max_batch_records() -> usize {
+    2000
+}
+fn default_max_buffered_records() -> usize {
+    200_000
+}
+fn default_collector_timeout_ms() -> u64 {
+    5000
+}
+fn default_retry_initial_ms() -> u64 {
+    200
+}
+fn default_retry_max_ms() -> u64 {
+    30_000
+}
+
+/// The most records per batch: 3000 records with 256-byte identifiers stay under 4 MiB.
+pub const MAX_BATCH_RECORDS: usize = 3000;
+const MAX_BUFFERED_RECORDS: usize = 10_000_000;
+
+/// The collector settings, checked.
+#[derive(Debug, Clone)]
+pub struct CollectorPolicy {
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    pub instance: String,
+    pub key_id: String,
+    pub secret: Vec<u8>,
+    pub timeout_ms: u64,
+    pub shipper: ShipperConfig,
+}
+
+impl CollectorPolicy {
+    fn compile(c: CollectorConfig) -> Result<CollectorPolicy, ConfigError> {
+        let at = |field: &str| format!("collector.{field}");
+        if c.cluster.is_empty() || c.cluster.chars().any(char::is_control) {
+            return Err(ConfigError::new(
+                at("cluster"),
+                "must be a non-empty Envoy cluster name",
+            ));
+        }
+        if c.authority.is_empty() || !c.authority.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::new(
+                at("authority"),
+                "must be a non-empty host name (printable ASCII, no spaces)",
+            ));
+        }
+        if !c.path.starts_with('/') || !c.path.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::new(
+                at("path"),
+                "must start with `/` and be printable ASCII without spaces",
+            ));
+        }
+        let instance_byte =
+            |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-' | b'/');
+        if c.instance.is_empty() || c.instance.len() > 128 || !c.instance.bytes().all(instance_byte)
+        {
+            return Err(ConfigError::new(
+                at("instance"),
+                "must be 1-128 characters of A-Z, a-z, 0-9, `.`, `_`, `:`, `-`, `/`",
+            ));
+        }
+        if c.key_id.is_empty()
+            || c.key_id.len() > 128
+            || !c.key_id.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(ConfigError::new(
+                at("key_id"),
+                "must be 1-128 printable ASCII characters without spaces",
+            ));
+        }
+        if c.secret.len() < 16 {
+            return Err(ConfigError::new(at("secret"), "must be at least 16 bytes"));
+        }
+        let in_range = |field: &str, value: u64, low: u64, high: u64| {
+            if (low..=high).contains(&value) {
+                Ok(value)
+            } else {
+                Err(ConfigError::new(
+                    at(field),
+                    format!("must be between {low} and {high}"),
+                ))
+            }
+        };
+        let hour = MAX_STATS_FLUSH_INTERVAL_MS;
+        let flush_interval_ms = in_range("flush_interval_ms", c.flush_interval_ms, 1, hour)?;
+        let timeout_ms = in_range("timeout_ms", c.timeout_ms, 1, hour)?;
+        let retry_initial_ms = in_range("retry_initial_ms", c.retry_initial_ms, 1, hour)?;
+        let retry_max_ms = in_range("retry_max_ms", c.retry_max_ms, retry_initial_ms, hour)?;
+        if !(1..=MAX_BATCH_RECORDS).contains(&c.max_batch_records) {
+            return Err(ConfigError::new(
+                at("max_batch_records"),
+                format!("must be between 1 and {MAX_BATCH_RECORDS}"),
+            ));
+        }
+        if !(1..=MAX_BUFFERED_RECORDS).contains(&c.max_buffered_records) {
+            return Err(ConfigError::new(
+                at("max_buffered_records"),
+                format!("must be between 1 and {MAX_BUFFERED_RECORDS}"),
+            ));
+        }
+        Ok(CollectorPolicy {
+            cluster: c.cluster,
+            authority: c.authority,
+            path: c.path,
+            instance: c.instance,
+            key_id: c.key_id,
+            secret: c.secret.into_bytes(),
+            timeout_ms,
+            shipper: ShipperConfig {
+                flush_interval_ms,
+                max_batch_records: c.max_batch_records,
+                max_buffered_records: c.max_buffered_records,
+                retry_initial_ms,
+                retry_max_ms,
+                overflow: match c.on_buffer_full {
+                    OnBufferFull::FailClosed => Overflow::FailClosed,
+                    OnBufferFull::FailOpen => Overflow::FailOpen,
+                },
+            },
+        })
+    }
 }
 
 /// The host takes the tick period as 32-bit milliseconds; an hour is plenty.
@@ -312,6 +513,8 @@ pub struct Policy {
     pub unmatched_routes: UnmatchedRoutes,
     pub upstream_headers: UpstreamHeaders,
     pub stats_flush_interval_ms: u64,
+    /// Where usage is shipped; `None`: only to Envoy stats.
+    pub collector: Option<CollectorPolicy>,
 }
 
 impl Policy {
@@ -331,6 +534,7 @@ impl Policy {
     /// Check a parsed configuration and compile it.
     pub fn compile(config: FilterConfig) -> Result<Policy, ConfigError> {
         let token = compile_token(config.token)?;
+        let collector = config.collector.map(CollectorPolicy::compile).transpose()?;
         if !(1..=MAX_STATS_FLUSH_INTERVAL_MS).contains(&config.stats_flush_interval_ms) {
             return Err(ConfigError::new(
                 "stats_flush_interval_ms",
@@ -392,6 +596,7 @@ impl Policy {
             unmatched_routes: config.unmatched_routes,
             upstream_headers,
             stats_flush_interval_ms: config.stats_flush_interval_ms,
+            collector,
         })
     }
 

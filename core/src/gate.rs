@@ -82,6 +82,8 @@ pub struct Gate<S: SharedCells + Clone> {
     counters: GateCounters,
     /// Account and license of usage without a verified license (shared, not allocated per request).
     anonymous: Arc<str>,
+    /// Set by the adapter while the usage buffer is full under fail-closed.
+    metering_blocked: bool,
 }
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
@@ -96,7 +98,21 @@ impl<S: SharedCells + Clone> Gate<S> {
             ledger: Ledger::default(),
             counters: GateCounters::default(),
             anonymous: Arc::from(""),
+            metering_blocked: false,
         }
+    }
+
+    /// While set, every request is refused with 503 `metering_unavailable`: usage can not be
+    /// kept (the shipper's buffer is full under `on_buffer_full: fail_closed`), and every
+    /// request is metered, so none can be served. Public and unmatched routes are refused too,
+    /// since they are metered like any other. The adapter updates this after each seal and
+    /// acknowledgement, so a request only reads a flag.
+    pub fn set_metering_blocked(&mut self, blocked: bool) {
+        self.metering_blocked = blocked;
+    }
+
+    pub fn metering_blocked(&self) -> bool {
+        self.metering_blocked
     }
 
     pub fn policy(&self) -> &Arc<Policy> {
@@ -105,7 +121,22 @@ impl<S: SharedCells + Clone> Gate<S> {
 
     /// Decide on a request at `now_nanos` (Unix nanoseconds, the proxy's clock).
     pub fn admit(&mut self, request: &RequestHead<'_>, now_nanos: u64) -> Admission {
-        let feature = match self.policy.routes.lookup(request.method, request.path) {
+        let target = self.policy.routes.lookup(request.method, request.path);
+        if self.metering_blocked {
+            let feature = match target {
+                Some(RouteTarget::Feature(feature)) => Some(feature),
+                Some(RouteTarget::Public) | None => None,
+            };
+            return refuse(
+                None,
+                feature,
+                Refusal::new(
+                    Code::MeteringUnavailable,
+                    "usage metering is unavailable; try again shortly",
+                ),
+            );
+        }
+        let feature = match target {
             Some(RouteTarget::Feature(feature)) => feature,
             Some(RouteTarget::Public) => return public(),
             None => match self.policy.unmatched_routes {

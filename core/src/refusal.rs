@@ -16,11 +16,15 @@ pub enum Code {
     FeatureNotLicensed,
     RouteNotLicensed,
     RateLimited,
+    /// The usage buffer is full and the collector has not acknowledged it yet, under
+    /// `collector.on_buffer_full: fail_closed`: every request is metered (public routes and
+    /// refusals too), so every request is refused until acknowledgements make room.
+    MeteringUnavailable,
 }
 
 impl Code {
     /// Every code, in a fixed order (used to define one counter each).
-    pub const ALL: [Code; 11] = [
+    pub const ALL: [Code; 12] = [
         Code::MissingToken,
         Code::InvalidToken,
         Code::TokenExpired,
@@ -32,6 +36,7 @@ impl Code {
         Code::FeatureNotLicensed,
         Code::RouteNotLicensed,
         Code::RateLimited,
+        Code::MeteringUnavailable,
     ];
 
     /// The code as it appears in bodies, stats and usage records.
@@ -48,6 +53,7 @@ impl Code {
             Code::FeatureNotLicensed => "feature_not_licensed",
             Code::RouteNotLicensed => "route_not_licensed",
             Code::RateLimited => "rate_limited",
+            Code::MeteringUnavailable => "metering_unavailable",
         }
     }
 
@@ -68,6 +74,7 @@ impl Code {
             | Code::InvalidLicense => 401,
             Code::UnknownPlan | Code::FeatureNotLicensed | Code::RouteNotLicensed => 403,
             Code::RateLimited => 429,
+            Code::MeteringUnavailable => 503,
         }
     }
 }
@@ -145,6 +152,8 @@ impl Refusal {
                     code.as_str()
                 ),
             )),
+            // The buffer drains as soon as the collector answers; a second is a fair guess.
+            Code::MeteringUnavailable => headers.push(("retry-after", "1".into())),
             _ => {}
         }
         if let Some(limit) = &self.rate_limit {
@@ -175,7 +184,7 @@ mod tests {
     fn codes_are_listed_once_with_their_status() {
         for (i, code) in Code::ALL.iter().enumerate() {
             assert_eq!(code.index(), i);
-            assert!(matches!(code.status(), 401 | 403 | 429));
+            assert!(matches!(code.status(), 401 | 403 | 429 | 503));
         }
     }
 
@@ -206,6 +215,16 @@ mod tests {
         assert_eq!(refusal.status(), 429);
         let body: serde_json::Value = serde_json::from_str(&refusal.body()).unwrap();
         assert_eq!(body["error"], "rate_limited");
+    }
+
+    #[test]
+    fn metering_unavailable_is_503_with_retry_after() {
+        let refusal = Refusal::new(Code::MeteringUnavailable, "later");
+        assert_eq!(refusal.status(), 503);
+        assert_eq!(Code::ALL.last(), Some(&Code::MeteringUnavailable));
+        let headers = refusal.headers();
+        assert!(headers.iter().any(|(k, v)| *k == "retry-after" && v == "1"));
+        assert!(!headers.iter().any(|(k, _)| *k == "www-authenticate"));
     }
 
     #[test]

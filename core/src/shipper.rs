@@ -63,6 +63,8 @@ pub struct Outgoing {
     pub body: Vec<u8>,
     /// 1 for the first try.
     pub attempt: u32,
+    /// Records in the batch.
+    pub records: usize,
 }
 
 /// Usage that fail-open had to drop, by meter.
@@ -129,21 +131,25 @@ impl Shipper {
         self.dropped
     }
 
-    /// Seal `usage` (the drained aggregates) into a batch covering `[window start, now_ms)`.
-    /// `feature_name` names a feature id. Returns the batch id, or `None` if there was nothing
-    /// to seal. When the buffer is full, the usage is dropped and counted in [`Shipper::dropped`]
-    /// (fail-open; under fail-closed the gate refuses requests before this happens).
+    /// Seal `usage` (the drained aggregates) into batches covering `[window start, now_ms)`,
+    /// at most `max_batch_records` records each. `feature_name` names a feature id. Returns
+    /// the ids of the batches sealed (none if there was nothing to seal).
+    ///
+    /// When the buffer is full: under fail-open the usage is dropped and counted in
+    /// [`Shipper::dropped`]; under fail-closed it is kept all the same (it is usage of requests
+    /// already served; the gate refuses new ones while [`Shipper::has_room`] is false), so the
+    /// buffer may exceed its bound by what was served until the gate learned it was full.
     pub fn seal<'a>(
         &mut self,
         usage: Vec<(UsageKey, UsageTotals)>,
         feature_name: impl Fn(u16) -> &'a str,
         now_ms: u64,
-    ) -> Option<String> {
+    ) -> Vec<String> {
         let window_start_ms = std::mem::replace(&mut self.window_start_ms, now_ms);
         if usage.is_empty() {
-            return None;
+            return Vec::new();
         }
-        if !self.has_room() {
+        if !self.has_room() && self.config.overflow == Overflow::FailOpen {
             for (_, totals) in &usage {
                 self.dropped.calls = self.dropped.calls.saturating_add(totals.calls);
                 self.dropped.request_bytes = self
@@ -159,7 +165,7 @@ impl Shipper {
                     .processing_nanos
                     .saturating_add(totals.processing_nanos);
             }
-            return None;
+            return Vec::new();
         }
         let mut records = Vec::with_capacity(usage.len() * 2);
         for (key, totals) in usage {
@@ -185,25 +191,41 @@ impl Shipper {
                 });
             }
         }
-        let sequence = self.next_sequence;
-        self.next_sequence += 1;
-        let batch = UsageBatch {
-            version: VERSION,
-            batch_id: UsageBatch::id_for(&self.source, sequence),
-            source: self.source.clone(),
-            sequence,
-            created_ms: now_ms,
-            records,
-        };
-        let body = batch.encode();
-        let id = batch.batch_id.clone();
-        self.queue.push_back(Sealed {
-            batch,
-            body,
-            attempts: 0,
-            not_before_ms: now_ms,
-        });
-        Some(id)
+        let per_batch = self.config.max_batch_records.max(1);
+        let mut ids = Vec::with_capacity(records.len().div_ceil(per_batch));
+        let mut rest = records.into_iter().peekable();
+        while rest.peek().is_some() {
+            let chunk: Vec<UsageRecord> = rest.by_ref().take(per_batch).collect();
+            let sequence = self.next_sequence;
+            self.next_sequence += 1;
+            let batch = UsageBatch {
+                version: VERSION,
+                batch_id: UsageBatch::id_for(&self.source, sequence),
+                source: self.source.clone(),
+                sequence,
+                created_ms: now_ms,
+                records: chunk,
+            };
+            let body = batch.encode();
+            ids.push(batch.batch_id.clone());
+            self.queue.push_back(Sealed {
+                batch,
+                body,
+                attempts: 0,
+                not_before_ms: now_ms,
+            });
+        }
+        ids
+    }
+
+    /// The batch id in flight, if any.
+    pub fn in_flight(&self) -> Option<&str> {
+        self.in_flight.as_deref()
+    }
+
+    /// New batching and retry settings (a reconfigured VM); held batches are kept.
+    pub fn set_config(&mut self, config: ShipperConfig) {
+        self.config = config;
     }
 
     /// True when the open window is due to be sealed.
@@ -215,11 +237,21 @@ impl Shipper {
     /// The batch to send now, if none is in flight and the oldest is due. Batches go one at a
     /// time, oldest first, so a collector outage costs one timeout per retry, not one per batch.
     pub fn next_send(&mut self, now_ms: u64) -> Option<Outgoing> {
+        self.take_next(Some(now_ms))
+    }
+
+    /// The oldest batch, backoff or not, if none is in flight: the last try of a VM that is
+    /// shutting down.
+    pub fn next_send_final(&mut self) -> Option<Outgoing> {
+        self.take_next(None)
+    }
+
+    fn take_next(&mut self, now_ms: Option<u64>) -> Option<Outgoing> {
         if self.in_flight.is_some() {
             return None;
         }
         let head = self.queue.front_mut()?;
-        if head.not_before_ms > now_ms {
+        if now_ms.is_some_and(|now| head.not_before_ms > now) {
             return None;
         }
         head.attempts += 1;
@@ -228,6 +260,7 @@ impl Shipper {
             batch_id: head.batch.batch_id.clone(),
             body: head.body.clone(),
             attempt: head.attempts,
+            records: head.batch.records.len(),
         })
     }
 
@@ -354,7 +387,7 @@ mod tests {
     #[test]
     fn sealed_usage_becomes_records_per_meter_with_a_deterministic_id() {
         let mut s = shipper(ShipperConfig::default());
-        let id = s.seal(usage(3), |_| "search", T0 + 1000).unwrap();
+        let id = s.seal(usage(3), |_| "search", T0 + 1000).pop().unwrap();
         assert_eq!(id, "node-a/tollgate/1780000000000/1");
         let out = s.next_send(T0 + 1000).unwrap();
         let batch = UsageBatch::decode(&out.body).unwrap();
@@ -368,16 +401,16 @@ mod tests {
             .all(|r| r.window_start_ms == T0 && r.window_end_ms == T0 + 1000));
         assert_eq!(batch.records[0].feature, "search");
         // The next window starts where this one ended.
-        let id2 = s.seal(usage(1), |_| "search", T0 + 2000).unwrap();
+        let id2 = s.seal(usage(1), |_| "search", T0 + 2000).pop().unwrap();
         assert_eq!(id2, "node-a/tollgate/1780000000000/2");
-        assert!(s.seal(Vec::new(), |_| "search", T0 + 3000).is_none());
+        assert!(s.seal(Vec::new(), |_| "search", T0 + 3000).is_empty());
     }
 
     #[test]
     fn one_batch_in_flight_and_only_an_ack_removes_it() {
         let mut s = shipper(ShipperConfig::default());
-        let first = s.seal(usage(1), |_| "f", T0).unwrap();
-        let second = s.seal(usage(2), |_| "f", T0).unwrap();
+        let first = s.seal(usage(1), |_| "f", T0).pop().unwrap();
+        let second = s.seal(usage(2), |_| "f", T0).pop().unwrap();
         let out = s.next_send(T0).unwrap();
         assert_eq!(out.batch_id, first);
         assert!(s.next_send(T0).is_none(), "one in flight at a time");
@@ -397,7 +430,7 @@ mod tests {
             retry_max_ms: 1000,
             ..Default::default()
         });
-        s.seal(usage(1), |_| "f", T0).unwrap();
+        s.seal(usage(1), |_| "f", T0).pop().unwrap();
         let first = s.next_send(T0).unwrap();
         let mut now = T0;
         let mut delays = Vec::new();
@@ -437,11 +470,11 @@ mod tests {
             overflow: Overflow::FailOpen,
             ..Default::default()
         });
-        s.seal(usage(1), |_| "f", T0).unwrap(); // 4 records
+        s.seal(usage(1), |_| "f", T0).pop().unwrap(); // 4 records
         assert!(s.has_room());
-        s.seal(usage(1), |_| "f", T0).unwrap(); // 8 records
+        s.seal(usage(1), |_| "f", T0).pop().unwrap(); // 8 records
         assert!(!s.has_room());
-        assert!(s.seal(usage(5), |_| "f", T0).is_none());
+        assert!(s.seal(usage(5), |_| "f", T0).is_empty());
         assert_eq!(
             s.dropped(),
             Dropped {
@@ -467,5 +500,59 @@ mod tests {
         assert!(!s.seal_due(9, T0 + 999));
         assert!(s.seal_due(10, T0 + 1));
         assert!(s.seal_due(0, T0 + 1000));
+    }
+
+    #[test]
+    fn large_usage_is_split_into_batches_of_at_most_max_batch_records() {
+        let mut s = shipper(ShipperConfig {
+            max_batch_records: 3,
+            ..Default::default()
+        });
+        let mut big = usage(1);
+        big.extend(usage(2));
+        // 4 + 4 records: batches of 3, 3 and 2, consecutive ids, nothing lost.
+        let ids = s.seal(big, |_| "f", T0 + 10);
+        assert_eq!(ids.len(), 3);
+        assert_eq!(s.buffered_records(), 8);
+        let mut calls = 0;
+        for (i, id) in ids.iter().enumerate() {
+            let out = s.next_send(T0 + 10).unwrap();
+            assert_eq!(&out.batch_id, id);
+            let batch = UsageBatch::decode(&out.body).unwrap();
+            assert_eq!(batch.records.len(), out.records);
+            assert!(batch.records.len() <= 3);
+            assert_eq!(batch.sequence, i as u64 + 1);
+            calls += batch.units(Meter::Calls);
+            assert!(s.acknowledged(&ack(id)));
+        }
+        assert_eq!(calls, 5);
+    }
+
+    #[test]
+    fn fail_closed_keeps_usage_already_served_even_past_the_bound() {
+        let mut s = shipper(ShipperConfig {
+            max_buffered_records: 4,
+            overflow: Overflow::FailClosed,
+            ..Default::default()
+        });
+        assert_eq!(s.seal(usage(1), |_| "f", T0).len(), 1);
+        assert!(!s.has_room());
+        assert_eq!(s.seal(usage(2), |_| "f", T0).len(), 1);
+        assert_eq!(s.buffered_records(), 8);
+        assert_eq!(s.dropped(), Dropped::default());
+    }
+
+    #[test]
+    fn the_final_send_ignores_the_backoff_and_in_flight_is_visible() {
+        let mut s = shipper(ShipperConfig::default());
+        let id = s.seal(usage(1), |_| "f", T0).pop().unwrap();
+        let out = s.next_send(T0).unwrap();
+        assert_eq!(s.in_flight(), Some(id.as_str()));
+        s.failed(&out.batch_id, T0);
+        assert_eq!(s.in_flight(), None);
+        assert!(s.next_send(T0).is_none());
+        let last = s.next_send_final().unwrap();
+        assert_eq!((last.batch_id, last.body, last.attempt), (id, out.body, 2));
+        assert!(s.next_send_final().is_none(), "still one in flight");
     }
 }

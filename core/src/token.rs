@@ -375,10 +375,12 @@ pub fn verify(policy: &Policy, token: &str, now: u64) -> Result<License, TokenEr
         || claims.lid.is_empty()
         || claims.sub.len() > 256
         || claims.lid.len() > 256
+        || claims.sub.chars().any(char::is_control)
+        || claims.lid.chars().any(char::is_control)
     {
         return Err(TokenError::new(
             Code::InvalidLicense,
-            "the license's `sub` and `lid` must be 1-256 characters",
+            "the license's `sub` and `lid` must be 1-256 bytes without control characters",
         ));
     }
     let plan = policy.plans.get(&claims.plan).ok_or_else(|| {

@@ -302,6 +302,18 @@ fn claims_that_are_not_a_license_are_refused() {
         code(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW)),
         Some(Code::UnknownPlan)
     );
+
+    // Control characters in `sub` or `lid` would make usage batches the collector refuses.
+    for (claim, value) in [("sub", "acme\ncorp"), ("lid", "lic\u{0}")] {
+        let mut claims = spec("starter", &["search"]).claims_at(NOW);
+        claims[claim] = json!(value);
+        let b = format!("Bearer {}", k.ed.sign(&claims).unwrap());
+        assert_eq!(
+            code(ask(&mut gate, "GET", "/v1/search", Some(&b), NOW)),
+            Some(Code::InvalidLicense),
+            "{claim}"
+        );
+    }
 }
 
 #[test]
@@ -542,6 +554,98 @@ fn usage_is_aggregated_by_license_feature_and_outcome() {
     assert!(gate.drain_usage().is_empty());
 }
 
+fn with_collector() -> Value {
+    let mut c = config();
+    c["collector"] = json!({
+        "instance": "node-a/tollgate",
+        "key_id": "k1",
+        "secret": "0123456789abcdef",
+        "retry_initial_ms": 200,
+    });
+    c
+}
+
+#[test]
+fn collector_settings_have_their_defaults_and_are_optional() {
+    let policy = Policy::from_json(config().to_string().as_bytes()).unwrap();
+    assert!(policy.collector.is_none());
+    let policy = Policy::from_json(with_collector().to_string().as_bytes()).unwrap();
+    let c = policy.collector.unwrap();
+    assert_eq!(
+        (c.cluster.as_str(), c.authority.as_str(), c.path.as_str()),
+        ("tollgate_collector", "tollgate-collector", "/v1/usage")
+    );
+    assert_eq!(
+        (c.instance.as_str(), c.key_id.as_str(), c.secret.as_slice()),
+        ("node-a/tollgate", "k1", &b"0123456789abcdef"[..])
+    );
+    assert_eq!(c.timeout_ms, 5000);
+    assert_eq!(
+        c.shipper,
+        tollgate_core::shipper::ShipperConfig {
+            flush_interval_ms: 1000,
+            max_batch_records: 2000,
+            max_buffered_records: 200_000,
+            retry_initial_ms: 200,
+            retry_max_ms: 30_000,
+            overflow: tollgate_core::shipper::Overflow::FailClosed,
+        }
+    );
+    let mut open = with_collector();
+    open["collector"]["on_buffer_full"] = json!("fail_open");
+    let policy = Policy::from_json(open.to_string().as_bytes()).unwrap();
+    assert_eq!(
+        policy.collector.unwrap().shipper.overflow,
+        tollgate_core::shipper::Overflow::FailOpen
+    );
+}
+
+#[test]
+fn a_blocked_gate_refuses_every_request_with_metering_unavailable() {
+    let k = keys();
+    let mut gate = gate();
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    gate.set_metering_blocked(true);
+    assert!(gate.metering_blocked());
+    for (method, path, credential) in [
+        ("GET", "/v1/search", Some(format!("Bearer {t}"))),
+        ("GET", "/healthz", None),
+        ("GET", "/v9/unknown", None),
+        ("GET", "/v1/search", None),
+    ] {
+        let admission = gate.admit(
+            &RequestHead {
+                method,
+                path,
+                credential: credential.as_deref(),
+            },
+            NOW * SECOND,
+        );
+        let Verdict::Refuse(refusal) = &admission.verdict else {
+            panic!("{path}: {:?}", admission.verdict);
+        };
+        assert_eq!(refusal.code, Code::MeteringUnavailable);
+        assert_eq!(refusal.status(), 503);
+        assert_eq!(
+            admission.outcome(),
+            Outcome::Refused(Code::MeteringUnavailable)
+        );
+    }
+    // No token was even looked at.
+    assert_eq!(gate.take_counters().token_cache_misses, 0);
+    gate.set_metering_blocked(false);
+    assert_eq!(
+        ask(
+            &mut gate,
+            "GET",
+            "/v1/search",
+            Some(&format!("Bearer {t}")),
+            NOW
+        ),
+        Verdict::Allow
+    );
+}
+
 #[test]
 fn configuration_errors_name_the_field() {
     let cases: Vec<(Value, &str)> = vec![
@@ -661,6 +765,166 @@ fn configuration_errors_name_the_field() {
                 c
             },
             "stats_flush_interval_ms",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"]["bogus"] = json!(1);
+                c
+            },
+            "unknown field `bogus`",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"].as_object_mut().unwrap().remove("instance");
+                c
+            },
+            "missing field `instance`",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"].as_object_mut().unwrap().remove("key_id");
+                c
+            },
+            "missing field `key_id`",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"].as_object_mut().unwrap().remove("secret");
+                c
+            },
+            "missing field `secret`",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"]["instance"] = json!("node a");
+                c
+            },
+            "collector.instance",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"]["instance"] = json!("x".repeat(129));
+                c
+            },
+            "collector.instance",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"]["key_id"] = json!("");
+                c
+            },
+            "collector.key_id",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"]["secret"] = json!("too-short");
+                c
+            },
+            "collector.secret",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"]["cluster"] = json!("");
+                c
+            },
+            "collector.cluster",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"]["authority"] = json!("a b");
+                c
+            },
+            "collector.authority",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"]["path"] = json!("v1/usage");
+                c
+            },
+            "collector.path",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"]["flush_interval_ms"] = json!(0);
+                c
+            },
+            "collector.flush_interval_ms",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"]["max_batch_records"] = json!(0);
+                c
+            },
+            "collector.max_batch_records",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"]["max_batch_records"] = json!(3001);
+                c
+            },
+            "collector.max_batch_records",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"]["max_buffered_records"] = json!(0);
+                c
+            },
+            "collector.max_buffered_records",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"]["timeout_ms"] = json!(0);
+                c
+            },
+            "collector.timeout_ms",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"]["retry_initial_ms"] = json!(0);
+                c
+            },
+            "collector.retry_initial_ms",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"]["retry_max_ms"] = json!(100);
+                c
+            },
+            "collector.retry_max_ms",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"]["on_buffer_full"] = json!("drop");
+                c
+            },
+            "collector.on_buffer_full",
+        ),
+        (
+            {
+                let mut c = with_collector();
+                c["collector"]["timeout_ms"] = json!("soon");
+                c
+            },
+            "collector.timeout_ms",
         ),
     ];
     for (config, expected) in cases {

@@ -49,6 +49,8 @@ pub struct Bootstrap {
     pub admin_port: u16,
     /// Spread connections evenly over the workers (tests that need every worker busy).
     pub exact_balance: bool,
+    /// Port of a collector on 127.0.0.1, added as the cluster `tollgate_collector`.
+    pub collector_port: Option<u16>,
 }
 
 impl Bootstrap {
@@ -60,6 +62,7 @@ impl Bootstrap {
             listen_port: 0,
             admin_port: 0,
             exact_balance: false,
+            collector_port: None,
         }
     }
 
@@ -125,22 +128,32 @@ impl Bootstrap {
                         }
                     }]}]
                 }],
-                "clusters": [{
-                    "name": "upstream",
-                    "connect_timeout": "1s",
-                    "type": "STATIC",
-                    "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [{
-                        "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": self.upstream_port}}}
-                    }]}]}
-                }]
+                "clusters": [static_cluster("upstream", self.upstream_port)]
             }
         });
+        if let Some(port) = self.collector_port {
+            if let Some(clusters) = bootstrap["static_resources"]["clusters"].as_array_mut() {
+                clusters.push(static_cluster("tollgate_collector", port));
+            }
+        }
         if self.exact_balance {
             bootstrap["static_resources"]["listeners"][0]["connection_balance_config"] =
                 json!({"exact_balance": {}});
         }
         bootstrap
     }
+}
+
+/// A cluster of one endpoint on 127.0.0.1.
+fn static_cluster(name: &str, port: u16) -> Value {
+    json!({
+        "name": name,
+        "connect_timeout": "1s",
+        "type": "STATIC",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{
+            "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}
+        }]}]}
+    })
 }
 
 /// Tag extraction so Prometheus sees `reason` and `feature` labels on Tollgate's stats.

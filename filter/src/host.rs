@@ -3,7 +3,7 @@
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{MetricType, Status};
 use tollgate_core::refusal::Code;
-use tollgate_core::{Gate, Outcome, Policy, SharedCells, StoreError};
+use tollgate_core::{Gate, Outcome, Policy, SharedCells, StoreError, UsageKey, UsageTotals};
 
 /// Rate-limit state in proxy-wasm shared data: one cell per key, shared by every worker of
 /// this Envoy, kept across VM replacement (plugin reloads).
@@ -65,11 +65,23 @@ pub struct Metrics {
     reported_store: std::cell::Cell<(u64, u64)>,
 }
 
-fn counter(name: &str) -> Result<u32, String> {
+pub(crate) fn gauge(name: &str) -> Result<u32, String> {
+    hostcalls::define_metric(MetricType::Gauge, name).map_err(|s| format!("{name}: {s:?}"))
+}
+
+/// Move a gauge by `delta` (Envoy shares one gauge between the workers, so each VM adds its
+/// own changes rather than setting a value).
+pub(crate) fn move_gauge(metric: u32, delta: i64) {
+    if delta != 0 {
+        let _ = hostcalls::increment_metric(metric, delta);
+    }
+}
+
+pub(crate) fn counter(name: &str) -> Result<u32, String> {
     hostcalls::define_metric(MetricType::Counter, name).map_err(|s| format!("{name}: {s:?}"))
 }
 
-fn add(metric: u32, value: u64) {
+pub(crate) fn add(metric: u32, value: u64) {
     if value > 0 {
         let _ = hostcalls::increment_metric(metric, i64::try_from(value).unwrap_or(i64::MAX));
     }
@@ -110,8 +122,12 @@ impl Metrics {
         })
     }
 
-    /// Fold what the gate counted since the last flush into Envoy stats.
-    pub fn flush<S: SharedCells + Clone>(&self, gate: &mut Gate<S>) {
+    /// Fold what the gate counted since the last flush into Envoy stats; returns the usage
+    /// drained, for the collector.
+    pub fn flush<S: SharedCells + Clone>(
+        &self,
+        gate: &mut Gate<S>,
+    ) -> Vec<(UsageKey, UsageTotals)> {
         let counters = gate.take_counters();
         add(self.cache_hits, counters.token_cache_hits);
         add(self.cache_misses, counters.token_cache_misses);
@@ -125,8 +141,8 @@ impl Metrics {
         );
         add(self.store_errors, health.errors.saturating_sub(errors));
 
-        // Until usage is shipped to the collector, the stats are its only outlet.
-        for (key, totals) in gate.drain_usage() {
+        let usage = gate.drain_usage();
+        for (key, totals) in &usage {
             let processing_us = totals.processing_nanos / 1000;
             match key.outcome {
                 Outcome::Allowed => add(self.allowed, totals.calls),
@@ -149,5 +165,6 @@ impl Metrics {
                 add(feature.processing_us, processing_us);
             }
         }
+        usage
     }
 }

@@ -9,6 +9,7 @@
 #![deny(clippy::indexing_slicing)]
 
 mod host;
+mod ship;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -21,6 +22,7 @@ use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
 use tollgate_core::{Admission, Gate, Policy, RequestHead, UsageTotals, Verdict};
 
 use crate::host::{Metrics, SharedDataCells};
+use crate::ship::{Answer, Outbox};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -29,14 +31,18 @@ proxy_wasm::main! {{
 
 type SharedGate = Rc<RefCell<Gate<SharedDataCells>>>;
 
-/// One per VM: holds the compiled policy and this worker's gate.
+/// One per VM: holds the compiled policy, this worker's gate and its usage outbox.
 #[derive(Default)]
 struct TollgateRoot {
     gate: Option<SharedGate>,
     metrics: Option<Rc<Metrics>>,
+    /// Set when the configuration has a `collector`.
+    outbox: Option<Outbox>,
+    /// `on_done` returned false: the host waits for `proxy_done` after the last answer.
+    closing: bool,
 }
 
-fn log(level: LogLevel, message: &str) {
+pub(crate) fn log(level: LogLevel, message: &str) {
     // Logging is best effort: a failing log call must not become a failing request.
     let _ = hostcalls::log(level, message);
 }
@@ -50,18 +56,93 @@ fn now_nanos() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
+fn now_ms() -> u64 {
+    now_nanos() / 1_000_000
+}
+
 impl Context for TollgateRoot {
+    /// The VM is going away (shutdown, or a configuration change): fold what is left into
+    /// stats, seal it, and try to send what the collector has not acknowledged. While that
+    /// call is in flight the answer is false, and `proxy_done` follows its answer.
     fn on_done(&mut self) -> bool {
         self.flush_stats();
+        let (Some(outbox), Some(gate)) = (self.outbox.as_mut(), self.gate.as_ref()) else {
+            return true;
+        };
+        let policy = match gate.try_borrow() {
+            Ok(gate) => Arc::clone(gate.policy()),
+            Err(_) => return true,
+        };
+        let now = now_ms();
+        outbox.seal(&policy, now);
+        outbox.send(now, true);
+        if outbox.in_flight() {
+            self.closing = true;
+            return false;
+        }
+        outbox.close();
         true
+    }
+
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let Some(outbox) = self.outbox.as_mut() else {
+            return;
+        };
+        let now = now_ms();
+        let answer = outbox.answered(token_id, num_headers, body_size, now);
+        if self.closing {
+            // One batch after the other while the collector takes them; the first failure
+            // ends the shutdown (the host will not wait for backoffs).
+            if answer == Answer::Acknowledged {
+                outbox.send(now, true);
+            }
+            if !outbox.in_flight() {
+                outbox.close();
+                self.closing = false;
+                let _ = hostcalls::done();
+            }
+            return;
+        }
+        if answer == Answer::Acknowledged {
+            outbox.send(now, false);
+        }
+        self.update_block();
     }
 }
 
 impl TollgateRoot {
-    fn flush_stats(&self) {
+    /// Fold the gate's counters and usage into stats; the usage goes on to the outbox.
+    fn flush_stats(&mut self) {
         if let (Some(gate), Some(metrics)) = (&self.gate, &self.metrics) {
             if let Ok(mut gate) = gate.try_borrow_mut() {
-                metrics.flush(&mut gate);
+                let usage = metrics.flush(&mut gate);
+                if let Some(outbox) = self.outbox.as_mut() {
+                    outbox.absorb(usage);
+                }
+            }
+        }
+    }
+
+    /// Tell the gate whether requests can be metered.
+    fn update_block(&self) {
+        if let (Some(gate), Some(outbox)) = (&self.gate, &self.outbox) {
+            if let Ok(mut gate) = gate.try_borrow_mut() {
+                let blocked = outbox.blocked();
+                if gate.metering_blocked() != blocked {
+                    let message = if blocked {
+                        "usage buffer full and unacknowledged: refusing requests with 503 metering_unavailable (on_buffer_full: fail_closed)"
+                    } else {
+                        "usage buffer has room again: serving requests"
+                    };
+                    log(LogLevel::Warn, message);
+                }
+                gate.set_metering_blocked(blocked);
             }
         }
     }
@@ -100,17 +181,62 @@ impl RootContext for TollgateRoot {
                 return false;
             }
         };
-        let interval = Duration::from_millis(policy.stats_flush_interval_ms);
         // Counters of an earlier configuration of this VM go out before it is replaced.
         self.flush_stats();
+        match (&policy.collector, self.outbox.as_mut()) {
+            (Some(settings), Some(outbox)) => outbox.reconfigure(settings),
+            (Some(settings), None) => match Outbox::new(settings, now_ms()) {
+                Ok(outbox) => self.outbox = Some(outbox),
+                Err(problem) => {
+                    log(
+                        LogLevel::Critical,
+                        &format!("cannot define stats: {problem}"),
+                    );
+                    return false;
+                }
+            },
+            (None, Some(outbox)) => {
+                if outbox.buffered_records() > 0 {
+                    log(
+                        LogLevel::Warn,
+                        "the collector was removed from the configuration; unacknowledged usage is dropped",
+                    );
+                }
+                outbox.close();
+                self.outbox = None;
+            }
+            (None, None) => {}
+        }
+        let mut interval_ms = policy.stats_flush_interval_ms;
+        if let Some(outbox) = &self.outbox {
+            interval_ms = interval_ms.min(outbox.flush_interval_ms());
+        }
         self.gate = Some(Rc::new(RefCell::new(Gate::new(policy, SharedDataCells))));
         self.metrics = Some(metrics);
-        let _ = hostcalls::set_tick_period(interval);
+        self.update_block();
+        let _ = hostcalls::set_tick_period(Duration::from_millis(interval_ms));
         true
     }
 
     fn on_tick(&mut self) {
         self.flush_stats();
+        if let (Some(outbox), Some(gate)) = (self.outbox.as_mut(), self.gate.as_ref()) {
+            let policy = match gate.try_borrow() {
+                Ok(gate) => Arc::clone(gate.policy()),
+                Err(_) => return,
+            };
+            outbox.tick(&policy, now_ms());
+            if self.closing {
+                // The watchdog gave up on the last call of a VM shutting down.
+                if !outbox.in_flight() {
+                    outbox.close();
+                    self.closing = false;
+                    let _ = hostcalls::done();
+                }
+                return;
+            }
+            self.update_block();
+        }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -22,6 +22,15 @@
 //!   reply then goes through the encoder filter chain, this filter included: the filter's
 //!   `proxy_on_response_headers` / `proxy_on_response_body` see it (and may change it)
 //!   before the client does.
+//! * `proxy_http_call` records the call ([`Vm::pending_calls`]) and returns a token; a test
+//!   answers it with [`Vm::respond_call`] or fails it with [`Vm::fail_call`] (as Envoy reports
+//!   a reset or an unreachable cluster: 0 headers, 0 body, and no response maps at all, so
+//!   reading one is `BadArgument`). A cluster the host does not know
+//!   ([`Vm::set_known_clusters`]) is `BadArgument`, as in Envoy, as is a call without
+//!   `:method`, `:path` or `:authority`.
+//! * A root context whose `proxy_on_done` answers false stays alive for its callbacks until
+//!   it calls `proxy_done` (then `proxy_on_delete` follows); `proxy_done` at any other time is
+//!   `NotFound`, as in Envoy.
 //! * The clock is fake: `proxy_get_current_time_nanoseconds` and WASI `clock_time_get` read
 //!   [`Vm::now`], which only moves with [`Vm::set_time`], [`Vm::advance`] and a request's
 //!   `upstream_latency`.
@@ -70,6 +79,7 @@ const WASI_EINVAL: i32 = 28;
 // Buffer types.
 const BUFFER_HTTP_REQUEST_BODY: i32 = 0;
 const BUFFER_HTTP_RESPONSE_BODY: i32 = 1;
+const BUFFER_HTTP_CALL_RESPONSE_BODY: i32 = 4;
 const BUFFER_VM_CONFIGURATION: i32 = 6;
 const BUFFER_PLUGIN_CONFIGURATION: i32 = 7;
 const BUFFER_MAX: i32 = 8;
@@ -79,6 +89,8 @@ const MAP_HTTP_REQUEST_HEADERS: i32 = 0;
 const MAP_HTTP_REQUEST_TRAILERS: i32 = 1;
 const MAP_HTTP_RESPONSE_HEADERS: i32 = 2;
 const MAP_HTTP_RESPONSE_TRAILERS: i32 = 3;
+const MAP_HTTP_CALL_RESPONSE_HEADERS: i32 = 6;
+const MAP_HTTP_CALL_RESPONSE_TRAILERS: i32 = 7;
 const MAP_MAX: i32 = 7;
 
 // Stream types.
@@ -362,6 +374,33 @@ impl LocalResponse {
     }
 }
 
+/// A call the filter made with `proxy_http_call`, waiting for its answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpCall {
+    pub token: u32,
+    /// The cluster named.
+    pub upstream: String,
+    pub headers: Headers,
+    pub body: Vec<u8>,
+    pub trailers: Headers,
+    pub timeout: Duration,
+}
+
+impl HttpCall {
+    /// The first copy of a request header of the call.
+    pub fn header(&self, name: &str) -> Option<String> {
+        first_header(&self.headers, name)
+    }
+}
+
+/// The answer the filter is reading, during `proxy_on_http_call_response`; `None` maps for
+/// a failed call.
+#[derive(Debug, Default)]
+struct CallResponse {
+    headers: Option<Headers>,
+    body: Option<Vec<u8>>,
+}
+
 /// The request as the upstream received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamRequest {
@@ -511,6 +550,14 @@ struct HostState {
     alloc: Option<TypedFunc<i32, i32>>,
     stream: Option<Stream>,
     effective_context: u32,
+    http_calls: BTreeMap<u32, HttpCall>,
+    last_call_token: u32,
+    known_clusters: Option<Vec<String>>,
+    call_response: Option<CallResponse>,
+    /// The root's `proxy_on_done` answered false.
+    done_pending: bool,
+    /// ... and it then called `proxy_done`.
+    done_called: bool,
 }
 
 impl HostState {
@@ -534,6 +581,12 @@ impl HostState {
             alloc: None,
             stream: None,
             effective_context: ROOT_CONTEXT_ID,
+            http_calls: BTreeMap::new(),
+            last_call_token: 0,
+            known_clusters: None,
+            call_response: None,
+            done_pending: false,
+            done_called: false,
         }
     }
 
@@ -565,6 +618,17 @@ impl HostState {
     fn map(&mut self, map_type: i32, write: bool) -> Result<&mut Headers, i32> {
         if !(0..=MAP_MAX).contains(&map_type) {
             return Err(BAD_ARGUMENT);
+        }
+        if map_type == MAP_HTTP_CALL_RESPONSE_HEADERS || map_type == MAP_HTTP_CALL_RESPONSE_TRAILERS
+        {
+            // Only while a successful answer is being delivered, as in Envoy; read-only here.
+            return match self.call_response.as_mut() {
+                Some(CallResponse {
+                    headers: Some(headers),
+                    ..
+                }) if !write && map_type == MAP_HTTP_CALL_RESPONSE_HEADERS => Ok(headers),
+                _ => Err(BAD_ARGUMENT),
+            };
         }
         let Some(stream) = self.stream.as_mut() else {
             return Err(BAD_ARGUMENT);
@@ -864,9 +928,10 @@ fn link_proxy(linker: &mut Linker<HostState>) -> Result<()> {
             proxy_get_status,
             proxy_set_effective_context,
             proxy_done,
-            // Not offered by this host: calls out, gRPC, queues, foreign functions. They answer
-            // with an error status, never a trap (the Rust SDK panics on some, which would show).
+            // HTTP calls out (answered by the test).
             proxy_http_call,
+            // Not offered by this host: gRPC, queues, foreign functions. They answer with an
+            // error status, never a trap (the Rust SDK panics on some, which would show).
             proxy_grpc_call,
             proxy_grpc_stream,
             proxy_grpc_send,
@@ -919,6 +984,7 @@ fn proxy_get_buffer_bytes(
     let state = c.data();
     let buffer = match kind {
         BUFFER_PLUGIN_CONFIGURATION => Some(state.plugin_config.clone()),
+        BUFFER_HTTP_CALL_RESPONSE_BODY => state.call_response.as_ref().and_then(|r| r.body.clone()),
         BUFFER_VM_CONFIGURATION => Some(state.vm_config.clone()),
         BUFFER_HTTP_REQUEST_BODY | BUFFER_HTTP_RESPONSE_BODY => state
             .stream
@@ -1334,25 +1400,67 @@ fn proxy_set_effective_context(mut c: Ctx<'_>, id: i32) -> wasmtime::Result<i32>
     Ok(OK)
 }
 
-fn proxy_done(_c: Ctx<'_>) -> wasmtime::Result<i32> {
+fn proxy_done(mut c: Ctx<'_>) -> wasmtime::Result<i32> {
+    let state = c.data_mut();
+    // Envoy: only a root context whose on_done answered false is waiting for this.
+    if !state.done_pending || state.done_called {
+        state.note("proxy_done called while no root context was pending done".to_string());
+        return Ok(NOT_FOUND);
+    }
+    state.done_called = true;
     Ok(OK)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn proxy_http_call(
-    _c: Ctx<'_>,
-    _upstream: i32,
-    _upstream_len: i32,
-    _headers: i32,
-    _headers_len: i32,
-    _body: i32,
-    _body_len: i32,
-    _trailers: i32,
-    _trailers_len: i32,
-    _timeout: i32,
-    _token_ptr: i32,
+    mut c: Ctx<'_>,
+    upstream: i32,
+    upstream_len: i32,
+    headers: i32,
+    headers_len: i32,
+    body: i32,
+    body_len: i32,
+    trailers: i32,
+    trailers_len: i32,
+    timeout: i32,
+    token_ptr: i32,
 ) -> wasmtime::Result<i32> {
-    Ok(UNIMPLEMENTED)
+    let (Some(upstream), Some(headers), Some(body), Some(trailers)) = (
+        read_mem(&c, upstream, upstream_len),
+        read_mem(&c, headers, headers_len),
+        read_mem(&c, body, body_len),
+        read_mem(&c, trailers, trailers_len),
+    ) else {
+        return Ok(INVALID_MEMORY_ACCESS);
+    };
+    let (Some(headers), Some(trailers)) = (parse_pairs(&headers), parse_pairs(&trailers)) else {
+        return Ok(SERIALIZATION_FAILURE);
+    };
+    let upstream = String::from_utf8_lossy(&upstream).into_owned();
+    let state = c.data_mut();
+    let known = state
+        .known_clusters
+        .as_ref()
+        .is_none_or(|clusters| clusters.contains(&upstream));
+    let has = |name: &str| headers.iter().any(|(n, _)| n == name);
+    // Envoy's Context::httpCall: unknown cluster, negative timeout, or a missing pseudo-header.
+    if !known || timeout < 0 || !has(":method") || !has(":path") || !has(":authority") {
+        return Ok(BAD_ARGUMENT);
+    }
+    state.last_call_token += 1;
+    let token = state.last_call_token;
+    state.http_calls.insert(
+        token,
+        HttpCall {
+            token,
+            upstream,
+            headers,
+            body,
+            trailers,
+            timeout: Duration::from_millis(u64::from(timeout as u32)),
+        },
+    );
+    Ok(written(write_u32(&mut c, token_ptr, token)))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1630,6 +1738,7 @@ struct Exports {
     response_headers: TypedFunc<(i32, i32, i32), i32>,
     response_body: TypedFunc<(i32, i32, i32), i32>,
     log: TypedFunc<i32, ()>,
+    http_call_response: TypedFunc<(i32, i32, i32, i32, i32), ()>,
     done: TypedFunc<i32, i32>,
     delete: TypedFunc<i32, ()>,
 }
@@ -1660,6 +1769,7 @@ impl Exports {
             response_headers: get(instance, store, "proxy_on_response_headers")?,
             response_body: get(instance, store, "proxy_on_response_body")?,
             log: get(instance, store, "proxy_on_log")?,
+            http_call_response: get(instance, store, "proxy_on_http_call_response")?,
             done: get(instance, store, "proxy_on_done")?,
             delete: get(instance, store, "proxy_on_delete")?,
         })
@@ -1835,15 +1945,95 @@ impl Vm {
         self.memory.data_size(&self.store)
     }
 
-    /// End the VM as Envoy does on shutdown: `proxy_on_done` then `proxy_on_delete` on the
-    /// root context. Returns what `proxy_on_done` answered.
+    /// End the VM as Envoy does on shutdown: `proxy_on_done` on the root context, then
+    /// `proxy_on_delete` if it answered true. If it answered false, the VM stays alive for its
+    /// callbacks (answer its calls with [`Vm::respond_call`] / [`Vm::fail_call`]) until the
+    /// filter calls `proxy_done`, and `proxy_on_delete` follows ([`Vm::finished`]). Returns
+    /// what `proxy_on_done` answered.
     pub fn shutdown(&mut self) -> Result<bool> {
-        let (done, delete) = (self.exports.done.clone(), self.exports.delete.clone());
+        let done = self.exports.done.clone();
         let root = ROOT_CONTEXT_ID as i32;
         let finished = self.guard("proxy_on_done", |store| done.call(store, root))? != 0;
+        if finished {
+            self.delete_root()?;
+        } else {
+            self.store.data_mut().done_pending = true;
+        }
+        Ok(finished)
+    }
+
+    fn delete_root(&mut self) -> Result<()> {
+        let delete = self.exports.delete.clone();
+        let root = ROOT_CONTEXT_ID as i32;
         self.guard("proxy_on_delete", |store| delete.call(store, root))?;
         self.finished = true;
-        Ok(finished)
+        Ok(())
+    }
+
+    /// The root context was deleted (after [`Vm::shutdown`]); the VM takes no more calls.
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Clusters `proxy_http_call` may name (others are `BadArgument`); by default, any.
+    pub fn set_known_clusters(&mut self, clusters: &[&str]) {
+        self.store.data_mut().known_clusters =
+            Some(clusters.iter().map(|c| (*c).to_string()).collect());
+    }
+
+    /// Calls the filter made that have not been answered, oldest first.
+    pub fn pending_calls(&self) -> Vec<HttpCall> {
+        self.store.data().http_calls.values().cloned().collect()
+    }
+
+    /// Answer call `token`: `:status` `status` plus `headers`, and `body`, delivered with
+    /// `proxy_on_http_call_response` on the root context.
+    pub fn respond_call(
+        &mut self,
+        token: u32,
+        status: u16,
+        headers: &[(&str, &[u8])],
+        body: &[u8],
+    ) -> Result<()> {
+        let mut map = vec![(":status".to_string(), status.to_string().into_bytes())];
+        map.extend(
+            headers
+                .iter()
+                .map(|(n, v)| (n.to_ascii_lowercase(), v.to_vec())),
+        );
+        self.deliver_call(
+            token,
+            CallResponse {
+                headers: Some(map),
+                body: Some(body.to_vec()),
+            },
+        )
+    }
+
+    /// Fail call `token` as Envoy reports a reset or a timeout without a response: 0 headers,
+    /// 0 body bytes, no response maps.
+    pub fn fail_call(&mut self, token: u32) -> Result<()> {
+        self.deliver_call(token, CallResponse::default())
+    }
+
+    fn deliver_call(&mut self, token: u32, response: CallResponse) -> Result<()> {
+        if self.store.data_mut().http_calls.remove(&token).is_none() {
+            bail!("no call with token {token} is pending");
+        }
+        let n_headers = response.headers.as_ref().map_or(0, Vec::len) as i32;
+        let body_size = response.body.as_ref().map_or(0, Vec::len) as i32;
+        self.store.data_mut().call_response = Some(response);
+        let f = self.exports.http_call_response.clone();
+        let root = ROOT_CONTEXT_ID as i32;
+        let result = self.guard("proxy_on_http_call_response", |store| {
+            f.call(store, (root, token as i32, n_headers, body_size, 0))
+        });
+        self.store.data_mut().call_response = None;
+        result?;
+        if self.store.data().done_called && !self.finished {
+            self.delete_root()?;
+        }
+        Ok(())
     }
 
     fn stream(&mut self) -> Result<&mut Stream> {

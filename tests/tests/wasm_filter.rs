@@ -17,7 +17,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tollgate_devkit::{jwks, KeyAlg, LicenseSpec, SigningKey};
-use tollgate_tests::wasm_host::{Exchange, FilterHost, LogLevel, Request, SharedData, Vm};
+use tollgate_tests::wasm_host::{
+    Exchange, FilterHost, HttpCall, LogLevel, Request, SharedData, Vm,
+};
+use tollgate_wire::{AckStatus, BatchAck, Meter, UsageBatch, KEY_ID_HEADER, SIGNATURE_HEADER};
 
 const NOW: u64 = 1_780_000_000;
 const SECOND: u64 = 1_000_000_000;
@@ -834,4 +837,530 @@ fn malformed_credentials_are_refused_without_ever_trapping() {
         "the filter holds {} bytes",
         vm.memory_bytes()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shipping usage to the collector
+// ---------------------------------------------------------------------------------------------
+
+const SECRET: &str = "collector-secret-0123456789";
+
+/// The test configuration with a collector; ticks every 50 ms, seals every second.
+fn collector_config(extra: Value) -> Value {
+    let mut c = config();
+    c["stats_flush_interval_ms"] = json!(50);
+    let mut collector = json!({
+        "instance": "node-a/tollgate",
+        "key_id": "k1",
+        "secret": SECRET,
+        "retry_initial_ms": 100,
+        "retry_max_ms": 400,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        collector[k] = v.clone();
+    }
+    c["collector"] = collector;
+    c
+}
+
+fn tick(vm: &mut Vm) {
+    vm.tick().unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(!vm.trapped(), "{:?}", vm.trap());
+}
+
+/// The one call in flight: checks the collector's contract and decodes the batch.
+fn pending_batch(vm: &Vm) -> (HttpCall, UsageBatch) {
+    let calls = vm.pending_calls();
+    assert_eq!(calls.len(), 1, "one batch in flight at a time: {calls:?}");
+    let call = calls.into_iter().next().unwrap();
+    assert_eq!(call.upstream, "tollgate_collector");
+    assert_eq!(call.header(":method").as_deref(), Some("POST"));
+    assert_eq!(call.header(":path").as_deref(), Some("/v1/usage"));
+    assert_eq!(
+        call.header(":authority").as_deref(),
+        Some("tollgate-collector")
+    );
+    assert_eq!(
+        call.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(call.header(KEY_ID_HEADER).as_deref(), Some("k1"));
+    let signature = call.header(SIGNATURE_HEADER).unwrap();
+    assert!(
+        tollgate_wire::verify(SECRET.as_bytes(), &call.body, &signature),
+        "bad signature {signature}"
+    );
+    assert!(!tollgate_wire::verify(
+        b"another secret!!",
+        &call.body,
+        &signature
+    ));
+    assert_eq!(call.timeout, Duration::from_secs(5));
+    let batch = UsageBatch::decode(&call.body).unwrap();
+    assert!(
+        batch.batch_id.starts_with("node-a/tollgate/"),
+        "{}",
+        batch.batch_id
+    );
+    (call, batch)
+}
+
+fn ack(batch_id: &str, status: AckStatus, records: usize) -> Vec<u8> {
+    BatchAck {
+        version: 1,
+        batch_id: batch_id.into(),
+        status,
+        records: records as u64,
+    }
+    .encode()
+}
+
+/// A collector that stores each batch id once, as the real one does.
+#[derive(Default)]
+struct Collector {
+    stored: std::collections::BTreeMap<String, UsageBatch>,
+}
+
+impl Collector {
+    /// Store the pending batch; answer with its ack (`deliver: false`: the answer is lost).
+    fn take(&mut self, vm: &mut Vm, deliver: bool) -> UsageBatch {
+        let (call, batch) = pending_batch(vm);
+        let status = if self.stored.contains_key(&batch.batch_id) {
+            AckStatus::Duplicate
+        } else {
+            self.stored.insert(batch.batch_id.clone(), batch.clone());
+            AckStatus::Accepted
+        };
+        if deliver {
+            let body = ack(&batch.batch_id, status, batch.records.len());
+            vm.respond_call(
+                call.token,
+                200,
+                &[("content-type", b"application/json")],
+                &body,
+            )
+            .unwrap();
+        } else {
+            vm.fail_call(call.token).unwrap();
+        }
+        assert!(!vm.trapped(), "{:?}", vm.trap());
+        batch
+    }
+
+    fn units(&self, meter: Meter) -> u64 {
+        self.stored.values().map(|b| b.units(meter)).sum()
+    }
+}
+
+/// What the client side saw: calls, request bytes, response bytes.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Served {
+    calls: u64,
+    request_bytes: u64,
+    response_bytes: u64,
+}
+
+impl Served {
+    fn add(&mut self, ex: &Exchange) {
+        self.calls += 1;
+        self.request_bytes += ex.upstream.as_ref().map_or(0, |u| u.body.len() as u64);
+        self.response_bytes += ex.body().len() as u64;
+    }
+}
+
+fn mixed_requests(vm: &mut Vm, t: &str, served: &mut Served) {
+    for _ in 0..3 {
+        let ex = send(
+            vm,
+            Request::post("/v1/search")
+                .bearer(t)
+                .body("hello")
+                .body(", world")
+                .response_body(["0123456789", "abc"])
+                .upstream_latency(Duration::from_millis(2)),
+        );
+        assert_eq!(ex.status(), 200, "{ex:?}");
+        served.add(&ex);
+    }
+    for request in [
+        Request::get("/v1/search"),
+        Request::get("/v2/nothing").bearer(t),
+        Request::post("/v1/design").bearer(t),
+        Request::get("/healthz"),
+    ] {
+        let ex = send(vm, request);
+        assert_ne!(ex.status(), 0);
+        served.add(&ex);
+    }
+}
+
+#[test]
+fn batches_carry_exactly_the_usage_served_signed() {
+    let k = keys();
+    let mut vm = start(&collector_config(json!({})));
+    assert_eq!(vm.tick_period(), Some(Duration::from_millis(50)));
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    let mut served = Served::default();
+    let mut collector = Collector::default();
+
+    mixed_requests(&mut vm, &t, &mut served);
+    // Not sealed before the flush interval; folded into stats all the same.
+    vm.advance(Duration::from_millis(500));
+    tick(&mut vm);
+    assert!(vm.pending_calls().is_empty());
+    // Allowed: three licensed calls and one public.
+    assert_eq!(vm.metric("tollgate.requests_allowed"), Some(4));
+    vm.advance(Duration::from_millis(500));
+    // (The upstream latency moved the fake clock too.)
+    let sealed_at = vm.now() / 1_000_000;
+    tick(&mut vm);
+    let first = collector.take(&mut vm, true);
+    assert_eq!(first.sequence, 1);
+    assert_eq!(first.source.vm_started_ms, NOW * 1000);
+    assert!(first
+        .records
+        .iter()
+        .all(|r| r.window_start_ms == NOW * 1000 && r.window_end_ms == sealed_at));
+    let allowed_calls: u64 = first
+        .records
+        .iter()
+        .filter(|r| r.meter == Meter::Calls && r.outcome == "allowed" && r.feature == "search")
+        .map(|r| r.units)
+        .sum();
+    assert_eq!(allowed_calls, 3);
+    assert!(first
+        .records
+        .iter()
+        .any(|r| r.outcome == "missing_token" && r.account.is_empty()));
+    assert!(first
+        .records
+        .iter()
+        .any(|r| r.outcome == "allowed" && r.account == "acct-1" && r.license == "lic-1"));
+
+    // A second window.
+    mixed_requests(&mut vm, &t, &mut served);
+    vm.advance(Duration::from_secs(1));
+    tick(&mut vm);
+    let second = collector.take(&mut vm, true);
+    assert_eq!(second.sequence, 2);
+    assert_eq!(second.records[0].window_start_ms, sealed_at);
+
+    // Nothing more to send.
+    vm.advance(Duration::from_secs(1));
+    tick(&mut vm);
+    assert!(vm.pending_calls().is_empty());
+    assert_eq!(
+        Served {
+            calls: collector.units(Meter::Calls),
+            request_bytes: collector.units(Meter::RequestBytes),
+            response_bytes: collector.units(Meter::ResponseBytes),
+        },
+        served
+    );
+    assert_eq!(served.calls, 14);
+    assert_eq!(collector.units(Meter::ProcessingNs), 6 * 2_000_000);
+    let records = (first.records.len() + second.records.len()) as u64;
+    let m = |name: &str| {
+        vm.metric(name)
+            .unwrap_or_else(|| panic!("{name} undefined"))
+    };
+    assert_eq!(m("tollgate.usage_batches_sent"), 2);
+    assert_eq!(m("tollgate.usage_batches_acked"), 2);
+    assert_eq!(m("tollgate.usage_batches_failed"), 0);
+    assert_eq!(m("tollgate.usage_records_acked"), records);
+    assert_eq!(m("tollgate.usage_buffered_records"), 0);
+    assert_eq!(m("tollgate.usage_buffered_batches"), 0);
+    assert_eq!(m("tollgate.usage_dropped_calls"), 0);
+    // The stats still see everything too.
+    assert_eq!(m("tollgate.requests_allowed"), 8);
+    assert_eq!(m("tollgate.request_bytes"), served.request_bytes);
+    assert_eq!(m("tollgate.response_bytes"), served.response_bytes);
+    assert!(
+        vm.logs().iter().all(|(level, _)| *level < LogLevel::Warn),
+        "{}",
+        vm.log_text()
+    );
+    assert!(vm.host_notes().is_empty(), "{:?}", vm.host_notes());
+}
+
+/// A way for a call to the collector to fail.
+type Failure = dyn Fn(&mut Vm, u32);
+
+#[test]
+fn failed_sends_are_retried_with_the_same_batch_after_backoff_and_counted_once() {
+    let k = keys();
+    let mut vm = start(&collector_config(json!({})));
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    let mut served = Served::default();
+    let mut collector = Collector::default();
+    mixed_requests(&mut vm, &t, &mut served);
+    vm.advance(Duration::from_secs(1));
+    tick(&mut vm);
+    let (first, batch) = pending_batch(&vm);
+
+    // Retries: after a 503, after a transport failure, after an ack for another batch, after
+    // a 200 that is no ack. Each is the same batch, byte for byte, after the backoff.
+    let failures: Vec<Box<Failure>> = vec![
+        Box::new(|vm, token| {
+            vm.respond_call(token, 503, &[], b"{\"error\":\"unavailable\"}")
+                .unwrap()
+        }),
+        Box::new(|vm, token| vm.fail_call(token).unwrap()),
+        Box::new(|vm, token| {
+            let other = ack("node-a/tollgate/1/99", AckStatus::Accepted, 4);
+            vm.respond_call(token, 200, &[], &other).unwrap()
+        }),
+        Box::new(|vm, token| {
+            vm.respond_call(token, 200, &[], b"\xff\xfe not json")
+                .unwrap()
+        }),
+    ];
+    let mut token = first.token;
+    // Backoff with equal jitter: 100 ms doubling up to 400 ms, each in [exp/2, exp].
+    for (failure, exp) in failures.iter().zip([100u64, 200, 400, 400]) {
+        failure(&mut vm, token);
+        assert!(!vm.trapped(), "{:?}", vm.trap());
+        assert!(vm.pending_calls().is_empty(), "not before the backoff");
+        // Ticks every 50 ms until the retry goes out.
+        let mut waited = 0;
+        while vm.pending_calls().is_empty() {
+            vm.advance(Duration::from_millis(50));
+            waited += 50;
+            tick(&mut vm);
+            assert!(waited <= exp + 50, "no retry after {waited} ms");
+        }
+        assert!(
+            waited >= exp / 2,
+            "retried after {waited} ms (backoff {exp})"
+        );
+        let (retry, again) = pending_batch(&vm);
+        assert_eq!(retry.body, first.body);
+        assert_eq!(again.batch_id, batch.batch_id);
+        token = retry.token;
+    }
+    // Meanwhile more usage was sealed into a second batch, which waits its turn.
+    mixed_requests(&mut vm, &t, &mut served);
+    vm.advance(Duration::from_secs(1));
+    tick(&mut vm);
+    assert_eq!(vm.pending_calls().len(), 1);
+    assert_eq!(vm.metric("tollgate.usage_buffered_batches"), Some(2));
+
+    // The collector stores the batch but the answer is lost; the retry is a duplicate.
+    let stored = collector.take(&mut vm, false);
+    assert_eq!(stored.batch_id, batch.batch_id);
+    while vm.pending_calls().is_empty() {
+        vm.advance(Duration::from_millis(50));
+        tick(&mut vm);
+    }
+    let again = collector.take(&mut vm, true);
+    assert_eq!(again.batch_id, batch.batch_id);
+    // The ack sends the next batch at once.
+    let (_, next) = pending_batch(&vm);
+    assert_eq!(next.sequence, 2);
+    collector.take(&mut vm, true);
+    assert!(vm.pending_calls().is_empty());
+
+    assert_eq!(collector.stored.len(), 2);
+    assert_eq!(collector.units(Meter::Calls), served.calls);
+    assert_eq!(collector.units(Meter::ResponseBytes), served.response_bytes);
+    assert_eq!(collector.units(Meter::RequestBytes), served.request_bytes);
+    let m = |name: &str| vm.metric(name).unwrap();
+    assert_eq!(m("tollgate.usage_batches_failed"), 5);
+    assert_eq!(m("tollgate.usage_batches_acked"), 2);
+    assert_eq!(m("tollgate.usage_batches_sent"), 7);
+    assert_eq!(m("tollgate.usage_buffered_records"), 0);
+    assert!(vm.host_notes().is_empty(), "{:?}", vm.host_notes());
+}
+
+#[test]
+fn an_unknown_cluster_is_a_failed_send_and_retried() {
+    let k = keys();
+    let mut vm = start(&collector_config(json!({})));
+    vm.set_known_clusters(&["some_other_cluster"]);
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    let mut served = Served::default();
+    mixed_requests(&mut vm, &t, &mut served);
+    vm.advance(Duration::from_secs(1));
+    tick(&mut vm);
+    assert!(vm.pending_calls().is_empty());
+    assert_eq!(vm.metric("tollgate.usage_batches_failed"), Some(1));
+    assert!(
+        vm.log_text().contains("tollgate_collector"),
+        "{}",
+        vm.log_text()
+    );
+    vm.set_known_clusters(&["tollgate_collector"]);
+    vm.advance(Duration::from_millis(150));
+    tick(&mut vm);
+    let mut collector = Collector::default();
+    collector.take(&mut vm, true);
+    assert_eq!(collector.units(Meter::Calls), served.calls);
+}
+
+#[test]
+fn fail_closed_refuses_with_503_while_the_buffer_is_full_and_recovers_on_acks() {
+    let k = keys();
+    let mut vm = start(&collector_config(json!({"max_buffered_records": 2})));
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    let search = || Request::get("/v1/search").bearer(&t);
+    let mut collector = Collector::default();
+    let mut served = Served::default();
+
+    // Two records (calls and response bytes of one aggregate) fill the buffer.
+    for _ in 0..2 {
+        let ex = send(&mut vm, search());
+        assert_eq!(ex.status(), 200);
+        served.add(&ex);
+    }
+    vm.advance(Duration::from_secs(1));
+    tick(&mut vm);
+    assert_eq!(vm.pending_calls().len(), 1);
+    assert_eq!(vm.metric("tollgate.usage_buffered_records"), Some(2));
+
+    // The collector does not answer: every request is refused, public routes too.
+    for request in [
+        search(),
+        Request::get("/healthz"),
+        Request::get("/v1/search"),
+    ] {
+        let ex = send(&mut vm, request);
+        assert_refused(&ex, 503, "metering_unavailable");
+        assert_eq!(ex.header("retry-after").as_deref(), Some("1"));
+        assert!(ex.upstream.is_none());
+        served.add(&ex);
+    }
+    vm.advance(Duration::from_secs(1));
+    tick(&mut vm);
+    assert_eq!(
+        vm.metric("tollgate.requests_refused.reason.metering_unavailable"),
+        Some(3)
+    );
+    let ex = send(&mut vm, search());
+    assert_refused(&ex, 503, "metering_unavailable");
+    served.add(&ex);
+
+    // The ack of the first batch sends the second (the refusals), still too much.
+    collector.take(&mut vm, true);
+    let ex = send(&mut vm, search());
+    assert_refused(&ex, 503, "metering_unavailable");
+    served.add(&ex);
+    // Its ack empties the buffer: served again.
+    collector.take(&mut vm, true);
+    let ex = send(&mut vm, search());
+    assert_eq!(ex.status(), 200, "{ex:?}");
+    served.add(&ex);
+    assert!(
+        vm.log_text().contains("metering_unavailable"),
+        "{}",
+        vm.log_text()
+    );
+
+    // Everything, refusals included, reaches the collector in the end.
+    vm.advance(Duration::from_secs(1));
+    tick(&mut vm);
+    collector.take(&mut vm, true);
+    assert_eq!(collector.units(Meter::Calls), served.calls);
+    assert_eq!(collector.units(Meter::ResponseBytes), served.response_bytes);
+    assert_eq!(vm.metric("tollgate.usage_dropped_calls"), Some(0));
+}
+
+#[test]
+fn fail_open_serves_and_counts_exactly_the_calls_it_could_not_keep() {
+    let k = keys();
+    let mut vm = start(&collector_config(
+        json!({"max_buffered_records": 2, "on_buffer_full": "fail_open"}),
+    ));
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    let search = || Request::get("/v1/search").bearer(&t);
+    let mut collector = Collector::default();
+
+    for _ in 0..2 {
+        assert_eq!(send(&mut vm, search()).status(), 200);
+    }
+    vm.advance(Duration::from_secs(1));
+    tick(&mut vm);
+    // Full, unanswered: still served; three calls' usage does not fit.
+    for _ in 0..3 {
+        assert_eq!(send(&mut vm, search()).status(), 200);
+    }
+    assert_eq!(send(&mut vm, Request::get("/healthz")).status(), 200);
+    vm.advance(Duration::from_secs(1));
+    tick(&mut vm);
+    assert_eq!(vm.metric("tollgate.usage_dropped_calls"), Some(4));
+    let warnings: Vec<String> = vm
+        .logs()
+        .into_iter()
+        .filter(|(level, _)| *level == LogLevel::Warn)
+        .map(|(_, m)| m)
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("4 calls"), "{}", warnings[0]);
+
+    collector.take(&mut vm, true);
+    assert_eq!(send(&mut vm, search()).status(), 200);
+    vm.advance(Duration::from_secs(1));
+    tick(&mut vm);
+    collector.take(&mut vm, true);
+    // 7 served, 4 dropped.
+    assert_eq!(collector.units(Meter::Calls), 3);
+    assert_eq!(vm.metric("tollgate.usage_dropped_calls"), Some(4));
+    // 6 licensed calls and 1 public one.
+    assert_eq!(vm.metric("tollgate.requests_allowed"), Some(7));
+}
+
+#[test]
+fn shutdown_sends_what_is_left_and_waits_for_the_answer() {
+    let k = keys();
+    let mut vm = start(&collector_config(json!({})));
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    let mut served = Served::default();
+    let mut collector = Collector::default();
+    mixed_requests(&mut vm, &t, &mut served);
+    vm.advance(Duration::from_secs(1));
+    tick(&mut vm);
+    // The first batch fails and is in backoff; more usage is still open.
+    let (call, _) = pending_batch(&vm);
+    vm.fail_call(call.token).unwrap();
+    mixed_requests(&mut vm, &t, &mut served);
+
+    assert!(!vm.shutdown().unwrap(), "on_done waits for the last sends");
+    assert!(!vm.finished());
+    collector.take(&mut vm, true);
+    assert!(!vm.finished(), "the second batch goes next");
+    collector.take(&mut vm, true);
+    assert!(vm.finished(), "proxy_done after the last answer");
+    assert!(!vm.trapped(), "{:?}", vm.trap());
+    assert_eq!(collector.units(Meter::Calls), served.calls);
+    assert_eq!(vm.metric("tollgate.usage_buffered_records"), Some(0));
+    assert!(vm.host_notes().is_empty(), "{:?}", vm.host_notes());
+
+    // A failure while shutting down ends the wait (and says what is lost).
+    let mut vm = start(&collector_config(json!({})));
+    mixed_requests(&mut vm, &t, &mut Served::default());
+    assert!(!vm.shutdown().unwrap());
+    let (call, _) = pending_batch(&vm);
+    vm.fail_call(call.token).unwrap();
+    assert!(vm.finished());
+    assert!(vm.log_text().contains("are lost"), "{}", vm.log_text());
+    assert!(vm.host_notes().is_empty(), "{:?}", vm.host_notes());
+}
+
+#[test]
+fn workers_starting_in_the_same_millisecond_get_distinct_batch_ids() {
+    let k = keys();
+    let shared = SharedData::new();
+    let mut a = start_with(&collector_config(json!({})), &shared);
+    let mut b = start_with(&collector_config(json!({})), &shared);
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    let mut ids = Vec::new();
+    for vm in [&mut a, &mut b] {
+        assert_eq!(
+            send(vm, Request::get("/v1/search").bearer(&t)).status(),
+            200
+        );
+        vm.advance(Duration::from_secs(1));
+        tick(vm);
+        ids.push(pending_batch(vm).1.batch_id);
+    }
+    assert_ne!(ids[0], ids[1]);
 }

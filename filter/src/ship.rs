@@ -1,0 +1,364 @@
+//! Shipping usage to the collector: the host side of the core's [`Shipper`]. The root context
+//! seals the usage it drains on each tick into batches, sends one at a time with
+//! `proxy_http_call`, and reports each answer back to the shipper.
+//!
+//! Only a 200 whose body is a `BatchAck` for the batch in flight acknowledges it; anything
+//! else (a failed call, a timeout, another status, a body that is not an ack) is a failure and
+//! the batch is retried with backoff.
+
+use std::time::Duration;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
+use tollgate_core::config::CollectorPolicy;
+use tollgate_core::meter::Ledger;
+use tollgate_core::shipper::{Overflow, Shipper};
+use tollgate_core::{Policy, UsageKey, UsageTotals};
+use tollgate_wire::{BatchAck, Source, KEY_ID_HEADER, SIGNATURE_HEADER};
+
+use crate::host::{add, counter, gauge, move_gauge};
+use crate::log;
+
+/// An acknowledgement is small; a larger body is not one.
+const MAX_ACK_BYTES: usize = 64 * 1024;
+
+/// Shared-data key holding the last VM start time handed out (see [`unique_start_ms`]).
+const START_KEY: &str = "tollgate.shipper.vm_started_ms";
+
+/// How long past the call's own timeout a call may stay unanswered before it counts as
+/// failed (Envoy always answers by the timeout; this only guards against a lost callback).
+const WATCHDOG_GRACE_MS: u64 = 1000;
+
+struct OutboxMetrics {
+    sent: u32,
+    acked: u32,
+    failed: u32,
+    records_acked: u32,
+    dropped_calls: u32,
+    buffered_records: u32,
+    buffered_batches: u32,
+}
+
+impl OutboxMetrics {
+    fn define() -> Result<OutboxMetrics, String> {
+        Ok(OutboxMetrics {
+            sent: counter("tollgate.usage_batches_sent")?,
+            acked: counter("tollgate.usage_batches_acked")?,
+            failed: counter("tollgate.usage_batches_failed")?,
+            records_acked: counter("tollgate.usage_records_acked")?,
+            dropped_calls: counter("tollgate.usage_dropped_calls")?,
+            buffered_records: gauge("tollgate.usage_buffered_records")?,
+            buffered_batches: gauge("tollgate.usage_buffered_batches")?,
+        })
+    }
+}
+
+struct InFlight {
+    token: u32,
+    batch_id: String,
+    records: usize,
+    sent_ms: u64,
+}
+
+/// What became of a call the collector answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    Acknowledged,
+    Failed,
+    /// Not the call in flight (a late answer to a call the watchdog gave up on).
+    Unknown,
+}
+
+/// One VM's usage on its way to the collector.
+pub struct Outbox {
+    settings: CollectorPolicy,
+    shipper: Shipper,
+    /// Usage drained from the gate, not sealed yet.
+    open: Ledger,
+    in_flight: Option<InFlight>,
+    metrics: OutboxMetrics,
+    /// What this VM added to the shared gauges (records, batches).
+    reported: (i64, i64),
+    reported_dropped_calls: u64,
+}
+
+impl Outbox {
+    pub fn new(settings: &CollectorPolicy, now_ms: u64) -> Result<Outbox, String> {
+        let metrics = OutboxMetrics::define()?;
+        let source = Source {
+            instance: settings.instance.clone(),
+            vm_started_ms: unique_start_ms(now_ms),
+        };
+        Ok(Outbox {
+            shipper: Shipper::new(settings.shipper, source, now_ms),
+            settings: settings.clone(),
+            open: Ledger::default(),
+            in_flight: None,
+            metrics,
+            reported: (0, 0),
+            reported_dropped_calls: 0,
+        })
+    }
+
+    /// New settings for a reconfigured VM; held batches keep their ids and are still sent.
+    pub fn reconfigure(&mut self, settings: &CollectorPolicy) {
+        self.shipper.set_config(settings.shipper);
+        self.settings = settings.clone();
+    }
+
+    pub fn flush_interval_ms(&self) -> u64 {
+        self.settings.shipper.flush_interval_ms
+    }
+
+    /// True while requests must be refused: the buffer is full under fail-closed.
+    pub fn blocked(&self) -> bool {
+        self.settings.shipper.overflow == Overflow::FailClosed && !self.shipper.has_room()
+    }
+
+    pub fn in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    pub fn buffered_records(&self) -> usize {
+        self.shipper.buffered_records()
+    }
+
+    /// Take usage drained from the gate.
+    pub fn absorb(&mut self, usage: Vec<(UsageKey, UsageTotals)>) {
+        for (key, totals) in usage {
+            self.open.record(key, totals);
+        }
+    }
+
+    /// The periodic work: give up on a call that outlived its timeout, seal when due, send.
+    pub fn tick(&mut self, policy: &Policy, now_ms: u64) {
+        let overdue = self.in_flight.as_ref().is_some_and(|f| {
+            now_ms.saturating_sub(f.sent_ms)
+                > self.settings.timeout_ms.saturating_add(WATCHDOG_GRACE_MS)
+        });
+        if overdue {
+            if let Some(call) = self.in_flight.take() {
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "usage batch {} got no answer within {} ms; retrying",
+                        call.batch_id, self.settings.timeout_ms
+                    ),
+                );
+                self.fail(&call.batch_id, now_ms);
+            }
+        }
+        // Each aggregate makes at most four records.
+        if self
+            .shipper
+            .seal_due(self.open.len().saturating_mul(4), now_ms)
+        {
+            self.seal(policy, now_ms);
+        }
+        self.send(now_ms, false);
+        self.report();
+    }
+
+    /// Seal the open usage into batches now.
+    pub fn seal(&mut self, policy: &Policy, now_ms: u64) {
+        let usage = self.open.drain();
+        self.shipper
+            .seal(usage, |feature| policy.feature_name(feature), now_ms);
+        let dropped = self.shipper.dropped().calls;
+        let new_drops = dropped.saturating_sub(self.reported_dropped_calls);
+        if new_drops > 0 {
+            self.reported_dropped_calls = dropped;
+            add(self.metrics.dropped_calls, new_drops);
+            log(
+                LogLevel::Warn,
+                &format!(
+                    "usage buffer full ({} records unacknowledged): the usage of {new_drops} calls was dropped (on_buffer_full: fail_open)",
+                    self.shipper.buffered_records()
+                ),
+            );
+        }
+        self.report();
+    }
+
+    /// Send the next batch if none is in flight and one is due (`last`: due or not, the last
+    /// try of a VM shutting down).
+    pub fn send(&mut self, now_ms: u64, last: bool) {
+        if self.in_flight.is_some() {
+            return;
+        }
+        let next = if last {
+            self.shipper.next_send_final()
+        } else {
+            self.shipper.next_send(now_ms)
+        };
+        let Some(out) = next else {
+            return;
+        };
+        let signature = tollgate_wire::sign(&self.settings.secret, &out.body);
+        let headers = vec![
+            (":method", "POST"),
+            (":path", self.settings.path.as_str()),
+            (":authority", self.settings.authority.as_str()),
+            ("content-type", "application/json"),
+            (KEY_ID_HEADER, self.settings.key_id.as_str()),
+            (SIGNATURE_HEADER, signature.as_str()),
+        ];
+        let timeout = Duration::from_millis(self.settings.timeout_ms);
+        add(self.metrics.sent, 1);
+        match hostcalls::dispatch_http_call(
+            &self.settings.cluster,
+            headers,
+            Some(&out.body),
+            Vec::new(),
+            timeout,
+        ) {
+            Ok(token) => {
+                self.in_flight = Some(InFlight {
+                    token,
+                    batch_id: out.batch_id,
+                    records: out.records,
+                    sent_ms: now_ms,
+                });
+            }
+            Err(status) => {
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "cannot call the usage collector through cluster `{}` ({}); retrying",
+                        self.settings.cluster,
+                        status_name(status)
+                    ),
+                );
+                self.fail(&out.batch_id, now_ms);
+            }
+        }
+    }
+
+    fn fail(&mut self, batch_id: &str, now_ms: u64) {
+        add(self.metrics.failed, 1);
+        self.shipper.failed(batch_id, now_ms);
+    }
+
+    /// The collector answered call `token` (`num_headers` 0: the call failed).
+    pub fn answered(
+        &mut self,
+        token: u32,
+        num_headers: usize,
+        body_size: usize,
+        now_ms: u64,
+    ) -> Answer {
+        if self.in_flight.as_ref().map(|f| f.token) != Some(token) {
+            return Answer::Unknown;
+        }
+        let Some(call) = self.in_flight.take() else {
+            return Answer::Unknown;
+        };
+        let ack = if num_headers == 0 {
+            // A failed call (reset, no healthy host...): Envoy has no response maps then, and
+            // reading one would be an error the SDK turns into a panic.
+            None
+        } else {
+            read_ack(body_size)
+        };
+        let answer = match ack {
+            Some(ack) if ack.batch_id == call.batch_id && self.shipper.acknowledged(&ack) => {
+                add(self.metrics.acked, 1);
+                add(self.metrics.records_acked, call.records as u64);
+                Answer::Acknowledged
+            }
+            _ => {
+                // The shipper still holds the batch as in flight: mark it failed.
+                self.fail(&call.batch_id, now_ms);
+                Answer::Failed
+            }
+        };
+        self.report();
+        answer
+    }
+
+    /// Bring the shared gauges to this VM's figures.
+    fn report(&mut self) {
+        let records = i64::try_from(self.shipper.buffered_records()).unwrap_or(i64::MAX);
+        let batches = i64::try_from(self.shipper.buffered_batches()).unwrap_or(i64::MAX);
+        self.set_reported(records, batches);
+    }
+
+    fn set_reported(&mut self, records: i64, batches: i64) {
+        let (old_records, old_batches) = std::mem::replace(&mut self.reported, (records, batches));
+        move_gauge(
+            self.metrics.buffered_records,
+            records.saturating_sub(old_records),
+        );
+        move_gauge(
+            self.metrics.buffered_batches,
+            batches.saturating_sub(old_batches),
+        );
+    }
+
+    /// The VM is going away: take this VM's share out of the gauges, and say what is lost.
+    pub fn close(&mut self) {
+        let lost = self.shipper.buffered_records();
+        if lost > 0 {
+            log(
+                LogLevel::Warn,
+                &format!(
+                    "shutting down with {lost} usage records the collector has not acknowledged; they are lost"
+                ),
+            );
+        }
+        self.set_reported(0, 0);
+    }
+}
+
+/// The `:status` and body of the collector's answer, as an ack if they are one.
+fn read_ack(body_size: usize) -> Option<BatchAck> {
+    // Bytes getters only: the SDK's String getters unwrap UTF-8 and would panic.
+    let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()?;
+    if status.as_slice() != b"200" || body_size == 0 || body_size > MAX_ACK_BYTES {
+        return None;
+    }
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .ok()
+        .flatten()?;
+    BatchAck::decode(&body).ok()
+}
+
+fn status_name(status: Status) -> &'static str {
+    match status {
+        Status::BadArgument => "bad argument: unknown cluster?",
+        Status::InternalFailure => "internal failure",
+        _ => "error",
+    }
+}
+
+/// A VM start time (Unix ms) no other VM of this Envoy has: batch ids are
+/// `<instance>/<vm start ms>/<sequence>`, and two workers started in the same millisecond
+/// must not share ids (the collector would take the second batch for a retry of the first).
+/// The last time handed out is kept in shared data and advanced with compare-and-swap. Only
+/// the first write of the key is unconditional (Envoy's CAS 0); Envoy configures a canary VM
+/// on the main thread before any worker VM starts, so that first write does not race.
+fn unique_start_ms(now_ms: u64) -> u64 {
+    for _ in 0..32 {
+        let (last, cas) = match hostcalls::get_shared_data(START_KEY) {
+            Ok((Some(bytes), cas)) => match <[u8; 8]>::try_from(bytes.as_slice()) {
+                Ok(value) => (Some(u64::from_le_bytes(value)), cas),
+                Err(_) => (None, cas),
+            },
+            Ok((None, cas)) => (None, cas),
+            Err(_) => break,
+        };
+        let mine = last.map_or(now_ms, |last| now_ms.max(last.saturating_add(1)));
+        match hostcalls::set_shared_data(START_KEY, Some(&mine.to_le_bytes()), cas) {
+            Ok(()) => return mine,
+            Err(Status::CasMismatch) => continue,
+            Err(_) => break,
+        }
+    }
+    log(
+        LogLevel::Warn,
+        "could not reserve a unique VM start time in shared data; batch ids use the clock alone",
+    );
+    now_ms
+}
