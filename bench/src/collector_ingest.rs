@@ -56,6 +56,7 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let db = dir.join("usage.db");
     let keys = IngestKeys::parse([format!("bench={SECRET}").as_str()])?;
+    tollgate_collector::server::set_info_logs(false);
     let collector = Running::start(0, open(&format!("sqlite://{}", db.display()))?, keys)?;
     let url = collector.url("/v1/usage");
 

@@ -171,7 +171,18 @@ fn refusal(status: StatusCode, code: &str, message: impl Into<String>) -> Respon
         .into_response()
 }
 
+/// Whether `info` lines are logged (errors always are). The demo and benchmarks turn them off.
+static INFO_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turn the per-batch `info` log lines on or off.
+pub fn set_info_logs(enabled: bool) {
+    INFO_LOGS.store(enabled, Ordering::Relaxed);
+}
+
 fn log(fields: serde_json::Value) {
+    if fields["level"] == "info" && !INFO_LOGS.load(Ordering::Relaxed) {
+        return;
+    }
     let mut line = json!({"ts_ms": now_ms()});
     if let (Some(line), Some(fields)) = (line.as_object_mut(), fields.as_object()) {
         line.extend(fields.clone());

@@ -1,5 +1,6 @@
-//! The demo behind `make run`: an upstream API, a real Envoy with the Tollgate filter, demo
-//! licenses minted with the demo key, traffic that is allowed, refused and metered.
+//! The demo behind `make run`: an upstream API, the collector, a real Envoy with the Tollgate
+//! filter, demo licenses minted with the demo key, traffic that is allowed, refused and
+//! metered, and the usage the collector stored.
 //!
 //! `tollgate-demo` runs the script and exits; `tollgate-demo --keep-running` then keeps the
 //! stack up and prints curl commands to try.
@@ -8,11 +9,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
+use tollgate_collector::{open, IngestKeys, Running, UsageQuery};
 use tollgate_devkit::envoy::workspace_root;
 use tollgate_devkit::{unix_now, Bootstrap, Envoy, LicenseSpec, SigningKey, Upstream};
 
 const ISSUER: &str = "https://licenses.tollgate.example";
 const AUDIENCE: &str = "api.example.com";
+/// The demo's batch signing secret (demo only).
+const INGEST_SECRET: &str = "demo-ingest-secret-0123456789";
 
 struct Answer {
     status: u16,
@@ -57,14 +61,29 @@ fn main() -> Result<()> {
     let keep_running = std::env::args().any(|a| a == "--keep-running");
     let root = workspace_root();
     let key = SigningKey::load(&root.join("envoy/demo-signing-key.json"))?;
-    let config: Value = serde_json::from_slice(
+    let mut config: Value = serde_json::from_slice(
         &std::fs::read(root.join("envoy/tollgate.json")).context("reading envoy/tollgate.json")?,
     )?;
 
     println!("== Tollgate demo ==");
     let upstream = Upstream::start(0)?;
     println!("upstream API     http://{}", upstream.addr);
-    let bootstrap = Bootstrap::new(config, upstream.port()).to_json();
+    let scratch = std::env::temp_dir().join(format!("tollgate-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let database = format!("sqlite://{}", scratch.join("usage.db").display());
+    let keys = IngestKeys::parse([format!("demo={INGEST_SECRET}").as_str()])?;
+    tollgate_collector::server::set_info_logs(false);
+    let collector = Running::start(0, open(&database)?, keys)?;
+    println!("collector        http://{}   ({database})", collector.addr);
+    config["collector"] = serde_json::json!({
+        "instance": "demo/tollgate",
+        "key_id": "demo",
+        "secret": INGEST_SECRET,
+        "flush_interval_ms": 500,
+    });
+    let mut bootstrap = Bootstrap::new(config, upstream.port());
+    bootstrap.collector_port = Some(collector.addr.port());
+    let bootstrap = bootstrap.to_json();
     let envoy = Envoy::start("demo", &bootstrap, 2)?;
     println!(
         "envoy listener   {}   (2 worker threads, plugin config envoy/tollgate.json)",
@@ -186,6 +205,51 @@ fn main() -> Result<()> {
     }
     println!("upstream received {} requests", upstream.requests());
 
+    // Every call the clients made, as the collector stored it (batches arrive every 0.5 s).
+    let sent = (cases.len() + 20) as u64;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let rows = loop {
+        let rows = collector.state.store.usage(&UsageQuery::default())?;
+        let calls: u64 = rows
+            .iter()
+            .filter(|r| r.meter == "calls")
+            .map(|r| r.units)
+            .sum();
+        if calls >= sent || Instant::now() > deadline {
+            break rows;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!("\nusage stored by the collector (tollgate-collector usage --database {database}):");
+    println!(
+        "  {:<10} {:<16} {:<18} {:<22} {:<15} {:>8}",
+        "account", "license", "feature", "outcome", "meter", "units"
+    );
+    for r in &rows {
+        let or_dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_string()
+            } else {
+                s.to_string()
+            }
+        };
+        println!(
+            "  {:<10} {:<16} {:<18} {:<22} {:<15} {:>8}",
+            or_dash(&r.account),
+            or_dash(&r.license),
+            or_dash(&r.feature),
+            r.outcome,
+            r.meter,
+            r.units
+        );
+    }
+    let stored: u64 = rows
+        .iter()
+        .filter(|r| r.meter == "calls")
+        .map(|r| r.units)
+        .sum();
+    println!("  {stored} calls stored for {sent} sent");
+
     if keep_running {
         println!("\nThe stack stays up; Ctrl-C stops it. Try:");
         println!(
@@ -208,5 +272,8 @@ fn main() -> Result<()> {
             std::thread::sleep(Duration::from_secs(3600));
         }
     }
+    drop(envoy);
+    drop(collector);
+    let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
 }
