@@ -271,6 +271,13 @@ fn request_header(name: &str) -> Option<Vec<u8>> {
         .flatten()
 }
 
+/// Refuse with 503 and `body`: the request can be neither checked nor metered.
+fn not_configured(body: &[u8]) -> Action {
+    let headers = vec![("content-type", "application/json")];
+    let _ = hostcalls::send_http_response(503, headers, Some(body));
+    Action::Pause
+}
+
 /// Forward with the license headers, strip forged ones, or send the refusal.
 fn answer(admission: &Admission, policy: &Policy) {
     match &admission.verdict {
@@ -303,19 +310,20 @@ impl HttpContext for TollgateHttp {
         self.started_nanos = now_nanos();
         let Some(gate) = self.gate.clone() else {
             // The VM has no valid configuration; Envoy normally refuses to start so. Fail closed.
-            let body = br#"{"error":"not_configured","message":"the licensing filter has no valid configuration"}"#;
-            let _ = hostcalls::send_http_response(
-                503,
-                vec![("content-type", "application/json")],
-                Some(body),
-            );
-            return Action::Pause;
+            return not_configured(br#"{"error":"not_configured","message":"the licensing filter has no valid configuration"}"#);
         };
         let (admission, policy) = {
             // try_borrow: a re-entrant callback must get an error path, never a panic.
             let Ok(mut gate) = gate.try_borrow_mut() else {
-                log(LogLevel::Error, "gate busy in on_http_request_headers");
-                return Action::Continue;
+                // Cannot happen (callbacks do not nest); if it did, the request could be
+                // neither checked nor metered, so it is refused, as with no configuration.
+                log(
+                    LogLevel::Error,
+                    "gate busy in on_http_request_headers; request refused",
+                );
+                return not_configured(
+                    br#"{"error":"not_configured","message":"the licensing filter is not ready"}"#,
+                );
             };
             let path = request_header(":path").unwrap_or_default();
             let method = request_header(":method").unwrap_or_default();
