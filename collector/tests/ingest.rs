@@ -106,16 +106,19 @@ fn post(c: &Running, key: &str, secret: &str, body: &[u8]) -> (u16, Value) {
     )
 }
 
-fn total(c: &Running, meter: &str) -> u64 {
-    let body = ureq::get(&c.url(&format!("/v1/usage?meter={meter}&granularity=month")))
+/// The rows of `GET /v1/usage?<query>`.
+fn usage_rows(c: &Running, query: &str) -> Vec<Value> {
+    let body = ureq::get(&c.url(&format!("/v1/usage?{query}")))
         .call()
         .unwrap()
         .into_string()
         .unwrap();
     let body: Value = serde_json::from_str(&body).unwrap();
-    body["rows"]
-        .as_array()
-        .unwrap()
+    body["rows"].as_array().unwrap().clone()
+}
+
+fn total(c: &Running, meter: &str) -> u64 {
+    usage_rows(c, &format!("meter={meter}&granularity=month"))
         .iter()
         .map(|r| r["units"].as_u64().unwrap())
         .sum()
@@ -250,15 +253,7 @@ fn usage_is_summed_by_calendar_period_on(db: &Backend) {
     post(&c, "k1", SECRET, &batch(2, 2, T0 + hour).encode());
     post(&c, "k1", SECRET, &batch(3, 4, T0 + 30 * 24 * hour).encode());
     let rows = |granularity: &str| -> Vec<(String, u64)> {
-        let body = ureq::get(&c.url(&format!("/v1/usage?meter=calls&granularity={granularity}")))
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap();
-        let body: Value = serde_json::from_str(&body).unwrap();
-        body["rows"]
-            .as_array()
-            .unwrap()
+        usage_rows(&c, &format!("meter=calls&granularity={granularity}"))
             .iter()
             .map(|r| {
                 (
