@@ -14,8 +14,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tollgate_wire::{
-    AckStatus, BatchAck, UsageBatch, WireError, KEY_ID_HEADER, MAX_BATCH_BYTES, SIGNATURE_HEADER,
-    VERSION,
+    AckStatus, BatchAck, Refusal, UsageBatch, WireError, KEY_ID_HEADER, MAX_BATCH_BYTES,
+    SIGNATURE_HEADER, VERSION,
 };
 
 use crate::store::{now_ms, Ingested, Store, UsageQuery};
@@ -166,7 +166,8 @@ pub fn app(state: Arc<AppState>) -> Router {
 fn refusal(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (
         status,
-        Json(json!({"error": code, "message": message.into()})),
+        [("content-type", "application/json")],
+        Refusal::new(code, message).encode(),
     )
         .into_response()
 }
@@ -217,7 +218,7 @@ async fn ingest(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
                 .fetch_add(1, Ordering::Relaxed);
             return refusal(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "batch_too_large",
+                Refusal::BATCH_TOO_LARGE,
                 e.to_string(),
             );
         }
@@ -226,7 +227,11 @@ async fn ingest(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
                 .metrics
                 .rejected_malformed
                 .fetch_add(1, Ordering::Relaxed);
-            return refusal(StatusCode::BAD_REQUEST, "malformed_batch", e.to_string());
+            return refusal(
+                StatusCode::BAD_REQUEST,
+                Refusal::MALFORMED_BATCH,
+                e.to_string(),
+            );
         }
     };
     let store = Arc::clone(&state.store);

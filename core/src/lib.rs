@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod config;
 pub mod gate;
+pub mod handover;
 pub mod meter;
 pub mod ratelimit;
 pub mod refusal;

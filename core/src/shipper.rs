@@ -50,7 +50,8 @@ impl Default for ShipperConfig {
 /// A sealed batch waiting for its acknowledgement.
 #[derive(Debug, Clone)]
 struct Sealed {
-    batch: UsageBatch,
+    batch_id: String,
+    records: usize,
     body: Vec<u8>,
     attempts: u32,
     not_before_ms: u64,
@@ -109,7 +110,7 @@ impl Shipper {
 
     /// Records held, sealed and unacknowledged.
     pub fn buffered_records(&self) -> usize {
-        self.queue.iter().map(|s| s.batch.records.len()).sum()
+        self.queue.iter().map(|s| s.records).sum()
     }
 
     /// Batches held.
@@ -209,7 +210,8 @@ impl Shipper {
             let body = batch.encode();
             ids.push(batch.batch_id.clone());
             self.queue.push_back(Sealed {
-                batch,
+                records: batch.records.len(),
+                batch_id: batch.batch_id,
                 body,
                 attempts: 0,
                 not_before_ms: now_ms,
@@ -255,12 +257,12 @@ impl Shipper {
             return None;
         }
         head.attempts += 1;
-        self.in_flight = Some(head.batch.batch_id.clone());
+        self.in_flight = Some(head.batch_id.clone());
         Some(Outgoing {
-            batch_id: head.batch.batch_id.clone(),
+            batch_id: head.batch_id.clone(),
             body: head.body.clone(),
             attempt: head.attempts,
-            records: head.batch.records.len(),
+            records: head.records,
         })
     }
 
@@ -272,7 +274,7 @@ impl Shipper {
         }
         self.in_flight = None;
         match self.queue.front() {
-            Some(head) if head.batch.batch_id == ack.batch_id => {
+            Some(head) if head.batch_id == ack.batch_id => {
                 self.queue.pop_front();
                 true
             }
@@ -315,12 +317,57 @@ impl Shipper {
         x
     }
 
-    /// Every unacknowledged batch body, oldest first (to hand over to a successor VM).
-    pub fn unacknowledged(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.queue
-            .iter()
-            .map(|s| (s.batch.batch_id.as_str(), s.body.as_slice()))
+    /// The collector refused the batch in flight for good (malformed or too large: sending it
+    /// again can only get the same answer). It leaves the buffer, so that one poison batch
+    /// cannot hold back all usage after it; the adapter logs it in full as a dead letter.
+    pub fn rejected(&mut self, batch_id: &str) -> Option<HeldBatch> {
+        if self.in_flight.as_deref() != Some(batch_id) {
+            return None;
+        }
+        self.in_flight = None;
+        match self.queue.front() {
+            Some(head) if head.batch_id == batch_id => self.queue.pop_front().map(|s| HeldBatch {
+                batch_id: s.batch_id,
+                records: s.records,
+                body: s.body,
+            }),
+            _ => None,
+        }
     }
+
+    /// Every unacknowledged batch, oldest first: what a VM going away hands to its successor.
+    pub fn held(&self) -> impl Iterator<Item = HeldBatch> + '_ {
+        self.queue.iter().map(|s| HeldBatch {
+            batch_id: s.batch_id.clone(),
+            records: s.records,
+            body: s.body.clone(),
+        })
+    }
+
+    /// Take over a batch sealed by another VM (one that was replaced before the collector
+    /// acknowledged it). It keeps its id, so if the other VM's last send got through after
+    /// all, the collector counts it once. A batch already held is not taken twice.
+    pub fn adopt(&mut self, batch: HeldBatch, now_ms: u64) -> bool {
+        if self.queue.iter().any(|s| s.batch_id == batch.batch_id) {
+            return false;
+        }
+        self.queue.push_back(Sealed {
+            batch_id: batch.batch_id,
+            records: batch.records,
+            body: batch.body,
+            attempts: 0,
+            not_before_ms: now_ms,
+        });
+        true
+    }
+}
+
+/// A sealed, unacknowledged batch as it leaves one outbox for another (or the dead letters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldBatch {
+    pub batch_id: String,
+    pub records: usize,
+    pub body: Vec<u8>,
 }
 
 #[cfg(test)]
@@ -554,5 +601,54 @@ mod tests {
         let last = s.next_send_final().unwrap();
         assert_eq!((last.batch_id, last.body, last.attempt), (id, out.body, 2));
         assert!(s.next_send_final().is_none(), "still one in flight");
+    }
+    #[test]
+    fn a_successor_adopts_held_batches_under_their_ids_once() {
+        let mut old = shipper(ShipperConfig::default());
+        let first = old.seal(usage(1), |_| "f", T0).pop().unwrap();
+        old.seal(usage(2), |_| "f", T0 + 1).pop().unwrap();
+        let held: Vec<HeldBatch> = old.held().collect();
+        assert_eq!(held.len(), 2);
+        assert_eq!(held[0].batch_id, first);
+
+        let mut new = Shipper::new(
+            ShipperConfig::default(),
+            Source {
+                instance: "node-a/tollgate".into(),
+                vm_started_ms: T0 + 5,
+            },
+            T0 + 5,
+        );
+        for batch in held.iter().cloned() {
+            assert!(new.adopt(batch, T0 + 6));
+        }
+        assert!(!new.adopt(held[0].clone(), T0 + 6), "never held twice");
+        assert_eq!(new.buffered_records(), 8);
+        let out = new.next_send(T0 + 6).unwrap();
+        assert_eq!(
+            (out.batch_id.as_str(), out.body.as_slice()),
+            (first.as_str(), held[0].body.as_slice())
+        );
+        assert_eq!(out.records, 4);
+        assert!(new.acknowledged(&ack(&first)));
+        // The successor's own batches have its own ids.
+        let own = new.seal(usage(1), |_| "f", T0 + 7).pop().unwrap();
+        assert_eq!(own, "node-a/tollgate/1780000000005/1");
+    }
+
+    #[test]
+    fn a_rejected_batch_leaves_the_buffer_and_the_next_one_goes() {
+        let mut s = shipper(ShipperConfig::default());
+        let poison = s.seal(usage(1), |_| "f", T0).pop().unwrap();
+        let next = s.seal(usage(1), |_| "f", T0).pop().unwrap();
+        assert!(s.rejected(&poison).is_none(), "only the batch in flight");
+        let out = s.next_send(T0).unwrap();
+        let dead = s.rejected(&out.batch_id).unwrap();
+        assert_eq!(
+            (dead.batch_id, dead.records, dead.body),
+            (poison, 4, out.body)
+        );
+        assert_eq!(s.next_send(T0).unwrap().batch_id, next);
+        assert_eq!(s.buffered_batches(), 1);
     }
 }

@@ -62,8 +62,9 @@ fn now_ms() -> u64 {
 
 impl Context for TollgateRoot {
     /// The VM is going away (shutdown, or a configuration change): fold what is left into
-    /// stats, seal it, and try to send what the collector has not acknowledged. While that
-    /// call is in flight the answer is false, and `proxy_done` follows its answer.
+    /// stats, seal it, hand every unacknowledged batch to the next VM through shared data, and
+    /// still try to send them (at shutdown there is no next VM). While that call is in flight
+    /// the answer is false, and `proxy_done` follows its answer.
     fn on_done(&mut self) -> bool {
         self.flush_stats();
         let (Some(outbox), Some(gate)) = (self.outbox.as_mut(), self.gate.as_ref()) else {
@@ -75,6 +76,7 @@ impl Context for TollgateRoot {
         };
         let now = now_ms();
         outbox.seal(&policy, now);
+        outbox.hand_over();
         outbox.send(now, true);
         if outbox.in_flight() {
             self.closing = true;
@@ -95,11 +97,11 @@ impl Context for TollgateRoot {
             return;
         };
         let now = now_ms();
-        let answer = outbox.answered(token_id, num_headers, body_size, now);
         if self.closing {
+            let answer = outbox.answered_closing(token_id, num_headers, body_size, now);
             // One batch after the other while the collector takes them; the first failure
             // ends the shutdown (the host will not wait for backoffs).
-            if answer == Answer::Acknowledged {
+            if matches!(answer, Answer::Acknowledged | Answer::Rejected) {
                 outbox.send(now, true);
             }
             if !outbox.in_flight() {
@@ -109,7 +111,8 @@ impl Context for TollgateRoot {
             }
             return;
         }
-        if answer == Answer::Acknowledged {
+        let answer = outbox.answered(token_id, num_headers, body_size, now);
+        if matches!(answer, Answer::Acknowledged | Answer::Rejected) {
             outbox.send(now, false);
         }
         self.update_block();
@@ -225,7 +228,11 @@ impl RootContext for TollgateRoot {
                 Ok(gate) => Arc::clone(gate.policy()),
                 Err(_) => return,
             };
-            outbox.tick(&policy, now_ms());
+            let now = now_ms();
+            if !self.closing {
+                outbox.adopt(now);
+            }
+            outbox.tick(&policy, now);
             if self.closing {
                 // The watchdog gave up on the last call of a VM shutting down.
                 if !outbox.in_flight() {

@@ -11,19 +11,27 @@ use std::time::Duration;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
 use tollgate_core::config::CollectorPolicy;
+use tollgate_core::handover;
 use tollgate_core::meter::Ledger;
-use tollgate_core::shipper::{Overflow, Shipper};
+use tollgate_core::shipper::{HeldBatch, Overflow, Shipper};
 use tollgate_core::{Policy, UsageKey, UsageTotals};
-use tollgate_wire::{BatchAck, Source, KEY_ID_HEADER, SIGNATURE_HEADER};
+use tollgate_wire::{BatchAck, Refusal, Source, KEY_ID_HEADER, SIGNATURE_HEADER};
 
 use crate::host::{add, counter, gauge, move_gauge};
 use crate::log;
 
-/// An acknowledgement is small; a larger body is not one.
-const MAX_ACK_BYTES: usize = 64 * 1024;
+/// An acknowledgement or a refusal is small; a larger body is neither.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// Shared-data key holding the last VM start time handed out (see [`unique_start_ms`]).
 const START_KEY: &str = "tollgate.shipper.vm_started_ms";
+
+/// Shared-data key holding batches handed over by VMs that went away (see
+/// [`tollgate_core::handover`]).
+const HANDOVER_KEY: &str = "tollgate.shipper.handover";
+
+/// Compare-and-swap attempts on a shared-data value before giving up for now.
+const CAS_ATTEMPTS: usize = 32;
 
 /// How long past the call's own timeout a call may stay unanswered before it counts as
 /// failed (Envoy always answers by the timeout; this only guards against a lost callback).
@@ -35,6 +43,10 @@ struct OutboxMetrics {
     failed: u32,
     records_acked: u32,
     dropped_calls: u32,
+    handed_over: u32,
+    adopted: u32,
+    rejected: u32,
+    records_rejected: u32,
     buffered_records: u32,
     buffered_batches: u32,
 }
@@ -47,6 +59,10 @@ impl OutboxMetrics {
             failed: counter("tollgate.usage_batches_failed")?,
             records_acked: counter("tollgate.usage_records_acked")?,
             dropped_calls: counter("tollgate.usage_dropped_calls")?,
+            handed_over: counter("tollgate.usage_batches_handed_over")?,
+            adopted: counter("tollgate.usage_batches_adopted")?,
+            rejected: counter("tollgate.usage_batches_rejected")?,
+            records_rejected: counter("tollgate.usage_records_rejected")?,
             buffered_records: gauge("tollgate.usage_buffered_records")?,
             buffered_batches: gauge("tollgate.usage_buffered_batches")?,
         })
@@ -64,6 +80,8 @@ struct InFlight {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
     Acknowledged,
+    /// Refused for good (malformed or too large): dropped as a dead letter.
+    Rejected,
     Failed,
     /// Not the call in flight (a late answer to a call the watchdog gave up on).
     Unknown,
@@ -85,6 +103,7 @@ pub struct Outbox {
 impl Outbox {
     pub fn new(settings: &CollectorPolicy, now_ms: u64) -> Result<Outbox, String> {
         let metrics = OutboxMetrics::define()?;
+        create_shared(HANDOVER_KEY);
         let source = Source {
             instance: settings.instance.clone(),
             vm_started_ms: unique_start_ms(now_ms),
@@ -253,18 +272,30 @@ impl Outbox {
         let Some(call) = self.in_flight.take() else {
             return Answer::Unknown;
         };
-        let ack = if num_headers == 0 {
+        let reply = if num_headers == 0 {
             // A failed call (reset, no healthy host...): Envoy has no response maps then, and
             // reading one would be an error the SDK turns into a panic.
-            None
+            Reply::Nothing
         } else {
-            read_ack(body_size)
+            read_reply(body_size)
         };
-        let answer = match ack {
-            Some(ack) if ack.batch_id == call.batch_id && self.shipper.acknowledged(&ack) => {
+        let answer = match reply {
+            Reply::Ack(ack) if ack.batch_id == call.batch_id && self.shipper.acknowledged(&ack) => {
                 add(self.metrics.acked, 1);
                 add(self.metrics.records_acked, call.records as u64);
                 Answer::Acknowledged
+            }
+            Reply::Refused(refusal) if refusal.is_permanent() => {
+                match self.shipper.rejected(&call.batch_id) {
+                    Some(dead) => {
+                        self.dead_letter(&dead, &refusal);
+                        Answer::Rejected
+                    }
+                    None => {
+                        self.fail(&call.batch_id, now_ms);
+                        Answer::Failed
+                    }
+                }
             }
             _ => {
                 // The shipper still holds the batch as in flight: mark it failed.
@@ -274,6 +305,96 @@ impl Outbox {
         };
         self.report();
         answer
+    }
+
+    /// A batch the collector will never take: count it and log it whole, so an operator can
+    /// fix and replay it; keeping it would hold back every batch behind it forever.
+    fn dead_letter(&self, dead: &HeldBatch, refusal: &Refusal) {
+        add(self.metrics.rejected, 1);
+        add(self.metrics.records_rejected, dead.records as u64);
+        log(
+            LogLevel::Critical,
+            &format!(
+                "usage batch {} ({} records) refused for good by the collector ({}: {}); dropped as a dead letter, body follows: {}",
+                dead.batch_id,
+                dead.records,
+                refusal.error,
+                refusal.message,
+                String::from_utf8_lossy(&dead.body)
+            ),
+        );
+    }
+
+    /// The VM is going away: put every unacknowledged batch where the next VM finds it
+    /// (shared data outlives VMs). This VM still tries to send them; if both get through, the
+    /// collector counts each batch id once.
+    pub fn hand_over(&mut self) {
+        let held: Vec<HeldBatch> = self.shipper.held().collect();
+        if held.is_empty() {
+            return;
+        }
+        let (count, records) = (held.len(), held.iter().map(|b| b.records).sum::<usize>());
+        let done = update_shared(HANDOVER_KEY, |list| {
+            handover::append(list, held.iter().cloned());
+        });
+        if done {
+            add(self.metrics.handed_over, count as u64);
+            log(
+                LogLevel::Info,
+                &format!("handing {count} unacknowledged usage batches ({records} records) to the next VM"),
+            );
+        } else {
+            log(
+                LogLevel::Error,
+                &format!("could not hand {count} unacknowledged usage batches ({records} records) to the next VM; only this VM's last send can deliver them"),
+            );
+        }
+    }
+
+    /// Take the batches that replaced VMs handed over, if any.
+    pub fn adopt(&mut self, now_ms: u64) {
+        let Ok((Some(bytes), Some(cas))) = hostcalls::get_shared_data(HANDOVER_KEY) else {
+            return;
+        };
+        if bytes.is_empty() {
+            return;
+        }
+        // Take the whole list at once; another VM that raced for it takes it next time.
+        match hostcalls::set_shared_data(HANDOVER_KEY, Some(&[]), Some(cas)) {
+            Ok(()) => {}
+            Err(_) => return,
+        }
+        let (batches, damaged) = handover::decode(&bytes);
+        if damaged > 0 {
+            log(
+                LogLevel::Error,
+                &format!("{damaged} bytes of handed-over usage could not be read"),
+            );
+        }
+        let (mut count, mut records) = (0usize, 0usize);
+        for batch in batches {
+            let batch_records = batch.records;
+            if self.shipper.adopt(batch, now_ms) {
+                count += 1;
+                records += batch_records;
+            }
+        }
+        if count > 0 {
+            add(self.metrics.adopted, count as u64);
+            log(
+                LogLevel::Info,
+                &format!("took over {count} usage batches ({records} records) from a replaced VM"),
+            );
+        }
+        self.report();
+    }
+
+    /// A batch this VM handed over was acknowledged after all: take it off the list, so the
+    /// next VM does not send it again (it would only be a counted-once duplicate).
+    fn withdraw(&self, batch_id: &str) {
+        update_shared(HANDOVER_KEY, |list| {
+            *list = handover::without(list, batch_id);
+        });
     }
 
     /// Bring the shared gauges to this VM's figures.
@@ -295,34 +416,97 @@ impl Outbox {
         );
     }
 
-    /// The VM is going away: take this VM's share out of the gauges, and say what is lost.
+    /// The VM is going away: take this VM's share out of the gauges, and say what is left.
     pub fn close(&mut self) {
-        let lost = self.shipper.buffered_records();
-        if lost > 0 {
+        let left = self.shipper.buffered_records();
+        if left > 0 {
             log(
                 LogLevel::Warn,
                 &format!(
-                    "shutting down with {lost} usage records the collector has not acknowledged; they are lost"
+                    "going away with {left} usage records the collector has not acknowledged: the next VM sends them; if Envoy is exiting, they are lost"
                 ),
             );
         }
         self.set_reported(0, 0);
     }
+
+    /// The answer to the last sends of a VM going away: an acknowledged batch comes off the
+    /// handover list.
+    pub fn answered_closing(
+        &mut self,
+        token: u32,
+        num_headers: usize,
+        body_size: usize,
+        now_ms: u64,
+    ) -> Answer {
+        let batch_id = self.in_flight.as_ref().map(|f| f.batch_id.clone());
+        let answer = self.answered(token, num_headers, body_size, now_ms);
+        if let (Answer::Acknowledged | Answer::Rejected, Some(batch_id)) = (answer, batch_id) {
+            self.withdraw(&batch_id);
+        }
+        answer
+    }
 }
 
-/// The `:status` and body of the collector's answer, as an ack if they are one.
-fn read_ack(body_size: usize) -> Option<BatchAck> {
-    // Bytes getters only: the SDK's String getters unwrap UTF-8 and would panic.
-    let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
-        .ok()
-        .flatten()?;
-    if status.as_slice() != b"200" || body_size == 0 || body_size > MAX_ACK_BYTES {
-        return None;
+/// Read-modify-write of a shared-data value with compare-and-swap; false if it kept losing
+/// races or the key does not exist (see [`create_shared`]).
+fn update_shared(key: &str, change: impl Fn(&mut Vec<u8>)) -> bool {
+    for _ in 0..CAS_ATTEMPTS {
+        let Ok((value, Some(cas))) = hostcalls::get_shared_data(key) else {
+            return false;
+        };
+        let mut value = value.unwrap_or_default();
+        change(&mut value);
+        match hostcalls::set_shared_data(key, Some(&value), Some(cas)) {
+            Ok(()) => return true,
+            Err(Status::CasMismatch) => continue,
+            Err(_) => return false,
+        }
     }
-    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+    false
+}
+
+/// Create `key` with an empty value if it does not exist. Envoy's first write of a key cannot
+/// be compare-and-swapped (CAS 0 means "unconditional"), so it happens here, when a VM is
+/// configured: Envoy configures a canary VM on the main thread before any worker VM starts,
+/// and shared data lives as long as Envoy, so this write never races with an update.
+fn create_shared(key: &str) {
+    if let Ok((_, None)) = hostcalls::get_shared_data(key) {
+        let _ = hostcalls::set_shared_data(key, Some(&[]), None);
+    }
+}
+
+/// What the collector said.
+enum Reply {
+    Ack(BatchAck),
+    Refused(Refusal),
+    Nothing,
+}
+
+/// The `:status` and body of the collector's answer: an ack (200), one of its refusals (4xx),
+/// or nothing usable.
+fn read_reply(body_size: usize) -> Reply {
+    // Bytes getters only: the SDK's String getters unwrap UTF-8 and would panic.
+    let Some(status) = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
         .ok()
-        .flatten()?;
-    BatchAck::decode(&body).ok()
+        .flatten()
+    else {
+        return Reply::Nothing;
+    };
+    if body_size == 0 || body_size > MAX_ANSWER_BYTES {
+        return Reply::Nothing;
+    }
+    let Some(body) = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .ok()
+        .flatten()
+    else {
+        return Reply::Nothing;
+    };
+    match status.as_slice() {
+        b"200" => BatchAck::decode(&body).map_or(Reply::Nothing, Reply::Ack),
+        b"400" | b"413" => Refusal::decode(&body).map_or(Reply::Nothing, Reply::Refused),
+        _ => Reply::Nothing,
+    }
 }
 
 fn status_name(status: Status) -> &'static str {
@@ -340,7 +524,7 @@ fn status_name(status: Status) -> &'static str {
 /// the first write of the key is unconditional (Envoy's CAS 0); Envoy configures a canary VM
 /// on the main thread before any worker VM starts, so that first write does not race.
 fn unique_start_ms(now_ms: u64) -> u64 {
-    for _ in 0..32 {
+    for _ in 0..CAS_ATTEMPTS {
         let (last, cas) = match hostcalls::get_shared_data(START_KEY) {
             Ok((Some(bytes), cas)) => match <[u8; 8]>::try_from(bytes.as_slice()) {
                 Ok(value) => (Some(u64::from_le_bytes(value)), cas),

@@ -1364,3 +1364,135 @@ fn workers_starting_in_the_same_millisecond_get_distinct_batch_ids() {
     }
     assert_ne!(ids[0], ids[1]);
 }
+
+#[test]
+fn a_replaced_vm_hands_unacknowledged_batches_to_its_successor() {
+    let k = keys();
+    let shared = SharedData::new();
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    let mut served = Served::default();
+    let mut collector = Collector::default();
+
+    // The old VM serves while the collector is down, then is replaced; its last send fails too.
+    let mut old = start_with(&collector_config(json!({})), &shared);
+    mixed_requests(&mut old, &t, &mut served);
+    old.advance(Duration::from_secs(1));
+    tick(&mut old);
+    let (call, first) = pending_batch(&old);
+    old.fail_call(call.token).unwrap();
+    mixed_requests(&mut old, &t, &mut served);
+    assert!(!old.shutdown().unwrap());
+    let (call, _) = pending_batch(&old);
+    old.fail_call(call.token).unwrap();
+    assert!(old.finished());
+    assert!(!old.trapped(), "{:?}", old.trap());
+    assert_eq!(old.metric("tollgate.usage_batches_handed_over"), Some(2));
+    assert!(old.log_text().contains("the next VM sends them"), "{}", old.log_text());
+
+    // The new VM (same Envoy, so same shared data) takes them over on its first tick and
+    // sends them under their original ids before its own usage.
+    let mut new = start_with(&collector_config(json!({})), &shared);
+    mixed_requests(&mut new, &t, &mut served);
+    new.advance(Duration::from_secs(1));
+    tick(&mut new);
+    assert_eq!(new.metric("tollgate.usage_batches_adopted"), Some(2));
+    let adopted = collector.take(&mut new, true);
+    assert_eq!(adopted.batch_id, first.batch_id);
+    collector.take(&mut new, true);
+    let own = collector.take(&mut new, true);
+    assert_ne!(own.source.vm_started_ms, first.source.vm_started_ms);
+    assert!(new.pending_calls().is_empty());
+    assert_eq!(collector.stored.len(), 3);
+    assert_eq!(collector.units(Meter::Calls), served.calls);
+    assert_eq!(collector.units(Meter::ResponseBytes), served.response_bytes);
+
+    // Nothing is left to hand over twice: a third VM finds an empty list.
+    let mut third = start_with(&collector_config(json!({})), &shared);
+    third.advance(Duration::from_secs(1));
+    tick(&mut third);
+    assert!(third.pending_calls().is_empty());
+    assert_eq!(third.metric("tollgate.usage_batches_adopted"), Some(0));
+    for vm in [&old, &new, &third] {
+        assert!(vm.host_notes().is_empty(), "{:?}", vm.host_notes());
+    }
+}
+
+#[test]
+fn a_batch_the_old_vm_delivered_at_last_is_not_sent_again_by_the_successor() {
+    let k = keys();
+    let shared = SharedData::new();
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    let mut served = Served::default();
+    let mut collector = Collector::default();
+    let mut old = start_with(&collector_config(json!({})), &shared);
+    mixed_requests(&mut old, &t, &mut served);
+    assert!(!old.shutdown().unwrap());
+    collector.take(&mut old, true);
+    assert!(old.finished());
+
+    let mut new = start_with(&collector_config(json!({})), &shared);
+    new.advance(Duration::from_secs(1));
+    tick(&mut new);
+    assert!(
+        new.pending_calls().is_empty(),
+        "the acknowledged batch was withdrawn from the handover list"
+    );
+    assert_eq!(collector.units(Meter::Calls), served.calls);
+}
+
+#[test]
+fn a_batch_the_collector_refuses_for_good_is_dead_lettered_and_the_rest_flows() {
+    let k = keys();
+    let mut vm = start(&collector_config(json!({})));
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    let mut collector = Collector::default();
+    mixed_requests(&mut vm, &t, &mut Served::default());
+    vm.advance(Duration::from_secs(1));
+    tick(&mut vm);
+    let (poison, poison_batch) = pending_batch(&vm);
+    let mut served = Served::default();
+    mixed_requests(&mut vm, &t, &mut served);
+    vm.advance(Duration::from_secs(1));
+    tick(&mut vm);
+
+    // A 400 that is not the collector's refusal (a proxy's error page) is retried.
+    vm.respond_call(poison.token, 400, &[], b"<html>Bad Request</html>")
+        .unwrap();
+    while vm.pending_calls().is_empty() {
+        vm.advance(Duration::from_millis(50));
+        tick(&mut vm);
+    }
+    let (retry, again) = pending_batch(&vm);
+    assert_eq!(again.batch_id, poison_batch.batch_id);
+
+    // The collector's own "malformed_batch" is final: the batch leaves the buffer, is logged
+    // whole, and the next batch goes at once.
+    let refusal = tollgate_wire::Refusal::new(
+        tollgate_wire::Refusal::MALFORMED_BATCH,
+        "invalid batch: testing",
+    );
+    vm.respond_call(
+        retry.token,
+        400,
+        &[("content-type", b"application/json")],
+        &refusal.encode(),
+    )
+    .unwrap();
+    assert!(!vm.trapped(), "{:?}", vm.trap());
+    let next = collector.take(&mut vm, true);
+    assert_ne!(next.batch_id, poison_batch.batch_id);
+    assert_eq!(collector.units(Meter::Calls), served.calls);
+    assert_eq!(vm.metric("tollgate.usage_batches_rejected"), Some(1));
+    assert_eq!(
+        vm.metric("tollgate.usage_records_rejected"),
+        Some(poison_batch.records.len() as u64)
+    );
+    assert_eq!(vm.metric("tollgate.usage_buffered_records"), Some(0));
+    let log = vm.log_text();
+    assert!(log.contains("dead letter"), "{log}");
+    assert!(log.contains(&poison_batch.batch_id), "{log}");
+    assert!(
+        log.contains(std::str::from_utf8(&poison.body).unwrap()),
+        "the dead letter carries the whole batch"
+    );
+}

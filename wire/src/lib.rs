@@ -217,6 +217,43 @@ impl BatchAck {
     }
 }
 
+/// The collector's refusal of a request: `{"error": <code>, "message": <reason>}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub error: String,
+    pub message: String,
+}
+
+impl Refusal {
+    /// The batch is not valid (400): the same bytes will always be refused.
+    pub const MALFORMED_BATCH: &'static str = "malformed_batch";
+    /// The batch is larger than the collector takes (413): the same bytes will always be refused.
+    pub const BATCH_TOO_LARGE: &'static str = "batch_too_large";
+
+    pub fn new(error: &str, message: impl Into<String>) -> Refusal {
+        Refusal {
+            error: error.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// A refusal body, if `body` is one (a proxy's error page is not).
+    pub fn decode(body: &[u8]) -> Option<Refusal> {
+        serde_json::from_slice(body).ok()
+    }
+
+    /// True when sending the same batch again cannot succeed. Only the collector's own
+    /// refusal codes count: a 400 from something else on the way (a misrouted cluster, a
+    /// proxy) must not make a filter give up on usage.
+    pub fn is_permanent(&self) -> bool {
+        self.error == Self::MALFORMED_BATCH || self.error == Self::BATCH_TOO_LARGE
+    }
+}
+
 /// Why a body is not a valid batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WireError {
@@ -366,6 +403,26 @@ mod tests {
             text.trim()
         );
         assert_eq!(BatchAck::decode(text.as_bytes()).unwrap(), ack);
+    }
+
+    #[test]
+    fn refusal_v1_matches_its_golden_file() {
+        let refusal = Refusal::new(
+            Refusal::MALFORMED_BATCH,
+            "invalid batch: record 3: window_end_ms is before window_start_ms",
+        );
+        let text = golden("refusal_v1.json.golden");
+        assert_eq!(
+            serde_json::to_string_pretty(&refusal).unwrap().trim(),
+            text.trim()
+        );
+        let decoded = Refusal::decode(text.as_bytes()).unwrap();
+        assert_eq!(decoded, refusal);
+        assert!(decoded.is_permanent());
+        assert!(Refusal::new(Refusal::BATCH_TOO_LARGE, "").is_permanent());
+        assert!(!Refusal::new("unauthorized", "").is_permanent());
+        assert!(!Refusal::new("store_unavailable", "").is_permanent());
+        assert_eq!(Refusal::decode(b"<html>400 Bad Request</html>"), None);
     }
 
     #[test]
