@@ -1,6 +1,7 @@
 //! Tollgate's collector: takes signed usage batches from filters exactly once, stores them
 //! (SQLite embedded by default), and answers usage queries.
 
+pub mod cli;
 pub mod postgres_store;
 pub mod server;
 pub mod store;

@@ -49,9 +49,18 @@ pub struct Bootstrap {
     pub admin_port: u16,
     /// Spread connections evenly over the workers (tests that need every worker busy).
     pub exact_balance: bool,
-    /// Port of a collector on 127.0.0.1, added as the cluster `tollgate_collector`.
-    pub collector_port: Option<u16>,
+    /// Ports of collector replicas on 127.0.0.1, the endpoints of the cluster
+    /// `tollgate_collector` (none: no such cluster). With more than one, the cluster health
+    /// checks `/readyz` and sends batches only to replicas that answer.
+    pub collector_ports: Vec<u16>,
+    /// Deliver the plugin configuration by ECDS from a file Envoy watches in this directory
+    /// (see [`Bootstrap::write_plugin_config`]) instead of inline: changing it builds new VMs
+    /// in the running Envoy, as a control plane or Istio does.
+    pub ecds_dir: Option<PathBuf>,
 }
+
+/// The name of the ECDS file in [`Bootstrap::ecds_dir`].
+pub const ECDS_FILE: &str = "tollgate.ecds.json";
 
 impl Bootstrap {
     pub fn new(plugin_config: Value, upstream_port: u16) -> Self {
@@ -62,8 +71,38 @@ impl Bootstrap {
             listen_port: 0,
             admin_port: 0,
             exact_balance: false,
-            collector_port: None,
+            collector_ports: Vec::new(),
+            ecds_dir: None,
         }
+    }
+
+    /// The Tollgate filter as an ECDS resource (a `TypedExtensionConfig`).
+    pub fn ecds_resource(&self, plugin_config: &Value) -> Value {
+        let filter = self.tollgate_filter(plugin_config);
+        json!({
+            "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+            "name": filter["name"],
+            "typed_config": filter["typed_config"],
+        })
+    }
+
+    /// Write (or replace) the plugin configuration served by ECDS from [`Bootstrap::ecds_dir`].
+    /// The file is replaced by a rename, which is what Envoy's directory watch reacts to; a
+    /// running Envoy then builds VMs with the new configuration.
+    pub fn write_plugin_config(&self, plugin_config: &Value) -> Result<()> {
+        let dir = self
+            .ecds_dir
+            .as_ref()
+            .context("write_plugin_config needs ecds_dir")?;
+        std::fs::create_dir_all(dir)?;
+        let response = json!({
+            "version_info": format!("{:016x}", fnv1a(plugin_config.to_string().as_bytes())),
+            "resources": [self.ecds_resource(plugin_config)],
+        });
+        let staging = dir.join(".staging.json");
+        std::fs::write(&staging, serde_json::to_vec_pretty(&response)?)?;
+        std::fs::rename(&staging, dir.join(ECDS_FILE))?;
+        Ok(())
     }
 
     /// The Tollgate HTTP filter entry for an HTTP connection manager.
@@ -95,7 +134,22 @@ impl Bootstrap {
     /// The bootstrap as JSON (Envoy reads JSON as YAML).
     pub fn to_json(&self) -> Value {
         let mut http_filters = Vec::new();
-        if let Some(config) = &self.plugin_config {
+        if let Some(dir) = &self.ecds_dir {
+            let file = dir.join(ECDS_FILE);
+            http_filters.push(json!({
+                "name": "tollgate",
+                "config_discovery": {
+                    "config_source": {
+                        "path_config_source": {
+                            "path": file.to_string_lossy(),
+                            "watched_directory": {"path": dir.to_string_lossy()},
+                        },
+                        "resource_api_version": "V3",
+                    },
+                    "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"],
+                }
+            }));
+        } else if let Some(config) = &self.plugin_config {
             http_filters.push(self.tollgate_filter(config));
         }
         http_filters.push(json!({
@@ -103,6 +157,8 @@ impl Bootstrap {
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
         }));
         let mut bootstrap = json!({
+            // xDS (here ECDS from a file) needs a node identity.
+            "node": {"id": "tollgate-devkit", "cluster": "tollgate"},
             "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": self.admin_port}}},
             "stats_config": stats_config(),
             "static_resources": {
@@ -131,9 +187,9 @@ impl Bootstrap {
                 "clusters": [static_cluster("upstream", self.upstream_port)]
             }
         });
-        if let Some(port) = self.collector_port {
+        if !self.collector_ports.is_empty() {
             if let Some(clusters) = bootstrap["static_resources"]["clusters"].as_array_mut() {
-                clusters.push(static_cluster("tollgate_collector", port));
+                clusters.push(collector_cluster(&self.collector_ports));
             }
         }
         if self.exact_balance {
@@ -153,6 +209,39 @@ fn static_cluster(name: &str, port: u16) -> Value {
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{
             "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}
         }]}]}
+    })
+}
+
+/// The collector cluster: every replica an endpoint. With several, each is health-checked on
+/// `/readyz` every second, so batches stop going to a replica soon after it dies (a batch sent
+/// to it in the meantime fails and is retried, possibly on another replica, under the same id).
+fn collector_cluster(ports: &[u16]) -> Value {
+    let endpoints: Vec<Value> = ports
+        .iter()
+        .map(|port| json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}))
+        .collect();
+    let mut cluster = json!({
+        "name": "tollgate_collector",
+        "connect_timeout": "1s",
+        "type": "STATIC",
+        "load_assignment": {"cluster_name": "tollgate_collector", "endpoints": [{"lb_endpoints": endpoints}]}
+    });
+    if ports.len() > 1 {
+        cluster["health_checks"] = json!([{
+            "timeout": "1s",
+            "interval": "1s",
+            "unhealthy_threshold": 1,
+            "healthy_threshold": 1,
+            "http_health_check": {"path": "/readyz"},
+        }]);
+    }
+    cluster
+}
+
+/// FNV-1a, for a version string that changes with the content.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
     })
 }
 

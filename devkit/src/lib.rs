@@ -9,4 +9,5 @@ pub mod postgres;
 pub mod upstream;
 
 pub use envoy::{Bootstrap, Envoy};
+pub use postgres::TestPostgres;
 pub use upstream::Upstream;

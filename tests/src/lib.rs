@@ -1,6 +1,7 @@
 //! Test hosts for the real filter: a wasmtime host implementing the proxy-wasm ABI
 //! ([`wasm_host`]), and helpers shared by the end-to-end tests through a real Envoy.
 
+pub mod collector;
 pub mod http;
 pub mod wasm_host;
 

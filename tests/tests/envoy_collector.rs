@@ -1,14 +1,17 @@
 //! Usage from a real Envoy to the collector, counted: what the clients and the upstream saw
-//! equals what the collector stored, exactly, also across a collector outage.
+//! equals what the collector stored, exactly: across a 10 s collector outage, plugin
+//! configuration changes (new VMs) in the middle of the load, a collector replica killed with
+//! SIGKILL, and the two buffer-full policies.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tollgate_collector::{open, IngestKeys, Running, UsageQuery};
+use tollgate_collector::{open, IngestKeys, Running, Store, UsageQuery};
 use tollgate_devkit::envoy::workspace_root;
-use tollgate_devkit::{Bootstrap, Envoy, LicenseSpec, SigningKey, Upstream};
+use tollgate_devkit::{Bootstrap, Envoy, LicenseSpec, SigningKey, TestPostgres, Upstream};
+use tollgate_tests::collector::CollectorProcess;
 use tollgate_tests::http::request;
 
 const SECRET: &str = "e2e-ingest-secret-0123456789";
@@ -89,6 +92,13 @@ fn traffic(envoy: &Envoy, rounds: usize, seen: &mut Seen) {
             } else {
                 r.code()
             };
+            // While metering is blocked the filter refuses before reading the token, so
+            // such refusals are metered without a license.
+            let lid = if outcome == "metering_unavailable" {
+                ""
+            } else {
+                lid
+            };
             *seen
                 .calls
                 .entry((lid.to_string(), outcome.clone()))
@@ -100,10 +110,24 @@ fn traffic(envoy: &Envoy, rounds: usize, seen: &mut Seen) {
     }
 }
 
+impl Seen {
+    fn total_calls(&self) -> u64 {
+        self.calls.values().sum()
+    }
+
+    fn calls_with(&self, outcome: &str) -> u64 {
+        self.calls
+            .iter()
+            .filter(|((_, o), _)| o == outcome)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
 /// What the collector stored, in the same shape.
-fn stored(c: &Running) -> Seen {
+fn stored(store: &dyn Store) -> Seen {
     let mut out = Seen::default();
-    for row in c.state.store.usage(&UsageQuery::default()).unwrap() {
+    for row in store.usage(&UsageQuery::default()).unwrap() {
         match row.meter.as_str() {
             "calls" => *out.calls.entry((row.license, row.outcome)).or_default() += row.units,
             "response_bytes" if row.outcome == "allowed" => {
@@ -115,10 +139,10 @@ fn stored(c: &Running) -> Seen {
     out
 }
 
-fn wait_for(c: &Running, expected: &Seen) {
+fn wait_for(store: &dyn Store, expected: &Seen) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let got = stored(c);
+        let got = stored(store);
         if &got == expected {
             return;
         }
@@ -143,17 +167,12 @@ fn collector_totals_equal_what_envoy_served() {
     let c = collector(&dir.join("usage.db"), 0);
     let upstream = Upstream::start(0).unwrap();
     let mut bootstrap = Bootstrap::new(config(), upstream.port());
-    bootstrap.collector_port = Some(c.addr.port());
+    bootstrap.collector_ports = vec![c.addr.port()];
     let envoy = Envoy::start("totals", &bootstrap.to_json(), 2).unwrap();
 
     let mut seen = Seen::default();
     traffic(&envoy, 60, &mut seen);
-    let allowed: u64 = seen
-        .calls
-        .iter()
-        .filter(|((_, o), _)| o == "allowed")
-        .map(|(_, n)| n)
-        .sum();
+    let allowed = seen.calls_with("allowed");
     assert_eq!(
         upstream.requests(),
         allowed,
@@ -163,32 +182,231 @@ fn collector_totals_equal_what_envoy_served() {
         seen.calls.keys().any(|(_, o)| o == "rate_limited"),
         "{seen:?}"
     );
-    wait_for(&c, &seen);
+    wait_for(c.state.store.as_ref(), &seen);
     eprintln!("stored exactly: {seen:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
-fn usage_served_while_the_collector_is_down_arrives_exactly_once() {
+fn usage_served_while_the_collector_is_down_for_10_s_arrives_exactly_once() {
     let dir = scratch("outage");
     let db = dir.join("usage.db");
     let c = collector(&db, 0);
     let port = c.addr.port();
     let upstream = Upstream::start(0).unwrap();
     let mut bootstrap = Bootstrap::new(config(), upstream.port());
-    bootstrap.collector_port = Some(port);
+    bootstrap.collector_ports = vec![port];
     let envoy = Envoy::start("outage", &bootstrap.to_json(), 2).unwrap();
 
     let mut seen = Seen::default();
     traffic(&envoy, 20, &mut seen);
     drop(c);
-    // The collector is away for a few seconds while traffic goes on.
+    // The collector is away for 10 s while traffic goes on.
     let down = Instant::now();
-    while down.elapsed() < Duration::from_secs(4) {
+    while down.elapsed() < Duration::from_secs(10) {
         traffic(&envoy, 5, &mut seen);
     }
+    let failed = envoy
+        .stat("wasmcustom.tollgate.usage_batches_failed")
+        .unwrap();
+    assert!(failed > 0, "sends failed while the collector was down");
     let c = collector(&db, port);
     traffic(&envoy, 20, &mut seen);
-    wait_for(&c, &seen);
+    wait_for(c.state.store.as_ref(), &seen);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Operators change the plugin configuration (here by ECDS from a watched file, as a control
+/// plane or Istio would): Envoy builds new VMs and the old ones go away. Two of the changes
+/// happen while the collector is down, so the old VMs cannot deliver their usage themselves:
+/// they hand it to their successors through shared data.
+#[test]
+fn plugin_configuration_changes_mid_load_lose_nothing_and_count_nothing_twice() {
+    let dir = scratch("reload");
+    let db = dir.join("usage.db");
+    let c = collector(&db, 0);
+    let port = c.addr.port();
+    let upstream = Upstream::start(0).unwrap();
+    let mut plugin = config();
+    let mut bootstrap = Bootstrap::new(plugin.clone(), upstream.port());
+    bootstrap.collector_ports = vec![port];
+    bootstrap.ecds_dir = Some(dir.join("ecds"));
+    bootstrap.write_plugin_config(&plugin).unwrap();
+    let envoy = Envoy::start("reload", &bootstrap.to_json(), 2).unwrap();
+    let reloads = || {
+        envoy
+            .stat("extension_config_discovery.http_filter.tollgate.config_reload")
+            .unwrap()
+    };
+    let first = reloads();
+
+    let mut seen = Seen::default();
+    let mut change = |step: u64| {
+        // A different flush interval and rate limit each time: a new plugin configuration.
+        plugin["collector"]["flush_interval_ms"] = json!(200 + 50 * step);
+        plugin["plans"]["tight"]["rate_limit"]["requests_per_second"] = json!(5 + step);
+        bootstrap.write_plugin_config(&plugin).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while reloads() < first + step {
+            assert!(
+                Instant::now() < deadline,
+                "Envoy never applied change {step}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    traffic(&envoy, 20, &mut seen);
+    change(1);
+    traffic(&envoy, 20, &mut seen);
+    drop(c);
+    traffic(&envoy, 10, &mut seen);
+    change(2);
+    traffic(&envoy, 10, &mut seen);
+    change(3);
+    traffic(&envoy, 10, &mut seen);
+    let c = collector(&db, port);
+    traffic(&envoy, 20, &mut seen);
+    wait_for(c.state.store.as_ref(), &seen);
+
+    let stat = |name: &str| envoy.stat(&format!("wasmcustom.tollgate.{name}")).unwrap();
+    eprintln!(
+        "reloads {}, batches handed over {}, adopted {}, stored exactly: {seen:?}",
+        reloads() - first,
+        stat("usage_batches_handed_over"),
+        stat("usage_batches_adopted")
+    );
+    assert!(
+        stat("usage_batches_handed_over") > 0,
+        "VMs replaced while the collector was down handed their batches over"
+    );
+    assert!(stat("usage_batches_adopted") > 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A collector cluster: two replicas of the real collector program sharing PostgreSQL behind
+/// one Envoy cluster; one is killed with SIGKILL in the middle of the load.
+#[test]
+fn two_collector_replicas_on_postgres_one_killed_mid_load_totals_exact() {
+    let dir = scratch("replicas");
+    let pg = TestPostgres::start("replicas").unwrap();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_collector-replica"));
+    let key = format!("k1={SECRET}");
+    let mut a =
+        CollectorProcess::start(bin, 0, &pg.url(), &key, &dir.join("replica-a.log")).unwrap();
+    let b = CollectorProcess::start(bin, 0, &pg.url(), &key, &dir.join("replica-b.log")).unwrap();
+    let upstream = Upstream::start(0).unwrap();
+    let mut bootstrap = Bootstrap::new(config(), upstream.port());
+    bootstrap.collector_ports = vec![a.port, b.port];
+    let envoy = Envoy::start("replicas", &bootstrap.to_json(), 2).unwrap();
+
+    let mut seen = Seen::default();
+    let took_batches = |log: String| log.contains(r#""msg":"batch""#);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(took_batches(a.log_text()) && took_batches(b.log_text())) {
+        assert!(Instant::now() < deadline, "both replicas take batches");
+        traffic(&envoy, 5, &mut seen);
+    }
+    traffic(&envoy, 10, &mut seen);
+    a.kill();
+    let after_kill = Instant::now();
+    while after_kill.elapsed() < Duration::from_secs(3) {
+        traffic(&envoy, 5, &mut seen);
+    }
+    let store = open(&pg.url()).unwrap();
+    wait_for(store.as_ref(), &seen);
+    assert_eq!(upstream.requests(), seen.calls_with("allowed"));
+    eprintln!("stored exactly, one replica killed: {seen:?}");
+    drop(b);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A free port on 127.0.0.1 with nothing listening (yet).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Envoy whose collector is down from the start, with a buffer of 8 records.
+fn envoy_with_small_buffer(name: &str, policy: &str, collector_port: u16) -> (Envoy, Upstream) {
+    let mut plugin = config();
+    plugin["collector"]["max_buffered_records"] = json!(8);
+    plugin["collector"]["on_buffer_full"] = json!(policy);
+    let upstream = Upstream::start(0).unwrap();
+    let mut bootstrap = Bootstrap::new(plugin, upstream.port());
+    bootstrap.collector_ports = vec![collector_port];
+    (
+        Envoy::start(name, &bootstrap.to_json(), 2).unwrap(),
+        upstream,
+    )
+}
+
+#[test]
+fn fail_closed_answers_503_while_the_collector_is_down_and_recovers_by_itself() {
+    let dir = scratch("fail-closed");
+    let port = free_port();
+    let (envoy, upstream) = envoy_with_small_buffer("fail-closed", "fail_closed", port);
+    let mut seen = Seen::default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.calls_with("metering_unavailable") < 20 {
+        assert!(Instant::now() < deadline, "never refused: {seen:?}");
+        traffic(&envoy, 2, &mut seen);
+    }
+    let allowed_while_down = seen.calls_with("allowed");
+    // The collector comes back; nobody touches Envoy.
+    let c = collector(&dir.join("usage.db"), port);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.calls_with("allowed") < allowed_while_down + 20 {
+        assert!(Instant::now() < deadline, "never recovered: {seen:?}");
+        traffic(&envoy, 2, &mut seen);
+    }
+    wait_for(c.state.store.as_ref(), &seen);
+    assert_eq!(upstream.requests(), seen.calls_with("allowed"));
+    eprintln!("fail_closed, stored exactly: {seen:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn fail_open_serves_and_reports_exactly_what_it_dropped() {
+    let dir = scratch("fail-open");
+    let port = free_port();
+    let (envoy, upstream) = envoy_with_small_buffer("fail-open", "fail_open", port);
+    let dropped = || {
+        envoy
+            .stat("wasmcustom.tollgate.usage_dropped_calls")
+            .unwrap()
+    };
+    let mut seen = Seen::default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dropped() < 20 {
+        assert!(Instant::now() < deadline, "never dropped: {seen:?}");
+        traffic(&envoy, 2, &mut seen);
+    }
+    assert_eq!(seen.calls_with("metering_unavailable"), 0, "{seen:?}");
+    let c = collector(&dir.join("usage.db"), port);
+    traffic(&envoy, 10, &mut seen);
+    // Stored plus dropped is every call served, exactly.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stored_calls = stored(c.state.store.as_ref()).total_calls();
+        if stored_calls + dropped() == seen.total_calls() {
+            eprintln!(
+                "fail_open: served {}, stored {stored_calls}, dropped {}",
+                seen.total_calls(),
+                dropped()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stored {stored_calls} + dropped {} != served {}",
+            dropped(),
+            seen.total_calls()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(upstream.requests(), seen.calls_with("allowed"));
     let _ = std::fs::remove_dir_all(&dir);
 }

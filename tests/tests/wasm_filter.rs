@@ -1387,7 +1387,11 @@ fn a_replaced_vm_hands_unacknowledged_batches_to_its_successor() {
     assert!(old.finished());
     assert!(!old.trapped(), "{:?}", old.trap());
     assert_eq!(old.metric("tollgate.usage_batches_handed_over"), Some(2));
-    assert!(old.log_text().contains("the next VM sends them"), "{}", old.log_text());
+    assert!(
+        old.log_text().contains("the next VM sends them"),
+        "{}",
+        old.log_text()
+    );
 
     // The new VM (same Envoy, so same shared data) takes them over on its first tick and
     // sends them under their original ids before its own usage.

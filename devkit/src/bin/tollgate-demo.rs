@@ -82,7 +82,7 @@ fn main() -> Result<()> {
         "flush_interval_ms": 500,
     });
     let mut bootstrap = Bootstrap::new(config, upstream.port());
-    bootstrap.collector_port = Some(collector.addr.port());
+    bootstrap.collector_ports = vec![collector.addr.port()];
     let bootstrap = bootstrap.to_json();
     let envoy = Envoy::start("demo", &bootstrap, 2)?;
     println!(

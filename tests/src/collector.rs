@@ -1,0 +1,86 @@
+//! The collector as a child process: the real program, which a test can kill with SIGKILL
+//! (an in-process collector can only be stopped gracefully).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// A `tollgate-collector serve` process; killed when dropped.
+pub struct CollectorProcess {
+    child: Child,
+    log: PathBuf,
+    pub port: u16,
+}
+
+impl CollectorProcess {
+    /// Run `bin serve` on 127.0.0.1:`port` (0: a free port) with `database` and one ingest
+    /// key `key_id=secret`; returns once it listens. Its log goes to `log`.
+    pub fn start(
+        bin: &Path,
+        port: u16,
+        database: &str,
+        ingest_key: &str,
+        log: &Path,
+    ) -> Result<CollectorProcess> {
+        let log_file = std::fs::File::create(log)?;
+        let child = Command::new(bin)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--database", database, "--ingest-key", ingest_key])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut process = CollectorProcess {
+            child,
+            log: log.to_path_buf(),
+            port: 0,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = process.child.try_wait()? {
+                bail!("collector exited ({status}):\n{}", process.log_text());
+            }
+            if let Some(port) = listening_port(&process.log_text()) {
+                process.port = port;
+                return Ok(process);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "collector did not listen within 30 s:\n{}",
+                    process.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no graceful shutdown, batches in flight are cut off mid-transaction.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for CollectorProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The port of the `collector listening` log line.
+fn listening_port(log: &str) -> Option<u16> {
+    log.lines().find_map(|line| {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        if v["msg"] != "collector listening" {
+            return None;
+        }
+        v["addr"].as_str()?.rsplit_once(':')?.1.parse().ok()
+    })
+}
