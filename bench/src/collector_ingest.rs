@@ -1,14 +1,16 @@
-//! Ingest throughput of one collector on SQLite: signed batches posted over HTTP by several
-//! clients, each batch stored once. Prints batches/s, records/s and latency percentiles.
+//! Ingest throughput of one collector: signed batches posted over HTTP by several clients,
+//! each batch stored once, on SQLite (a fresh file) or PostgreSQL (a throwaway server started
+//! from the system's binaries). Prints batches/s, records/s and latency percentiles.
 //!
 //! ```text
-//! cargo run --release -p tollgate-bench --bin collector-ingest -- [batches] [records-per-batch] [clients]
+//! cargo run --release -p tollgate-bench --bin collector-ingest -- [batches] [records-per-batch] [clients] [sqlite|postgres]
 //! ```
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tollgate_collector::{open, IngestKeys, Running};
+use tollgate_devkit::TestPostgres;
 use tollgate_wire::{
     sign, Meter, Source, UsageBatch, UsageRecord, KEY_ID_HEADER, SIGNATURE_HEADER,
 };
@@ -43,21 +45,42 @@ fn batch(client: usize, sequence: u64, records: usize) -> UsageBatch {
 }
 
 fn main() -> Result<()> {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let backend = match args.last().map(String::as_str) {
+        Some("sqlite") | Some("postgres") => args.pop().unwrap_or_default(),
+        _ => "sqlite".to_string(),
+    };
+    let args: Vec<usize> = args
+        .iter()
         .map(|a| a.parse())
         .collect::<Result<_, _>>()
-        .context("arguments are numbers")?;
+        .context(
+            "usage: collector-ingest [batches] [records-per-batch] [clients] [sqlite|postgres]",
+        )?;
     let batches = args.first().copied().unwrap_or(2000);
     let per_batch = args.get(1).copied().unwrap_or(500);
     let clients = args.get(2).copied().unwrap_or(4).max(1);
 
     let dir = std::env::temp_dir().join(format!("tollgate-bench-ingest-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let db = dir.join("usage.db");
     let keys = IngestKeys::parse([format!("bench={SECRET}").as_str()])?;
     tollgate_collector::server::set_info_logs(false);
-    let collector = Running::start(0, open(&format!("sqlite://{}", db.display()))?, keys)?;
+    let (url, label, postgres) = if backend == "postgres" {
+        let pg = TestPostgres::start_durable("bench-ingest")?;
+        (
+            pg.url(),
+            "PostgreSQL (fsync, synchronous_commit on)".to_string(),
+            Some(pg),
+        )
+    } else {
+        let db = dir.join("usage.db");
+        (
+            format!("sqlite://{}", db.display()),
+            "SQLite (WAL, synchronous=FULL)".to_string(),
+            None,
+        )
+    };
+    let collector = Running::start(0, open(&url)?, keys)?;
     let url = collector.url("/v1/usage");
 
     // Encode and sign up front: the clock measures the collector, not the client.
@@ -114,7 +137,7 @@ fn main() -> Result<()> {
             .get(((sent as f64 * p) as usize).min(sent.saturating_sub(1)))
             .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
-    println!("collector ingest, SQLite (WAL, synchronous=FULL), {clients} clients, {sent} batches x {per_batch} records");
+    println!("collector ingest, {label}, {clients} clients, {sent} batches x {per_batch} records");
     println!(
         "  {:.0} batches/s, {:.0} records/s over {elapsed:.2} s",
         sent as f64 / elapsed,
@@ -128,6 +151,7 @@ fn main() -> Result<()> {
     );
     println!("  (usage rows after grouping: {stored})");
     drop(collector);
+    drop(postgres);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -105,26 +105,46 @@ impl Store for PostgresStore {
                 records: u64::try_from(first).unwrap_or(0),
             });
         }
-        let insert = tx.prepare(
-            "INSERT INTO usage_records (batch_id, account, license, feature, outcome, meter, units, window_start_ms, window_end_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )?;
+        // One statement for the whole batch (columns as arrays, UNNEST into rows): one round
+        // trip instead of one per record.
+        let n = batch.records.len();
+        let (mut account, mut license, mut feature, mut outcome, mut meter) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut units, mut start, mut end) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for r in &batch.records {
-            tx.execute(
-                &insert,
-                &[
-                    &batch.batch_id,
-                    &r.account,
-                    &r.license,
-                    &r.feature,
-                    &r.outcome,
-                    &r.meter.as_str(),
-                    &to_i64("units", r.units)?,
-                    &to_i64("window_start_ms", r.window_start_ms)?,
-                    &to_i64("window_end_ms", r.window_end_ms)?,
-                ],
-            )?;
+            account.push(r.account.as_str());
+            license.push(r.license.as_str());
+            feature.push(r.feature.as_str());
+            outcome.push(r.outcome.as_str());
+            meter.push(r.meter.as_str());
+            units.push(to_i64("units", r.units)?);
+            start.push(to_i64("window_start_ms", r.window_start_ms)?);
+            end.push(to_i64("window_end_ms", r.window_end_ms)?);
         }
+        tx.execute(
+            "INSERT INTO usage_records (batch_id, account, license, feature, outcome, meter, units, window_start_ms, window_end_ms)
+             SELECT $1, * FROM UNNEST($2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[], $8::BIGINT[], $9::BIGINT[])",
+            &[
+                &batch.batch_id,
+                &account,
+                &license,
+                &feature,
+                &outcome,
+                &meter,
+                &units,
+                &start,
+                &end,
+            ],
+        )?;
         tx.commit()?;
         Ok(Ingested::Accepted {
             records: u64::try_from(records).unwrap_or(0),

@@ -448,6 +448,11 @@ impl Envoy {
         all.into_iter().skip(skip).collect::<Vec<_>>().join("\n")
     }
 
+    /// The process id (for its memory in /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// True while the process runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -59,7 +59,19 @@ fn free_port() -> Result<u16> {
 }
 
 impl TestPostgres {
+    /// A server for tests: durability off (no fsync, asynchronous commit), since a test's
+    /// data dies with it and the machine's disk is shared with everything else.
     pub fn start(name: &str) -> Result<TestPostgres> {
+        TestPostgres::start_with(name, false)
+    }
+
+    /// A server with PostgreSQL's default durability (fsync, synchronous commit), for
+    /// benchmarks whose figures must hold in production.
+    pub fn start_durable(name: &str) -> Result<TestPostgres> {
+        TestPostgres::start_with(name, true)
+    }
+
+    fn start_with(name: &str, durable: bool) -> Result<TestPostgres> {
         let bin = postgres_bin_dir()?;
         let dir = std::env::temp_dir().join(format!(
             "tollgate-pg-{name}-{}-{}",
@@ -99,11 +111,14 @@ impl TestPostgres {
         // A free port can be taken between our probe and the server's bind: retry a few times.
         for _ in 0..5 {
             pg.port = free_port()?;
-            let options = format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            let mut options = format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1",
                 pg.port,
                 pg.dir.display()
             );
+            if !durable {
+                options.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
+            }
             let log = pg.dir.join("postgres.log");
             let started = pg.run_tool(
                 "pg_ctl",

@@ -211,8 +211,9 @@ impl RootContext for TollgateRoot {
             (None, None) => {}
         }
         let mut interval_ms = policy.stats_flush_interval_ms;
-        if let Some(outbox) = &self.outbox {
+        if let Some(outbox) = self.outbox.as_mut() {
             interval_ms = interval_ms.min(outbox.flush_interval_ms());
+            outbox.set_tick_period(interval_ms);
         }
         self.gate = Some(Rc::new(RefCell::new(Gate::new(policy, SharedDataCells))));
         self.metrics = Some(metrics);

@@ -98,6 +98,8 @@ pub struct Outbox {
     /// What this VM added to the shared gauges (records, batches).
     reported: (i64, i64),
     reported_dropped_calls: u64,
+    /// The host's tick period: a window is sealed on the tick nearest its due time.
+    tick_period_ms: u64,
 }
 
 impl Outbox {
@@ -116,6 +118,7 @@ impl Outbox {
             metrics,
             reported: (0, 0),
             reported_dropped_calls: 0,
+            tick_period_ms: settings.shipper.flush_interval_ms,
         })
     }
 
@@ -127,6 +130,11 @@ impl Outbox {
 
     pub fn flush_interval_ms(&self) -> u64 {
         self.settings.shipper.flush_interval_ms
+    }
+
+    /// The period the host ticks at.
+    pub fn set_tick_period(&mut self, tick_period_ms: u64) {
+        self.tick_period_ms = tick_period_ms;
     }
 
     /// True while requests must be refused: the buffer is full under fail-closed.
@@ -167,10 +175,13 @@ impl Outbox {
                 self.fail(&call.batch_id, now_ms);
             }
         }
-        // Each aggregate makes at most four records.
+        // Each aggregate makes at most four records. Ticks come a little early or late: a
+        // window due within half a tick is sealed now, or it would wait a whole extra tick
+        // (a 1 s interval would seal every 2 s about half the time).
+        let due_by = now_ms.saturating_add(self.tick_period_ms / 2);
         if self
             .shipper
-            .seal_due(self.open.len().saturating_mul(4), now_ms)
+            .seal_due(self.open.len().saturating_mul(4), due_by)
         {
             self.seal(policy, now_ms);
         }

@@ -509,7 +509,8 @@ fn shipped_envoy_configs_validate() {
     }
     assert!(validated >= 1);
 
-    // envoy.yaml embeds envoy/tollgate.json as its plugin configuration.
+    // envoy.yaml embeds envoy/tollgate.json, plus a collector section, as its plugin
+    // configuration.
     let yaml = std::fs::read_to_string(dir.join("envoy.yaml")).unwrap();
     let embedded = yaml
         .split("value: |\n")
@@ -518,7 +519,10 @@ fn shipped_envoy_configs_validate() {
         .split("\n          - name:")
         .next()
         .unwrap();
-    let embedded: Value = serde_json::from_str(embedded).unwrap();
+    let mut embedded: Value = serde_json::from_str(embedded).unwrap();
+    let collector = embedded.as_object_mut().unwrap().remove("collector").unwrap();
+    assert_eq!(collector["cluster"], "tollgate_collector");
+    assert!(yaml.contains("- name: tollgate_collector"));
     assert_eq!(embedded, demo_config());
 }
 
