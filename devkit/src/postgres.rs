@@ -161,6 +161,29 @@ impl TestPostgres {
         format!("postgres://tollgate@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// Restart the server the hard way (immediate shutdown: every connection is cut, as in a
+    /// crash), with the same options and port.
+    pub fn restart(&self) -> Result<()> {
+        let data = self.dir.join("data");
+        let log = self.dir.join("postgres.log");
+        self.run_tool(
+            "pg_ctl",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-l",
+                &log.to_string_lossy(),
+                "-m",
+                "immediate",
+                "-w",
+                "-t",
+                "30",
+                "restart",
+            ],
+        )
+        .map(|_| ())
+    }
+
     /// Stop the server (immediate shutdown).
     pub fn stop(&self) -> Result<()> {
         let data = self.dir.join("data");

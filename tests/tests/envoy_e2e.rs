@@ -520,7 +520,11 @@ fn shipped_envoy_configs_validate() {
         .next()
         .unwrap();
     let mut embedded: Value = serde_json::from_str(embedded).unwrap();
-    let collector = embedded.as_object_mut().unwrap().remove("collector").unwrap();
+    let collector = embedded
+        .as_object_mut()
+        .unwrap()
+        .remove("collector")
+        .unwrap();
     assert_eq!(collector["cluster"], "tollgate_collector");
     assert!(yaml.contains("- name: tollgate_collector"));
     assert_eq!(embedded, demo_config());
