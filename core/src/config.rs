@@ -81,9 +81,12 @@ pub struct CollectorConfig {
     /// The request path. Default `"/v1/usage"`.
     #[serde(default = "default_collector_path")]
     pub path: String,
-    /// Names this filter instance in batch ids (e.g. the node name and plugin name); must be
-    /// unique per Envoy. Required: 1-128 characters of `A-Za-z0-9._:-/`.
-    pub instance: String,
+    /// Names this filter instance in batch ids; must be unique per Envoy. 1-128 characters of
+    /// `A-Za-z0-9._:-/`. Default: Envoy's node id plus a random suffix per VM (see
+    /// [`crate::shipper::default_instance`]), which is what a configuration shared by many
+    /// proxies (Istio's `WasmPlugin`) needs.
+    #[serde(default)]
+    pub instance: Option<String>,
     /// Names the secret in `x-tollgate-key-id`. Required: 1-128 printable ASCII characters.
     pub key_id: String,
     /// The HMAC-SHA256 secret batches are signed with. Required: at least 16 bytes.
@@ -165,7 +168,8 @@ pub struct CollectorPolicy {
     pub cluster: String,
     pub authority: String,
     pub path: String,
-    pub instance: String,
+    /// `None`: derived from the node id when the VM starts.
+    pub instance: Option<String>,
     pub key_id: String,
     pub secret: Vec<u8>,
     pub timeout_ms: u64,
@@ -195,8 +199,9 @@ impl CollectorPolicy {
         }
         let instance_byte =
             |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-' | b'/');
-        if c.instance.is_empty() || c.instance.len() > 128 || !c.instance.bytes().all(instance_byte)
-        {
+        if c.instance.as_ref().is_some_and(|instance| {
+            instance.is_empty() || instance.len() > 128 || !instance.bytes().all(instance_byte)
+        }) {
             return Err(ConfigError::new(
                 at("instance"),
                 "must be 1-128 characters of A-Z, a-z, 0-9, `.`, `_`, `:`, `-`, `/`",

@@ -20,6 +20,32 @@ pub enum Overflow {
     FailOpen,
 }
 
+/// The instance name of a filter whose configuration names none: `<node id>/<16 hex digits>`.
+/// Batch ids must be unique across every proxy shipping to one collector, and one
+/// configuration may be shared by many proxies (Istio hands the same `WasmPlugin` to every
+/// sidecar): the node id tells proxies apart (Istio's is per pod) and the random part covers
+/// proxies that share a node id, or have none. The node id is reduced to the characters batch
+/// ids allow and to 100 bytes.
+pub fn default_instance(node_id: &str, random: u64) -> String {
+    let node: String = node_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-' | '/') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(100)
+        .collect();
+    let node = if node.is_empty() {
+        "envoy"
+    } else {
+        node.as_str()
+    };
+    format!("{node}/{random:016x}")
+}
+
 /// Batching and retry settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShipperConfig {
@@ -650,5 +676,24 @@ mod tests {
         );
         assert_eq!(s.next_send(T0).unwrap().batch_id, next);
         assert_eq!(s.buffered_batches(), 1);
+    }
+
+    #[test]
+    fn the_default_instance_is_the_node_id_made_safe_plus_a_random_part() {
+        assert_eq!(
+            default_instance(
+                "sidecar~10.1.2.3~api-7d9f.shop~shop.svc.cluster.local",
+                0xab
+            ),
+            "sidecar_10.1.2.3_api-7d9f.shop_shop.svc.cluster.local/00000000000000ab"
+        );
+        assert_eq!(default_instance("", 1), "envoy/0000000000000001");
+        let long = default_instance(&"n".repeat(500), u64::MAX);
+        assert_eq!(long.len(), 100 + 1 + 16);
+        // Whatever the node id, the result is a valid instance for a batch id.
+        let weird = default_instance("é\u{0}/x y", 7);
+        assert!(weird
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".:_-/".contains(&b)));
     }
 }

@@ -576,10 +576,22 @@ fn collector_settings_have_their_defaults_and_are_optional() {
         ("tollgate_collector", "tollgate-collector", "/v1/usage")
     );
     assert_eq!(
-        (c.instance.as_str(), c.key_id.as_str(), c.secret.as_slice()),
-        ("node-a/tollgate", "k1", &b"0123456789abcdef"[..])
+        (
+            c.instance.as_deref(),
+            c.key_id.as_str(),
+            c.secret.as_slice()
+        ),
+        (Some("node-a/tollgate"), "k1", &b"0123456789abcdef"[..])
     );
     assert_eq!(c.timeout_ms, 5000);
+    // No instance: the filter derives one from the node id when it starts.
+    let mut no_instance = with_collector();
+    no_instance["collector"]
+        .as_object_mut()
+        .unwrap()
+        .remove("instance");
+    let policy = Policy::from_json(no_instance.to_string().as_bytes()).unwrap();
+    assert_eq!(policy.collector.unwrap().instance, None);
     assert_eq!(
         c.shipper,
         tollgate_core::shipper::ShipperConfig {
@@ -773,14 +785,6 @@ fn configuration_errors_name_the_field() {
                 c
             },
             "unknown field `bogus`",
-        ),
-        (
-            {
-                let mut c = with_collector();
-                c["collector"].as_object_mut().unwrap().remove("instance");
-                c
-            },
-            "missing field `instance`",
         ),
         (
             {

@@ -107,7 +107,9 @@ impl Outbox {
         let metrics = OutboxMetrics::define()?;
         create_shared(HANDOVER_KEY);
         let source = Source {
-            instance: settings.instance.clone(),
+            instance: settings.instance.clone().unwrap_or_else(|| {
+                tollgate_core::shipper::default_instance(&node_id(), random_u64())
+            }),
             vm_started_ms: unique_start_ms(now_ms),
         };
         Ok(Outbox {
@@ -518,6 +520,26 @@ fn read_reply(body_size: usize) -> Reply {
         b"400" | b"413" => Refusal::decode(&body).map_or(Reply::Nothing, Reply::Refused),
         _ => Reply::Nothing,
     }
+}
+
+/// Envoy's node id (`--service-node` or the bootstrap's `node.id`; Istio's is per pod), or "".
+/// Envoy 1.40 has it as the attribute `xds.node.id`; older Envoys (and Istio's) as `node.id`.
+fn node_id() -> String {
+    for path in [vec!["xds", "node", "id"], vec!["node", "id"]] {
+        if let Ok(Some(bytes)) = hostcalls::get_property(path) {
+            if !bytes.is_empty() {
+                return String::from_utf8_lossy(&bytes).into_owned();
+            }
+        }
+    }
+    String::new()
+}
+
+/// 64 random bits. `RandomState` seeds itself from the host's randomness (WASI `random_get`),
+/// which saves a dependency for the one random number a VM needs.
+fn random_u64() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(0x746f_6c6c_u64)
 }
 
 fn status_name(status: Status) -> &'static str {

@@ -187,6 +187,12 @@ impl SharedInner {
     }
 }
 
+/// VMs started in this process, to give each its own random stream.
+static VMS_STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The node id every test VM sees as the `node.id` property.
+pub const TEST_NODE_ID: &str = "sidecar~10.1.2.3~api-7d9f.shop~shop.svc.cluster.local";
+
 /// The proxy-wasm shared-data space of one Envoy, shared by the [`Vm`]s started with it.
 #[derive(Debug, Clone, Default)]
 pub struct SharedData {
@@ -573,10 +579,17 @@ impl HostState {
             stderr: Vec::new(),
             metrics: Metrics::default(),
             shared: shared.clone(),
-            properties: HashMap::new(),
+            // Envoy's node id, as Istio sets it for a sidecar (the filter names its batches
+            // after it when the configuration names no instance).
+            properties: HashMap::from([(b"node\0id".to_vec(), TEST_NODE_ID.as_bytes().to_vec())]),
             tick_period_ms: 0,
             // Every VM draws the same random bytes: runs are reproducible.
-            rng: 0x9E37_79B9_7F4A_7C15,
+            // Each VM its own stream, as each Envoy VM draws from the system's randomness;
+            // still reproducible from run to run.
+            rng: 0x9E37_79B9_7F4A_7C15
+                ^ VMS_STARTED
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    .wrapping_mul(0xD1B5_4A32_D192_ED03),
             memory: None,
             alloc: None,
             stream: None,

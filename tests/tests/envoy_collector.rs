@@ -295,7 +295,14 @@ fn two_collector_replicas_on_postgres_one_killed_mid_load_totals_exact() {
         CollectorProcess::start(bin, 0, &pg.url(), &key, &dir.join("replica-a.log")).unwrap();
     let b = CollectorProcess::start(bin, 0, &pg.url(), &key, &dir.join("replica-b.log")).unwrap();
     let upstream = Upstream::start(0).unwrap();
-    let mut bootstrap = Bootstrap::new(config(), upstream.port());
+    // No instance configured, as in Istio where every sidecar shares one configuration: each
+    // VM names its batches after Envoy's node id plus a random part.
+    let mut plugin = config();
+    plugin["collector"]
+        .as_object_mut()
+        .unwrap()
+        .remove("instance");
+    let mut bootstrap = Bootstrap::new(plugin, upstream.port());
     bootstrap.collector_ports = vec![a.port, b.port];
     let envoy = Envoy::start("replicas", &bootstrap.to_json(), 2).unwrap();
 
@@ -315,7 +322,21 @@ fn two_collector_replicas_on_postgres_one_killed_mid_load_totals_exact() {
     let store = open(&pg.url()).unwrap();
     wait_for(store.as_ref(), &seen);
     assert_eq!(upstream.requests(), seen.calls_with("allowed"));
-    eprintln!("stored exactly, one replica killed: {seen:?}");
+    let mut instances = std::collections::BTreeSet::new();
+    for line in a.log_text().lines().chain(b.log_text().lines()) {
+        let Ok(entry) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if let Some(id) = entry["batch_id"].as_str() {
+            assert!(id.starts_with("tollgate-devkit/"), "{id}");
+            instances.insert(id.rsplitn(3, '/').nth(2).unwrap().to_string());
+        }
+    }
+    assert!(
+        instances.len() >= 2,
+        "one instance per worker VM: {instances:?}"
+    );
+    eprintln!("stored exactly, one replica killed: {seen:?}; instances {instances:?}");
     drop(b);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1500,3 +1500,55 @@ fn a_batch_the_collector_refuses_for_good_is_dead_lettered_and_the_rest_flows() 
         "the dead letter carries the whole batch"
     );
 }
+
+#[test]
+fn without_a_configured_instance_batches_are_named_after_the_node_and_a_random_part() {
+    let k = keys();
+    let mut config = collector_config(json!({}));
+    config["collector"]
+        .as_object_mut()
+        .unwrap()
+        .remove("instance");
+    let shared = SharedData::new();
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let mut vm = start_with(&config, &shared);
+        assert_eq!(
+            send(&mut vm, Request::get("/v1/search").bearer(&t)).status(),
+            200
+        );
+        vm.advance(Duration::from_secs(1));
+        tick(&mut vm);
+        let call = vm.pending_calls().pop().unwrap();
+        let batch = UsageBatch::decode(&call.body).unwrap();
+        let (node, random) = batch.source.instance.rsplit_once('/').unwrap();
+        assert_eq!(
+            node,
+            "sidecar_10.1.2.3_api-7d9f.shop_shop.svc.cluster.local"
+        );
+        assert_eq!(random.len(), 16);
+        assert!(batch.batch_id.starts_with(&batch.source.instance));
+        instances.push(batch.source.instance);
+    }
+    assert_ne!(
+        instances[0], instances[1],
+        "each VM draws its own random part"
+    );
+}
+
+#[test]
+fn the_istio_plugin_configuration_is_accepted_by_the_filter() {
+    let yaml = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../envoy/istio/wasmplugin.yaml"),
+    )
+    .unwrap();
+    let json = yaml.split("  pluginConfig:\n").nth(1).unwrap();
+    let config: Value = serde_json::from_str(json).unwrap();
+    assert!(
+        config["collector"].get("instance").is_none(),
+        "one configuration for every sidecar: no fixed instance"
+    );
+    let vm = start(&config);
+    assert!(vm.configured());
+}
