@@ -9,6 +9,8 @@
 
 #![cfg_attr(not(test), deny(clippy::indexing_slicing))]
 
+pub mod sync;
+
 use std::fmt::{self, Write as _};
 
 use hmac::{Hmac, Mac};
