@@ -1,7 +1,9 @@
 //! Tollgate's collector: takes signed usage batches from filters exactly once, stores them
 //! (SQLite embedded by default), and answers usage queries.
 
+pub mod catalog;
 pub mod cli;
+pub mod control;
 pub mod postgres_store;
 pub mod server;
 pub mod store;
@@ -38,15 +40,16 @@ pub struct Running {
 impl Running {
     /// Start on 127.0.0.1:`port` (0: any free port) with `store` and `keys`.
     pub fn start(port: u16, store: Box<dyn Store>, keys: IngestKeys) -> Result<Running> {
+        Running::start_state(port, AppState::new(Arc::from(store), keys))
+    }
+
+    /// Start on 127.0.0.1:`port` with a prepared state (control plane, admin token).
+    pub fn start_state(port: u16, state: AppState) -> Result<Running> {
         let listener =
             std::net::TcpListener::bind(("127.0.0.1", port)).context("binding the collector")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let state = Arc::new(AppState {
-            store: Arc::from(store),
-            keys,
-            metrics: Metrics::default(),
-        });
+        let state = Arc::new(state);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

@@ -7,10 +7,17 @@ use anyhow::{Context, Result};
 use postgres::{Client, NoTls};
 use tollgate_wire::UsageBatch;
 
-use crate::store::{now_ms, Granularity, Ingested, Store, UsageQuery, UsageRow};
+use crate::store::{
+    grant_of, grant_size, now_ms, parse_budget, Budget, Granularity, Ingested, LeaseAsk, PlanUsage,
+    Restrictions, Store, UsageQuery, UsageRow,
+};
+use tollgate_wire::sync::{LeaseGrant, LicenseSeen};
 
 /// Migrations, in order; each runs once, recorded in `schema_migrations`.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/postgres/0001_usage.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/postgres/0001_usage.sql")),
+    (2, include_str!("../migrations/postgres/0002_control.sql")),
+];
 
 /// Any number to serialise migrations of replicas starting together.
 const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465;
@@ -120,6 +127,200 @@ impl Store for PostgresStore {
             Ok(())
         })
     }
+
+    fn grant_lease(&self, ask: &LeaseAsk<'_>, now_ms: u64) -> Result<LeaseGrant> {
+        self.with_client(|client| grant_lease(client, ask, now_ms))
+    }
+
+    fn close_lease(&self, lease_id: &str, used: u64, now_ms: u64) -> Result<bool> {
+        self.with_client(|client| close_lease(client, lease_id, used, now_ms))
+    }
+
+    fn set_revoked(&self, license: &str, reason: Option<&str>, now_ms: u64) -> Result<()> {
+        let now = to_i64("now_ms", now_ms)?;
+        self.with_client(|client| {
+            match reason {
+                Some(reason) => client.execute(
+                    "INSERT INTO revoked_licenses (license, reason, revoked_ms) VALUES ($1, $2, $3)
+                     ON CONFLICT (license) DO UPDATE SET reason = excluded.reason, revoked_ms = excluded.revoked_ms",
+                    &[&license, &reason, &now],
+                )?,
+                None => client.execute("DELETE FROM revoked_licenses WHERE license = $1", &[&license])?,
+            };
+            Ok(())
+        })
+    }
+
+    fn set_suspended(&self, account: &str, reason: Option<&str>, now_ms: u64) -> Result<()> {
+        let now = to_i64("now_ms", now_ms)?;
+        self.with_client(|client| {
+            match reason {
+                Some(reason) => client.execute(
+                    "INSERT INTO suspended_accounts (account, reason, suspended_ms) VALUES ($1, $2, $3)
+                     ON CONFLICT (account) DO UPDATE SET reason = excluded.reason, suspended_ms = excluded.suspended_ms",
+                    &[&account, &reason, &now],
+                )?,
+                None => client.execute("DELETE FROM suspended_accounts WHERE account = $1", &[&account])?,
+            };
+            Ok(())
+        })
+    }
+
+    fn set_budget(&self, account: &str, budget: Option<&Budget>, now_ms: u64) -> Result<()> {
+        let now = to_i64("now_ms", now_ms)?;
+        self.with_client(|client| {
+            match budget {
+                Some(b) => client.execute(
+                    "INSERT INTO budgets (account, period, amount, updated_ms) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (account) DO UPDATE SET period = excluded.period, amount = excluded.amount, updated_ms = excluded.updated_ms",
+                    &[&account, &b.period.as_str(), &b.amount.to_string(), &now],
+                )?,
+                None => client.execute("DELETE FROM budgets WHERE account = $1", &[&account])?,
+            };
+            Ok(())
+        })
+    }
+
+    fn restrictions(&self, licenses: &[String], accounts: &[String]) -> Result<Restrictions> {
+        self.with_client(|client| {
+            let mut out = Restrictions::default();
+            for row in client.query(
+                "SELECT license, reason FROM revoked_licenses WHERE license = ANY($1)",
+                &[&licenses],
+            )? {
+                out.revoked.insert(row.get(0), row.get(1));
+            }
+            for row in client.query(
+                "SELECT account, reason FROM suspended_accounts WHERE account = ANY($1)",
+                &[&accounts],
+            )? {
+                out.suspended.insert(row.get(0), row.get(1));
+            }
+            for row in client.query(
+                "SELECT account, period, amount FROM budgets WHERE account = ANY($1)",
+                &[&accounts],
+            )? {
+                let (account, period, amount): (String, String, String) =
+                    (row.get(0), row.get(1), row.get(2));
+                out.budgets.insert(account, parse_budget(&period, &amount)?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn record_licenses(&self, seen: &[LicenseSeen], now_ms: u64) -> Result<()> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let now = to_i64("now_ms", now_ms)?;
+        let license: Vec<&str> = seen.iter().map(|l| l.license.as_str()).collect();
+        let account: Vec<&str> = seen.iter().map(|l| l.account.as_str()).collect();
+        let plan: Vec<&str> = seen.iter().map(|l| l.plan.as_str()).collect();
+        self.with_client(|client| {
+            // DISTINCT ON: one row per license, or the upsert would touch a row twice.
+            client.execute(
+                "INSERT INTO licenses (license, account, plan, last_seen_ms)
+                 SELECT DISTINCT ON (license) license, account, plan, $4
+                 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[]) AS s (license, account, plan)
+                 ON CONFLICT (license) DO UPDATE SET account = excluded.account, plan = excluded.plan, last_seen_ms = excluded.last_seen_ms",
+                &[&license, &account, &plan, &now],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn plan_usage(&self, account: &str, from_ms: u64, to_ms: u64) -> Result<Vec<PlanUsage>> {
+        let (from, to) = (to_i64("from_ms", from_ms)?, to_i64("to_ms", to_ms)?);
+        self.with_client(|client| {
+            let rows = client.query(
+                "SELECT COALESCE(l.plan, ''), r.meter, SUM(r.units)::BIGINT FROM usage_records r
+                 LEFT JOIN licenses l ON l.license = r.license
+                 WHERE r.account = $1 AND r.outcome = 'allowed' AND r.window_start_ms >= $2 AND r.window_start_ms < $3
+                 GROUP BY 1, 2 ORDER BY 1, 2",
+                &[&account, &from, &to],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| PlanUsage {
+                    plan: r.get(0),
+                    meter: r.get(1),
+                    units: u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+                })
+                .collect())
+        })
+    }
+}
+
+/// The allocation row is locked (`FOR UPDATE`) for the transaction, so replicas granting from
+/// one quota at once take turns; a lease id raced by two replicas fails its second insert on the
+/// primary key and is retried by its filter, which then gets the stored grant.
+fn grant_lease(client: &mut Client, ask: &LeaseAsk<'_>, now_ms: u64) -> Result<LeaseGrant> {
+    let r = ask.request;
+    let mut tx = client.transaction()?;
+    if let Some(row) = tx.query_opt(
+        "SELECT granted, period_start_ms, period_end_ms, expires_ms, allocated_after FROM leases WHERE lease_id = $1",
+        &[&r.lease_id],
+    )? {
+        tx.commit()?;
+        return Ok(grant_of(&r.lease_id, row.get(0), row.get(1), row.get(2), row.get(3), row.get(4)));
+    }
+    let (start, end) = (
+        to_i64("period_start_ms", ask.period_start_ms)?,
+        to_i64("period_end_ms", ask.period_end_ms)?,
+    );
+    let meter = r.meter.as_str();
+    tx.execute(
+        "INSERT INTO quota_allocations (license, meter, period_start_ms, period_end_ms, allocated) VALUES ($1, $2, $3, $4, 0)
+         ON CONFLICT DO NOTHING",
+        &[&r.license, &meter, &start, &end],
+    )?;
+    let allocated: i64 = tx
+        .query_one(
+            "SELECT allocated FROM quota_allocations WHERE license = $1 AND meter = $2 AND period_start_ms = $3 AND period_end_ms = $4 FOR UPDATE",
+            &[&r.license, &meter, &start, &end],
+        )?
+        .get(0);
+    let granted = grant_size(r.want, r.limit, allocated);
+    let after = allocated.saturating_add(granted);
+    tx.execute(
+        "UPDATE quota_allocations SET allocated = $5 WHERE license = $1 AND meter = $2 AND period_start_ms = $3 AND period_end_ms = $4",
+        &[&r.license, &meter, &start, &end, &after],
+    )?;
+    let expires = to_i64("expires_ms", ask.expires_ms)?;
+    tx.execute(
+        "INSERT INTO leases (lease_id, holder, account, license, meter, period_start_ms, period_end_ms, limit_units, granted, allocated_after, expires_ms, created_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        &[&r.lease_id, &ask.holder, &r.account, &r.license, &meter, &start, &end, &to_i64("limit", r.limit)?, &granted, &after, &expires, &to_i64("now_ms", now_ms)?],
+    )?;
+    tx.commit()?;
+    Ok(grant_of(&r.lease_id, granted, start, end, expires, after))
+}
+
+fn close_lease(client: &mut Client, lease_id: &str, used: u64, now_ms: u64) -> Result<bool> {
+    let used = to_i64("used", used)?;
+    let mut tx = client.transaction()?;
+    let closed = tx.query_opt(
+        "UPDATE leases SET used = $1, closed_ms = $2 WHERE lease_id = $3 AND closed_ms IS NULL
+         RETURNING license, meter, period_start_ms, period_end_ms, granted",
+        &[&used, &to_i64("now_ms", now_ms)?, &lease_id],
+    )?;
+    let known = match closed {
+        Some(row) => {
+            let (license, meter, start, end, granted): (String, String, i64, i64, i64) =
+                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+            tx.execute(
+                "UPDATE quota_allocations SET allocated = GREATEST(0, allocated + $1 - $2)
+                 WHERE license = $3 AND meter = $4 AND period_start_ms = $5 AND period_end_ms = $6",
+                &[&used, &granted, &license, &meter, &start, &end],
+            )?;
+            true
+        }
+        None => tx
+            .query_opt("SELECT 1 FROM leases WHERE lease_id = $1", &[&lease_id])?
+            .is_some(),
+    };
+    tx.commit()?;
+    Ok(known)
 }
 
 fn ingest(client: &mut Client, batch: &UsageBatch, received_ms: u64) -> Result<Ingested> {

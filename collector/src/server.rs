@@ -1,4 +1,5 @@
-//! The collector's HTTP API: usage ingest (signed batches, exactly once), usage queries,
+//! The collector's HTTP API: usage ingest (signed batches, exactly once), usage queries, the
+//! filters' sync (quota leases, refusals), the admin API (revocation, suspension, budgets),
 //! health and Prometheus metrics.
 
 use std::collections::HashMap;
@@ -7,10 +8,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde_json::json;
 use tollgate_wire::{
@@ -18,7 +19,10 @@ use tollgate_wire::{
     SIGNATURE_HEADER, VERSION,
 };
 
-use crate::store::{now_ms, Ingested, Store, UsageQuery};
+use tollgate_wire::sync::SyncRequest;
+
+use crate::control::ControlPlane;
+use crate::store::{now_ms, Budget, Ingested, Store, UsageQuery};
 
 /// Shared secrets that may sign batches, by key id. Several at once allow rotation: add the
 /// new key, move the filters to it, then remove the old one.
@@ -59,6 +63,10 @@ pub struct Metrics {
     rejected_malformed: AtomicU64,
     rejected_too_large: AtomicU64,
     store_errors: AtomicU64,
+    syncs: AtomicU64,
+    lease_units_granted: AtomicU64,
+    leases_exhausted: AtomicU64,
+    denials: AtomicU64,
     ingest_micros_sum: AtomicU64,
     ingest_count: AtomicU64,
     /// Cumulative counts of ingest latency at or under each bound of [`LATENCY_BOUNDS_US`].
@@ -122,6 +130,26 @@ impl Metrics {
                 ("{reason=\"store_error\"}".into(), get(&self.store_errors)),
             ],
         );
+        counter(
+            "tollgate_collector_syncs_total",
+            "Filter syncs answered.",
+            vec![(String::new(), get(&self.syncs))],
+        );
+        counter(
+            "tollgate_collector_lease_units_granted_total",
+            "Quota units handed out in leases.",
+            vec![(String::new(), get(&self.lease_units_granted))],
+        );
+        counter(
+            "tollgate_collector_leases_exhausted_total",
+            "Lease requests answered with nothing left (or for a refused license).",
+            vec![(String::new(), get(&self.leases_exhausted))],
+        );
+        counter(
+            "tollgate_collector_denials_total",
+            "Licenses filters were told to refuse (revoked, suspended, spend cap).",
+            vec![(String::new(), get(&self.denials))],
+        );
         out.push_str(
             "# HELP tollgate_collector_ingest_seconds Time to verify, decode and store a batch.\n",
         );
@@ -150,12 +178,42 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub keys: IngestKeys,
     pub metrics: Metrics,
+    pub control: ControlPlane,
+    /// Bearer token of the admin API; `None` turns the admin API off.
+    pub admin_token: Option<String>,
+}
+
+impl AppState {
+    /// A state with the default control plane (UTC, no prices) and no admin API.
+    pub fn new(store: Arc<dyn Store>, keys: IngestKeys) -> AppState {
+        AppState {
+            store,
+            keys,
+            metrics: Metrics::default(),
+            control: ControlPlane::default(),
+            admin_token: None,
+        }
+    }
 }
 
 /// The collector's routes.
 pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/usage", post(ingest).get(usage))
+        .route("/v1/sync", post(sync))
+        .route(
+            "/v1/admin/licenses/{license}/revoke",
+            post(revoke).delete(unrevoke),
+        )
+        .route(
+            "/v1/admin/accounts/{account}/suspend",
+            post(suspend).delete(resume),
+        )
+        .route(
+            "/v1/admin/accounts/{account}/budget",
+            put(set_budget).delete(remove_budget),
+        )
+        .route("/v1/admin/accounts/{account}", get(account))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
@@ -191,23 +249,31 @@ fn log(fields: serde_json::Value) {
     eprintln!("{line}");
 }
 
-async fn ingest(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let started = Instant::now();
+/// True when `body` carries a valid signature under a known ingest key.
+fn signed(state: &AppState, headers: &HeaderMap, body: &[u8]) -> bool {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let authentic = header(KEY_ID_HEADER)
+    header(KEY_ID_HEADER)
         .and_then(|id| state.keys.secret(id))
         .zip(header(SIGNATURE_HEADER))
-        .is_some_and(|(secret, signature)| tollgate_wire::verify(secret, &body, signature));
-    if !authentic {
+        .is_some_and(|(secret, signature)| tollgate_wire::verify(secret, body, signature))
+}
+
+fn unsigned() -> Response {
+    refusal(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        format!("a request must be signed: {KEY_ID_HEADER} names a known key and {SIGNATURE_HEADER} is sha256=<HMAC of the body>"),
+    )
+}
+
+async fn ingest(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let started = Instant::now();
+    if !signed(&state, &headers, &body) {
         state
             .metrics
             .rejected_unauthorized
             .fetch_add(1, Ordering::Relaxed);
-        return refusal(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            format!("a batch must be signed: {KEY_ID_HEADER} names a known key and {SIGNATURE_HEADER} is sha256=<HMAC of the body>"),
-        );
+        return unsigned();
     }
     let batch = match UsageBatch::decode(&body) {
         Ok(batch) => batch,
@@ -303,6 +369,277 @@ async fn ingest(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
         ack.encode(),
     )
         .into_response()
+}
+
+/// A filter's sync: quota leases and refusals.
+async fn sync(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    if !signed(&state, &headers, &body) {
+        state
+            .metrics
+            .rejected_unauthorized
+            .fetch_add(1, Ordering::Relaxed);
+        return unsigned();
+    }
+    let request = match SyncRequest::decode(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            state
+                .metrics
+                .rejected_malformed
+                .fetch_add(1, Ordering::Relaxed);
+            return refusal(StatusCode::BAD_REQUEST, "malformed_sync", e.to_string());
+        }
+    };
+    let worker = Arc::clone(&state);
+    let answered = tokio::task::spawn_blocking(move || {
+        let now = u64::try_from(now_ms()).unwrap_or(0);
+        crate::control::sync(worker.store.as_ref(), &worker.control, &request, now)
+    })
+    .await;
+    match answered {
+        Ok(Ok(response)) => {
+            let m = &state.metrics;
+            m.syncs.fetch_add(1, Ordering::Relaxed);
+            for g in &response.grants {
+                m.lease_units_granted
+                    .fetch_add(g.granted, Ordering::Relaxed);
+                if g.granted == 0 {
+                    m.leases_exhausted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            m.denials
+                .fetch_add(response.denials.len() as u64, Ordering::Relaxed);
+            (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                response.encode(),
+            )
+                .into_response()
+        }
+        Ok(Err(e)) => {
+            state.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+            log(json!({"level": "error", "msg": "sync failed", "error": format!("{e:#}")}));
+            refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the sync was not answered; retry",
+            )
+        }
+        Err(e) => refusal(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+/// `None` if the request carries the admin token, else the refusal to send.
+fn admin_refusal(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let Some(token) = &state.admin_token else {
+        return Some(refusal(
+            StatusCode::FORBIDDEN,
+            "admin_disabled",
+            "the admin API is off: start the collector with --admin-token",
+        ));
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        None
+    } else {
+        Some(refusal(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the admin API needs `authorization: Bearer <admin token>`",
+        ))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Optional `{"reason": "..."}`.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Reason {
+    reason: Option<String>,
+}
+
+fn reason_of(body: &[u8], default: &str) -> Result<String, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(default.to_string());
+    }
+    serde_json::from_slice::<Reason>(body)
+        .map(|r| r.reason.unwrap_or_else(|| default.to_string()))
+        .map_err(|e| format!("expected {{\"reason\": \"...\"}}: {e}"))
+}
+
+/// Run an admin change on the store and answer 204, or the error.
+async fn admin_change(
+    state: Arc<AppState>,
+    change: impl FnOnce(&dyn Store, u64) -> anyhow::Result<()> + Send + 'static,
+) -> Response {
+    let worker = Arc::clone(&state);
+    let done = tokio::task::spawn_blocking(move || {
+        change(worker.store.as_ref(), u64::try_from(now_ms()).unwrap_or(0))
+    })
+    .await;
+    match done {
+        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("{e:#}"),
+        ),
+        Err(e) => refusal(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+async fn revoke(
+    State(state): State<Arc<AppState>>,
+    Path(license): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    let reason = match reason_of(&body, "revoked by an operator") {
+        Ok(reason) => reason,
+        Err(problem) => return refusal(StatusCode::BAD_REQUEST, "bad_request", problem),
+    };
+    log(json!({"level": "info", "msg": "license revoked", "license": license, "reason": reason}));
+    admin_change(state, move |store, now| {
+        store.set_revoked(&license, Some(&reason), now)
+    })
+    .await
+}
+
+async fn unrevoke(
+    State(state): State<Arc<AppState>>,
+    Path(license): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    log(json!({"level": "info", "msg": "license revocation lifted", "license": license}));
+    admin_change(state, move |store, now| {
+        store.set_revoked(&license, None, now)
+    })
+    .await
+}
+
+async fn suspend(
+    State(state): State<Arc<AppState>>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    let reason = match reason_of(&body, "suspended by an operator") {
+        Ok(reason) => reason,
+        Err(problem) => return refusal(StatusCode::BAD_REQUEST, "bad_request", problem),
+    };
+    log(json!({"level": "info", "msg": "account suspended", "account": account, "reason": reason}));
+    admin_change(state, move |store, now| {
+        store.set_suspended(&account, Some(&reason), now)
+    })
+    .await
+}
+
+async fn resume(
+    State(state): State<Arc<AppState>>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    log(json!({"level": "info", "msg": "account resumed", "account": account}));
+    admin_change(state, move |store, now| {
+        store.set_suspended(&account, None, now)
+    })
+    .await
+}
+
+async fn set_budget(
+    State(state): State<Arc<AppState>>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    let budget: Budget = match serde_json::from_slice(&body) {
+        Ok(budget) => budget,
+        Err(e) => {
+            return refusal(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!(
+                    "expected {{\"period\": \"hour|day|month\", \"amount\": \"<decimal>\"}}: {e}"
+                ),
+            )
+        }
+    };
+    if budget.amount.is_sign_negative() {
+        return refusal(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "a budget cannot be negative",
+        );
+    }
+    log(
+        json!({"level": "info", "msg": "budget set", "account": account, "amount": budget.amount.to_string(), "period": budget.period.as_str()}),
+    );
+    admin_change(state, move |store, now| {
+        store.set_budget(&account, Some(&budget), now)
+    })
+    .await
+}
+
+async fn remove_budget(
+    State(state): State<Arc<AppState>>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    log(json!({"level": "info", "msg": "budget removed", "account": account}));
+    admin_change(state, move |store, now| {
+        store.set_budget(&account, None, now)
+    })
+    .await
+}
+
+async fn account(
+    State(state): State<Arc<AppState>>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    let worker = Arc::clone(&state);
+    let status = tokio::task::spawn_blocking(move || {
+        let now = u64::try_from(now_ms()).unwrap_or(0);
+        crate::control::account_status(worker.store.as_ref(), &worker.control, &account, now)
+    })
+    .await;
+    match status {
+        Ok(Ok(status)) => Json(status).into_response(),
+        Ok(Err(e)) => refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("{e:#}"),
+        ),
+        Err(e) => refusal(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
 }
 
 async fn usage(

@@ -4,9 +4,13 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use std::collections::BTreeMap;
+
 use anyhow::{bail, Context, Result};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rust_decimal::Decimal;
 use serde::Serialize;
+use tollgate_wire::sync::{LeaseGrant, LeaseRequest, LicenseSeen, Period};
 use tollgate_wire::UsageBatch;
 
 /// How a batch was taken.
@@ -56,7 +60,47 @@ pub struct UsageRow {
     pub units: u64,
 }
 
-/// Where usage is kept.
+/// A lease to grant; its period and expiry are decided by the caller (the catalogue's calendar).
+#[derive(Debug, Clone)]
+pub struct LeaseAsk<'a> {
+    /// The filter instance asking.
+    pub holder: &'a str,
+    pub request: &'a LeaseRequest,
+    pub period_start_ms: u64,
+    pub period_end_ms: u64,
+    pub expires_ms: u64,
+}
+
+/// A spend cap: at most `amount` (in the catalogue's currency) per calendar `period`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    pub period: Period,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount: Decimal,
+}
+
+/// What filters must obey for some licenses and accounts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Restrictions {
+    /// License → reason.
+    pub revoked: BTreeMap<String, String>,
+    /// Account → reason.
+    pub suspended: BTreeMap<String, String>,
+    /// Account → its budget.
+    pub budgets: BTreeMap<String, Budget>,
+}
+
+/// Allowed usage of one account, by the plan of its license and meter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanUsage {
+    /// Empty when no filter has named the license's plan yet.
+    pub plan: String,
+    pub meter: String,
+    pub units: u64,
+}
+
+/// Where usage, and the state filters obey, are kept.
 pub trait Store: Send + Sync + 'static {
     /// Store `batch` unless its id was stored before, in one transaction.
     fn ingest(&self, batch: &UsageBatch, received_ms: u64) -> Result<Ingested>;
@@ -64,6 +108,25 @@ pub trait Store: Send + Sync + 'static {
     fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>>;
     /// The store answers.
     fn ping(&self) -> Result<()>;
+
+    /// Grant up to `want` units of the quota, at most what is left of `limit` for the period,
+    /// atomically with the allocation. A lease id seen before gets its stored grant.
+    fn grant_lease(&self, ask: &LeaseAsk<'_>, now_ms: u64) -> Result<LeaseGrant>;
+    /// Close a lease with the units it used: the allocation keeps `used` instead of the grant.
+    /// Once per lease id; false if the lease is unknown.
+    fn close_lease(&self, lease_id: &str, used: u64, now_ms: u64) -> Result<bool>;
+    /// Revoke a license (`Some(reason)`) or lift the revocation (`None`).
+    fn set_revoked(&self, license: &str, reason: Option<&str>, now_ms: u64) -> Result<()>;
+    /// Suspend an account (`Some(reason)`) or resume it (`None`).
+    fn set_suspended(&self, account: &str, reason: Option<&str>, now_ms: u64) -> Result<()>;
+    /// Set or remove an account's spend cap.
+    fn set_budget(&self, account: &str, budget: Option<&Budget>, now_ms: u64) -> Result<()>;
+    /// The revocations, suspensions and budgets among `licenses` and `accounts`.
+    fn restrictions(&self, licenses: &[String], accounts: &[String]) -> Result<Restrictions>;
+    /// Remember the plan of licenses filters served.
+    fn record_licenses(&self, seen: &[LicenseSeen], now_ms: u64) -> Result<()>;
+    /// Allowed usage of `account` in windows starting in `[from_ms, to_ms)`, by plan and meter.
+    fn plan_usage(&self, account: &str, from_ms: u64, to_ms: u64) -> Result<Vec<PlanUsage>>;
 }
 
 /// Open the store a URL names: `sqlite://<path>` (or a bare path), or `postgres://...`.
@@ -81,8 +144,10 @@ pub fn open(url: &str) -> Result<Box<dyn Store>> {
 }
 
 /// Migrations, in order; each runs once, recorded in `schema_migrations`.
-const SQLITE_MIGRATIONS: &[(i64, &str)] =
-    &[(1, include_str!("../migrations/sqlite/0001_usage.sql"))];
+const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/sqlite/0001_usage.sql")),
+    (2, include_str!("../migrations/sqlite/0002_control.sql")),
+];
 
 /// SQLite in a file, WAL mode: the embedded default.
 pub struct SqliteStore {
@@ -253,4 +318,253 @@ impl Store for SqliteStore {
         self.conn()?.query_row("SELECT 1", [], |_| Ok(()))?;
         Ok(())
     }
+
+    fn grant_lease(&self, ask: &LeaseAsk<'_>, now_ms: u64) -> Result<LeaseGrant> {
+        let r = ask.request;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let stored = tx
+            .query_row(
+                "SELECT granted, period_start_ms, period_end_ms, expires_ms, allocated_after FROM leases WHERE lease_id = ?1",
+                [&r.lease_id],
+                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, i64>(2)?, row.get::<_, i64>(3)?, row.get::<_, i64>(4)?)),
+            )
+            .optional()?;
+        if let Some((granted, start, end, expires, allocated)) = stored {
+            tx.commit()?;
+            return Ok(grant_of(
+                &r.lease_id,
+                granted,
+                start,
+                end,
+                expires,
+                allocated,
+            ));
+        }
+        let (start, end) = (
+            to_i64("period_start_ms", ask.period_start_ms)?,
+            to_i64("period_end_ms", ask.period_end_ms)?,
+        );
+        let allocated: i64 = tx
+            .query_row(
+                "SELECT allocated FROM quota_allocations WHERE license = ?1 AND meter = ?2 AND period_start_ms = ?3 AND period_end_ms = ?4",
+                params![r.license, r.meter.as_str(), start, end],
+                |row| row.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        let granted = grant_size(r.want, r.limit, allocated);
+        let after = allocated.saturating_add(granted);
+        tx.execute(
+            "INSERT INTO quota_allocations (license, meter, period_start_ms, period_end_ms, allocated) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (license, meter, period_start_ms, period_end_ms) DO UPDATE SET allocated = excluded.allocated",
+            params![r.license, r.meter.as_str(), start, end, after],
+        )?;
+        let expires = to_i64("expires_ms", ask.expires_ms)?;
+        tx.execute(
+            "INSERT INTO leases (lease_id, holder, account, license, meter, period_start_ms, period_end_ms, limit_units, granted, allocated_after, expires_ms, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![r.lease_id, ask.holder, r.account, r.license, r.meter.as_str(), start, end, to_i64("limit", r.limit)?, granted, after, expires, to_i64("now_ms", now_ms)?],
+        )?;
+        tx.commit()?;
+        Ok(grant_of(&r.lease_id, granted, start, end, expires, after))
+    }
+
+    fn close_lease(&self, lease_id: &str, used: u64, now_ms: u64) -> Result<bool> {
+        let used = to_i64("used", used)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let closed = tx
+            .query_row(
+                "UPDATE leases SET used = ?1, closed_ms = ?2 WHERE lease_id = ?3 AND closed_ms IS NULL
+                 RETURNING license, meter, period_start_ms, period_end_ms, granted",
+                params![used, to_i64("now_ms", now_ms)?, lease_id],
+                |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, i64>(2)?, row.get::<_, i64>(3)?, row.get::<_, i64>(4)?)),
+            )
+            .optional()?;
+        let known = match closed {
+            Some((license, meter, start, end, granted)) => {
+                tx.execute(
+                    "UPDATE quota_allocations SET allocated = MAX(0, allocated + ?1 - ?2)
+                     WHERE license = ?3 AND meter = ?4 AND period_start_ms = ?5 AND period_end_ms = ?6",
+                    params![used, granted, license, meter, start, end],
+                )?;
+                true
+            }
+            None => tx
+                .query_row(
+                    "SELECT 1 FROM leases WHERE lease_id = ?1",
+                    [lease_id],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some(),
+        };
+        tx.commit()?;
+        Ok(known)
+    }
+
+    fn set_revoked(&self, license: &str, reason: Option<&str>, now_ms: u64) -> Result<()> {
+        let conn = self.conn()?;
+        match reason {
+            Some(reason) => conn.execute(
+                "INSERT INTO revoked_licenses (license, reason, revoked_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (license) DO UPDATE SET reason = excluded.reason, revoked_ms = excluded.revoked_ms",
+                params![license, reason, to_i64("now_ms", now_ms)?],
+            )?,
+            None => conn.execute("DELETE FROM revoked_licenses WHERE license = ?1", [license])?,
+        };
+        Ok(())
+    }
+
+    fn set_suspended(&self, account: &str, reason: Option<&str>, now_ms: u64) -> Result<()> {
+        let conn = self.conn()?;
+        match reason {
+            Some(reason) => conn.execute(
+                "INSERT INTO suspended_accounts (account, reason, suspended_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (account) DO UPDATE SET reason = excluded.reason, suspended_ms = excluded.suspended_ms",
+                params![account, reason, to_i64("now_ms", now_ms)?],
+            )?,
+            None => conn.execute("DELETE FROM suspended_accounts WHERE account = ?1", [account])?,
+        };
+        Ok(())
+    }
+
+    fn set_budget(&self, account: &str, budget: Option<&Budget>, now_ms: u64) -> Result<()> {
+        let conn = self.conn()?;
+        match budget {
+            Some(b) => conn.execute(
+                "INSERT INTO budgets (account, period, amount, updated_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (account) DO UPDATE SET period = excluded.period, amount = excluded.amount, updated_ms = excluded.updated_ms",
+                params![account, b.period.as_str(), b.amount.to_string(), to_i64("now_ms", now_ms)?],
+            )?,
+            None => conn.execute("DELETE FROM budgets WHERE account = ?1", [account])?,
+        };
+        Ok(())
+    }
+
+    fn restrictions(&self, licenses: &[String], accounts: &[String]) -> Result<Restrictions> {
+        let conn = self.conn()?;
+        let mut out = Restrictions::default();
+        for license in licenses {
+            if let Some(reason) = conn
+                .query_row(
+                    "SELECT reason FROM revoked_licenses WHERE license = ?1",
+                    [license],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()?
+            {
+                out.revoked.insert(license.clone(), reason);
+            }
+        }
+        for account in accounts {
+            if let Some(reason) = conn
+                .query_row(
+                    "SELECT reason FROM suspended_accounts WHERE account = ?1",
+                    [account],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()?
+            {
+                out.suspended.insert(account.clone(), reason);
+            }
+            if let Some((period, amount)) = conn
+                .query_row(
+                    "SELECT period, amount FROM budgets WHERE account = ?1",
+                    [account],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+                )
+                .optional()?
+            {
+                out.budgets
+                    .insert(account.clone(), parse_budget(&period, &amount)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn record_licenses(&self, seen: &[LicenseSeen], now_ms: u64) -> Result<()> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        {
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO licenses (license, account, plan, last_seen_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (license) DO UPDATE SET account = excluded.account, plan = excluded.plan, last_seen_ms = excluded.last_seen_ms",
+            )?;
+            for l in seen {
+                upsert.execute(params![
+                    l.license,
+                    l.account,
+                    l.plan,
+                    to_i64("now_ms", now_ms)?
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn plan_usage(&self, account: &str, from_ms: u64, to_ms: u64) -> Result<Vec<PlanUsage>> {
+        let conn = self.conn()?;
+        let mut statement = conn.prepare_cached(
+            "SELECT COALESCE(l.plan, ''), r.meter, SUM(r.units) FROM usage_records r
+             LEFT JOIN licenses l ON l.license = r.license
+             WHERE r.account = ?1 AND r.outcome = 'allowed' AND r.window_start_ms >= ?2 AND r.window_start_ms < ?3
+             GROUP BY 1, 2 ORDER BY 1, 2",
+        )?;
+        let rows = statement.query_map(
+            params![
+                account,
+                to_i64("from_ms", from_ms)?,
+                to_i64("to_ms", to_ms)?
+            ],
+            |r| {
+                Ok(PlanUsage {
+                    plan: r.get(0)?,
+                    meter: r.get(1)?,
+                    units: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                })
+            },
+        )?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+}
+
+/// Units to grant: what is asked, within what is left of the limit.
+pub(crate) fn grant_size(want: u64, limit: u64, allocated: i64) -> i64 {
+    let left = limit.saturating_sub(u64::try_from(allocated).unwrap_or(0));
+    i64::try_from(want.min(left)).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn grant_of(
+    lease_id: &str,
+    granted: i64,
+    start: i64,
+    end: i64,
+    expires: i64,
+    allocated: i64,
+) -> LeaseGrant {
+    let u = |v: i64| u64::try_from(v).unwrap_or(0);
+    LeaseGrant {
+        lease_id: lease_id.to_string(),
+        granted: u(granted),
+        period_start_ms: u(start),
+        period_end_ms: u(end),
+        expires_ms: u(expires),
+        allocated: u(allocated),
+    }
+}
+
+pub(crate) fn parse_budget(period: &str, amount: &str) -> Result<Budget> {
+    let period = match period {
+        "hour" => Period::Hour,
+        "day" => Period::Day,
+        "month" => Period::Month,
+        other => bail!("stored budget period `{other}` is not hour, day or month"),
+    };
+    let amount = amount
+        .parse::<Decimal>()
+        .with_context(|| format!("stored budget amount `{amount}`"))?;
+    Ok(Budget { period, amount })
 }

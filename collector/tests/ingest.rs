@@ -2,11 +2,12 @@
 //! PostgreSQL server): exactly once, by counting.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
-
 use serde_json::Value;
 use tollgate_collector::{open, IngestKeys, Running};
 use tollgate_devkit::postgres::TestPostgres;
+
+mod common;
+use common::{backends, Backend};
 use tollgate_wire::{
     sign, Meter, Source, UsageBatch, UsageRecord, KEY_ID_HEADER, SIGNATURE_HEADER,
 };
@@ -14,43 +15,6 @@ use tollgate_wire::{
 const SECRET: &str = "collector-test-secret-0123456789";
 // 2026-06-01T10:00:00Z
 const T0: u64 = 1_780_308_000_000;
-
-/// A storage backend for one test, cleaned up when dropped.
-enum Backend {
-    Sqlite(PathBuf),
-    Postgres(TestPostgres),
-}
-
-impl Backend {
-    fn url(&self) -> String {
-        match self {
-            Backend::Sqlite(path) => format!("sqlite://{}", path.display()),
-            Backend::Postgres(pg) => pg.url(),
-        }
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        if let Backend::Sqlite(path) = self {
-            if let Some(dir) = path.parent() {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-        }
-    }
-}
-
-/// Every backend, fresh: the same test body runs against each.
-fn backends(name: &str) -> Vec<Backend> {
-    let dir =
-        std::env::temp_dir().join(format!("tollgate-collector-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    vec![
-        Backend::Sqlite(dir.join("usage.db")),
-        Backend::Postgres(TestPostgres::start(name).unwrap()),
-    ]
-}
 
 fn start(backend: &Backend) -> Running {
     let keys = IngestKeys::parse([

@@ -261,11 +261,16 @@ mod tests {
     fn sync_request_v1_matches_its_golden_file() {
         let text = golden("sync_request_v1.json.golden");
         assert_eq!(
-            serde_json::to_string_pretty(&golden_request()).unwrap().trim(),
+            serde_json::to_string_pretty(&golden_request())
+                .unwrap()
+                .trim(),
             text.trim(),
             "the wire format changed: update the golden file on purpose"
         );
-        assert_eq!(SyncRequest::decode(text.as_bytes()).unwrap(), golden_request());
+        assert_eq!(
+            SyncRequest::decode(text.as_bytes()).unwrap(),
+            golden_request()
+        );
     }
 
     #[test]
@@ -307,7 +312,10 @@ mod tests {
         let mut r = golden_request();
         r.licenses[0].plan = "x\u{7}".into();
         let e = SyncRequest::decode(&r.encode()).unwrap_err().to_string();
-        assert!(e.contains("license 0: plan contains control characters"), "{e}");
+        assert!(
+            e.contains("license 0: plan contains control characters"),
+            "{e}"
+        );
         let mut r = golden_request();
         r.version = 2;
         assert_eq!(

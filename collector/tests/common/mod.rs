@@ -1,0 +1,43 @@
+//! Helpers shared by the collector's integration tests: every storage backend, fresh.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use tollgate_devkit::postgres::TestPostgres;
+
+/// A storage backend for one test, cleaned up when dropped.
+pub enum Backend {
+    Sqlite(PathBuf),
+    Postgres(TestPostgres),
+}
+
+impl Backend {
+    pub fn url(&self) -> String {
+        match self {
+            Backend::Sqlite(path) => format!("sqlite://{}", path.display()),
+            Backend::Postgres(pg) => pg.url(),
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Backend::Sqlite(path) = self {
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+}
+
+/// Every backend, fresh: the same test body runs against each.
+pub fn backends(name: &str) -> Vec<Backend> {
+    let dir =
+        std::env::temp_dir().join(format!("tollgate-collector-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    vec![
+        Backend::Sqlite(dir.join("usage.db")),
+        Backend::Postgres(TestPostgres::start(name).unwrap()),
+    ]
+}

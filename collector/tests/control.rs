@@ -1,0 +1,488 @@
+//! The control plane against every storage backend, with a fixed clock: quota leases (grants
+//! within the limit, returns, retries, overshoot, period rollover, replicas racing), and the
+//! refusals filters are told about (revocation, suspension, spend caps), over the store and
+//! over HTTP with the admin API.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+use tollgate_collector::catalog::{Catalog, CatalogFileWatch};
+use tollgate_collector::control::{account_status, sync, ControlPlane};
+use tollgate_collector::store::Budget;
+use tollgate_collector::{open, AppState, IngestKeys, Running, Store};
+use tollgate_wire::sync::{
+    DenialCode, LeaseRequest, LeaseReturn, LicenseSeen, Period, SyncRequest, SyncResponse,
+};
+use tollgate_wire::{
+    sign, Meter, Source, UsageBatch, UsageRecord, KEY_ID_HEADER, SIGNATURE_HEADER,
+};
+
+mod common;
+use common::{backends, Backend};
+
+const SECRET: &str = "control-test-secret-0123456789";
+const ADMIN: &str = "admin-token-0123456789abcdef";
+// 2026-06-15T10:00:00Z
+const NOON_ISH: u64 = 1_781_517_600_000;
+const DAY: u64 = 86_400_000;
+
+fn control() -> ControlPlane {
+    ControlPlane::default()
+}
+
+fn ask(lease_id: &str, license: &str, limit: u64, want: u64) -> LeaseRequest {
+    LeaseRequest {
+        lease_id: lease_id.into(),
+        account: "acme".into(),
+        license: license.into(),
+        meter: Meter::Calls,
+        period: Period::Day,
+        limit,
+        want,
+    }
+}
+
+fn request(leases: Vec<LeaseRequest>, returns: Vec<LeaseReturn>) -> SyncRequest {
+    SyncRequest {
+        version: 1,
+        instance: "node-a/1".into(),
+        leases,
+        returns,
+        licenses: Vec::new(),
+    }
+}
+
+fn granted(store: &dyn Store, control: &ControlPlane, lease: LeaseRequest, now: u64) -> u64 {
+    sync(store, control, &request(vec![lease], vec![]), now)
+        .unwrap()
+        .grants[0]
+        .granted
+}
+
+#[test]
+fn leases_hand_out_the_quota_once_and_returns_give_back_the_unused_part() {
+    for db in backends("leases") {
+        leases_on(&db);
+    }
+}
+
+fn leases_on(db: &Backend) {
+    let store = open(&db.url()).unwrap();
+    let store = store.as_ref();
+    let c = control();
+    let now = NOON_ISH;
+    // A quota of 100 calls a day, asked for 30 at a time: 30, 30, 30, 10, then nothing.
+    let grants: Vec<u64> = (1..=5)
+        .map(|i| granted(store, &c, ask(&format!("a/{i}"), "lic-1", 100, 30), now))
+        .collect();
+    assert_eq!(grants, vec![30, 30, 30, 10, 0]);
+    // The same lease id again (a retry after a lost answer): the same grant, nothing more.
+    let again = sync(
+        store,
+        &c,
+        &request(vec![ask("a/1", "lic-1", 100, 30)], vec![]),
+        now,
+    )
+    .unwrap();
+    assert_eq!(again.grants[0].granted, 30);
+    assert_eq!(again.grants[0].allocated, 30);
+    // The grant carries the period (UTC day) and expires with the TTL.
+    let g = &again.grants[0];
+    assert_eq!(
+        (g.period_start_ms, g.period_end_ms),
+        (1_781_481_600_000, 1_781_481_600_000 + DAY)
+    );
+    assert_eq!(g.expires_ms, now + c.lease_ttl_ms);
+
+    // Lease a/1 used 12 of its 30: 18 come back, once, however often the return is sent.
+    let back = request(
+        vec![],
+        vec![LeaseReturn {
+            lease_id: "a/1".into(),
+            used: 12,
+        }],
+    );
+    assert_eq!(
+        sync(store, &c, &back, now).unwrap().closed,
+        vec!["a/1".to_string()]
+    );
+    assert_eq!(
+        sync(store, &c, &back, now).unwrap().closed,
+        vec!["a/1".to_string()]
+    );
+    assert_eq!(granted(store, &c, ask("a/6", "lic-1", 100, 30), now), 18);
+    // A lease that used more than its grant (a response larger than its reservation) takes
+    // the excess from what is left.
+    let over = request(
+        vec![],
+        vec![LeaseReturn {
+            lease_id: "a/2".into(),
+            used: 35,
+        }],
+    );
+    sync(store, &c, &over, now).unwrap();
+    assert_eq!(granted(store, &c, ask("a/7", "lic-1", 100, 30), now), 0);
+    // Unknown leases are not "closed".
+    let unknown = request(
+        vec![],
+        vec![LeaseReturn {
+            lease_id: "zz".into(),
+            used: 1,
+        }],
+    );
+    assert!(sync(store, &c, &unknown, now).unwrap().closed.is_empty());
+    // An operator raises the limit: the new limit applies to the next grant.
+    assert_eq!(granted(store, &c, ask("a/8", "lic-1", 120, 30), now), 15);
+    // Other licenses, and the next day, have their own quota.
+    assert_eq!(granted(store, &c, ask("b/1", "lic-2", 100, 30), now), 30);
+    assert_eq!(
+        granted(store, &c, ask("a/9", "lic-1", 100, 30), now + DAY),
+        30
+    );
+    // Near the end of the day, a lease expires with the period.
+    let late = 1_781_481_600_000 + DAY - 1000;
+    let r = sync(
+        store,
+        &c,
+        &request(vec![ask("a/10", "lic-1", 100, 30)], vec![]),
+        late,
+    )
+    .unwrap();
+    assert_eq!(r.grants[0].expires_ms, 1_781_481_600_000 + DAY);
+}
+
+#[test]
+fn replicas_granting_from_one_quota_at_once_never_hand_out_more_than_the_limit() {
+    for db in backends("race") {
+        let url = db.url();
+        let stores: Vec<Arc<dyn Store>> = (0..4).map(|_| Arc::from(open(&url).unwrap())).collect();
+        let total: u64 = std::thread::scope(|scope| {
+            let handles: Vec<_> = stores
+                .iter()
+                .enumerate()
+                .map(|(replica, store)| {
+                    scope.spawn(move || {
+                        let c = control();
+                        let mut sum = 0;
+                        for i in 0..40 {
+                            let lease = ask(&format!("r{replica}/{i}"), "lic-race", 500, 7);
+                            // A replica may lose a race on a row and answer an error: the
+                            // filter retries with the same lease id.
+                            for _ in 0..20 {
+                                if let Ok(r) = sync(
+                                    store.as_ref(),
+                                    &c,
+                                    &request(vec![lease.clone()], vec![]),
+                                    NOON_ISH,
+                                ) {
+                                    sum += r.grants[0].granted;
+                                    break;
+                                }
+                            }
+                        }
+                        sum
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        // 4 replicas x 40 leases x 7 = 1,120 wanted, 500 exist.
+        assert_eq!(total, 500, "{}", db.url());
+    }
+}
+
+#[test]
+fn revoked_suspended_and_capped_licenses_are_denied_and_get_no_lease() {
+    for db in backends("denials") {
+        denials_on(&db);
+    }
+}
+
+fn usage_batch(id: &str, account: &str, license: &str, calls: u64, at_ms: u64) -> UsageBatch {
+    UsageBatch {
+        version: 1,
+        batch_id: id.into(),
+        source: Source {
+            instance: "node-a".into(),
+            vm_started_ms: 1,
+        },
+        sequence: 1,
+        created_ms: at_ms,
+        records: vec![UsageRecord {
+            account: account.into(),
+            license: license.into(),
+            feature: "search".into(),
+            outcome: "allowed".into(),
+            meter: Meter::Calls,
+            units: calls,
+            window_start_ms: at_ms,
+            window_end_ms: at_ms + 1000,
+        }],
+    }
+}
+
+fn denials_on(db: &Backend) {
+    let store = open(&db.url()).unwrap();
+    let store = store.as_ref();
+    let c = ControlPlane {
+        catalog: CatalogFileWatch::empty(),
+        lease_ttl_ms: 10_000,
+    };
+    let now = NOON_ISH;
+    let seen = |account: &str, license: &str| LicenseSeen {
+        account: account.into(),
+        license: license.into(),
+        plan: "pro".into(),
+    };
+    let mut req = request(vec![ask("x/1", "lic-1", 100, 10)], vec![]);
+    req.licenses = vec![seen("acme", "lic-1"), seen("globex", "lic-9")];
+    let r = sync(store, &c, &req, now).unwrap();
+    assert!(r.denials.is_empty());
+    assert_eq!(r.grants[0].granted, 10);
+
+    store
+        .set_revoked("lic-1", Some("contract ended"), now)
+        .unwrap();
+    store
+        .set_suspended("globex", Some("unpaid invoice"), now)
+        .unwrap();
+    req.leases = vec![ask("x/2", "lic-1", 100, 10)];
+    let r = sync(store, &c, &req, now).unwrap();
+    let codes: Vec<(String, DenialCode)> = r
+        .denials
+        .iter()
+        .map(|d| (d.license.clone(), d.code))
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            ("lic-1".to_string(), DenialCode::LicenseRevoked),
+            ("lic-9".to_string(), DenialCode::AccountSuspended)
+        ]
+    );
+    assert!(r.denials[0].message.contains("contract ended"));
+    assert_eq!(r.grants[0].granted, 0, "a revoked license gets no lease");
+    store.set_revoked("lic-1", None, now).unwrap();
+    store.set_suspended("globex", None, now).unwrap();
+    assert!(sync(store, &c, &req, now).unwrap().denials.is_empty());
+
+    // Spend cap: 0.01 EUR per call, a budget of 1.00 EUR a month; 99 calls stored, then 1 more.
+    let c = ControlPlane {
+        catalog: CatalogFileWatch::open(Some(&write_catalog())).unwrap(),
+        lease_ttl_ms: 10_000,
+    };
+    store
+        .set_budget(
+            "acme",
+            Some(&Budget {
+                period: Period::Month,
+                amount: Decimal::new(100, 2),
+            }),
+            now,
+        )
+        .unwrap();
+    store
+        .ingest(&usage_batch("b1", "acme", "lic-1", 99, now - 1000), now)
+        .unwrap();
+    // Refused calls and other accounts cost acme nothing.
+    let mut refused = usage_batch("b2", "acme", "lic-1", 500, now - 1000);
+    refused.records[0].outcome = "rate_limited".into();
+    store.ingest(&refused, now).unwrap();
+    store
+        .ingest(&usage_batch("b3", "globex", "lic-9", 500, now - 1000), now)
+        .unwrap();
+    assert!(sync(store, &c, &req, now).unwrap().denials.is_empty());
+    let status = account_status(store, &c, "acme", now).unwrap();
+    assert_eq!(status.spend, Decimal::new(99, 2));
+    assert!(!status.spend_cap_reached);
+    store
+        .ingest(&usage_batch("b4", "acme", "lic-1", 1, now - 500), now)
+        .unwrap();
+    let r = sync(store, &c, &req, now).unwrap();
+    assert_eq!(r.denials.len(), 1, "{:?}", r.denials);
+    let d = &r.denials[0];
+    assert_eq!(
+        (d.license.as_str(), d.code),
+        ("lic-1", DenialCode::SpendCapReached)
+    );
+    // 2026-07-01T00:00:00Z: the cap lifts with the month.
+    assert_eq!(d.until_ms, Some(1_782_864_000_000));
+    assert!(d.message.contains("1.00 EUR"), "{}", d.message);
+    assert!(
+        account_status(store, &c, "acme", now)
+            .unwrap()
+            .spend_cap_reached
+    );
+    // Next month, the spend starts over.
+    assert!(sync(store, &c, &req, 1_782_864_000_000 + 1)
+        .unwrap()
+        .denials
+        .is_empty());
+}
+
+fn write_catalog() -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("tollgate-plans-{}.json", std::process::id()));
+    std::fs::write(
+        &path,
+        json!({"currency": "EUR", "plans": {"pro": {"prices": {"calls": "0.01"}}}}).to_string(),
+    )
+    .unwrap();
+    assert!(Catalog::from_json(&std::fs::read(&path).unwrap()).is_ok());
+    path
+}
+
+fn call(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) -> (u16, String) {
+    let mut req = ureq::request(method, url);
+    if let Some(token) = token {
+        req = req.set("authorization", &format!("Bearer {token}"));
+    }
+    let result = match body {
+        Some(body) => req.send_string(&body.to_string()),
+        None => req.call(),
+    };
+    match result {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn over_http_the_sync_is_signed_and_the_admin_api_needs_its_token() {
+    let dir = std::env::temp_dir().join(format!("tollgate-control-http-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = open(&format!("sqlite://{}", dir.join("c.db").display())).unwrap();
+    let mut state = AppState::new(
+        Arc::from(store),
+        IngestKeys::parse([format!("k1={SECRET}").as_str()]).unwrap(),
+    );
+    state.admin_token = Some(ADMIN.into());
+    let c = Running::start_state(0, state).unwrap();
+
+    let mut req = request(vec![ask("h/1", "lic-1", 100, 10)], vec![]);
+    req.licenses = vec![LicenseSeen {
+        account: "acme".into(),
+        license: "lic-1".into(),
+        plan: "pro".into(),
+    }];
+    let body = req.encode();
+    let post_sync = |body: &[u8], secret: &str| match ureq::post(&c.url("/v1/sync"))
+        .set(KEY_ID_HEADER, "k1")
+        .set(SIGNATURE_HEADER, &sign(secret.as_bytes(), body))
+        .send_bytes(body)
+    {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(post_sync(&body, "not-the-secret-at-all").0, 401);
+    assert_eq!(post_sync(b"{\"version\":1}", SECRET).0, 400);
+    let (status, text) = post_sync(&body, SECRET);
+    assert_eq!(status, 200, "{text}");
+    let answer = SyncResponse::decode(text.as_bytes()).unwrap();
+    assert_eq!(answer.grants[0].granted, 10);
+
+    // Every admin route refuses without the token and with a wrong one.
+    let routes = [
+        ("POST", "/v1/admin/licenses/lic-1/revoke"),
+        ("DELETE", "/v1/admin/licenses/lic-1/revoke"),
+        ("POST", "/v1/admin/accounts/acme/suspend"),
+        ("DELETE", "/v1/admin/accounts/acme/suspend"),
+        ("PUT", "/v1/admin/accounts/acme/budget"),
+        ("DELETE", "/v1/admin/accounts/acme/budget"),
+        ("GET", "/v1/admin/accounts/acme"),
+    ];
+    for (method, path) in routes {
+        assert_eq!(
+            call(method, &c.url(path), None, None).0,
+            401,
+            "{method} {path}"
+        );
+        assert_eq!(
+            call(method, &c.url(path), Some("wrong-token-0123456789"), None).0,
+            401,
+            "{method} {path}"
+        );
+    }
+    let (status, _) = call(
+        "POST",
+        &c.url("/v1/admin/licenses/lic-1/revoke"),
+        Some(ADMIN),
+        Some(&json!({"reason": "chargeback"})),
+    );
+    assert_eq!(status, 204);
+    let (_, text) = post_sync(&body, SECRET);
+    let answer = SyncResponse::decode(text.as_bytes()).unwrap();
+    assert_eq!(answer.denials[0].code, DenialCode::LicenseRevoked);
+    assert!(answer.denials[0].message.contains("chargeback"));
+    assert_eq!(
+        call(
+            "DELETE",
+            &c.url("/v1/admin/licenses/lic-1/revoke"),
+            Some(ADMIN),
+            None
+        )
+        .0,
+        204
+    );
+
+    assert_eq!(
+        call(
+            "PUT",
+            &c.url("/v1/admin/accounts/acme/budget"),
+            Some(ADMIN),
+            Some(&json!({"period": "month", "amount": "-1"}))
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        call(
+            "PUT",
+            &c.url("/v1/admin/accounts/acme/budget"),
+            Some(ADMIN),
+            Some(&json!({"period": "month", "amount": "250.00"}))
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        call(
+            "POST",
+            &c.url("/v1/admin/accounts/acme/suspend"),
+            Some(ADMIN),
+            None
+        )
+        .0,
+        204
+    );
+    let (status, text) = call("GET", &c.url("/v1/admin/accounts/acme"), Some(ADMIN), None);
+    assert_eq!(status, 200);
+    let account: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        account["budget"],
+        json!({"period": "month", "amount": "250.00"})
+    );
+    assert_eq!(account["suspended"], "suspended by an operator");
+    assert_eq!(account["spend"], "0");
+
+    // Without an admin token configured, the admin API is off.
+    let store = open(&format!("sqlite://{}", dir.join("d.db").display())).unwrap();
+    let off = Running::start(0, store, IngestKeys::default()).unwrap();
+    assert_eq!(
+        call(
+            "GET",
+            &off.url("/v1/admin/accounts/acme"),
+            Some(ADMIN),
+            None
+        )
+        .0,
+        403
+    );
+    drop(c);
+    drop(off);
+    let _ = std::fs::remove_dir_all(&dir);
+}
