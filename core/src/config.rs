@@ -6,6 +6,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use serde::Deserialize;
+use tollgate_wire::sync::Period;
+use tollgate_wire::Meter;
 
 use crate::routes::{Methods, PathMatch, Route, RouteTable, RouteTarget};
 use crate::shipper::{Overflow, ShipperConfig};
@@ -65,6 +67,135 @@ pub struct FilterConfig {
     /// Where metered usage is shipped; absent: usage reaches only Envoy stats.
     #[serde(default)]
     pub collector: Option<CollectorConfig>,
+    /// How period quotas are enforced (leases from the collector).
+    #[serde(default)]
+    pub quota: QuotaSettingsConfig,
+}
+
+/// How period quotas are enforced: leases of the quota from the collector, shared by the
+/// workers of one Envoy.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaSettingsConfig {
+    /// A lease asks for this share of the limit (at least 1 unit). Default 0.05.
+    #[serde(default = "default_lease_fraction")]
+    pub lease_fraction: f64,
+    /// Units reserved at the start of a request for meters known only at its end; the real
+    /// amount is committed when the request ends. Defaults: response_bytes 65536,
+    /// request_bytes 65536, processing_ns 1e9 (1 s); calls are always 1.
+    #[serde(default)]
+    pub reserve: BTreeMap<Meter, u64>,
+    /// Status of a `quota_exhausted` refusal: 429 (default) or 402.
+    #[serde(default = "default_quota_status")]
+    pub exhausted_status: u16,
+    /// When no lease can be had (collector unreachable): `deny` (default, 503
+    /// `quota_unavailable`) or `allow` up to `allowance` units per quota and period.
+    #[serde(default)]
+    pub without_collector: WithoutCollector,
+    /// Units per quota an Envoy admits without a lease under `without_collector: allow`.
+    #[serde(default)]
+    pub allowance: u64,
+    /// How long a request waits for a lease before `without_collector` applies. Default 2000.
+    #[serde(default = "default_lease_wait_ms")]
+    pub lease_wait_ms: u64,
+}
+
+impl Default for QuotaSettingsConfig {
+    fn default() -> Self {
+        QuotaSettingsConfig {
+            lease_fraction: default_lease_fraction(),
+            reserve: BTreeMap::new(),
+            exhausted_status: default_quota_status(),
+            without_collector: WithoutCollector::default(),
+            allowance: 0,
+            lease_wait_ms: default_lease_wait_ms(),
+        }
+    }
+}
+
+/// What happens to a request whose quota has no lease and cannot get one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WithoutCollector {
+    #[default]
+    Deny,
+    Allow,
+}
+
+fn default_lease_fraction() -> f64 {
+    0.05
+}
+fn default_quota_status() -> u16 {
+    429
+}
+fn default_lease_wait_ms() -> u64 {
+    2000
+}
+
+/// Quota settings, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuotaSettings {
+    pub lease_fraction: f64,
+    /// Reservation per meter (calls: 1).
+    pub reserve: BTreeMap<Meter, u64>,
+    pub exhausted_status: u16,
+    pub without_collector: WithoutCollector,
+    pub allowance: u64,
+    pub lease_wait_ms: u64,
+}
+
+impl QuotaSettings {
+    fn compile(c: QuotaSettingsConfig) -> Result<QuotaSettings, ConfigError> {
+        if !(c.lease_fraction > 0.0 && c.lease_fraction <= 1.0) {
+            return Err(ConfigError::new(
+                "quota.lease_fraction",
+                "must be more than 0 and at most 1",
+            ));
+        }
+        if c.exhausted_status != 429 && c.exhausted_status != 402 {
+            return Err(ConfigError::new(
+                "quota.exhausted_status",
+                "must be 429 or 402",
+            ));
+        }
+        if !(1..=60_000).contains(&c.lease_wait_ms) {
+            return Err(ConfigError::new(
+                "quota.lease_wait_ms",
+                "must be between 1 and 60000",
+            ));
+        }
+        if c.reserve.contains_key(&Meter::Calls) {
+            return Err(ConfigError::new(
+                "quota.reserve.calls",
+                "a call is always reserved as 1",
+            ));
+        }
+        let mut reserve = BTreeMap::from([
+            (Meter::Calls, 1),
+            (Meter::RequestBytes, 65_536),
+            (Meter::ResponseBytes, 65_536),
+            (Meter::ProcessingNs, 1_000_000_000),
+        ]);
+        reserve.extend(c.reserve);
+        Ok(QuotaSettings {
+            lease_fraction: c.lease_fraction,
+            reserve,
+            exhausted_status: c.exhausted_status,
+            without_collector: c.without_collector,
+            allowance: c.allowance,
+            lease_wait_ms: c.lease_wait_ms,
+        })
+    }
+
+    /// Units a lease asks for under `limit`.
+    pub fn lease_want(&self, limit: u64) -> u64 {
+        let want = (limit as f64 * self.lease_fraction).ceil();
+        if want.is_finite() && want >= 1.0 {
+            (want as u64).min(limit)
+        } else {
+            1
+        }
+    }
 }
 
 /// The usage collector: batches of usage records are `POST`ed to it through an Envoy cluster,
@@ -325,6 +456,19 @@ pub struct LimitsConfig {
     /// Requests per license and feature, by feature name.
     #[serde(default)]
     pub feature_rate_limits: BTreeMap<String, RateLimitConfig>,
+    /// Period quotas per license, by meter (`calls`, `request_bytes`, `response_bytes`,
+    /// `processing_ns`), counted by the collector over calendar periods.
+    #[serde(default)]
+    pub quotas: BTreeMap<String, QuotaConfig>,
+}
+
+/// At most `limit` units of a meter per calendar period (`hour`, `day` or `month`, in the
+/// collector's time zone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    pub per: Period,
+    pub limit: u64,
 }
 
 /// A GCRA rate: a sustained rate and the burst allowed on top of it.
@@ -434,6 +578,8 @@ pub struct CompiledLimits {
     pub license: Option<RateQuota>,
     /// Indexed by [`FeatureId`].
     pub per_feature: Vec<Option<RateQuota>>,
+    /// Period quotas by meter.
+    pub quotas: BTreeMap<Meter, QuotaConfig>,
 }
 
 impl CompiledLimits {
@@ -447,6 +593,21 @@ impl CompiledLimits {
         let mut out = self.clone();
         if let Some(rate) = &overrides.rate_limit {
             out.license = Some(RateQuota::compile(&format!("{field}.rate_limit"), rate)?);
+        }
+        for (name, quota) in &overrides.quotas {
+            let Some(meter) = Meter::ALL.into_iter().find(|m| m.as_str() == name) else {
+                return Err(ConfigError::new(
+                    format!("{field}.quotas.{name}"),
+                    "not a meter: calls, request_bytes, response_bytes or processing_ns",
+                ));
+            };
+            if quota.limit == 0 {
+                return Err(ConfigError::new(
+                    format!("{field}.quotas.{name}.limit"),
+                    "must be at least 1 (remove the plan's feature instead)",
+                ));
+            }
+            out.quotas.insert(meter, *quota);
         }
         for (name, rate) in &overrides.feature_rate_limits {
             let at = format!("{field}.feature_rate_limits.{name}");
@@ -520,6 +681,7 @@ pub struct Policy {
     pub stats_flush_interval_ms: u64,
     /// Where usage is shipped; `None`: only to Envoy stats.
     pub collector: Option<CollectorPolicy>,
+    pub quota: QuotaSettings,
 }
 
 impl Policy {
@@ -566,6 +728,7 @@ impl Policy {
         let empty = CompiledLimits {
             license: None,
             per_feature: vec![None; features.len()],
+            quotas: BTreeMap::new(),
         };
         let mut plans = BTreeMap::new();
         for (name, limits) in &config.plans {
@@ -578,6 +741,20 @@ impl Policy {
                 }),
             );
         }
+
+        if collector.is_none() {
+            if let Some(name) = plans
+                .iter()
+                .find(|(_, plan)| !plan.limits.quotas.is_empty())
+                .map(|(name, _)| name)
+            {
+                return Err(ConfigError::new(
+                    format!("plans.{name}.quotas"),
+                    "quotas are counted by the collector: configure `collector`",
+                ));
+            }
+        }
+        let quota = QuotaSettings::compile(config.quota)?;
 
         let headers = config.upstream_headers;
         let upstream_headers = UpstreamHeaders {
@@ -602,6 +779,7 @@ impl Policy {
             upstream_headers,
             stats_flush_interval_ms: config.stats_flush_interval_ms,
             collector,
+            quota,
         })
     }
 

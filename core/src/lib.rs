@@ -9,6 +9,7 @@ pub mod config;
 pub mod gate;
 pub mod handover;
 pub mod meter;
+pub mod quota;
 pub mod ratelimit;
 pub mod refusal;
 pub mod routes;

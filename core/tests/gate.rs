@@ -948,3 +948,53 @@ fn configuration_errors_name_the_field() {
         assert!(Policy::from_json(junk).is_err());
     }
 }
+
+#[test]
+fn quotas_come_from_the_plan_and_the_license_and_need_a_collector() {
+    use tollgate_wire::sync::Period;
+    use tollgate_wire::Meter;
+
+    let mut c = with_collector();
+    c["plans"]["pro"]["quotas"] = json!({
+        "calls": {"per": "day", "limit": 1000},
+        "response_bytes": {"per": "month", "limit": 5_000_000_000u64}
+    });
+    let policy = Policy::from_json(c.to_string().as_bytes()).unwrap();
+    let quotas = &policy.plans["pro"].limits.quotas;
+    assert_eq!(quotas[&Meter::Calls].limit, 1000);
+    assert_eq!(quotas[&Meter::Calls].per, Period::Day);
+    assert_eq!(quotas[&Meter::ResponseBytes].per, Period::Month);
+    // Defaults: 5% leases, 64 KiB reservations for bytes, 429, deny without a collector.
+    let q = &policy.quota;
+    assert_eq!(q.lease_want(1000), 50);
+    assert_eq!(q.lease_want(3), 1);
+    assert_eq!(q.reserve[&Meter::Calls], 1);
+    assert_eq!(q.reserve[&Meter::ResponseBytes], 65_536);
+    assert_eq!(q.exhausted_status, 429);
+
+    let mut errors = Vec::new();
+    let mut no_collector = c.clone();
+    no_collector.as_object_mut().unwrap().remove("collector");
+    errors.push((no_collector, "plans.pro.quotas"));
+    let mut zero = c.clone();
+    zero["plans"]["pro"]["quotas"]["calls"]["limit"] = json!(0);
+    errors.push((zero, "plans.pro.quotas.calls.limit"));
+    let mut status = c.clone();
+    status["quota"] = json!({"exhausted_status": 403});
+    errors.push((status, "quota.exhausted_status"));
+    let mut fraction = c.clone();
+    fraction["quota"] = json!({"lease_fraction": 0});
+    errors.push((fraction, "quota.lease_fraction"));
+    let mut meter = c.clone();
+    meter["plans"]["pro"]["quotas"] = json!({"clicks": {"per": "day", "limit": 1}});
+    errors.push((meter, "plans.pro.quotas"));
+    let mut period = c.clone();
+    period["plans"]["pro"]["quotas"]["calls"]["per"] = json!("week");
+    errors.push((period, "plans.pro.quotas.calls.per"));
+    for (config, field) in errors {
+        let e = Policy::from_json(config.to_string().as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(field), "{field}: {e}");
+    }
+}

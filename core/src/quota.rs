@@ -1,0 +1,525 @@
+//! Period quotas, enforced with leases. The collector counts a license's quota; a filter holds
+//! leases (slices of it, with a time to live) in a pool per (license, meter, period) that every
+//! worker of one Envoy shares through proxy-wasm shared data, updated with compare-and-swap.
+//!
+//! A request reserves from a live lease when it starts (a call: 1; bytes and processing time:
+//! an estimate) and commits the real amount when it ends. Units are only ever admitted out of
+//! a grant, so with calls no Envoy can go over the quota; with bytes and time, a request can
+//! end up larger than its reservation and the excess is taken past the grant (it is reported,
+//! and the collector charges it to the quota). Leases that expire, or whose period ends, are
+//! returned with the units they used once their in-flight reservations are committed, and the
+//! collector gives the rest back to the quota.
+//!
+//! Pure logic with an injected clock; the adapter keeps a [`Pool`] in shared data through a
+//! [`SharedBlobs`] and makes the sync calls.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use tollgate_wire::sync::{LeaseGrant, LeaseReturn, Period};
+use tollgate_wire::Meter;
+
+use crate::ratelimit::StoreError;
+
+/// A lease held in a pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: String,
+    pub granted: u64,
+    /// Units reserved or committed so far (may exceed `granted`: an overshoot).
+    pub used: u64,
+    /// Reservations not committed yet.
+    pub inflight: u32,
+    /// Not used from this time on (the grant's expiry or the period's end).
+    pub expires_ms: u64,
+    /// Set when the lease stopped being used; it is returned once `inflight` is 0 (or the
+    /// grace time is over).
+    pub closing_since_ms: Option<u64>,
+}
+
+impl Lease {
+    fn live(&self, now_ms: u64) -> bool {
+        self.closing_since_ms.is_none() && now_ms < self.expires_ms
+    }
+
+    fn available(&self) -> u64 {
+        self.granted.saturating_sub(self.used)
+    }
+}
+
+/// A lease request in flight (by any worker).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fetch {
+    pub lease_id: String,
+    pub since_ms: u64,
+}
+
+/// The leases of one quota in one Envoy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    pub leases: Vec<Lease>,
+    /// The quota is used up until this time (the period's end): refuse without asking.
+    pub exhausted_until_ms: u64,
+    /// From the latest grant: the period's end, the limit's units handed out.
+    pub period_end_ms: u64,
+    pub allocated: u64,
+    pub fetch: Option<Fetch>,
+    /// Excess committed after its lease was returned; added to the next return.
+    pub unreported: u64,
+}
+
+/// The outcome of a reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reservation {
+    /// Taken from `lease_id`; commit the real amount against it when the request ends.
+    Taken { lease_id: String, units: u64 },
+    /// Nothing left for the period: refuse until `until_ms`.
+    Exhausted { until_ms: u64 },
+    /// No live lease has units: one must be fetched (or is being fetched).
+    NoLease,
+}
+
+impl Pool {
+    /// Reserve `units` (or what a live lease has left, for an estimate) from the first live
+    /// lease with anything left.
+    pub fn reserve(&mut self, units: u64, now_ms: u64) -> Reservation {
+        let units = units.max(1);
+        if let Some(lease) = self
+            .leases
+            .iter_mut()
+            .find(|l| l.live(now_ms) && l.available() > 0)
+        {
+            let taken = units.min(lease.available());
+            lease.used = lease.used.saturating_add(taken);
+            lease.inflight = lease.inflight.saturating_add(1);
+            return Reservation::Taken {
+                lease_id: lease.id.clone(),
+                units: taken,
+            };
+        }
+        if self.exhausted_until_ms > now_ms {
+            return Reservation::Exhausted {
+                until_ms: self.exhausted_until_ms,
+            };
+        }
+        Reservation::NoLease
+    }
+
+    /// The request that reserved `reserved` from `lease_id` ended having used `actual`.
+    pub fn commit(&mut self, lease_id: &str, reserved: u64, actual: u64) {
+        match self.leases.iter_mut().find(|l| l.id == lease_id) {
+            Some(lease) => {
+                lease.used = lease.used.saturating_sub(reserved).saturating_add(actual);
+                lease.inflight = lease.inflight.saturating_sub(1);
+            }
+            // Returned already (its grace time ran out first): the excess goes with the next
+            // return, so the collector still counts it.
+            None => {
+                self.unreported = self
+                    .unreported
+                    .saturating_add(actual.saturating_sub(reserved))
+            }
+        }
+    }
+
+    /// Live units left in this Envoy's leases.
+    pub fn available(&self, now_ms: u64) -> u64 {
+        self.leases
+            .iter()
+            .filter(|l| l.live(now_ms))
+            .map(Lease::available)
+            .sum()
+    }
+
+    /// True when a lease should be requested now: not exhausted, no request in flight (or it
+    /// is older than `fetch_timeout_ms`), and fewer than half of `want` units left.
+    pub fn wants_lease(&self, want: u64, fetch_timeout_ms: u64, now_ms: u64) -> bool {
+        if self.exhausted_until_ms > now_ms {
+            return false;
+        }
+        if self
+            .fetch
+            .as_ref()
+            .is_some_and(|f| now_ms.saturating_sub(f.since_ms) < fetch_timeout_ms)
+        {
+            return false;
+        }
+        self.available(now_ms).saturating_mul(2) < want.max(1)
+    }
+
+    /// Mark a lease request as in flight. A request that timed out is asked again under the
+    /// same id (so a grant whose answer was lost is not granted twice).
+    pub fn begin_fetch(&mut self, new_lease_id: impl FnOnce() -> String, now_ms: u64) -> String {
+        let id = match self.fetch.take() {
+            Some(old) => old.lease_id,
+            None => new_lease_id(),
+        };
+        self.fetch = Some(Fetch {
+            lease_id: id.clone(),
+            since_ms: now_ms,
+        });
+        id
+    }
+
+    /// The collector answered a lease request.
+    pub fn apply_grant(&mut self, grant: &LeaseGrant, now_ms: u64) {
+        if self
+            .fetch
+            .as_ref()
+            .is_some_and(|f| f.lease_id == grant.lease_id)
+        {
+            self.fetch = None;
+        }
+        if self.leases.iter().any(|l| l.id == grant.lease_id) {
+            return;
+        }
+        self.period_end_ms = grant.period_end_ms;
+        self.allocated = grant.allocated;
+        if grant.granted == 0 {
+            self.exhausted_until_ms = grant.period_end_ms.max(now_ms.saturating_add(1));
+            return;
+        }
+        self.exhausted_until_ms = 0;
+        self.leases.push(Lease {
+            id: grant.lease_id.clone(),
+            granted: grant.granted,
+            used: 0,
+            inflight: 0,
+            expires_ms: grant.expires_ms.min(grant.period_end_ms),
+            closing_since_ms: None,
+        });
+    }
+
+    /// Take leases out of use that expired or are used up, and give back those whose
+    /// reservations are all committed (or that waited `grace_ms`): their returns, to send.
+    pub fn sweep(&mut self, grace_ms: u64, now_ms: u64) -> Vec<LeaseReturn> {
+        for lease in &mut self.leases {
+            let spent = lease.available() == 0 && lease.inflight == 0;
+            if lease.closing_since_ms.is_none() && (now_ms >= lease.expires_ms || spent) {
+                lease.closing_since_ms = Some(now_ms);
+            }
+        }
+        let mut returns = Vec::new();
+        let mut unreported = std::mem::take(&mut self.unreported);
+        self.leases.retain(|lease| {
+            let done = lease.closing_since_ms.is_some_and(|since| {
+                lease.inflight == 0 || now_ms.saturating_sub(since) >= grace_ms
+            });
+            if done {
+                returns.push(LeaseReturn {
+                    lease_id: lease.id.clone(),
+                    used: lease.used.saturating_add(std::mem::take(&mut unreported)),
+                });
+            }
+            !done
+        });
+        self.unreported = unreported;
+        returns
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// A stored pool; a damaged value reads as an empty pool (its leases are then never
+    /// returned: the quota is under-used for the period, never over-used).
+    pub fn decode(bytes: &[u8]) -> Pool {
+        serde_json::from_slice(bytes).unwrap_or_default()
+    }
+}
+
+/// The shared-data key of a quota's pool: length-prefixed license so that ids with `/` cannot
+/// collide.
+pub fn pool_key(license: &str, meter: Meter, period: Period) -> String {
+    format!(
+        "tollgate/q/{}:{license}/{}/{}",
+        license.len(),
+        meter.as_str(),
+        period.as_str()
+    )
+}
+
+/// Byte values shared by the workers of one Envoy, with compare-and-swap (proxy-wasm shared
+/// data in the filter; memory in tests).
+pub trait SharedBlobs {
+    /// The value and its version.
+    fn load(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError>;
+    /// Write if the version is still `version` (`None`: the key is new); false on a conflict.
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        value: &[u8],
+        version: Option<u32>,
+    ) -> Result<bool, StoreError>;
+}
+
+/// Compare-and-swap attempts before giving up (each is a read and a conditional write of a
+/// few hundred bytes; workers only collide while touching the same quota at once).
+const CAS_ATTEMPTS: usize = 1024;
+
+/// Read-modify-write of the pool at `key`: `change` may run several times (once per conflict)
+/// and its last result is returned.
+pub fn update_pool<T>(
+    shared: &impl SharedBlobs,
+    key: &str,
+    mut change: impl FnMut(&mut Pool) -> T,
+) -> Result<T, StoreError> {
+    for _ in 0..CAS_ATTEMPTS {
+        let (mut pool, version) = match shared.load(key)? {
+            Some((bytes, version)) => (Pool::decode(&bytes), Some(version)),
+            None => (Pool::default(), None),
+        };
+        let out = change(&mut pool);
+        if shared.compare_and_swap(key, &pool.encode(), version)? {
+            return Ok(out);
+        }
+    }
+    Err(StoreError)
+}
+
+/// [`SharedBlobs`] in memory, for tests and tools.
+#[derive(Debug, Default)]
+pub struct MemoryBlobs {
+    values: Mutex<HashMap<String, (Vec<u8>, u32)>>,
+}
+
+impl SharedBlobs for MemoryBlobs {
+    fn load(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        let values = self.values.lock().map_err(|_| StoreError)?;
+        Ok(values.get(key).cloned())
+    }
+
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        value: &[u8],
+        version: Option<u32>,
+    ) -> Result<bool, StoreError> {
+        let mut values = self.values.lock().map_err(|_| StoreError)?;
+        let current = values.get(key).map(|(_, v)| *v);
+        if current != version {
+            return Ok(false);
+        }
+        let next = current.unwrap_or(0).wrapping_add(1).max(1);
+        values.insert(key.to_string(), (value.to_vec(), next));
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: u64 = 1_781_517_600_000;
+    const END: u64 = T0 + 3_600_000;
+
+    fn grant(id: &str, granted: u64, expires_ms: u64) -> LeaseGrant {
+        LeaseGrant {
+            lease_id: id.into(),
+            granted,
+            period_start_ms: T0 - 1000,
+            period_end_ms: END,
+            expires_ms,
+            allocated: granted,
+        }
+    }
+
+    fn taken(r: Reservation) -> (String, u64) {
+        match r {
+            Reservation::Taken { lease_id, units } => (lease_id, units),
+            other => panic!("not taken: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn calls_are_admitted_only_out_of_grants() {
+        let mut pool = Pool::default();
+        assert_eq!(pool.reserve(1, T0), Reservation::NoLease);
+        assert!(pool.wants_lease(10, 2000, T0));
+        let id = pool.begin_fetch(|| "a/1".into(), T0);
+        assert!(!pool.wants_lease(10, 2000, T0), "one request at a time");
+        pool.apply_grant(&grant(&id, 3, T0 + 10_000), T0);
+        assert!(pool.fetch.is_none());
+        for _ in 0..3 {
+            let (lease, units) = taken(pool.reserve(1, T0));
+            assert_eq!((lease.as_str(), units), ("a/1", 1));
+            pool.commit(&lease, 1, 1);
+        }
+        assert_eq!(pool.reserve(1, T0), Reservation::NoLease);
+        // Used up with nothing in flight: returned at once with what it used.
+        assert_eq!(
+            pool.sweep(5000, T0),
+            vec![LeaseReturn {
+                lease_id: "a/1".into(),
+                used: 3
+            }]
+        );
+        assert!(pool.leases.is_empty());
+    }
+
+    #[test]
+    fn an_exhausted_quota_refuses_until_the_period_ends() {
+        let mut pool = Pool::default();
+        let id = pool.begin_fetch(|| "a/1".into(), T0);
+        pool.apply_grant(&grant(&id, 0, T0 + 10_000), T0);
+        assert_eq!(
+            pool.reserve(1, T0),
+            Reservation::Exhausted { until_ms: END }
+        );
+        assert!(!pool.wants_lease(10, 2000, T0 + 1000));
+        // The next period: ask again.
+        assert_eq!(pool.reserve(1, END), Reservation::NoLease);
+        assert!(pool.wants_lease(10, 2000, END));
+    }
+
+    #[test]
+    fn estimates_are_reserved_and_the_real_amount_committed() {
+        let mut pool = Pool::default();
+        pool.apply_grant(&grant("b/1", 100_000, T0 + 10_000), T0);
+        // Responses reserve 64 KiB each: the first gets it all, the second what is left.
+        let r: Vec<(String, u64)> = (0..2).map(|_| taken(pool.reserve(65_536, T0))).collect();
+        assert_eq!(r[0].1, 65_536);
+        assert_eq!(r[1].1, 100_000 - 65_536);
+        assert_eq!(pool.reserve(65_536, T0), Reservation::NoLease);
+        // Small responses give the rest back...
+        pool.commit(&r[0].0, r[0].1, 1_000);
+        pool.commit(&r[1].0, r[1].1, 2_000);
+        assert_eq!(pool.available(T0), 97_000);
+        // ... a large one takes more than its reservation: an overshoot, reported as used.
+        assert_eq!(
+            pool.reserve(65_536, T0),
+            Reservation::Taken {
+                lease_id: "b/1".into(),
+                units: 65_536
+            }
+        );
+        pool.commit("b/1", 65_536, 250_000);
+        assert_eq!(pool.available(T0), 0);
+        let returns = pool.sweep(5000, T0 + 10_000);
+        assert_eq!(
+            returns,
+            vec![LeaseReturn {
+                lease_id: "b/1".into(),
+                used: 253_000
+            }]
+        );
+    }
+
+    #[test]
+    fn an_expired_lease_waits_for_its_reservations_then_returns_what_it_used() {
+        let mut pool = Pool::default();
+        pool.apply_grant(&grant("c/1", 50, T0 + 1000), T0);
+        let (lease, _) = taken(pool.reserve(10, T0));
+        // Expired with a reservation in flight: out of use, not returned yet.
+        assert!(pool.sweep(5000, T0 + 1000).is_empty());
+        assert_eq!(pool.reserve(1, T0 + 1000), Reservation::NoLease);
+        pool.commit(&lease, 10, 7);
+        assert_eq!(
+            pool.sweep(5000, T0 + 1100),
+            vec![LeaseReturn {
+                lease_id: "c/1".into(),
+                used: 7
+            }]
+        );
+        // A reservation that never commits is given up after the grace time; its late commit
+        // goes with the next return.
+        pool.apply_grant(&grant("c/2", 50, T0 + 2000), T0 + 1100);
+        let (lease, _) = taken(pool.reserve(10, T0 + 1100));
+        assert!(pool.sweep(5000, T0 + 2000).is_empty());
+        assert_eq!(
+            pool.sweep(5000, T0 + 7000),
+            vec![LeaseReturn {
+                lease_id: "c/2".into(),
+                used: 10
+            }]
+        );
+        pool.commit(&lease, 10, 30);
+        assert_eq!(pool.unreported, 20);
+        pool.apply_grant(&grant("c/3", 5, T0 + 8000), T0 + 7000);
+        let (lease, _) = taken(pool.reserve(1, T0 + 7000));
+        pool.commit(&lease, 1, 1);
+        assert_eq!(
+            pool.sweep(5000, T0 + 8000),
+            vec![LeaseReturn {
+                lease_id: "c/3".into(),
+                used: 21
+            }]
+        );
+        assert_eq!(pool.unreported, 0);
+    }
+
+    #[test]
+    fn a_timed_out_lease_request_is_asked_again_under_the_same_id() {
+        let mut pool = Pool::default();
+        let first = pool.begin_fetch(|| "d/1".into(), T0);
+        assert!(!pool.wants_lease(10, 2000, T0 + 1999));
+        assert!(pool.wants_lease(10, 2000, T0 + 2000));
+        let again = pool.begin_fetch(|| "d/2".into(), T0 + 2000);
+        assert_eq!(first, again);
+        // A grant delivered twice (a retried answer) is held once.
+        pool.apply_grant(&grant("d/1", 5, T0 + 10_000), T0 + 2001);
+        pool.apply_grant(&grant("d/1", 5, T0 + 10_000), T0 + 2002);
+        assert_eq!(pool.available(T0 + 2002), 5);
+    }
+
+    /// Workers sharing one pool through compare-and-swap never admit more than was granted.
+    #[test]
+    fn workers_sharing_a_pool_admit_exactly_the_grant() {
+        let shared = std::sync::Arc::new(MemoryBlobs::default());
+        let key = pool_key("lic/1", Meter::Calls, Period::Day);
+        update_pool(shared.as_ref(), &key, |p| {
+            p.apply_grant(&grant("e/1", 1000, T0 + 60_000), T0)
+        })
+        .unwrap();
+        let admitted: u64 = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let shared = std::sync::Arc::clone(&shared);
+                    let key = key.clone();
+                    scope.spawn(move || {
+                        let mut admitted = 0;
+                        for _ in 0..400 {
+                            let r =
+                                update_pool(shared.as_ref(), &key, |p| p.reserve(1, T0)).unwrap();
+                            if let Reservation::Taken { lease_id, .. } = r {
+                                admitted += 1;
+                                update_pool(shared.as_ref(), &key, |p| p.commit(&lease_id, 1, 1))
+                                    .unwrap();
+                            }
+                        }
+                        admitted
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(admitted, 1000);
+        let returns = update_pool(shared.as_ref(), &key, |p| p.sweep(5000, T0)).unwrap();
+        assert_eq!(
+            returns,
+            vec![LeaseReturn {
+                lease_id: "e/1".into(),
+                used: 1000
+            }]
+        );
+    }
+
+    #[test]
+    fn pool_keys_cannot_collide_and_damaged_values_read_as_empty() {
+        // A license id with `/` in it cannot pass for another license's key.
+        assert_eq!(
+            pool_key("a/b", Meter::Calls, Period::Day),
+            "tollgate/q/3:a/b/calls/day"
+        );
+        assert_ne!(
+            pool_key("a/b", Meter::Calls, Period::Day),
+            pool_key("a", Meter::Calls, Period::Day)
+        );
+        assert_eq!(
+            pool_key("lic-1", Meter::ResponseBytes, Period::Month),
+            "tollgate/q/5:lic-1/response_bytes/month"
+        );
+        assert_eq!(Pool::decode(b"\xff not json"), Pool::default());
+    }
+}
