@@ -212,6 +212,9 @@ pub struct CollectorConfig {
     /// The request path. Default `"/v1/usage"`.
     #[serde(default = "default_collector_path")]
     pub path: String,
+    /// The path of the sync (quota leases, denials). Default `"/v1/sync"`.
+    #[serde(default = "default_sync_path")]
+    pub sync_path: String,
     /// Names this filter instance in batch ids; must be unique per Envoy. 1-128 characters of
     /// `A-Za-z0-9._:-/`. Default: Envoy's node id plus a random suffix per VM (see
     /// [`crate::shipper::default_instance`]), which is what a configuration shared by many
@@ -270,6 +273,9 @@ fn default_collector_authority() -> String {
 fn default_collector_path() -> String {
     "/v1/usage".into()
 }
+fn default_sync_path() -> String {
+    "/v1/sync".into()
+}
 fn default_collector_flush_interval_ms() -> u64 {
     1000
 }
@@ -299,6 +305,7 @@ pub struct CollectorPolicy {
     pub cluster: String,
     pub authority: String,
     pub path: String,
+    pub sync_path: String,
     /// `None`: derived from the node id when the VM starts.
     pub instance: Option<String>,
     pub key_id: String,
@@ -320,6 +327,12 @@ impl CollectorPolicy {
             return Err(ConfigError::new(
                 at("authority"),
                 "must be a non-empty host name (printable ASCII, no spaces)",
+            ));
+        }
+        if !c.sync_path.starts_with('/') || !c.sync_path.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::new(
+                at("sync_path"),
+                "must start with `/` and be printable ASCII without spaces",
             ));
         }
         if !c.path.starts_with('/') || !c.path.bytes().all(|b| b.is_ascii_graphic()) {
@@ -381,6 +394,7 @@ impl CollectorPolicy {
             cluster: c.cluster,
             authority: c.authority,
             path: c.path,
+            sync_path: c.sync_path,
             instance: c.instance,
             key_id: c.key_id,
             secret: c.secret.into_bytes(),

@@ -1,13 +1,21 @@
 //! The per-request decision: route → token → plan → feature → rate limits, and the meters
 //! recorded when the request ends. One `Gate` per VM (per Envoy worker).
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+use tollgate_wire::sync::{
+    DenialCode, LeaseRequest, LeaseReturn, LicenseSeen, Period, SyncResponse,
+};
+use tollgate_wire::Meter;
+
 use crate::cache::TokenCache;
-use crate::config::{FeatureId, Policy, UnmatchedRoutes};
+use crate::config::{FeatureId, Policy, UnmatchedRoutes, WithoutCollector};
 use crate::meter::{Ledger, Outcome, UsageKey, UsageTotals};
+use crate::quota::{pool_key, update_pool, Reservation, SharedBlobs};
 use crate::ratelimit::{RateLimits, SharedCells, StoreHealth};
-use crate::refusal::{Code, LimitScope, RateLimitDenial, Refusal};
+use crate::refusal::{Code, LimitScope, QuotaDenial, RateLimitDenial, Refusal};
 use crate::routes::RouteTarget;
 use crate::token::{self, License};
 
@@ -29,6 +37,77 @@ pub enum Verdict {
     /// A public route (or unmatched, with `unmatched_routes: allow`): forward, no license.
     Public,
     Refuse(Refusal),
+    /// Licensed so far, but a period quota has no lease in this Envoy: hold the request, sync
+    /// with the collector, and decide again with [`Gate::retry_quotas`].
+    AwaitQuota,
+}
+
+/// Units of a quota reserved for an admitted request; the real amount is committed when the
+/// request ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaHold {
+    pub key: String,
+    pub meter: Meter,
+    /// Empty: taken from the allowance (`without_collector: allow`).
+    pub lease_id: String,
+    pub units: u64,
+}
+
+/// A quota this Envoy enforces for a license: what a lease request needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct QuotaTarget {
+    account: Arc<str>,
+    license: Arc<str>,
+    meter: Meter,
+    period: Period,
+    limit: u64,
+    last_used_ms: u64,
+}
+
+/// A refusal the collector ordered for a license, kept in shared data for every worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredDenial {
+    code: DenialCode,
+    message: String,
+    until_ms: Option<u64>,
+}
+
+/// What a sync with the collector carries from this worker.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncWork {
+    pub leases: Vec<LeaseRequest>,
+    pub returns: Vec<LeaseReturn>,
+    pub licenses: Vec<LicenseSeen>,
+}
+
+impl SyncWork {
+    pub fn is_empty(&self) -> bool {
+        self.leases.is_empty() && self.returns.is_empty() && self.licenses.is_empty()
+    }
+}
+
+/// How long a lease request may stay unanswered before it is asked again (same id).
+const LEASE_FETCH_TIMEOUT_MS: u64 = 3_000;
+/// How long an expired lease waits for its in-flight reservations before it is returned.
+const LEASE_RETURN_GRACE_MS: u64 = 30_000;
+/// A quota unused this long is no longer synced (its pool keeps nothing then).
+const QUOTA_IDLE_MS: u64 = 600_000;
+
+/// The shared-data key of a license's denial.
+fn denial_key(license: &str) -> String {
+    format!("tollgate/deny/{}:{license}", license.len())
+}
+
+fn quota_name(meter: Meter, period: Period) -> String {
+    format!("quota_{}_{}", meter.as_str(), period.as_str())
+}
+
+fn period_seconds(period: Period) -> u64 {
+    match period {
+        Period::Hour => 3_600,
+        Period::Day => 86_400,
+        Period::Month => 2_592_000,
+    }
 }
 
 /// A decision with what it was about; kept by the adapter until the request ends.
@@ -37,6 +116,8 @@ pub struct Admission {
     pub verdict: Verdict,
     pub license: Option<Arc<License>>,
     pub feature: Option<FeatureId>,
+    /// Quota units reserved for the request (allowed requests only).
+    pub holds: Vec<QuotaHold>,
 }
 
 impl Admission {
@@ -44,6 +125,8 @@ impl Admission {
         match &self.verdict {
             Verdict::Refuse(refusal) => Outcome::Refused(refusal.code),
             Verdict::Allow | Verdict::Public => Outcome::Allowed,
+            // Never decided (the client left while it waited for a lease): never served.
+            Verdict::AwaitQuota => Outcome::Refused(Code::QuotaUnavailable),
         }
     }
 
@@ -74,10 +157,22 @@ pub struct GateCounters {
 }
 
 /// One worker's gate: the shared policy plus this worker's cache, limiter and meters.
-pub struct Gate<S: SharedCells + Clone> {
+pub struct Gate<S: SharedCells + SharedBlobs + Clone> {
     policy: Arc<Policy>,
     cache: TokenCache,
     limits: RateLimits<S>,
+    shared: S,
+    /// Quotas used lately, by pool key: synced with the collector.
+    quotas: HashMap<String, QuotaTarget>,
+    /// Licenses served since the last sync (license → seen).
+    licenses_seen: BTreeMap<Arc<str>, LicenseSeen>,
+    /// Lease requests in flight: lease id → pool key.
+    lease_requests: HashMap<String, String>,
+    /// Returns sent but not confirmed closed yet.
+    returns: Vec<LeaseReturn>,
+    /// Prefix of this worker's lease ids (unique per VM, like batch ids).
+    lease_prefix: String,
+    next_lease: u64,
     ledger: Ledger,
     counters: GateCounters,
     /// Account and license of usage without a verified license (shared, not allocated per request).
@@ -88,13 +183,20 @@ pub struct Gate<S: SharedCells + Clone> {
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
 
-impl<S: SharedCells + Clone> Gate<S> {
+impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
     pub fn new(policy: Arc<Policy>, cells: S) -> Self {
         let cache = TokenCache::new(policy.token.cache_entries, policy.token.leeway_seconds);
         Gate {
             policy,
             cache,
-            limits: RateLimits::new(cells),
+            limits: RateLimits::new(cells.clone()),
+            shared: cells,
+            quotas: HashMap::new(),
+            licenses_seen: BTreeMap::new(),
+            lease_requests: HashMap::new(),
+            returns: Vec::new(),
+            lease_prefix: "tollgate".into(),
+            next_lease: 1,
             ledger: Ledger::default(),
             counters: GateCounters::default(),
             anonymous: Arc::from(""),
@@ -170,6 +272,21 @@ impl<S: SharedCells + Clone> Gate<S> {
             );
         }
 
+        let now_ms = now_nanos / 1_000_000;
+        // Named in the next sync even when refused, so that a lifted denial is learned too.
+        if !self.licenses_seen.contains_key(&license.license_id) {
+            self.licenses_seen.insert(
+                Arc::clone(&license.license_id),
+                LicenseSeen {
+                    account: license.account.to_string(),
+                    license: license.license_id.to_string(),
+                    plan: license.plan.name.to_string(),
+                },
+            );
+        }
+        if let Some(refusal) = self.denial(&license, now_ms) {
+            return refuse(Some(license), Some(feature), refusal);
+        }
         let checks = [
             (
                 LimitScope::License,
@@ -204,14 +321,278 @@ impl<S: SharedCells + Clone> Gate<S> {
                         quota,
                         wait_nanos,
                     }),
+                    ..Refusal::new(Code::RateLimited, "")
                 };
                 return refuse(Some(Arc::clone(&license)), Some(feature), refusal);
             }
         }
-        Admission {
-            verdict: Verdict::Allow,
+        let mut admission = Admission {
+            verdict: Verdict::AwaitQuota,
             license: Some(license),
             feature: Some(feature),
+            holds: Vec::new(),
+        };
+        self.retry_quotas(&mut admission, now_ms, false);
+        admission
+    }
+
+    /// A refusal the collector ordered for this license, if one is in force.
+    fn denial(&self, license: &License, now_ms: u64) -> Option<Refusal> {
+        let (bytes, _) =
+            SharedBlobs::load(&self.shared, &denial_key(&license.license_id)).ok()??;
+        if bytes.is_empty() {
+            return None;
+        }
+        let denial: StoredDenial = serde_json::from_slice(&bytes).ok()?;
+        if denial.until_ms.is_some_and(|until| until <= now_ms) {
+            return None;
+        }
+        let code = match denial.code {
+            DenialCode::LicenseRevoked => Code::LicenseRevoked,
+            DenialCode::AccountSuspended => Code::AccountSuspended,
+            DenialCode::SpendCapReached => Code::SpendCapReached,
+        };
+        Some(Refusal {
+            retry_after_seconds: denial
+                .until_ms
+                .map(|until| until.saturating_sub(now_ms).div_ceil(1000)),
+            ..Refusal::new(code, denial.message)
+        })
+    }
+
+    /// Reserve the license's period quotas for `admission` (verdict [`Verdict::AwaitQuota`]):
+    /// it becomes allowed with its holds, refused, or stays waiting for a lease. `timed_out`:
+    /// it waited long enough, so without a lease `quota.without_collector` decides.
+    pub fn retry_quotas(&mut self, admission: &mut Admission, now_ms: u64, timed_out: bool) {
+        if admission.verdict != Verdict::AwaitQuota {
+            return;
+        }
+        let Some(license) = admission.license.clone() else {
+            return;
+        };
+        let quotas = &license.limits.quotas;
+        if quotas.is_empty() {
+            admission.verdict = Verdict::Allow;
+            return;
+        }
+        let mut holds = Vec::with_capacity(quotas.len());
+        let mut outcome = Verdict::Allow;
+        for (meter, quota) in quotas {
+            let key = pool_key(&license.license_id, *meter, quota.per);
+            self.quotas
+                .entry(key.clone())
+                .and_modify(|t| {
+                    t.limit = quota.limit;
+                    t.last_used_ms = now_ms;
+                })
+                .or_insert_with(|| QuotaTarget {
+                    account: Arc::clone(&license.account),
+                    license: Arc::clone(&license.license_id),
+                    meter: *meter,
+                    period: quota.per,
+                    limit: quota.limit,
+                    last_used_ms: now_ms,
+                });
+            let units = self.policy.quota.reserve.get(meter).copied().unwrap_or(1);
+            let reserved = update_pool(&self.shared, &key, |pool| pool.reserve(units, now_ms));
+            match reserved {
+                Ok(Reservation::Taken { lease_id, units }) => holds.push(QuotaHold {
+                    key,
+                    meter: *meter,
+                    lease_id,
+                    units,
+                }),
+                Ok(Reservation::Exhausted { until_ms }) => {
+                    let status = self.policy.quota.exhausted_status;
+                    outcome = Verdict::Refuse(Refusal {
+                        quota: Some(Box::new(QuotaDenial {
+                            name: quota_name(*meter, quota.per),
+                            limit: quota.limit,
+                            retry_after_seconds: until_ms.saturating_sub(now_ms).div_ceil(1000),
+                            window_seconds: period_seconds(quota.per),
+                        })),
+                        status: (status != Code::QuotaExhausted.status()).then_some(status),
+                        ..Refusal::new(
+                            Code::QuotaExhausted,
+                            format!(
+                                "the license's {} quota of {} per {} is used up",
+                                meter.as_str(),
+                                quota.limit,
+                                quota.per.as_str()
+                            ),
+                        )
+                    });
+                    break;
+                }
+                Ok(Reservation::NoLease) if !timed_out => {
+                    outcome = Verdict::AwaitQuota;
+                    break;
+                }
+                Ok(Reservation::NoLease) => {
+                    let allowance = self.policy.quota.allowance;
+                    let allowed = self.policy.quota.without_collector == WithoutCollector::Allow
+                        && update_pool(&self.shared, &key, |pool| {
+                            pool.take_allowance(units, allowance)
+                        })
+                        .unwrap_or(false);
+                    if allowed {
+                        holds.push(QuotaHold {
+                            key,
+                            meter: *meter,
+                            lease_id: String::new(),
+                            units,
+                        });
+                    } else {
+                        outcome = Verdict::Refuse(Refusal::new(
+                            Code::QuotaUnavailable,
+                            "the license's quota cannot be checked right now; try again shortly",
+                        ));
+                        break;
+                    }
+                }
+                Err(_) => {
+                    outcome = Verdict::Refuse(Refusal::new(
+                        Code::QuotaUnavailable,
+                        "the license's quota cannot be checked right now; try again shortly",
+                    ));
+                    break;
+                }
+            }
+        }
+        if outcome == Verdict::Allow {
+            admission.holds = holds;
+        } else {
+            // Give back what was taken before the quota that failed.
+            for hold in &holds {
+                let _ = update_pool(&self.shared, &hold.key, |pool| {
+                    pool.commit(&hold.lease_id, hold.units, 0)
+                });
+            }
+        }
+        admission.verdict = outcome;
+    }
+
+    /// Give back the quota units held for a request that will not be served after all.
+    pub fn release(&mut self, admission: &mut Admission) {
+        for hold in admission.holds.drain(..) {
+            let _ = update_pool(&self.shared, &hold.key, |pool| {
+                pool.commit(&hold.lease_id, hold.units, 0)
+            });
+        }
+    }
+
+    /// Name this worker's lease ids `<prefix>/q<n>` (the prefix must be unique per VM).
+    pub fn set_lease_prefix(&mut self, prefix: &str) {
+        self.lease_prefix = prefix.to_string();
+    }
+
+    /// What the next sync carries: leases to request (pools running low), leases to return
+    /// (expired or used up), and the licenses served since the last sync.
+    pub fn sync_work(&mut self, now_ms: u64) -> SyncWork {
+        let mut work = SyncWork::default();
+        let quota = &self.policy.quota;
+        let mut idle = Vec::new();
+        for (key, target) in &self.quotas {
+            let want = quota.lease_want(target.limit);
+            let mut next = self.next_lease;
+            let prefix = &self.lease_prefix;
+            let step = update_pool(&self.shared, key, |pool| {
+                let returns = pool.sweep(LEASE_RETURN_GRACE_MS, now_ms);
+                let fetch = pool
+                    .wants_lease(want, LEASE_FETCH_TIMEOUT_MS, now_ms)
+                    .then(|| {
+                        pool.begin_fetch(
+                            || {
+                                let id = format!("{prefix}/q{next}");
+                                next += 1;
+                                id
+                            },
+                            now_ms,
+                        )
+                    });
+                let empty = pool.leases.is_empty() && pool.fetch.is_none();
+                (returns, fetch, empty)
+            });
+            self.next_lease = next;
+            let Ok((returns, fetch, empty)) = step else {
+                continue;
+            };
+            work.returns.extend(returns);
+            if let Some(lease_id) = fetch {
+                self.lease_requests.insert(lease_id.clone(), key.clone());
+                work.leases.push(LeaseRequest {
+                    lease_id,
+                    account: target.account.to_string(),
+                    license: target.license.to_string(),
+                    meter: target.meter,
+                    period: target.period,
+                    limit: target.limit,
+                    want,
+                });
+            }
+            if empty && now_ms.saturating_sub(target.last_used_ms) > QUOTA_IDLE_MS {
+                idle.push(key.clone());
+            }
+        }
+        for key in idle {
+            self.quotas.remove(&key);
+        }
+        self.returns.append(&mut work.returns);
+        work.returns = self.returns.clone();
+        work.licenses = std::mem::take(&mut self.licenses_seen)
+            .into_values()
+            .collect();
+        work
+    }
+
+    /// The sync carrying `work` failed: the licenses go with the next one (returns are kept
+    /// until confirmed; lease requests are asked again under the same ids).
+    pub fn sync_failed(&mut self, work: SyncWork) {
+        for seen in work.licenses {
+            let license: Arc<str> = Arc::from(seen.license.as_str());
+            self.licenses_seen.entry(license).or_insert(seen);
+        }
+    }
+
+    /// The collector answered the sync that carried `work`: hold the granted leases, forget
+    /// the closed returns, and record (or lift) the denials of the licenses it named.
+    pub fn apply_sync(&mut self, work: &SyncWork, response: &SyncResponse, now_ms: u64) {
+        for grant in &response.grants {
+            if let Some(key) = self.lease_requests.remove(&grant.lease_id) {
+                let _ = update_pool(&self.shared, &key, |pool| pool.apply_grant(grant, now_ms));
+            }
+        }
+        self.returns
+            .retain(|r| !response.closed.iter().any(|id| id == &r.lease_id));
+        let mut named: BTreeMap<&str, Option<StoredDenial>> = work
+            .licenses
+            .iter()
+            .map(|l| (l.license.as_str(), None))
+            .collect();
+        for denial in &response.denials {
+            named.insert(
+                denial.license.as_str(),
+                Some(StoredDenial {
+                    code: denial.code,
+                    message: denial.message.clone(),
+                    until_ms: denial.until_ms,
+                }),
+            );
+        }
+        for (license, denial) in named {
+            let key = denial_key(license);
+            let value = denial
+                .map(|d| serde_json::to_vec(&d).unwrap_or_default())
+                .unwrap_or_default();
+            let current = SharedBlobs::load(&self.shared, &key).ok().flatten();
+            if current.as_ref().map(|(v, _)| v.as_slice()) == Some(value.as_slice())
+                || (current.is_none() && value.is_empty())
+            {
+                continue;
+            }
+            // Last writer wins: every worker writes what the collector said most recently.
+            let _ =
+                SharedBlobs::compare_and_swap(&self.shared, &key, &value, current.map(|(_, v)| v));
         }
     }
 
@@ -241,6 +622,17 @@ impl<S: SharedCells + Clone> Gate<S> {
             feature: admission.feature,
             outcome: admission.outcome(),
         };
+        for hold in &admission.holds {
+            let actual = match hold.meter {
+                Meter::Calls => usage.calls,
+                Meter::RequestBytes => usage.request_bytes,
+                Meter::ResponseBytes => usage.response_bytes,
+                Meter::ProcessingNs => usage.processing_nanos,
+            };
+            let _ = update_pool(&self.shared, &hold.key, |pool| {
+                pool.commit(&hold.lease_id, hold.units, actual)
+            });
+        }
         self.ledger.record(key, usage);
     }
 
@@ -268,6 +660,7 @@ fn public() -> Admission {
         verdict: Verdict::Public,
         license: None,
         feature: None,
+        holds: Vec::new(),
     }
 }
 
@@ -280,6 +673,7 @@ fn refuse(
         verdict: Verdict::Refuse(refusal),
         license,
         feature,
+        holds: Vec::new(),
     }
 }
 

@@ -22,6 +22,9 @@ use tollgate_wire::Meter;
 
 use crate::ratelimit::StoreError;
 
+/// How often an Envoy whose quota is used up asks the collector again.
+pub const EXHAUSTED_RECHECK_MS: u64 = 5_000;
+
 /// A lease held in a pool.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
@@ -59,14 +62,20 @@ pub struct Fetch {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pool {
     pub leases: Vec<Lease>,
-    /// The quota is used up until this time (the period's end): refuse without asking.
+    /// The quota is used up until this time (the period's end): refuse without asking...
     pub exhausted_until_ms: u64,
+    /// ... but ask again from this time on: leases other Envoys return unused go back to the
+    /// quota, and an operator may raise the limit.
+    pub recheck_ms: u64,
     /// From the latest grant: the period's end, the limit's units handed out.
     pub period_end_ms: u64,
     pub allocated: u64,
     pub fetch: Option<Fetch>,
-    /// Excess committed after its lease was returned; added to the next return.
+    /// Units used outside leases (excess committed after its lease was returned; units
+    /// admitted under `without_collector: allow`); added to the next return.
     pub unreported: u64,
+    /// Units admitted without a lease since the last grant (`without_collector: allow`).
+    pub allowance_used: u64,
 }
 
 /// The outcome of a reservation.
@@ -106,8 +115,27 @@ impl Pool {
         Reservation::NoLease
     }
 
-    /// The request that reserved `reserved` from `lease_id` ended having used `actual`.
+    /// Admit `units` without a lease, within `allowance` per outage (until the next grant).
+    pub fn take_allowance(&mut self, units: u64, allowance: u64) -> bool {
+        let after = self.allowance_used.saturating_add(units);
+        if after > allowance {
+            return false;
+        }
+        self.allowance_used = after;
+        self.unreported = self.unreported.saturating_add(units);
+        true
+    }
+
+    /// The request that reserved `reserved` from `lease_id` (empty: the allowance) ended
+    /// having used `actual`.
     pub fn commit(&mut self, lease_id: &str, reserved: u64, actual: u64) {
+        if lease_id.is_empty() {
+            self.unreported = self
+                .unreported
+                .saturating_sub(reserved)
+                .saturating_add(actual);
+            return;
+        }
         match self.leases.iter_mut().find(|l| l.id == lease_id) {
             Some(lease) => {
                 lease.used = lease.used.saturating_sub(reserved).saturating_add(actual);
@@ -135,7 +163,7 @@ impl Pool {
     /// True when a lease should be requested now: not exhausted, no request in flight (or it
     /// is older than `fetch_timeout_ms`), and fewer than half of `want` units left.
     pub fn wants_lease(&self, want: u64, fetch_timeout_ms: u64, now_ms: u64) -> bool {
-        if self.exhausted_until_ms > now_ms {
+        if self.exhausted_until_ms > now_ms && now_ms < self.recheck_ms {
             return false;
         }
         if self
@@ -178,9 +206,11 @@ impl Pool {
         self.allocated = grant.allocated;
         if grant.granted == 0 {
             self.exhausted_until_ms = grant.period_end_ms.max(now_ms.saturating_add(1));
+            self.recheck_ms = now_ms.saturating_add(EXHAUSTED_RECHECK_MS);
             return;
         }
         self.exhausted_until_ms = 0;
+        self.allowance_used = 0;
         self.leases.push(Lease {
             id: grant.lease_id.clone(),
             granted: grant.granted,
@@ -252,6 +282,21 @@ pub trait SharedBlobs {
         value: &[u8],
         version: Option<u32>,
     ) -> Result<bool, StoreError>;
+}
+
+impl<T: SharedBlobs + ?Sized> SharedBlobs for std::rc::Rc<T> {
+    fn load(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        (**self).load(key)
+    }
+
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        value: &[u8],
+        version: Option<u32>,
+    ) -> Result<bool, StoreError> {
+        (**self).compare_and_swap(key, value, version)
+    }
 }
 
 /// Compare-and-swap attempts before giving up (each is a read and a conditional write of a

@@ -56,6 +56,23 @@ impl<T: SharedCells + ?Sized> SharedCells for Rc<T> {
 #[derive(Debug, Default)]
 pub struct MemoryCells {
     cells: std::cell::RefCell<HashMap<String, (u64, u32)>>,
+    /// Byte values (quota pools, denials), as shared data holds them next to the cells.
+    blobs: crate::quota::MemoryBlobs,
+}
+
+impl crate::quota::SharedBlobs for MemoryCells {
+    fn load(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        self.blobs.load(key)
+    }
+
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        value: &[u8],
+        version: Option<u32>,
+    ) -> Result<bool, StoreError> {
+        self.blobs.compare_and_swap(key, value, version)
+    }
 }
 
 impl SharedCells for MemoryCells {

@@ -20,11 +20,21 @@ pub enum Code {
     /// `collector.on_buffer_full: fail_closed`: every request is metered (public routes and
     /// refusals too), so every request is refused until acknowledgements make room.
     MeteringUnavailable,
+    /// A period quota of the license is used up until the period ends.
+    QuotaExhausted,
+    /// No quota lease could be had from the collector in time (`without_collector: deny`).
+    QuotaUnavailable,
+    /// The collector revoked the license.
+    LicenseRevoked,
+    /// The collector suspended the account.
+    AccountSuspended,
+    /// The account's spend this period reached its budget.
+    SpendCapReached,
 }
 
 impl Code {
     /// Every code, in a fixed order (used to define one counter each).
-    pub const ALL: [Code; 12] = [
+    pub const ALL: [Code; 17] = [
         Code::MissingToken,
         Code::InvalidToken,
         Code::TokenExpired,
@@ -37,6 +47,11 @@ impl Code {
         Code::RouteNotLicensed,
         Code::RateLimited,
         Code::MeteringUnavailable,
+        Code::QuotaExhausted,
+        Code::QuotaUnavailable,
+        Code::LicenseRevoked,
+        Code::AccountSuspended,
+        Code::SpendCapReached,
     ];
 
     /// The code as it appears in bodies, stats and usage records.
@@ -54,6 +69,11 @@ impl Code {
             Code::RouteNotLicensed => "route_not_licensed",
             Code::RateLimited => "rate_limited",
             Code::MeteringUnavailable => "metering_unavailable",
+            Code::QuotaExhausted => "quota_exhausted",
+            Code::QuotaUnavailable => "quota_unavailable",
+            Code::LicenseRevoked => "license_revoked",
+            Code::AccountSuspended => "account_suspended",
+            Code::SpendCapReached => "spend_cap_reached",
         }
     }
 
@@ -72,9 +92,14 @@ impl Code {
             | Code::InvalidIssuer
             | Code::InvalidAudience
             | Code::InvalidLicense => 401,
-            Code::UnknownPlan | Code::FeatureNotLicensed | Code::RouteNotLicensed => 403,
-            Code::RateLimited => 429,
-            Code::MeteringUnavailable => 503,
+            Code::UnknownPlan
+            | Code::FeatureNotLicensed
+            | Code::RouteNotLicensed
+            | Code::LicenseRevoked
+            | Code::AccountSuspended => 403,
+            Code::RateLimited | Code::QuotaExhausted => 429,
+            Code::SpendCapReached => 402,
+            Code::MeteringUnavailable | Code::QuotaUnavailable => 503,
         }
     }
 }
@@ -111,12 +136,29 @@ impl RateLimitDenial {
     }
 }
 
+/// Details of a period-quota refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaDenial {
+    /// `quota_<meter>_<period>`, named in the `RateLimit` headers.
+    pub name: String,
+    pub limit: u64,
+    /// Seconds until the period ends.
+    pub retry_after_seconds: u64,
+    /// Seconds the period lasts.
+    pub window_seconds: u64,
+}
+
 /// A refused request: everything needed to answer it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub code: Code,
     pub message: String,
     pub rate_limit: Option<RateLimitDenial>,
+    pub quota: Option<Box<QuotaDenial>>,
+    /// A status other than the code's (`quota_exhausted` configured as 402).
+    pub status: Option<u16>,
+    /// `Retry-After` when it is not a rate or quota limit's (a spend cap: the period's end).
+    pub retry_after_seconds: Option<u64>,
 }
 
 impl Refusal {
@@ -125,11 +167,14 @@ impl Refusal {
             code,
             message: message.into(),
             rate_limit: None,
+            quota: None,
+            status: None,
+            retry_after_seconds: None,
         }
     }
 
     pub fn status(&self) -> u16 {
-        self.code.status()
+        self.status.unwrap_or(self.code.status())
     }
 
     /// The JSON body: `{"error": code, "message": text}`.
@@ -153,8 +198,25 @@ impl Refusal {
                 ),
             )),
             // The buffer drains as soon as the collector answers; a second is a fair guess.
-            Code::MeteringUnavailable => headers.push(("retry-after", "1".into())),
+            Code::MeteringUnavailable | Code::QuotaUnavailable => {
+                headers.push(("retry-after", "1".into()))
+            }
             _ => {}
+        }
+        if let Some(seconds) = self.retry_after_seconds {
+            headers.push(("retry-after", seconds.max(1).to_string()));
+        }
+        if let Some(quota) = &self.quota {
+            let retry = quota.retry_after_seconds.max(1);
+            headers.push(("retry-after", retry.to_string()));
+            headers.push((
+                "ratelimit-policy",
+                format!(
+                    "\"{}\";q={};w={}",
+                    quota.name, quota.limit, quota.window_seconds
+                ),
+            ));
+            headers.push(("ratelimit", format!("\"{}\";r=0;t={retry}", quota.name)));
         }
         if let Some(limit) = &self.rate_limit {
             let retry = limit.retry_after_seconds();
@@ -184,7 +246,7 @@ mod tests {
     fn codes_are_listed_once_with_their_status() {
         for (i, code) in Code::ALL.iter().enumerate() {
             assert_eq!(code.index(), i);
-            assert!(matches!(code.status(), 401 | 403 | 429 | 503));
+            assert!(matches!(code.status(), 401 | 402 | 403 | 429 | 503));
         }
     }
 
@@ -201,6 +263,7 @@ mod tests {
                 },
                 wait_nanos: 1_200_000_000,
             }),
+            ..Refusal::new(Code::RateLimited, "")
         };
         let headers = refusal.headers();
         let get = |n: &str| {
@@ -221,7 +284,6 @@ mod tests {
     fn metering_unavailable_is_503_with_retry_after() {
         let refusal = Refusal::new(Code::MeteringUnavailable, "later");
         assert_eq!(refusal.status(), 503);
-        assert_eq!(Code::ALL.last(), Some(&Code::MeteringUnavailable));
         let headers = refusal.headers();
         assert!(headers.iter().any(|(k, v)| *k == "retry-after" && v == "1"));
         assert!(!headers.iter().any(|(k, _)| *k == "www-authenticate"));
@@ -237,5 +299,35 @@ mod tests {
         assert!(missing
             .iter()
             .any(|(k, v)| *k == "www-authenticate" && !v.contains("error=")));
+    }
+
+    #[test]
+    fn quota_refusals_name_the_quota_and_the_reset() {
+        let refusal = Refusal {
+            quota: Some(Box::new(QuotaDenial {
+                name: "quota_calls_day".into(),
+                limit: 1000,
+                retry_after_seconds: 3600,
+                window_seconds: 86_400,
+            })),
+            status: Some(402),
+            ..Refusal::new(Code::QuotaExhausted, "used up")
+        };
+        assert_eq!(refusal.status(), 402);
+        let headers = refusal.headers();
+        let get = |n: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("retry-after"), Some("3600"));
+        assert_eq!(
+            get("ratelimit-policy"),
+            Some("\"quota_calls_day\";q=1000;w=86400")
+        );
+        assert_eq!(get("ratelimit"), Some("\"quota_calls_day\";r=0;t=3600"));
+        assert_eq!(Refusal::new(Code::SpendCapReached, "").status(), 402);
+        assert_eq!(Refusal::new(Code::LicenseRevoked, "").status(), 403);
     }
 }

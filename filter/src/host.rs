@@ -2,6 +2,7 @@
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{MetricType, Status};
+use tollgate_core::quota::SharedBlobs;
 use tollgate_core::refusal::Code;
 use tollgate_core::{Gate, Outcome, Policy, SharedCells, StoreError, UsageKey, UsageTotals};
 
@@ -33,6 +34,34 @@ impl SharedCells for SharedDataCells {
         // with another worker's first write; both wrote from an empty bucket, so at most one
         // extra request per worker is admitted, once per key.
         match hostcalls::set_shared_data(key, Some(&value.to_le_bytes()), version) {
+            Ok(()) => Ok(true),
+            Err(Status::CasMismatch) => Ok(false),
+            Err(_) => Err(StoreError),
+        }
+    }
+}
+
+/// Quota pools and denials in proxy-wasm shared data, shared by every worker of this Envoy.
+impl SharedBlobs for SharedDataCells {
+    fn load(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        match hostcalls::get_shared_data(key) {
+            // An existing value always has a CAS; an empty one may come back as no bytes.
+            Ok((bytes, Some(cas))) => Ok(Some((bytes.unwrap_or_default(), cas))),
+            Ok((_, None)) => Ok(None),
+            Err(_) => Err(StoreError),
+        }
+    }
+
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        value: &[u8],
+        version: Option<u32>,
+    ) -> Result<bool, StoreError> {
+        // A new key's first write cannot be checked (Envoy's CAS 0 is unconditional): two
+        // workers creating one pool at once can lose one of the two writes. Both started from
+        // an empty pool, so what is lost is at most one worker's first reservation or lease.
+        match hostcalls::set_shared_data(key, Some(value), version) {
             Ok(()) => Ok(true),
             Err(Status::CasMismatch) => Ok(false),
             Err(_) => Err(StoreError),
@@ -124,7 +153,7 @@ impl Metrics {
 
     /// Fold what the gate counted since the last flush into Envoy stats; returns the usage
     /// drained, for the collector.
-    pub fn flush<S: SharedCells + Clone>(
+    pub fn flush<S: SharedCells + SharedBlobs + Clone>(
         &self,
         gate: &mut Gate<S>,
     ) -> Vec<(UsageKey, UsageTotals)> {

@@ -10,6 +10,7 @@
 
 mod host;
 mod ship;
+mod sync;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -23,23 +24,44 @@ use tollgate_core::{Admission, Gate, Policy, RequestHead, UsageTotals, Verdict};
 
 use crate::host::{Metrics, SharedDataCells};
 use crate::ship::{Answer, Outbox};
+use crate::sync::{SyncCall, WaitSlot, Waiter, Waiters};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(TollgateRoot::default()) });
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(TollgateRoot {
+            context_id,
+            ..TollgateRoot::default()
+        })
+    });
 }}
+
+/// The tick period while quotas are enforced: how soon a request that waits for a lease gets
+/// its sync going, and how often waiting requests look for a lease another worker fetched.
+const QUOTA_TICK_MS: u64 = 50;
 
 type SharedGate = Rc<RefCell<Gate<SharedDataCells>>>;
 
 /// One per VM: holds the compiled policy, this worker's gate and its usage outbox.
 #[derive(Default)]
 struct TollgateRoot {
+    context_id: u32,
     gate: Option<SharedGate>,
     metrics: Option<Rc<Metrics>>,
     /// Set when the configuration has a `collector`.
     outbox: Option<Outbox>,
     /// `on_done` returned false: the host waits for `proxy_done` after the last answer.
     closing: bool,
+    /// Requests held until their quota has a lease.
+    waiters: Waiters,
+    /// The sync with the collector in flight.
+    sync: Option<SyncCall>,
+    next_sync_ms: u64,
+    /// The last sync failed (logged once until one succeeds).
+    sync_failing: bool,
+    /// Counters are folded into stats (and usage into the outbox) this often.
+    fold_interval_ms: u64,
+    next_fold_ms: u64,
 }
 
 pub(crate) fn log(level: LogLevel, message: &str) {
@@ -93,10 +115,16 @@ impl Context for TollgateRoot {
         body_size: usize,
         _num_trailers: usize,
     ) {
+        let now = now_ms();
+        if self.sync.as_ref().is_some_and(|c| c.token == token_id) {
+            if let Some(call) = self.sync.take() {
+                self.sync_answered(call, num_headers, body_size, now);
+            }
+            return;
+        }
         let Some(outbox) = self.outbox.as_mut() else {
             return;
         };
-        let now = now_ms();
         if self.closing {
             let answer = outbox.answered_closing(token_id, num_headers, body_size, now);
             // One batch after the other while the collector takes them; the first failure
@@ -120,6 +148,131 @@ impl Context for TollgateRoot {
 }
 
 impl TollgateRoot {
+    /// The collector answered the sync (or the call failed: `num_headers` 0).
+    fn sync_answered(&mut self, call: SyncCall, num_headers: usize, body_size: usize, now: u64) {
+        let Some(gate) = self.gate.clone() else {
+            return;
+        };
+        let answer = sync::read_answer(num_headers, body_size);
+        if let Ok(mut gate) = gate.try_borrow_mut() {
+            match answer {
+                Some(response) => {
+                    if self.sync_failing {
+                        log(LogLevel::Info, "syncing with the collector again");
+                    }
+                    self.sync_failing = false;
+                    gate.apply_sync(&call.work, &response, now)
+                }
+                None => {
+                    if !self.sync_failing {
+                        log(
+                            LogLevel::Warn,
+                            "the collector did not answer the sync; quotas wait for leases, denials for the next sync",
+                        );
+                    }
+                    self.sync_failing = true;
+                    gate.sync_failed(call.work);
+                }
+            }
+        }
+        self.decide_waiters(now);
+    }
+
+    /// The quota work of a tick: decide held requests, and sync when due or needed.
+    fn quota_tick(&mut self, now: u64) {
+        self.decide_waiters(now);
+        let (Some(gate), Some(outbox)) = (self.gate.clone(), self.outbox.as_ref()) else {
+            return;
+        };
+        if let Some(call) = &self.sync {
+            // Envoy answers every call by its timeout; this only guards a lost callback.
+            if now.saturating_sub(call.sent_ms) > outbox.settings().timeout_ms.saturating_add(1000)
+            {
+                if let (Some(call), Ok(mut gate)) = (self.sync.take(), gate.try_borrow_mut()) {
+                    gate.sync_failed(call.work);
+                }
+            }
+            return;
+        }
+        let waiting = !self.waiters.borrow().is_empty();
+        if !waiting && now < self.next_sync_ms {
+            return;
+        }
+        self.next_sync_ms = now.saturating_add(outbox.flush_interval_ms());
+        let Ok(mut gate) = gate.try_borrow_mut() else {
+            return;
+        };
+        let work = gate.sync_work(now);
+        if work.is_empty() {
+            return;
+        }
+        match sync::dispatch(outbox.settings(), &outbox.instance(), &work) {
+            Some(token) => {
+                self.sync = Some(SyncCall {
+                    token,
+                    work,
+                    sent_ms: now,
+                })
+            }
+            None => gate.sync_failed(work),
+        }
+    }
+
+    /// Decide the requests held for a lease: admit or refuse those that can be decided now.
+    fn decide_waiters(&mut self, now: u64) {
+        let Some(gate) = self.gate.clone() else {
+            return;
+        };
+        let decided: Vec<(u32, Admission)> = {
+            let Ok(mut gate) = gate.try_borrow_mut() else {
+                return;
+            };
+            let wait_ms = gate.policy().quota.lease_wait_ms;
+            let mut decided = Vec::new();
+            self.waiters.borrow_mut().retain(|waiter| {
+                let Ok(mut slot) = waiter.slot.try_borrow_mut() else {
+                    return true;
+                };
+                if slot.gone {
+                    return false;
+                }
+                let Some(admission) = slot.admission.as_mut() else {
+                    return false;
+                };
+                let timed_out = now.saturating_sub(waiter.since_ms) >= wait_ms;
+                gate.retry_quotas(admission, now, timed_out);
+                if admission.verdict == Verdict::AwaitQuota {
+                    return true;
+                }
+                decided.push((waiter.context_id, admission.clone()));
+                false
+            });
+            decided
+        };
+        if decided.is_empty() {
+            return;
+        }
+        let Some(policy) = gate.try_borrow().ok().map(|g| Arc::clone(g.policy())) else {
+            return;
+        };
+        for (context_id, mut admission) in decided {
+            // The stream may be gone (the client left): nothing to answer, and what was
+            // reserved for it goes back.
+            if hostcalls::set_effective_context(context_id).is_err() {
+                if let Ok(mut gate) = gate.try_borrow_mut() {
+                    gate.release(&mut admission);
+                }
+                continue;
+            }
+            answer(&admission, &policy);
+            if admission.verdict == Verdict::Allow {
+                let _ = hostcalls::resume_http_request();
+            }
+        }
+        // Calls made after this (usage batches, syncs) belong to the root context.
+        let _ = hostcalls::set_effective_context(self.context_id);
+    }
+
     /// Fold the gate's counters and usage into stats; the usage goes on to the outbox.
     fn flush_stats(&mut self) {
         if let (Some(gate), Some(metrics)) = (&self.gate, &self.metrics) {
@@ -215,15 +368,38 @@ impl RootContext for TollgateRoot {
             interval_ms = interval_ms.min(outbox.flush_interval_ms());
             outbox.set_tick_period(interval_ms);
         }
-        self.gate = Some(Rc::new(RefCell::new(Gate::new(policy, SharedDataCells))));
+        self.fold_interval_ms = interval_ms;
+        // Quotas need a quick tick: a request waiting for a lease starts a sync on the next one.
+        let uses_quotas = self.outbox.is_some()
+            && policy
+                .plans
+                .values()
+                .any(|plan| !plan.limits.quotas.is_empty());
+        let tick_ms = if uses_quotas {
+            interval_ms.min(QUOTA_TICK_MS)
+        } else {
+            interval_ms
+        };
+        let mut gate = Gate::new(policy, SharedDataCells);
+        if let Some(outbox) = &self.outbox {
+            gate.set_lease_prefix(&outbox.instance_and_start());
+        }
+        self.gate = Some(Rc::new(RefCell::new(gate)));
         self.metrics = Some(metrics);
         self.update_block();
-        let _ = hostcalls::set_tick_period(Duration::from_millis(interval_ms));
+        let _ = hostcalls::set_tick_period(Duration::from_millis(tick_ms));
         true
     }
 
     fn on_tick(&mut self) {
-        self.flush_stats();
+        let now = now_ms();
+        if now >= self.next_fold_ms {
+            self.next_fold_ms = now.saturating_add(self.fold_interval_ms);
+            self.flush_stats();
+        }
+        if !self.closing {
+            self.quota_tick(now);
+        }
         if let (Some(outbox), Some(gate)) = (self.outbox.as_mut(), self.gate.as_ref()) {
             let policy = match gate.try_borrow() {
                 Ok(gate) => Arc::clone(gate.policy()),
@@ -247,9 +423,12 @@ impl RootContext for TollgateRoot {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(TollgateHttp {
+            context_id,
             gate: self.gate.clone(),
+            waiters: Rc::clone(&self.waiters),
+            waiting: None,
             admission: None,
             started_nanos: 0,
             request_bytes: 0,
@@ -264,7 +443,11 @@ impl RootContext for TollgateRoot {
 
 /// One per request.
 struct TollgateHttp {
+    context_id: u32,
     gate: Option<SharedGate>,
+    waiters: Waiters,
+    /// Set while (and after) the request was held for a quota lease: the root decides it.
+    waiting: Option<Rc<RefCell<WaitSlot>>>,
     admission: Option<Admission>,
     started_nanos: u64,
     request_bytes: u64,
@@ -300,6 +483,8 @@ fn answer(admission: &Admission, policy: &Policy) {
                 let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
             }
         }
+        // Held: nothing to answer yet.
+        Verdict::AwaitQuota => {}
         Verdict::Refuse(refusal) => {
             let headers = refusal.headers();
             let headers: Vec<(&str, &str)> =
@@ -350,9 +535,22 @@ impl HttpContext for TollgateHttp {
                 Arc::clone(gate.policy()),
             )
         };
+        if admission.verdict == Verdict::AwaitQuota {
+            let slot = Rc::new(RefCell::new(WaitSlot {
+                admission: Some(admission),
+                gone: false,
+            }));
+            self.waiters.borrow_mut().push(Waiter {
+                context_id: self.context_id,
+                since_ms: self.started_nanos / 1_000_000,
+                slot: Rc::clone(&slot),
+            });
+            self.waiting = Some(slot);
+            return Action::Pause;
+        }
         answer(&admission, &policy);
         let action = match admission.verdict {
-            Verdict::Refuse(_) => Action::Pause,
+            Verdict::Refuse(_) | Verdict::AwaitQuota => Action::Pause,
             Verdict::Allow | Verdict::Public => Action::Continue,
         };
         self.admission = Some(admission);
@@ -370,6 +568,13 @@ impl HttpContext for TollgateHttp {
     }
 
     fn on_log(&mut self) {
+        if let Some(slot) = &self.waiting {
+            // Decided by the root (or never: the client left while it waited).
+            if let Ok(mut slot) = slot.try_borrow_mut() {
+                slot.gone = true;
+                self.admission = slot.admission.take();
+            }
+        }
         let (Some(gate), Some(admission)) = (&self.gate, &self.admission) else {
             return;
         };

@@ -100,6 +100,7 @@ pub struct Outbox {
     reported_dropped_calls: u64,
     /// The host's tick period: a window is sealed on the tick nearest its due time.
     tick_period_ms: u64,
+    source: Source,
 }
 
 impl Outbox {
@@ -113,7 +114,8 @@ impl Outbox {
             vm_started_ms: unique_start_ms(now_ms),
         };
         Ok(Outbox {
-            shipper: Shipper::new(settings.shipper, source, now_ms),
+            shipper: Shipper::new(settings.shipper, source.clone(), now_ms),
+            source,
             settings: settings.clone(),
             open: Ledger::default(),
             in_flight: None,
@@ -132,6 +134,20 @@ impl Outbox {
 
     pub fn flush_interval_ms(&self) -> u64 {
         self.settings.shipper.flush_interval_ms
+    }
+
+    pub fn settings(&self) -> &CollectorPolicy {
+        &self.settings
+    }
+
+    /// This VM's instance name (as in batch ids).
+    pub fn instance(&self) -> String {
+        self.source.instance.clone()
+    }
+
+    /// `<instance>/<vm start ms>`: unique per VM, the prefix of its lease ids.
+    pub fn instance_and_start(&self) -> String {
+        format!("{}/{}", self.source.instance, self.source.vm_started_ms)
     }
 
     /// The period the host ticks at.

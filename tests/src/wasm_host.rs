@@ -1409,6 +1409,10 @@ fn proxy_get_status(
 }
 
 fn proxy_set_effective_context(mut c: Ctx<'_>, id: i32) -> wasmtime::Result<i32> {
+    // Like Envoy: only a live context can be made effective (a finished stream is gone).
+    if id as u32 != ROOT_CONTEXT_ID && c.data().stream.is_none() {
+        return Ok(BAD_ARGUMENT);
+    }
     c.data_mut().effective_context = id as u32;
     Ok(OK)
 }

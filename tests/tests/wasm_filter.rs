@@ -863,6 +863,23 @@ fn collector_config(extra: Value) -> Value {
     c
 }
 
+/// The usage batches in flight (syncs, which carry leases and licenses, are left aside: the
+/// tests of quotas look at those).
+fn usage_calls(vm: &Vm) -> Vec<HttpCall> {
+    vm.pending_calls()
+        .into_iter()
+        .filter(|c| c.header(":path").as_deref() == Some("/v1/usage"))
+        .collect()
+}
+
+/// The syncs in flight.
+fn sync_calls(vm: &Vm) -> Vec<HttpCall> {
+    vm.pending_calls()
+        .into_iter()
+        .filter(|c| c.header(":path").as_deref() == Some("/v1/sync"))
+        .collect()
+}
+
 fn tick(vm: &mut Vm) {
     vm.tick().unwrap_or_else(|e| panic!("{e:#}"));
     assert!(!vm.trapped(), "{:?}", vm.trap());
@@ -870,7 +887,7 @@ fn tick(vm: &mut Vm) {
 
 /// The one call in flight: checks the collector's contract and decodes the batch.
 fn pending_batch(vm: &Vm) -> (HttpCall, UsageBatch) {
-    let calls = vm.pending_calls();
+    let calls = usage_calls(vm);
     assert_eq!(calls.len(), 1, "one batch in flight at a time: {calls:?}");
     let call = calls.into_iter().next().unwrap();
     assert_eq!(call.upstream, "tollgate_collector");
@@ -1007,7 +1024,7 @@ fn batches_carry_exactly_the_usage_served_signed() {
     // Not sealed before the flush interval; folded into stats all the same.
     vm.advance(Duration::from_millis(500));
     tick(&mut vm);
-    assert!(vm.pending_calls().is_empty());
+    assert!(usage_calls(&vm).is_empty());
     // Allowed: three licensed calls and one public.
     assert_eq!(vm.metric("tollgate.requests_allowed"), Some(4));
     vm.advance(Duration::from_millis(500));
@@ -1048,7 +1065,7 @@ fn batches_carry_exactly_the_usage_served_signed() {
     // Nothing more to send.
     vm.advance(Duration::from_secs(1));
     tick(&mut vm);
-    assert!(vm.pending_calls().is_empty());
+    assert!(usage_calls(&vm).is_empty());
     assert_eq!(
         Served {
             calls: collector.units(Meter::Calls),
@@ -1120,10 +1137,10 @@ fn failed_sends_are_retried_with_the_same_batch_after_backoff_and_counted_once()
     for (failure, exp) in failures.iter().zip([100u64, 200, 400, 400]) {
         failure(&mut vm, token);
         assert!(!vm.trapped(), "{:?}", vm.trap());
-        assert!(vm.pending_calls().is_empty(), "not before the backoff");
+        assert!(usage_calls(&vm).is_empty(), "not before the backoff");
         // Ticks every 50 ms until the retry goes out.
         let mut waited = 0;
-        while vm.pending_calls().is_empty() {
+        while usage_calls(&vm).is_empty() {
             vm.advance(Duration::from_millis(50));
             waited += 50;
             tick(&mut vm);
@@ -1142,13 +1159,13 @@ fn failed_sends_are_retried_with_the_same_batch_after_backoff_and_counted_once()
     mixed_requests(&mut vm, &t, &mut served);
     vm.advance(Duration::from_secs(1));
     tick(&mut vm);
-    assert_eq!(vm.pending_calls().len(), 1);
+    assert_eq!(usage_calls(&vm).len(), 1);
     assert_eq!(vm.metric("tollgate.usage_buffered_batches"), Some(2));
 
     // The collector stores the batch but the answer is lost; the retry is a duplicate.
     let stored = collector.take(&mut vm, false);
     assert_eq!(stored.batch_id, batch.batch_id);
-    while vm.pending_calls().is_empty() {
+    while usage_calls(&vm).is_empty() {
         vm.advance(Duration::from_millis(50));
         tick(&mut vm);
     }
@@ -1158,7 +1175,7 @@ fn failed_sends_are_retried_with_the_same_batch_after_backoff_and_counted_once()
     let (_, next) = pending_batch(&vm);
     assert_eq!(next.sequence, 2);
     collector.take(&mut vm, true);
-    assert!(vm.pending_calls().is_empty());
+    assert!(usage_calls(&vm).is_empty());
 
     assert_eq!(collector.stored.len(), 2);
     assert_eq!(collector.units(Meter::Calls), served.calls);
@@ -1182,7 +1199,7 @@ fn an_unknown_cluster_is_a_failed_send_and_retried() {
     mixed_requests(&mut vm, &t, &mut served);
     vm.advance(Duration::from_secs(1));
     tick(&mut vm);
-    assert!(vm.pending_calls().is_empty());
+    assert!(usage_calls(&vm).is_empty());
     assert_eq!(vm.metric("tollgate.usage_batches_failed"), Some(1));
     assert!(
         vm.log_text().contains("tollgate_collector"),
@@ -1214,7 +1231,7 @@ fn fail_closed_refuses_with_503_while_the_buffer_is_full_and_recovers_on_acks() 
     }
     vm.advance(Duration::from_secs(1));
     tick(&mut vm);
-    assert_eq!(vm.pending_calls().len(), 1);
+    assert_eq!(usage_calls(&vm).len(), 1);
     assert_eq!(vm.metric("tollgate.usage_buffered_records"), Some(2));
 
     // The collector does not answer: every request is refused, public routes too.
@@ -1405,7 +1422,7 @@ fn a_replaced_vm_hands_unacknowledged_batches_to_its_successor() {
     collector.take(&mut new, true);
     let own = collector.take(&mut new, true);
     assert_ne!(own.source.vm_started_ms, first.source.vm_started_ms);
-    assert!(new.pending_calls().is_empty());
+    assert!(usage_calls(&new).is_empty());
     assert_eq!(collector.stored.len(), 3);
     assert_eq!(collector.units(Meter::Calls), served.calls);
     assert_eq!(collector.units(Meter::ResponseBytes), served.response_bytes);
@@ -1414,7 +1431,7 @@ fn a_replaced_vm_hands_unacknowledged_batches_to_its_successor() {
     let mut third = start_with(&collector_config(json!({})), &shared);
     third.advance(Duration::from_secs(1));
     tick(&mut third);
-    assert!(third.pending_calls().is_empty());
+    assert!(usage_calls(&third).is_empty());
     assert_eq!(third.metric("tollgate.usage_batches_adopted"), Some(0));
     for vm in [&old, &new, &third] {
         assert!(vm.host_notes().is_empty(), "{:?}", vm.host_notes());
@@ -1438,7 +1455,7 @@ fn a_batch_the_old_vm_delivered_at_last_is_not_sent_again_by_the_successor() {
     new.advance(Duration::from_secs(1));
     tick(&mut new);
     assert!(
-        new.pending_calls().is_empty(),
+        usage_calls(&new).is_empty(),
         "the acknowledged batch was withdrawn from the handover list"
     );
     assert_eq!(collector.units(Meter::Calls), served.calls);
@@ -1462,7 +1479,7 @@ fn a_batch_the_collector_refuses_for_good_is_dead_lettered_and_the_rest_flows() 
     // A 400 that is not the collector's refusal (a proxy's error page) is retried.
     vm.respond_call(poison.token, 400, &[], b"<html>Bad Request</html>")
         .unwrap();
-    while vm.pending_calls().is_empty() {
+    while usage_calls(&vm).is_empty() {
         vm.advance(Duration::from_millis(50));
         tick(&mut vm);
     }
@@ -1520,7 +1537,7 @@ fn without_a_configured_instance_batches_are_named_after_the_node_and_a_random_p
         );
         vm.advance(Duration::from_secs(1));
         tick(&mut vm);
-        let call = vm.pending_calls().pop().unwrap();
+        let call = usage_calls(&vm).pop().unwrap();
         let batch = UsageBatch::decode(&call.body).unwrap();
         let (node, random) = batch.source.instance.rsplit_once('/').unwrap();
         assert_eq!(
@@ -1551,4 +1568,188 @@ fn the_istio_plugin_configuration_is_accepted_by_the_filter() {
     );
     let vm = start(&config);
     assert!(vm.configured());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Period quotas, leases and denials
+// ---------------------------------------------------------------------------------------------
+
+/// A collector configuration whose `pro` plan has a quota of 100 calls a day (leases of 5).
+fn quota_config() -> Value {
+    let mut c = collector_config(json!({}));
+    c["plans"]["pro"]["quotas"] = json!({"calls": {"per": "day", "limit": 100}});
+    c
+}
+
+/// Answer the sync in flight with `grants` (lease id → units) and `denials`; returns the
+/// request it carried.
+fn answer_sync(
+    vm: &mut Vm,
+    grant: impl Fn(&tollgate_wire::sync::LeaseRequest) -> u64,
+    denials: Vec<tollgate_wire::sync::Denial>,
+) -> tollgate_wire::sync::SyncRequest {
+    use tollgate_wire::sync::{LeaseGrant, SyncRequest, SyncResponse};
+    let calls = sync_calls(vm);
+    assert_eq!(
+        calls.len(),
+        1,
+        "one sync in flight: {:?}\n{}",
+        vm.pending_calls()
+            .iter()
+            .map(|c| c.header(":path"))
+            .collect::<Vec<_>>(),
+        vm.log_text()
+    );
+    let call = calls.into_iter().next().unwrap();
+    let signature = call.header(SIGNATURE_HEADER).unwrap();
+    assert!(tollgate_wire::verify(
+        SECRET.as_bytes(),
+        &call.body,
+        &signature
+    ));
+    let request = SyncRequest::decode(&call.body).unwrap();
+    let now_ms = vm.now() / 1_000_000;
+    let response = SyncResponse {
+        version: 1,
+        grants: request
+            .leases
+            .iter()
+            .map(|l| LeaseGrant {
+                lease_id: l.lease_id.clone(),
+                granted: grant(l),
+                period_start_ms: now_ms - 1000,
+                period_end_ms: now_ms + 3_600_000,
+                expires_ms: now_ms + 10_000,
+                allocated: grant(l),
+            })
+            .collect(),
+        closed: request.returns.iter().map(|r| r.lease_id.clone()).collect(),
+        denials,
+    };
+    vm.respond_call(
+        call.token,
+        200,
+        &[("content-type", b"application/json")],
+        &response.encode(),
+    )
+    .unwrap();
+    assert!(!vm.trapped(), "{:?}", vm.trap());
+    request
+}
+
+#[test]
+fn a_quota_is_enforced_out_of_leases_the_collector_grants() {
+    use tollgate_wire::sync::Period;
+    let k = keys();
+    let mut vm = start(&quota_config());
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    let search = || Request::get("/v1/search").bearer(&t);
+
+    // No lease yet: the request is held (paused), and the next tick asks for one.
+    let held = send(&mut vm, search());
+    assert!(held.stalled, "{held:?}");
+    vm.advance(Duration::from_millis(50));
+    tick(&mut vm);
+    let request = answer_sync(&mut vm, |_| 5, Vec::new());
+    assert_eq!(request.leases.len(), 1);
+    let lease = &request.leases[0];
+    assert_eq!(
+        (
+            lease.license.as_str(),
+            lease.meter,
+            lease.period,
+            lease.limit,
+            lease.want
+        ),
+        ("lic-1", Meter::Calls, Period::Day, 100, 5)
+    );
+    assert!(
+        lease.lease_id.starts_with("node-a/tollgate/"),
+        "{}",
+        lease.lease_id
+    );
+    assert_eq!(request.licenses[0].plan, "pro");
+
+    // Five calls out of the grant (the held request's stream is gone in this host, so its
+    // unit went back), then the pool is empty: the sixth waits for the next lease.
+    for i in 0..5 {
+        assert_eq!(send(&mut vm, search()).status(), 200, "call {i}");
+    }
+    assert!(send(&mut vm, search()).stalled);
+    // (In this host a held stream ends at once; the regular sync carries the lease request.)
+    vm.advance(Duration::from_secs(1));
+    tick(&mut vm);
+    // The used-up lease goes back with what it used; the collector has nothing more.
+    let request = answer_sync(&mut vm, |_| 0, Vec::new());
+    assert_eq!(request.returns.len(), 1);
+    assert_eq!(request.returns[0].used, 5);
+    let refused = send(&mut vm, search());
+    assert_refused(&refused, 429, "quota_exhausted");
+    assert_eq!(refused.header("retry-after").as_deref(), Some("3600"));
+    assert_eq!(
+        refused.header("ratelimit-policy").as_deref(),
+        Some("\"quota_calls_day\";q=100;w=86400")
+    );
+    // Public routes and other licenses' quotas are not touched.
+    assert_eq!(send(&mut vm, Request::get("/healthz")).status(), 200);
+    assert!(vm.host_notes().is_empty(), "{:?}", vm.host_notes());
+}
+
+#[test]
+fn the_collectors_denials_refuse_a_license_until_it_says_otherwise() {
+    use tollgate_wire::sync::{Denial, DenialCode};
+    let k = keys();
+    let mut vm = start(&collector_config(json!({})));
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    assert_eq!(
+        send(&mut vm, Request::get("/v1/search").bearer(&t)).status(),
+        200
+    );
+    vm.advance(Duration::from_secs(1));
+    tick(&mut vm);
+    let revoked = Denial {
+        account: "acct-1".into(),
+        license: "lic-1".into(),
+        code: DenialCode::LicenseRevoked,
+        message: "license lic-1 was revoked: chargeback".into(),
+        until_ms: None,
+    };
+    let request = answer_sync(&mut vm, |_| 0, vec![revoked]);
+    assert_eq!(request.licenses.len(), 1, "the license served is named");
+    let refused = send(&mut vm, Request::get("/v1/search").bearer(&t));
+    let body = assert_refused(&refused, 403, "license_revoked");
+    assert!(body["message"].as_str().unwrap().contains("chargeback"));
+
+    // A spend cap lifts at its time.
+    vm.advance(Duration::from_secs(1));
+    tick(&mut vm);
+    let until_ms = vm.now() / 1_000_000 + 5_000;
+    answer_sync(
+        &mut vm,
+        |_| 0,
+        vec![Denial {
+            account: "acct-1".into(),
+            license: "lic-1".into(),
+            code: DenialCode::SpendCapReached,
+            message: "budget spent".into(),
+            until_ms: Some(until_ms),
+        }],
+    );
+    let capped = send(&mut vm, Request::get("/v1/search").bearer(&t));
+    assert_refused(&capped, 402, "spend_cap_reached");
+    assert_eq!(capped.header("retry-after").as_deref(), Some("5"));
+    vm.advance(Duration::from_secs(5));
+    assert_eq!(
+        send(&mut vm, Request::get("/v1/search").bearer(&t)).status(),
+        200
+    );
+
+    // The collector no longer names a denial: lifted.
+    vm.advance(Duration::from_secs(1));
+    tick(&mut vm);
+    answer_sync(&mut vm, |_| 0, vec![]);
+    assert_eq!(
+        send(&mut vm, Request::get("/v1/search").bearer(&t)).status(),
+        200
+    );
 }
