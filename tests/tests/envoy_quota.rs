@@ -1,0 +1,343 @@
+//! Period quotas, revocation and spend caps through real Envoys and a real collector: two
+//! Envoy processes with two workers each hammer one license; what they admit together is
+//! counted against the quota and the bound documented in the README.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tollgate_collector::catalog::CatalogFileWatch;
+use tollgate_collector::control::ControlPlane;
+use tollgate_collector::{open, AppState, IngestKeys, Running, UsageQuery};
+use tollgate_devkit::envoy::workspace_root;
+use tollgate_devkit::{Bootstrap, Envoy, LicenseSpec, SigningKey, Upstream};
+use tollgate_tests::http::request;
+
+const SECRET: &str = "quota-e2e-secret-0123456789";
+const ADMIN: &str = "quota-e2e-admin-token-0123456789";
+
+fn plugin(quotas: Value) -> Value {
+    let mut config: Value = serde_json::from_slice(
+        &std::fs::read(workspace_root().join("envoy/tollgate.json")).unwrap(),
+    )
+    .unwrap();
+    config["plans"]["metered"] = json!({"quotas": quotas});
+    config["collector"] = json!({
+        "key_id": "k1",
+        "secret": SECRET,
+        "flush_interval_ms": 200,
+        "retry_initial_ms": 100,
+        "retry_max_ms": 1000,
+        "timeout_ms": 2000,
+    });
+    config
+}
+
+fn license(id: &str, plan: &str) -> String {
+    license_of("acme", id, plan)
+}
+
+fn license_of(account: &str, id: &str, plan: &str) -> String {
+    let key = SigningKey::load(&workspace_root().join("envoy/demo-signing-key.json")).unwrap();
+    let mut spec = LicenseSpec::new(account, id, plan, &["search"]);
+    spec.issuer = Some("https://licenses.tollgate.example".into());
+    spec.audience = Some("api.example.com".into());
+    spec.mint(&key).unwrap()
+}
+
+struct Stack {
+    collector: Running,
+    _upstream: Upstream,
+    envoys: Vec<Envoy>,
+    dir: std::path::PathBuf,
+}
+
+fn stack(name: &str, plugin: &Value, envoys: usize, catalog: Option<Value>) -> Stack {
+    let dir = std::env::temp_dir().join(format!("tollgate-quota-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = open(&format!("sqlite://{}", dir.join("c.db").display())).unwrap();
+    let mut state = AppState::new(
+        Arc::from(store),
+        IngestKeys::parse([format!("k1={SECRET}").as_str()]).unwrap(),
+    );
+    state.admin_token = Some(ADMIN.into());
+    let catalog_path = catalog.map(|c| {
+        let path = dir.join("plans.json");
+        std::fs::write(&path, c.to_string()).unwrap();
+        path
+    });
+    state.control = ControlPlane {
+        catalog: CatalogFileWatch::open(catalog_path.as_deref()).unwrap(),
+        // Short leases, so that units left in one Envoy's leases go back to the quota soon.
+        lease_ttl_ms: 2_000,
+    };
+    let collector = Running::start_state(0, state).unwrap();
+    let upstream = Upstream::start(0).unwrap();
+    let mut bootstrap = Bootstrap::new(plugin.clone(), upstream.port());
+    bootstrap.collector_ports = vec![collector.addr.port()];
+    let envoys = (0..envoys)
+        .map(|i| Envoy::start(&format!("{name}-{i}"), &bootstrap.to_json(), 2).unwrap())
+        .collect();
+    Stack {
+        collector,
+        _upstream: upstream,
+        envoys,
+        dir,
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What the clients got: answers by code (`allowed` for 200), and response bytes of the
+/// allowed ones.
+#[derive(Default, Debug)]
+struct Tally {
+    codes: BTreeMap<String, u64>,
+    allowed_bytes: u64,
+}
+
+impl Tally {
+    fn count(&self, code: &str) -> u64 {
+        self.codes.get(code).copied().unwrap_or(0)
+    }
+}
+
+/// `clients` threads per Envoy send `path` with `token` until `done` says stop (it sees the
+/// tally every 100 ms) or 90 s pass.
+fn hammer(
+    envoys: &[Envoy],
+    clients: usize,
+    token: &str,
+    path: &str,
+    done: impl Fn(&Tally) -> bool,
+) -> Tally {
+    let tally = Mutex::new(Tally::default());
+    let stop = AtomicBool::new(false);
+    let auth = format!("Bearer {token}");
+    std::thread::scope(|scope| {
+        for envoy in envoys {
+            for _ in 0..clients {
+                let (tally, stop, auth, addr) = (&tally, &stop, &auth, envoy.listener);
+                scope.spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let r = request(addr, "GET", path, &[("authorization", auth.as_bytes())]);
+                        let mut t = tally.lock().unwrap();
+                        match r {
+                            Ok(r) if r.status == 200 => {
+                                *t.codes.entry("allowed".into()).or_default() += 1;
+                                t.allowed_bytes += r.body.len() as u64;
+                            }
+                            Ok(r) => *t.codes.entry(r.code()).or_default() += 1,
+                            Err(e) => *t.codes.entry(format!("error: {e}")).or_default() += 1,
+                        }
+                    }
+                });
+            }
+        }
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(90) {
+            std::thread::sleep(Duration::from_millis(100));
+            if done(&tally.lock().unwrap()) {
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    tally.into_inner().unwrap()
+}
+
+/// Stop once `code` has been answered for `quiet` without anything being allowed meanwhile.
+fn settled(code: &'static str, quiet: Duration) -> impl Fn(&Tally) -> bool {
+    let last = Mutex::new((0u64, Instant::now()));
+    move |t: &Tally| {
+        let mut last = last.lock().unwrap();
+        let allowed = t.count("allowed");
+        if allowed != last.0 {
+            *last = (allowed, Instant::now());
+        }
+        t.count(code) > 0 && last.1.elapsed() >= quiet
+    }
+}
+
+fn stored_allowed_calls(c: &Running, license: &str) -> u64 {
+    c.state
+        .store
+        .usage(&UsageQuery {
+            license: Some(license.into()),
+            meter: Some("calls".into()),
+            outcome: Some("allowed".into()),
+            ..Default::default()
+        })
+        .unwrap()
+        .iter()
+        .map(|r| r.units)
+        .sum()
+}
+
+#[test]
+fn two_envoys_with_two_workers_each_admit_a_daily_quota_of_1000_calls_once() {
+    let plugin = plugin(json!({"calls": {"per": "day", "limit": 1000}}));
+    let s = stack("calls", &plugin, 2, None);
+    let token = license("lic-quota", "metered");
+    // Quota leases last 2 s here: after the last units are used or returned, 5 s of nothing
+    // but refusals means the quota is spent.
+    let tally = hammer(
+        &s.envoys,
+        2,
+        &token,
+        "/v1/search",
+        settled("quota_exhausted", Duration::from_secs(5)),
+    );
+    eprintln!("calls quota 1000, 2 Envoys x 2 workers: {tally:?}");
+    let allowed = tally.count("allowed");
+    // Bound: calls are only admitted out of grants; the only excess is the first, unchecked
+    // write of a new pool per Envoy (workers - 1 per Envoy per period).
+    let bound = 2 * (2 - 1);
+    assert!(
+        (1000..=1000 + bound).contains(&allowed),
+        "admitted {allowed}, quota 1000, bound {bound}: {tally:?}"
+    );
+    assert!(
+        tally
+            .codes
+            .keys()
+            .all(|c| c == "allowed" || c == "quota_exhausted"),
+        "{tally:?}"
+    );
+    // Every admitted call is also billed exactly once.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stored_allowed_calls(&s.collector, "lic-quota") != allowed {
+        assert!(
+            Instant::now() < deadline,
+            "stored {} of {allowed}",
+            stored_allowed_calls(&s.collector, "lic-quota")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The refusal says when the quota comes back, and how large it is.
+    let r = request(
+        s.envoys[0].listener,
+        "GET",
+        "/v1/search",
+        &[("authorization", format!("Bearer {token}").as_bytes())],
+    )
+    .unwrap();
+    assert_eq!(r.status, 429);
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some("\"quota_calls_day\";q=1000;w=86400")
+    );
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=86_400).contains(&retry), "{retry}");
+}
+
+#[test]
+fn a_bytes_quota_holds_with_large_responses() {
+    let limit = 200_000u64;
+    let plugin = plugin(json!({"response_bytes": {"per": "month", "limit": limit}}));
+    let s = stack("bytes", &plugin, 2, None);
+    let token = license("lic-bytes", "metered");
+    let tally = hammer(
+        &s.envoys,
+        2,
+        &token,
+        "/v1/search?bytes=5000",
+        settled("quota_exhausted", Duration::from_secs(5)),
+    );
+    eprintln!("response_bytes quota {limit}, responses of 5,000 bytes: {tally:?}");
+    // A response is reserved before it is known (64 KiB, or what the lease has left) and
+    // committed at its end: one larger than its reservation goes past the grant. At most
+    // each client's request in flight can do so: 4 x 5,000 bytes.
+    let bound = 4 * 5_000;
+    assert!(
+        (limit..=limit + bound).contains(&tally.allowed_bytes),
+        "{} bytes admitted, quota {limit}, bound {bound}: {tally:?}",
+        tally.allowed_bytes
+    );
+}
+
+#[test]
+fn revocation_and_spend_caps_stop_traffic_within_one_sync() {
+    // 0.01 EUR per call and a budget of 1.00 EUR a month: 100 calls.
+    let catalog = json!({"currency": "EUR", "plans": {"pro": {"prices": {"calls": "0.01"}}}});
+    let plugin = plugin(json!({"calls": {"per": "day", "limit": 1_000_000}}));
+    let s = stack("deny", &plugin, 1, Some(catalog));
+    let admin = |method: &str, path: &str, body: Option<Value>| {
+        let req = ureq::request(method, &s.collector.url(path))
+            .set("authorization", &format!("Bearer {ADMIN}"));
+        let r = match body {
+            Some(b) => req.send_string(&b.to_string()),
+            None => req.call(),
+        };
+        r.unwrap().status()
+    };
+
+    // Revocation: traffic flows, the license is revoked, refusals follow.
+    let token = license("lic-revoke", "pro");
+    let revoked_at = Mutex::new(None::<Instant>);
+    let tally = hammer(&s.envoys, 1, &token, "/v1/search", |t| {
+        let mut at = revoked_at.lock().unwrap();
+        if at.is_none() && t.count("allowed") >= 20 {
+            assert_eq!(
+                admin(
+                    "POST",
+                    "/v1/admin/licenses/lic-revoke/revoke",
+                    Some(json!({"reason": "chargeback"}))
+                ),
+                204
+            );
+            *at = Some(Instant::now());
+        }
+        t.count("license_revoked") > 0
+    });
+    let delay = revoked_at.lock().unwrap().unwrap().elapsed();
+    eprintln!("revocation took effect after {delay:?}: {tally:?}");
+    // The documented bound is one sync interval (the flush interval, 200 ms here) plus the
+    // collector's answer; the margin is for a loaded machine.
+    assert!(delay < Duration::from_secs(5), "{delay:?}");
+
+    // Spend cap: 100 calls are allowed, then 402.
+    assert_eq!(
+        admin(
+            "PUT",
+            "/v1/admin/accounts/acme/budget",
+            Some(json!({"period": "month", "amount": "1.00"}))
+        ),
+        204
+    );
+    assert_eq!(
+        admin("DELETE", "/v1/admin/licenses/lic-revoke/revoke", None),
+        204
+    );
+    let token = license("lic-spend", "pro");
+    let tally = hammer(&s.envoys, 1, &token, "/v1/search", |t| {
+        t.count("spend_cap_reached") >= 5
+    });
+    eprintln!("spend cap 1.00 EUR at 0.01 EUR a call: {tally:?}");
+    let allowed = tally.count("allowed");
+    // Spend is priced from stored usage, so the calls served in the flush and sync intervals
+    // before the cap is seen go over it (how many depends on the request rate).
+    assert!(allowed >= 100, "{tally:?}");
+    eprintln!(
+        "spend cap overshoot: {} calls past the budget",
+        allowed - 100
+    );
+    let r = request(
+        s.envoys[0].listener,
+        "GET",
+        "/v1/search",
+        &[("authorization", format!("Bearer {token}").as_bytes())],
+    )
+    .unwrap();
+    assert_eq!(r.status, 402);
+    assert_eq!(r.code(), "spend_cap_reached");
+    assert!(r.header("retry-after").is_some());
+}
