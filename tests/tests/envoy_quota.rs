@@ -200,7 +200,8 @@ fn two_envoys_with_two_workers_each_admit_a_daily_quota_of_1000_calls_once() {
     let allowed = tally.count("allowed");
     // Bound: calls are only admitted out of grants; the only excess is the first, unchecked
     // write of a new pool per Envoy (workers - 1 per Envoy per period).
-    let bound = 2 * (2 - 1);
+    let (envoys, workers) = (2, 2);
+    let bound = envoys * (workers - 1);
     assert!(
         (1000..=1000 + bound).contains(&allowed),
         "admitted {allowed}, quota 1000, bound {bound}: {tally:?}"
