@@ -998,3 +998,154 @@ fn quotas_come_from_the_plan_and_the_license_and_need_a_collector() {
         assert!(e.contains(field), "{field}: {e}");
     }
 }
+
+/// A gate whose `pro` plan has a quota of `limit` calls a day, with `quota` settings.
+fn quota_gate(limit: u64, quota: Value) -> Gate<Rc<MemoryCells>> {
+    let mut c = with_collector();
+    c["plans"]["pro"]["quotas"] = json!({"calls": {"per": "day", "limit": limit}});
+    c["quota"] = quota;
+    gate_with(&c)
+}
+
+fn admit_at(gate: &mut Gate<Rc<MemoryCells>>, token: &str, at_ms: u64) -> tollgate_core::Admission {
+    let credential = format!("Bearer {token}");
+    gate.admit(
+        &RequestHead {
+            method: "GET",
+            path: "/v1/search",
+            credential: Some(&credential),
+        },
+        at_ms * 1_000_000,
+    )
+}
+
+fn grant_sync(
+    gate: &mut Gate<Rc<MemoryCells>>,
+    granted: u64,
+    now_ms: u64,
+) -> tollgate_core::gate::SyncWork {
+    use tollgate_wire::sync::{LeaseGrant, SyncResponse};
+    let work = gate.sync_work(now_ms);
+    let response = SyncResponse {
+        version: 1,
+        grants: work
+            .leases
+            .iter()
+            .map(|l| LeaseGrant {
+                lease_id: l.lease_id.clone(),
+                granted,
+                period_start_ms: now_ms - 1000,
+                period_end_ms: now_ms + 60_000,
+                expires_ms: now_ms + 10_000,
+                allocated: granted,
+            })
+            .collect(),
+        closed: work.returns.iter().map(|r| r.lease_id.clone()).collect(),
+        denials: vec![],
+    };
+    gate.apply_sync(&work, &response, now_ms);
+    work
+}
+
+#[test]
+fn quota_admissions_wait_for_a_lease_then_take_from_it_and_commit_at_the_end() {
+    let k = keys();
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    let mut gate = quota_gate(100, json!({"lease_fraction": 0.03}));
+    let now = NOW * 1000;
+    let mut waiting = admit_at(&mut gate, &t, now);
+    assert_eq!(waiting.verdict, Verdict::AwaitQuota);
+    // Never decided (the client left): metered as refused, not as served.
+    assert_eq!(waiting.outcome(), Outcome::Refused(Code::QuotaUnavailable));
+    let work = grant_sync(&mut gate, 3, now);
+    assert_eq!(work.leases.len(), 1);
+    assert_eq!(work.leases[0].want, 3);
+    gate.retry_quotas(&mut waiting, now, false);
+    assert_eq!(waiting.verdict, Verdict::Allow);
+    assert_eq!(waiting.holds.len(), 1);
+    gate.record(
+        &waiting,
+        UsageTotals {
+            calls: 1,
+            ..Default::default()
+        },
+    );
+    for _ in 0..2 {
+        let a = admit_at(&mut gate, &t, now);
+        assert_eq!(a.verdict, Verdict::Allow);
+        gate.record(
+            &a,
+            UsageTotals {
+                calls: 1,
+                ..Default::default()
+            },
+        );
+    }
+    // Used up: the next waits; the lease goes back with all 3 used; nothing more: exhausted.
+    assert_eq!(admit_at(&mut gate, &t, now).verdict, Verdict::AwaitQuota);
+    let work = grant_sync(&mut gate, 0, now + 1);
+    assert_eq!(work.returns.len(), 1);
+    assert_eq!(work.returns[0].used, 3);
+    match admit_at(&mut gate, &t, now + 2).verdict {
+        Verdict::Refuse(r) => {
+            assert_eq!(r.code, Code::QuotaExhausted);
+            assert_eq!(r.status(), 429);
+            assert_eq!(r.quota.unwrap().retry_after_seconds, 60);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn without_a_collector_quotas_deny_or_allow_a_fixed_allowance() {
+    let k = keys();
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    let now = NOW * 1000;
+    // deny (the default): a request that waited long enough gets 503 quota_unavailable.
+    let mut gate = quota_gate(100, json!({}));
+    let mut waiting = admit_at(&mut gate, &t, now);
+    gate.retry_quotas(&mut waiting, now + 2000, true);
+    assert_eq!(code(waiting.verdict.clone()), Some(Code::QuotaUnavailable));
+    // allow, with an allowance of 2: two admitted, then 503; the units are reported with the
+    // next return once the collector grants a lease again.
+    let mut gate = quota_gate(
+        100,
+        json!({"without_collector": "allow", "allowance": 2, "exhausted_status": 402}),
+    );
+    let mut verdicts = Vec::new();
+    for _ in 0..3 {
+        let mut a = admit_at(&mut gate, &t, now);
+        gate.retry_quotas(&mut a, now + 2000, true);
+        if a.verdict == Verdict::Allow {
+            gate.record(
+                &a,
+                UsageTotals {
+                    calls: 1,
+                    ..Default::default()
+                },
+            );
+        }
+        verdicts.push(code(a.verdict));
+    }
+    assert_eq!(verdicts, vec![None, None, Some(Code::QuotaUnavailable)]);
+    grant_sync(&mut gate, 1, now + 3000);
+    let a = admit_at(&mut gate, &t, now + 3000);
+    gate.record(
+        &a,
+        UsageTotals {
+            calls: 1,
+            ..Default::default()
+        },
+    );
+    let work = grant_sync(&mut gate, 0, now + 4000);
+    assert_eq!(
+        work.returns[0].used,
+        1 + 2,
+        "the lease's call and the allowance's two"
+    );
+    // And exhaustion answers with the configured 402.
+    match admit_at(&mut gate, &t, now + 4001).verdict {
+        Verdict::Refuse(r) => assert_eq!((r.code, r.status()), (Code::QuotaExhausted, 402)),
+        other => panic!("{other:?}"),
+    }
+}
