@@ -39,6 +39,16 @@ enum PriceSpec {
 struct PlanFile {
     #[serde(default)]
     prices: BTreeMap<Meter, PriceSpec>,
+    /// Quota limits that override the filters' configuration for this plan.
+    #[serde(default)]
+    quotas: BTreeMap<Meter, QuotaSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotaSpec {
+    per: Period,
+    limit: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -67,6 +77,8 @@ pub struct Catalog {
     pub currency: String,
     /// Plan → meter → price of one unit.
     prices: BTreeMap<String, BTreeMap<Meter, Decimal>>,
+    /// (plan, meter, period) → limit.
+    quotas: BTreeMap<(String, Meter, Period), u64>,
 }
 
 impl Default for Catalog {
@@ -76,6 +88,7 @@ impl Default for Catalog {
             time_zone: Tz::UTC,
             currency: default_currency(),
             prices: BTreeMap::new(),
+            quotas: BTreeMap::new(),
         }
     }
 }
@@ -94,7 +107,17 @@ impl Catalog {
             );
         }
         let mut prices = BTreeMap::new();
+        let mut quotas = BTreeMap::new();
         for (plan, spec) in file.plans {
+            for (meter, quota) in &spec.quotas {
+                if quota.limit == 0 {
+                    bail!(
+                        "plans.{plan}.quotas.{}.limit: must be at least 1",
+                        meter.as_str()
+                    );
+                }
+                quotas.insert((plan.clone(), *meter, quota.per), quota.limit);
+            }
             let mut per_meter = BTreeMap::new();
             for (meter, price) in spec.prices {
                 let unit = match price {
@@ -123,6 +146,7 @@ impl Catalog {
             time_zone,
             currency: file.currency,
             prices,
+            quotas,
         })
     }
 
@@ -133,6 +157,12 @@ impl Catalog {
             .and_then(|p| p.get(&meter))
             .copied()
             .unwrap_or(Decimal::ZERO)
+    }
+
+    /// The catalogue's limit for `plan`'s quota of `meter` per `period`, if it sets one: an
+    /// operator's change of it applies to the next lease granted.
+    pub fn quota_limit(&self, plan: &str, meter: Meter, period: Period) -> Option<u64> {
+        self.quotas.get(&(plan.to_string(), meter, period)).copied()
     }
 
     /// The calendar period containing `now_ms`, `[start, end)` in Unix milliseconds.
@@ -346,6 +376,13 @@ mod tests {
         );
         assert_eq!(c.unit_price("pro", Meter::ResponseBytes), Decimal::ZERO);
         assert_eq!(c.unit_price("free", Meter::Calls), Decimal::ZERO);
+        let q = Catalog::from_json(
+            br#"{"plans": {"pro": {"quotas": {"calls": {"per": "day", "limit": 500}}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(q.quota_limit("pro", Meter::Calls, Period::Day), Some(500));
+        assert_eq!(q.quota_limit("pro", Meter::Calls, Period::Month), None);
+        assert_eq!(q.quota_limit("free", Meter::Calls, Period::Day), None);
         for (bad, says) in [
             (r#"{"time_zone": "Mars/Olympus"}"#, "unknown time zone"),
             (r#"{"currency": "euro"}"#, "ISO 4217"),

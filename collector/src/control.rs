@@ -205,10 +205,14 @@ pub fn sync(
             });
             continue;
         }
+        let limit = catalog
+            .quota_limit(&lease.plan, lease.meter, lease.period)
+            .unwrap_or(lease.limit);
         grants.push(store.grant_lease(
             &LeaseAsk {
                 holder: &request.instance,
                 request: lease,
+                limit,
                 period_start_ms: start,
                 period_end_ms: end,
                 expires_ms,

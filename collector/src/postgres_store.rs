@@ -280,7 +280,7 @@ fn grant_lease(client: &mut Client, ask: &LeaseAsk<'_>, now_ms: u64) -> Result<L
             &[&r.license, &meter, &start, &end],
         )?
         .get(0);
-    let granted = grant_size(r.want, r.limit, allocated);
+    let granted = grant_size(r.want, ask.limit, allocated);
     let after = allocated.saturating_add(granted);
     tx.execute(
         "UPDATE quota_allocations SET allocated = $5 WHERE license = $1 AND meter = $2 AND period_start_ms = $3 AND period_end_ms = $4",
@@ -290,7 +290,7 @@ fn grant_lease(client: &mut Client, ask: &LeaseAsk<'_>, now_ms: u64) -> Result<L
     tx.execute(
         "INSERT INTO leases (lease_id, holder, account, license, meter, period_start_ms, period_end_ms, limit_units, granted, allocated_after, expires_ms, created_ms)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        &[&r.lease_id, &ask.holder, &r.account, &r.license, &meter, &start, &end, &to_i64("limit", r.limit)?, &granted, &after, &expires, &to_i64("now_ms", now_ms)?],
+        &[&r.lease_id, &ask.holder, &r.account, &r.license, &meter, &start, &end, &to_i64("limit", ask.limit)?, &granted, &after, &expires, &to_i64("now_ms", now_ms)?],
     )?;
     tx.commit()?;
     Ok(grant_of(&r.lease_id, granted, start, end, expires, after))

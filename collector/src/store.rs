@@ -66,6 +66,8 @@ pub struct LeaseAsk<'a> {
     /// The filter instance asking.
     pub holder: &'a str,
     pub request: &'a LeaseRequest,
+    /// The limit in force: the catalogue's for the plan, else the request's.
+    pub limit: u64,
     pub period_start_ms: u64,
     pub period_end_ms: u64,
     pub expires_ms: u64,
@@ -353,7 +355,7 @@ impl Store for SqliteStore {
             )
             .optional()?
             .unwrap_or(0);
-        let granted = grant_size(r.want, r.limit, allocated);
+        let granted = grant_size(r.want, ask.limit, allocated);
         let after = allocated.saturating_add(granted);
         tx.execute(
             "INSERT INTO quota_allocations (license, meter, period_start_ms, period_end_ms, allocated) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -364,7 +366,7 @@ impl Store for SqliteStore {
         tx.execute(
             "INSERT INTO leases (lease_id, holder, account, license, meter, period_start_ms, period_end_ms, limit_units, granted, allocated_after, expires_ms, created_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            params![r.lease_id, ask.holder, r.account, r.license, r.meter.as_str(), start, end, to_i64("limit", r.limit)?, granted, after, expires, to_i64("now_ms", now_ms)?],
+            params![r.lease_id, ask.holder, r.account, r.license, r.meter.as_str(), start, end, to_i64("limit", ask.limit)?, granted, after, expires, to_i64("now_ms", now_ms)?],
         )?;
         tx.commit()?;
         Ok(grant_of(&r.lease_id, granted, start, end, expires, after))

@@ -37,6 +37,7 @@ fn ask(lease_id: &str, license: &str, limit: u64, want: u64) -> LeaseRequest {
         lease_id: lease_id.into(),
         account: "acme".into(),
         license: license.into(),
+        plan: "pro".into(),
         meter: Meter::Calls,
         period: Period::Day,
         limit,
@@ -485,4 +486,50 @@ fn over_http_the_sync_is_signed_and_the_admin_api_needs_its_token() {
     drop(c);
     drop(off);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_catalogue_sets_quota_limits_and_a_change_applies_to_the_next_grant() {
+    for db in backends("catalogue") {
+        let store = open(&db.url()).unwrap();
+        let store = store.as_ref();
+        let path = std::env::temp_dir().join(format!(
+            "tollgate-plans-quota-{}-{}.json",
+            std::process::id(),
+            matches!(db, Backend::Postgres(_))
+        ));
+        let write = |limit: u64| {
+            std::fs::write(
+                &path,
+                json!({"plans": {"pro": {"quotas": {"calls": {"per": "day", "limit": limit}}}}})
+                    .to_string(),
+            )
+            .unwrap()
+        };
+        write(50);
+        let c = ControlPlane {
+            catalog: CatalogFileWatch::open(Some(&path)).unwrap(),
+            lease_ttl_ms: 10_000,
+        };
+        // The filter says 100; the operator's catalogue says 50 for the plan.
+        let grants: Vec<u64> = (1..=3)
+            .map(|i| {
+                granted(
+                    store,
+                    &c,
+                    ask(&format!("k/{i}"), "lic-1", 100, 30),
+                    NOON_ISH,
+                )
+            })
+            .collect();
+        assert_eq!(grants, vec![30, 20, 0]);
+        // Raised to 80 in the file: the next grant has the new limit, no restart.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        write(80);
+        assert_eq!(
+            granted(store, &c, ask("k/4", "lic-1", 100, 50), NOON_ISH),
+            30
+        );
+        let _ = std::fs::remove_file(&path);
+    }
 }

@@ -58,6 +58,7 @@ pub struct QuotaHold {
 struct QuotaTarget {
     account: Arc<str>,
     license: Arc<str>,
+    plan: Arc<str>,
     meter: Meter,
     period: Period,
     limit: u64,
@@ -388,6 +389,7 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
                 .or_insert_with(|| QuotaTarget {
                     account: Arc::clone(&license.account),
                     license: Arc::clone(&license.license_id),
+                    plan: Arc::clone(&license.plan.name),
                     meter: *meter,
                     period: quota.per,
                     limit: quota.limit,
@@ -524,6 +526,7 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
                     lease_id,
                     account: target.account.to_string(),
                     license: target.license.to_string(),
+                    plan: target.plan.to_string(),
                     meter: target.meter,
                     period: target.period,
                     limit: target.limit,

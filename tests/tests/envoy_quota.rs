@@ -305,20 +305,17 @@ fn revocation_and_spend_caps_stop_traffic_within_one_sync() {
     // collector's answer; the margin is for a loaded machine.
     assert!(delay < Duration::from_secs(5), "{delay:?}");
 
-    // Spend cap: 100 calls are allowed, then 402.
+    // Spend cap: an account with a budget of 1.00 EUR (and no spend yet) gets 100 calls,
+    // then 402.
     assert_eq!(
         admin(
             "PUT",
-            "/v1/admin/accounts/acme/budget",
+            "/v1/admin/accounts/globex/budget",
             Some(json!({"period": "month", "amount": "1.00"}))
         ),
         204
     );
-    assert_eq!(
-        admin("DELETE", "/v1/admin/licenses/lic-revoke/revoke", None),
-        204
-    );
-    let token = license("lic-spend", "pro");
+    let token = license_of("globex", "lic-spend", "pro");
     let tally = hammer(&s.envoys, 1, &token, "/v1/search", |t| {
         t.count("spend_cap_reached") >= 5
     });

@@ -40,9 +40,12 @@ pub struct LeaseRequest {
     pub lease_id: String,
     pub account: String,
     pub license: String,
+    /// The license's plan: the collector's catalogue may set this plan's limit.
+    pub plan: String,
     pub meter: Meter,
     pub period: Period,
-    /// The quota, as the filter's configuration and the license's claims set it now.
+    /// The quota, as the filter's configuration and the license's claims set it now (the
+    /// collector's catalogue, if it has a limit for the plan, meter and period, wins).
     pub limit: u64,
     pub want: u64,
 }
@@ -176,6 +179,7 @@ impl SyncRequest {
             check_id("lease_id", &lease.lease_id, false).map_err(at)?;
             check_id("account", &lease.account, false).map_err(at)?;
             check_id("license", &lease.license, false).map_err(at)?;
+            check_id("plan", &lease.plan, false).map_err(at)?;
         }
         for (i, r) in self.returns.iter().enumerate() {
             check_id("lease_id", &r.lease_id, false)
@@ -240,6 +244,7 @@ mod tests {
                 lease_id: "node-a/5f1c2e9a7b3d4c60/17".into(),
                 account: "acme".into(),
                 license: "lic-1".into(),
+                plan: "pro".into(),
                 meter: Meter::Calls,
                 period: Period::Day,
                 limit: 100_000,
