@@ -51,6 +51,14 @@ pub struct QuotaHold {
     /// Empty: taken from the allowance (`without_collector: allow`).
     pub lease_id: String,
     pub units: u64,
+    /// For the `RateLimit` headers: `quota_<meter>_<period>`, the limit, the units left as
+    /// this Envoy sees them (not yet granted to anyone, plus its own leases' rest), and the
+    /// seconds until the period ends.
+    pub name: String,
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_seconds: u64,
+    pub window_seconds: u64,
 }
 
 /// A quota this Envoy enforces for a license: what a lease request needs.
@@ -129,6 +137,28 @@ impl Admission {
             // Never decided (the client left while it waited for a lease): never served.
             Verdict::AwaitQuota => Outcome::Refused(Code::QuotaUnavailable),
         }
+    }
+
+    /// `RateLimit-Policy` and `RateLimit` response headers for the quotas of an allowed
+    /// request (draft-ietf-httpapi-ratelimit-headers): each quota's limit and window, and
+    /// the units left and seconds to the period's end. Empty without quotas.
+    pub fn quota_headers(&self) -> Vec<(&'static str, String)> {
+        if self.holds.is_empty() || self.verdict != Verdict::Allow {
+            return Vec::new();
+        }
+        let policy = self
+            .holds
+            .iter()
+            .map(|h| format!("\"{}\";q={};w={}", h.name, h.limit, h.window_seconds))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let state = self
+            .holds
+            .iter()
+            .map(|h| format!("\"{}\";r={};t={}", h.name, h.remaining, h.reset_seconds))
+            .collect::<Vec<_>>()
+            .join(", ");
+        vec![("ratelimit-policy", policy), ("ratelimit", state)]
     }
 
     /// The license-context headers to set upstream, for an allowed request.
@@ -396,15 +426,32 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
                     last_used_ms: now_ms,
                 });
             let units = self.policy.quota.reserve.get(meter).copied().unwrap_or(1);
-            let reserved = update_pool(&self.shared, &key, |pool| pool.reserve(units, now_ms));
-            match reserved {
-                Ok(Reservation::Taken { lease_id, units }) => holds.push(QuotaHold {
-                    key,
+            let reserved = update_pool(&self.shared, &key, |pool| {
+                let reservation = pool.reserve(units, now_ms);
+                let remaining = quota
+                    .limit
+                    .saturating_sub(pool.allocated)
+                    .saturating_add(pool.available(now_ms));
+                let reset_seconds = pool.period_end_ms.saturating_sub(now_ms).div_ceil(1000);
+                (reservation, remaining, reset_seconds)
+            });
+            let hold =
+                |lease_id: String, units: u64, remaining: u64, reset_seconds: u64| QuotaHold {
+                    key: key.clone(),
                     meter: *meter,
                     lease_id,
                     units,
-                }),
-                Ok(Reservation::Exhausted { until_ms }) => {
+                    name: quota_name(*meter, quota.per),
+                    limit: quota.limit,
+                    remaining,
+                    reset_seconds,
+                    window_seconds: period_seconds(quota.per),
+                };
+            match reserved {
+                Ok((Reservation::Taken { lease_id, units }, remaining, reset)) => {
+                    holds.push(hold(lease_id, units, remaining, reset));
+                }
+                Ok((Reservation::Exhausted { until_ms }, _, _)) => {
                     let status = self.policy.quota.exhausted_status;
                     outcome = Verdict::Refuse(Refusal {
                         quota: Some(Box::new(QuotaDenial {
@@ -426,11 +473,11 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
                     });
                     break;
                 }
-                Ok(Reservation::NoLease) if !timed_out => {
+                Ok((Reservation::NoLease, _, _)) if !timed_out => {
                     outcome = Verdict::AwaitQuota;
                     break;
                 }
-                Ok(Reservation::NoLease) => {
+                Ok((Reservation::NoLease, _, _)) => {
                     let allowance = self.policy.quota.allowance;
                     let allowed = self.policy.quota.without_collector == WithoutCollector::Allow
                         && update_pool(&self.shared, &key, |pool| {
@@ -438,12 +485,7 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
                         })
                         .unwrap_or(false);
                     if allowed {
-                        holds.push(QuotaHold {
-                            key,
-                            meter: *meter,
-                            lease_id: String::new(),
-                            units,
-                        });
+                        holds.push(hold(String::new(), units, 0, 0));
                     } else {
                         outcome = Verdict::Refuse(Refusal::new(
                             Code::QuotaUnavailable,

@@ -562,6 +562,21 @@ impl HttpContext for TollgateHttp {
         Action::Continue
     }
 
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        // The quota left, for clients that pace themselves (allowed requests with quotas).
+        let headers = match &self.waiting {
+            Some(slot) => slot
+                .try_borrow()
+                .ok()
+                .and_then(|s| s.admission.as_ref().map(Admission::quota_headers)),
+            None => self.admission.as_ref().map(Admission::quota_headers),
+        };
+        for (name, value) in headers.unwrap_or_default() {
+            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(&value));
+        }
+        Action::Continue
+    }
+
     fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
         self.response_bytes = self.response_bytes.saturating_add(body_size as u64);
         Action::Continue

@@ -1673,7 +1673,17 @@ fn a_quota_is_enforced_out_of_leases_the_collector_grants() {
     // Five calls out of the grant (the held request's stream is gone in this host, so its
     // unit went back), then the pool is empty: the sixth waits for the next lease.
     for i in 0..5 {
-        assert_eq!(send(&mut vm, search()).status(), 200, "call {i}");
+        let ok = send(&mut vm, search());
+        assert_eq!(ok.status(), 200, "call {i}");
+        // The quota left as this Envoy sees it: 100 - 5 granted + what its lease has left.
+        assert_eq!(
+            ok.header("ratelimit").as_deref(),
+            Some(format!("\"quota_calls_day\";r={};t=3600", 95 + 4 - i).as_str())
+        );
+        assert_eq!(
+            ok.header("ratelimit-policy").as_deref(),
+            Some("\"quota_calls_day\";q=100;w=86400")
+        );
     }
     assert!(send(&mut vm, search()).stalled);
     // (In this host a held stream ends at once; the regular sync carries the lease request.)
