@@ -187,14 +187,14 @@ fn two_envoys_with_two_workers_each_admit_a_daily_quota_of_1000_calls_once() {
     let plugin = plugin(json!({"calls": {"per": "day", "limit": 1000}}));
     let s = stack("calls", &plugin, 2, None);
     let token = license("lic-quota", "metered");
-    // Quota leases last 2 s here: after the last units are used or returned, 5 s of nothing
-    // but refusals means the quota is spent.
+    // Quota leases last 2 s here and an exhausted Envoy asks again every 5 s: 8 s of nothing
+    // but refusals means every unit was used or given back, and the quota is spent.
     let tally = hammer(
         &s.envoys,
         2,
         &token,
         "/v1/search",
-        settled("quota_exhausted", Duration::from_secs(5)),
+        settled("quota_exhausted", Duration::from_secs(8)),
     );
     eprintln!("calls quota 1000, 2 Envoys x 2 workers: {tally:?}");
     let allowed = tally.count("allowed");
@@ -251,7 +251,7 @@ fn a_bytes_quota_holds_with_large_responses() {
         2,
         &token,
         "/v1/search?bytes=5000",
-        settled("quota_exhausted", Duration::from_secs(5)),
+        settled("quota_exhausted", Duration::from_secs(8)),
     );
     eprintln!("response_bytes quota {limit}, responses of 5,000 bytes: {tally:?}");
     // A response is reserved before it is known (64 KiB, or what the lease has left) and

@@ -81,6 +81,9 @@ fn main() -> Result<()> {
         "secret": INGEST_SECRET,
         "flush_interval_ms": 500,
     });
+    // A trial plan with a period quota: the collector hands out leases of it.
+    config["plans"]["trial"] =
+        serde_json::json!({"quotas": {"calls": {"per": "day", "limit": 10}}});
     let mut bootstrap = Bootstrap::new(config, upstream.port());
     bootstrap.collector_ports = vec![collector.addr.port()];
     let bootstrap = bootstrap.to_json();
@@ -105,6 +108,7 @@ fn main() -> Result<()> {
         &["search", "generative-design"],
     )
     .mint(&key)?;
+    let umbrella = license("umbrella", "lic-umbrella-010", "trial", &["search"]).mint(&key)?;
     let expired = {
         let spec = license("initech", "lic-initech-002", "starter", &["search"]);
         key.sign(&spec.claims_at(unix_now() - 7200))?
@@ -114,6 +118,9 @@ fn main() -> Result<()> {
         "  acme-corp  lic-acme-001    plan starter (5 req/s, burst 10)   features search, reports"
     );
     println!("  globex     lic-globex-007  plan pro (generative-design: 2 req/s, burst 4)  features search, generative-design");
+    println!(
+        "  umbrella   lic-umbrella-010 plan trial (10 calls a day)            features search"
+    );
     println!("  initech    lic-initech-002 expired an hour ago");
 
     let agent = ureq::AgentBuilder::new()
@@ -190,6 +197,58 @@ fn main() -> Result<()> {
         started.elapsed().as_secs_f64() * 1000.0
     );
 
+    println!("\nquota: 12 calls from umbrella (trial: 10 calls a day, leased from the collector)");
+    let (mut ok, mut exhausted, mut left) = (0, 0, String::new());
+    for _ in 0..12 {
+        let response = match agent
+            .get(&envoy.url("/v1/search?q=umbrellas"))
+            .set("authorization", &format!("Bearer {umbrella}"))
+            .call()
+        {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => return Err(e).context("quota request"),
+        };
+        if response.status() == 200 {
+            ok += 1;
+            left = response.header("ratelimit").unwrap_or("").to_string();
+        } else if response.status() == 429 {
+            exhausted += 1;
+        }
+        let _ = response.into_string();
+    }
+    println!(
+        "  {ok} allowed (last RateLimit: {left}), {exhausted} refused with 429 quota_exhausted"
+    );
+
+    println!("\nrevocation: the operator revokes lic-globex-007 (tollgate-collector revoke --license lic-globex-007)");
+    collector.state.store.set_revoked(
+        "lic-globex-007",
+        Some("demo: contract ended"),
+        u64::try_from(tollgate_collector::store::now_ms()).unwrap_or(0),
+    )?;
+    let revoked_at = Instant::now();
+    let mut after_revocation = 0u64;
+    let refused = loop {
+        let answer = send(
+            &agent,
+            "GET",
+            &envoy.url("/v1/search?q=gears"),
+            Some(&globex),
+        )?;
+        after_revocation += 1;
+        if answer.status == 403 || revoked_at.elapsed() > Duration::from_secs(5) {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    println!(
+        "  {} {} after {:.0} ms (filters learn it with their next sync)",
+        refused.status,
+        refused.code,
+        revoked_at.elapsed().as_secs_f64() * 1000.0
+    );
+
     // The filter folds its counters into Envoy stats once a second.
     std::thread::sleep(Duration::from_millis(2200));
     println!(
@@ -206,7 +265,7 @@ fn main() -> Result<()> {
     println!("upstream received {} requests", upstream.requests());
 
     // Every call the clients made, as the collector stored it (batches arrive every 0.5 s).
-    let sent = (cases.len() + 20) as u64;
+    let sent = (cases.len() + 20 + 12) as u64 + after_revocation;
     let deadline = Instant::now() + Duration::from_secs(20);
     let rows = loop {
         let rows = collector.state.store.usage(&UsageQuery::default())?;
