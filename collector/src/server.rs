@@ -495,24 +495,82 @@ async fn admin_change(
     }
 }
 
+/// What an operator can refuse: a license (revocation) or an account (suspension).
+#[derive(Clone, Copy)]
+enum Restriction {
+    License,
+    Account,
+}
+
+impl Restriction {
+    fn field(self) -> &'static str {
+        match self {
+            Restriction::License => "license",
+            Restriction::Account => "account",
+        }
+    }
+
+    /// Log message and default reason when imposed; log message when lifted.
+    fn words(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Restriction::License => (
+                "license revoked",
+                "revoked by an operator",
+                "license revocation lifted",
+            ),
+            Restriction::Account => (
+                "account suspended",
+                "suspended by an operator",
+                "account resumed",
+            ),
+        }
+    }
+
+    fn apply(
+        self,
+        store: &dyn Store,
+        id: &str,
+        reason: Option<&str>,
+        now: u64,
+    ) -> anyhow::Result<()> {
+        match self {
+            Restriction::License => store.set_revoked(id, reason, now),
+            Restriction::Account => store.set_suspended(id, reason, now),
+        }
+    }
+}
+
+/// Impose (`body` given: an optional reason) or lift (`None`) a restriction; 204.
+async fn restrict(
+    state: Arc<AppState>,
+    kind: Restriction,
+    id: String,
+    headers: &HeaderMap,
+    body: Option<&[u8]>,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, headers) {
+        return refused;
+    }
+    let (imposed, default_reason, lifted) = kind.words();
+    let reason = match body.map(|b| reason_of(b, default_reason)).transpose() {
+        Ok(reason) => reason,
+        Err(problem) => return refusal(StatusCode::BAD_REQUEST, "bad_request", problem),
+    };
+    let msg = if reason.is_some() { imposed } else { lifted };
+    log(json!({"level": "info", "msg": msg, kind.field(): id, "reason": reason}));
+    admin_change(state, move |store, now| {
+        kind.apply(store, &id, reason.as_deref(), now)
+    })
+    .await
+}
+
 async fn revoke(
     State(state): State<Arc<AppState>>,
     Path(license): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(refused) = admin_refusal(&state, &headers) {
-        return refused;
-    }
-    let reason = match reason_of(&body, "revoked by an operator") {
-        Ok(reason) => reason,
-        Err(problem) => return refusal(StatusCode::BAD_REQUEST, "bad_request", problem),
-    };
-    log(json!({"level": "info", "msg": "license revoked", "license": license, "reason": reason}));
-    admin_change(state, move |store, now| {
-        store.set_revoked(&license, Some(&reason), now)
-    })
-    .await
+    restrict(state, Restriction::License, license, &headers, Some(&body)).await
 }
 
 async fn unrevoke(
@@ -520,14 +578,7 @@ async fn unrevoke(
     Path(license): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(refused) = admin_refusal(&state, &headers) {
-        return refused;
-    }
-    log(json!({"level": "info", "msg": "license revocation lifted", "license": license}));
-    admin_change(state, move |store, now| {
-        store.set_revoked(&license, None, now)
-    })
-    .await
+    restrict(state, Restriction::License, license, &headers, None).await
 }
 
 async fn suspend(
@@ -536,18 +587,7 @@ async fn suspend(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(refused) = admin_refusal(&state, &headers) {
-        return refused;
-    }
-    let reason = match reason_of(&body, "suspended by an operator") {
-        Ok(reason) => reason,
-        Err(problem) => return refusal(StatusCode::BAD_REQUEST, "bad_request", problem),
-    };
-    log(json!({"level": "info", "msg": "account suspended", "account": account, "reason": reason}));
-    admin_change(state, move |store, now| {
-        store.set_suspended(&account, Some(&reason), now)
-    })
-    .await
+    restrict(state, Restriction::Account, account, &headers, Some(&body)).await
 }
 
 async fn resume(
@@ -555,14 +595,7 @@ async fn resume(
     Path(account): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(refused) = admin_refusal(&state, &headers) {
-        return refused;
-    }
-    log(json!({"level": "info", "msg": "account resumed", "account": account}));
-    admin_change(state, move |store, now| {
-        store.set_suspended(&account, None, now)
-    })
-    .await
+    restrict(state, Restriction::Account, account, &headers, None).await
 }
 
 async fn set_budget(
