@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tollgate_wire::sync::{
-    DenialCode, LeaseRequest, LeaseReturn, LicenseSeen, Period, SyncResponse,
+    DenialCode, LeaseRequest, LeaseReturn, LicenseSeen, Period, SyncResponse, MAX_SYNC_ITEMS,
 };
 use tollgate_wire::Meter;
 
@@ -537,6 +537,10 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
         let quota = &self.policy.quota;
         let mut idle = Vec::new();
         for (key, target) in &self.quotas {
+            // The collector takes at most MAX_SYNC_ITEMS of each list: the rest waits.
+            if work.leases.len() >= MAX_SYNC_ITEMS || work.returns.len() >= MAX_SYNC_ITEMS {
+                break;
+            }
             let want = quota.lease_want(target.limit);
             let mut next = self.next_lease;
             let prefix = &self.lease_prefix;
@@ -583,10 +587,13 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             self.quotas.remove(&key);
         }
         self.returns.append(&mut work.returns);
-        work.returns = self.returns.clone();
-        work.licenses = std::mem::take(&mut self.licenses_seen)
-            .into_values()
-            .collect();
+        work.returns = self.returns.iter().take(MAX_SYNC_ITEMS).cloned().collect();
+        while work.licenses.len() < MAX_SYNC_ITEMS {
+            let Some((_, seen)) = self.licenses_seen.pop_first() else {
+                break;
+            };
+            work.licenses.push(seen);
+        }
         work
     }
 
