@@ -245,6 +245,7 @@ impl TollgateRoot {
                     return true;
                 }
                 decided.push((waiter.context_id, admission.clone()));
+                slot.decided_ms = now;
                 false
             });
             decided
@@ -539,6 +540,7 @@ impl HttpContext for TollgateHttp {
             let slot = Rc::new(RefCell::new(WaitSlot {
                 admission: Some(admission),
                 gone: false,
+                decided_ms: 0,
             }));
             self.waiters.borrow_mut().push(Waiter {
                 context_id: self.context_id,
@@ -588,6 +590,9 @@ impl HttpContext for TollgateHttp {
             if let Ok(mut slot) = slot.try_borrow_mut() {
                 slot.gone = true;
                 self.admission = slot.admission.take();
+                self.started_nanos = self
+                    .started_nanos
+                    .max(slot.decided_ms.saturating_mul(1_000_000));
             }
         }
         let (Some(gate), Some(admission)) = (&self.gate, &self.admission) else {

@@ -32,6 +32,9 @@ pub struct WaitSlot {
     pub admission: Option<Admission>,
     /// The stream ended (the client left) before it was decided.
     pub gone: bool,
+    /// When the root decided it (Unix ms): processing time is metered from then, so the
+    /// wait for a lease is not billed as processing.
+    pub decided_ms: u64,
 }
 
 /// Requests held on this worker.
