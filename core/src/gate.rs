@@ -201,6 +201,9 @@ pub struct Gate<S: SharedCells + SharedBlobs + Clone> {
     lease_requests: HashMap<String, String>,
     /// Returns sent but not confirmed closed yet.
     returns: Vec<LeaseReturn>,
+    /// Since when this worker's syncs fail (the collector is unreachable): a request without
+    /// a lease is then decided at once by `without_collector`, not held.
+    sync_failing_since_ms: Option<u64>,
     /// Prefix of this worker's lease ids (unique per VM, like batch ids).
     lease_prefix: String,
     next_lease: u64,
@@ -226,6 +229,7 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             licenses_seen: BTreeMap::new(),
             lease_requests: HashMap::new(),
             returns: Vec::new(),
+            sync_failing_since_ms: None,
             lease_prefix: "tollgate".into(),
             next_lease: 1,
             ledger: Ledger::default(),
@@ -406,6 +410,12 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             admission.verdict = Verdict::Allow;
             return;
         }
+        // The collector has not answered for a while: holding the request would only delay
+        // the same decision.
+        let timed_out = timed_out
+            || self.sync_failing_since_ms.is_some_and(|since| {
+                now_ms.saturating_sub(since) >= self.policy.quota.lease_wait_ms
+            });
         let mut holds = Vec::with_capacity(quotas.len());
         let mut outcome = Verdict::Allow;
         for (meter, quota) in quotas {
@@ -599,7 +609,8 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
 
     /// The sync carrying `work` failed: the licenses go with the next one (returns are kept
     /// until confirmed; lease requests are asked again under the same ids).
-    pub fn sync_failed(&mut self, work: SyncWork) {
+    pub fn sync_failed(&mut self, work: SyncWork, now_ms: u64) {
+        self.sync_failing_since_ms.get_or_insert(now_ms);
         for seen in work.licenses {
             let license: Arc<str> = Arc::from(seen.license.as_str());
             self.licenses_seen.entry(license).or_insert(seen);
@@ -609,6 +620,7 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
     /// The collector answered the sync that carried `work`: hold the granted leases, forget
     /// the closed returns, and record (or lift) the denials of the licenses it named.
     pub fn apply_sync(&mut self, work: &SyncWork, response: &SyncResponse, now_ms: u64) {
+        self.sync_failing_since_ms = None;
         for grant in &response.grants {
             if let Some(key) = self.lease_requests.remove(&grant.lease_id) {
                 let _ = update_pool(&self.shared, &key, |pool| pool.apply_grant(grant, now_ms));

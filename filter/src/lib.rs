@@ -171,7 +171,7 @@ impl TollgateRoot {
                         );
                     }
                     self.sync_failing = true;
-                    gate.sync_failed(call.work);
+                    gate.sync_failed(call.work, now);
                 }
             }
         }
@@ -189,7 +189,7 @@ impl TollgateRoot {
             if now.saturating_sub(call.sent_ms) > outbox.settings().timeout_ms.saturating_add(1000)
             {
                 if let (Some(call), Ok(mut gate)) = (self.sync.take(), gate.try_borrow_mut()) {
-                    gate.sync_failed(call.work);
+                    gate.sync_failed(call.work, now);
                 }
             }
             return;
@@ -214,7 +214,7 @@ impl TollgateRoot {
                     sent_ms: now,
                 })
             }
-            None => gate.sync_failed(work),
+            None => gate.sync_failed(work, now),
         }
     }
 

@@ -339,3 +339,62 @@ fn revocation_and_spend_caps_stop_traffic_within_one_sync() {
     assert_eq!(r.code(), "spend_cap_reached");
     assert!(r.header("retry-after").is_some());
 }
+
+/// The collector is unreachable from the start: `deny` answers 503 `quota_unavailable` after
+/// the lease wait; `allow` admits the fixed allowance, then 503.
+#[test]
+fn without_a_collector_quotas_deny_or_allow_the_allowance() {
+    let free_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let upstream = Upstream::start(0).unwrap();
+    let token = license("lic-offline", "metered");
+    let auth = format!("Bearer {token}");
+    for (behaviour, expected_allowed) in [("deny", 0u64), ("allow", 3)] {
+        let mut config = plugin(json!({"calls": {"per": "day", "limit": 1000}}));
+        config["quota"] = json!({
+            "without_collector": behaviour,
+            "allowance": 3,
+            "lease_wait_ms": 300,
+        });
+        let mut bootstrap = Bootstrap::new(config, upstream.port());
+        bootstrap.collector_ports = vec![free_port];
+        let envoy = Envoy::start(&format!("offline-{behaviour}"), &bootstrap.to_json(), 1).unwrap();
+        let mut tally = Tally::default();
+        let started = Instant::now();
+        for _ in 0..8 {
+            let r = request(
+                envoy.listener,
+                "GET",
+                "/v1/search",
+                &[("authorization", auth.as_bytes())],
+            )
+            .unwrap();
+            let code = if r.status == 200 {
+                "allowed".to_string()
+            } else {
+                r.code()
+            };
+            if r.status != 200 {
+                assert_eq!(r.status, 503, "{behaviour}: {:?}", r.body);
+            }
+            *tally.codes.entry(code).or_default() += 1;
+        }
+        eprintln!(
+            "without_collector {behaviour}: {tally:?} in {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            tally.count("allowed"),
+            expected_allowed,
+            "{behaviour}: {tally:?}"
+        );
+        assert_eq!(
+            tally.count("quota_unavailable"),
+            8 - expected_allowed,
+            "{behaviour}: {tally:?}"
+        );
+    }
+}
