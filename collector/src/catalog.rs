@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use anyhow::{bail, Context, Result};
-use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Timelike};
+use chrono::{DateTime, Datelike, NaiveDate, Offset, TimeZone};
 use chrono_tz::Tz;
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -182,13 +182,12 @@ pub fn period_bounds(tz: Tz, period: Period, now_ms: u64) -> (u64, u64) {
     let date = now.date_naive();
     let (start, end) = match period {
         Period::Hour => {
-            // Hours are counted on the UTC timeline in whole local hours: the local hour's
-            // start, then 3,600 s on (a zone offset of 30 or 45 minutes moves the boundary).
-            let start = now
-                .with_minute(0)
-                .and_then(|t| t.with_second(0))
-                .and_then(|t| t.with_nanosecond(0))
-                .map_or(now_ms_i, |t| t.timestamp_millis());
+            // Local hours, on the UTC timeline: the offset in force now decides where the
+            // hour starts (a zone 30 or 45 minutes off UTC moves the boundary). Computed from
+            // the offset, not by setting the local minute to 0: in the hour repeated when the
+            // clocks go back, that local time is ambiguous and has no single answer.
+            let offset_ms = i64::from(now.offset().fix().local_minus_utc()) * 1000;
+            let start = now_ms_i - (now_ms_i + offset_ms).rem_euclid(3_600_000);
             (start, start.saturating_add(3_600_000))
         }
         Period::Day => (
@@ -347,6 +346,16 @@ mod tests {
         assert_eq!(
             (start, end),
             (ms("2026-03-28T23:00:00Z"), ms("2026-03-29T22:00:00Z"))
+        );
+        // The hour repeated when the clocks go back (25 October 2026, 02:00-03:00 local twice):
+        // each occurrence is an hour of its own, not a period starting at every request.
+        assert_eq!(
+            period_bounds(berlin, Period::Hour, ms("2026-10-25T00:42:00Z")),
+            (ms("2026-10-25T00:00:00Z"), ms("2026-10-25T01:00:00Z"))
+        );
+        assert_eq!(
+            period_bounds(berlin, Period::Hour, ms("2026-10-25T01:42:00Z")),
+            (ms("2026-10-25T01:00:00Z"), ms("2026-10-25T02:00:00Z"))
         );
         // India is UTC+05:30: its hours start at :30 UTC.
         let kolkata: Tz = "Asia/Kolkata".parse().unwrap();

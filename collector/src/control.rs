@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::Result;
 use rust_decimal::Decimal;
 use serde::Serialize;
-use tollgate_wire::sync::{Denial, DenialCode, LeaseGrant, Period, SyncRequest, SyncResponse};
+use tollgate_wire::sync::{Denial, DenialCode, Period, SyncRequest, SyncResponse};
 use tollgate_wire::{Meter, VERSION};
 
 use crate::catalog::{Catalog, CatalogFileWatch};
@@ -194,15 +194,8 @@ pub fn sync(
         let (start, end) = catalog.period_bounds(lease.period, now_ms);
         let expires_ms = now_ms.saturating_add(control.lease_ttl_ms).min(end);
         if denied.contains(&(lease.account.clone(), lease.license.clone())) {
-            // A refused license gets nothing, and nothing is allocated.
-            grants.push(LeaseGrant {
-                lease_id: lease.lease_id.clone(),
-                granted: 0,
-                period_start_ms: start,
-                period_end_ms: end,
-                expires_ms,
-                allocated: 0,
-            });
+            // A refused license gets no grant and nothing is allocated; a grant of 0 would
+            // read as "quota used up" until the period's end, also after the denial is lifted.
             continue;
         }
         let limit = catalog

@@ -258,11 +258,14 @@ fn grant_lease(client: &mut Client, ask: &LeaseAsk<'_>, now_ms: u64) -> Result<L
     let r = ask.request;
     let mut tx = client.transaction()?;
     if let Some(row) = tx.query_opt(
-        "SELECT granted, period_start_ms, period_end_ms, expires_ms, allocated_after FROM leases WHERE lease_id = $1",
+        "SELECT granted, period_start_ms, period_end_ms, expires_ms, allocated_after, closed_ms IS NOT NULL FROM leases WHERE lease_id = $1",
         &[&r.lease_id],
     )? {
         tx.commit()?;
-        return Ok(grant_of(&r.lease_id, row.get(0), row.get(1), row.get(2), row.get(3), row.get(4)));
+        // A retried request gets its grant again, but not once the lease was returned.
+        let closed: bool = row.get(5);
+        let granted: i64 = if closed { 0 } else { row.get(0) };
+        return Ok(grant_of(&r.lease_id, granted, row.get(1), row.get(2), row.get(3), row.get(4)));
     }
     let (start, end) = (
         to_i64("period_start_ms", ask.period_start_ms)?,

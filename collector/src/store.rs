@@ -327,13 +327,16 @@ impl Store for SqliteStore {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let stored = tx
             .query_row(
-                "SELECT granted, period_start_ms, period_end_ms, expires_ms, allocated_after FROM leases WHERE lease_id = ?1",
+                "SELECT granted, period_start_ms, period_end_ms, expires_ms, allocated_after, closed_ms IS NOT NULL FROM leases WHERE lease_id = ?1",
                 [&r.lease_id],
-                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, i64>(2)?, row.get::<_, i64>(3)?, row.get::<_, i64>(4)?)),
+                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, i64>(2)?, row.get::<_, i64>(3)?, row.get::<_, i64>(4)?, row.get::<_, bool>(5)?)),
             )
             .optional()?;
-        if let Some((granted, start, end, expires, allocated)) = stored {
+        if let Some((granted, start, end, expires, allocated, closed)) = stored {
             tx.commit()?;
+            // A retried request gets its grant again, but not once the lease was returned:
+            // those units are back in the quota (or used).
+            let granted = if closed { 0 } else { granted };
             return Ok(grant_of(
                 &r.lease_id,
                 granted,

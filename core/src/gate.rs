@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tollgate_wire::sync::{
-    DenialCode, LeaseRequest, LeaseReturn, LicenseSeen, Period, SyncResponse, MAX_SYNC_ITEMS,
+    DenialCode, LeaseRequest, LeaseReturn, LicenseSeen, Period, SyncResponse,
 };
 use tollgate_wire::Meter;
 
@@ -94,6 +94,10 @@ impl SyncWork {
         self.leases.is_empty() && self.returns.is_empty() && self.licenses.is_empty()
     }
 }
+
+/// Items of each list per sync: 2,000 of each, with ids of at most 256 bytes, keep a sync well
+/// under the collector's 4 MiB.
+const SYNC_ITEMS: usize = 2_000;
 
 /// How long a lease request may stay unanswered before it is asked again (same id).
 const LEASE_FETCH_TIMEOUT_MS: u64 = 3_000;
@@ -547,8 +551,8 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
         let quota = &self.policy.quota;
         let mut idle = Vec::new();
         for (key, target) in &self.quotas {
-            // The collector takes at most MAX_SYNC_ITEMS of each list: the rest waits.
-            if work.leases.len() >= MAX_SYNC_ITEMS || work.returns.len() >= MAX_SYNC_ITEMS {
+            // A sync carries at most SYNC_ITEMS of each list: the rest waits for the next.
+            if work.leases.len() >= SYNC_ITEMS || work.returns.len() >= SYNC_ITEMS {
                 break;
             }
             let want = quota.lease_want(target.limit);
@@ -597,8 +601,8 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             self.quotas.remove(&key);
         }
         self.returns.append(&mut work.returns);
-        work.returns = self.returns.iter().take(MAX_SYNC_ITEMS).cloned().collect();
-        while work.licenses.len() < MAX_SYNC_ITEMS {
+        work.returns = self.returns.iter().take(SYNC_ITEMS).cloned().collect();
+        while work.licenses.len() < SYNC_ITEMS {
             let Some((_, seen)) = self.licenses_seen.pop_first() else {
                 break;
             };
@@ -611,10 +615,32 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
     /// until confirmed; lease requests are asked again under the same ids).
     pub fn sync_failed(&mut self, work: SyncWork, now_ms: u64) {
         self.sync_failing_since_ms.get_or_insert(now_ms);
+        self.lease_requests_unanswered(&work.leases);
         for seen in work.licenses {
             let license: Arc<str> = Arc::from(seen.license.as_str());
             self.licenses_seen.entry(license).or_insert(seen);
         }
+    }
+
+    /// Lease requests that got no grant: their pools ask again with the next sync, under the
+    /// same ids.
+    fn lease_requests_unanswered(&mut self, leases: &[LeaseRequest]) {
+        for lease in leases {
+            if let Some(key) = self.lease_requests.remove(&lease.lease_id) {
+                let _ = update_pool(&self.shared, &key, |pool| {
+                    pool.fetch_unanswered(&lease.lease_id)
+                });
+            }
+        }
+    }
+
+    /// Pending lease returns and the next lease number: a gate built for a new configuration
+    /// of the same VM takes them over, so no lease id is used twice and no return is lost.
+    pub fn take_over(&mut self, previous: &mut Gate<S>) {
+        self.returns = std::mem::take(&mut previous.returns);
+        self.next_lease = previous.next_lease;
+        self.lease_requests = std::mem::take(&mut previous.lease_requests);
+        self.quotas = std::mem::take(&mut previous.quotas);
     }
 
     /// The collector answered the sync that carried `work`: hold the granted leases, forget
@@ -626,6 +652,14 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
                 let _ = update_pool(&self.shared, &key, |pool| pool.apply_grant(grant, now_ms));
             }
         }
+        // No grant (a refused license): ask again with the next sync, once it is allowed.
+        let unanswered: Vec<LeaseRequest> = work
+            .leases
+            .iter()
+            .filter(|l| !response.grants.iter().any(|g| g.lease_id == l.lease_id))
+            .cloned()
+            .collect();
+        self.lease_requests_unanswered(&unanswered);
         self.returns
             .retain(|r| !response.closed.iter().any(|id| id == &r.lease_id));
         let mut named: BTreeMap<&str, Option<StoredDenial>> = work

@@ -115,6 +115,14 @@ impl Pool {
         Reservation::NoLease
     }
 
+    /// The request for `lease_id` got no grant (the sync failed, or the license is refused):
+    /// the next sync asks again at once, under the same id.
+    pub fn fetch_unanswered(&mut self, lease_id: &str) {
+        if let Some(fetch) = self.fetch.as_mut().filter(|f| f.lease_id == lease_id) {
+            fetch.since_ms = 0;
+        }
+    }
+
     /// Admit `units` without a lease, within `allowance` per outage (until the next grant).
     pub fn take_allowance(&mut self, units: u64, allowance: u64) -> bool {
         let after = self.allowance_used.saturating_add(units);
@@ -134,6 +142,10 @@ impl Pool {
                 .unreported
                 .saturating_sub(reserved)
                 .saturating_add(actual);
+            // Units given back (a request not served after all) return to the allowance.
+            self.allowance_used = self
+                .allowance_used
+                .saturating_sub(reserved.saturating_sub(actual));
             return;
         }
         match self.leases.iter_mut().find(|l| l.id == lease_id) {
@@ -192,16 +204,17 @@ impl Pool {
 
     /// The collector answered a lease request.
     pub fn apply_grant(&mut self, grant: &LeaseGrant, now_ms: u64) {
+        // Only the answer to the request in flight is taken: a second answer for the same id
+        // (two workers asked under it, or a retried call) would hold the same units twice,
+        // and they may already have been used and returned.
         if self
             .fetch
             .as_ref()
-            .is_some_and(|f| f.lease_id == grant.lease_id)
+            .is_none_or(|f| f.lease_id != grant.lease_id)
         {
-            self.fetch = None;
-        }
-        if self.leases.iter().any(|l| l.id == grant.lease_id) {
             return;
         }
+        self.fetch = None;
         self.period_end_ms = grant.period_end_ms;
         self.allocated = grant.allocated;
         if grant.granted == 0 {
@@ -421,6 +434,7 @@ mod tests {
     #[test]
     fn estimates_are_reserved_and_the_real_amount_committed() {
         let mut pool = Pool::default();
+        pool.begin_fetch(|| "b/1".into(), T0);
         pool.apply_grant(&grant("b/1", 100_000, T0 + 10_000), T0);
         // Responses reserve 64 KiB each: the first gets it all, the second what is left.
         let r: Vec<(String, u64)> = (0..2).map(|_| taken(pool.reserve(65_536, T0))).collect();
@@ -454,6 +468,7 @@ mod tests {
     #[test]
     fn an_expired_lease_waits_for_its_reservations_then_returns_what_it_used() {
         let mut pool = Pool::default();
+        pool.begin_fetch(|| "c/1".into(), T0);
         pool.apply_grant(&grant("c/1", 50, T0 + 1000), T0);
         let (lease, _) = taken(pool.reserve(10, T0));
         // Expired with a reservation in flight: out of use, not returned yet.
@@ -469,6 +484,7 @@ mod tests {
         );
         // A reservation that never commits is given up after the grace time; its late commit
         // goes with the next return.
+        pool.begin_fetch(|| "c/2".into(), T0 + 1100);
         pool.apply_grant(&grant("c/2", 50, T0 + 2000), T0 + 1100);
         let (lease, _) = taken(pool.reserve(10, T0 + 1100));
         assert!(pool.sweep(5000, T0 + 2000).is_empty());
@@ -481,6 +497,7 @@ mod tests {
         );
         pool.commit(&lease, 10, 30);
         assert_eq!(pool.unreported, 20);
+        pool.begin_fetch(|| "c/3".into(), T0 + 7000);
         pool.apply_grant(&grant("c/3", 5, T0 + 8000), T0 + 7000);
         let (lease, _) = taken(pool.reserve(1, T0 + 7000));
         pool.commit(&lease, 1, 1);
@@ -502,10 +519,24 @@ mod tests {
         assert!(pool.wants_lease(10, 2000, T0 + 2000));
         let again = pool.begin_fetch(|| "d/2".into(), T0 + 2000);
         assert_eq!(first, again);
-        // A grant delivered twice (a retried answer) is held once.
+        // A grant delivered twice (a retried answer) is held once, also after the first copy
+        // was used up and returned.
         pool.apply_grant(&grant("d/1", 5, T0 + 10_000), T0 + 2001);
         pool.apply_grant(&grant("d/1", 5, T0 + 10_000), T0 + 2002);
         assert_eq!(pool.available(T0 + 2002), 5);
+        for _ in 0..5 {
+            let (lease, _) = taken(pool.reserve(1, T0 + 2003));
+            pool.commit(&lease, 1, 1);
+        }
+        assert_eq!(pool.sweep(5000, T0 + 2004).len(), 1);
+        pool.apply_grant(&grant("d/1", 5, T0 + 10_000), T0 + 2005);
+        assert_eq!(pool.available(T0 + 2005), 0);
+        // A request that got no grant is asked again at once, under the same id.
+        let id = pool.begin_fetch(|| "d/9".into(), T0 + 3000);
+        assert!(!pool.wants_lease(10, 2000, T0 + 3001));
+        pool.fetch_unanswered(&id);
+        assert!(pool.wants_lease(10, 2000, T0 + 3001));
+        assert_eq!(pool.begin_fetch(|| "d/10".into(), T0 + 3001), "d/9");
     }
 
     /// Workers sharing one pool through compare-and-swap never admit more than was granted.
@@ -514,6 +545,7 @@ mod tests {
         let shared = std::sync::Arc::new(MemoryBlobs::default());
         let key = pool_key("lic/1", Meter::Calls, Period::Day);
         update_pool(shared.as_ref(), &key, |p| {
+            p.begin_fetch(|| "e/1".into(), T0);
             p.apply_grant(&grant("e/1", 1000, T0 + 60_000), T0)
         })
         .unwrap();

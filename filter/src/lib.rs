@@ -385,6 +385,11 @@ impl RootContext for TollgateRoot {
         if let Some(outbox) = &self.outbox {
             gate.set_lease_prefix(&outbox.instance_and_start());
         }
+        // A new configuration of this VM: the old gate's pending returns and lease numbering
+        // carry over (lease ids must never repeat).
+        if let Some(Ok(mut previous)) = self.gate.as_ref().map(|g| g.try_borrow_mut()) {
+            gate.take_over(&mut previous);
+        }
         self.gate = Some(Rc::new(RefCell::new(gate)));
         self.metrics = Some(metrics);
         self.update_block();
@@ -433,6 +438,7 @@ impl RootContext for TollgateRoot {
             admission: None,
             started_nanos: 0,
             request_bytes: 0,
+            held_request_bytes: 0,
             response_bytes: 0,
         }))
     }
@@ -452,10 +458,25 @@ struct TollgateHttp {
     admission: Option<Admission>,
     started_nanos: u64,
     request_bytes: u64,
+    /// Request body buffered while the request was held for a lease.
+    held_request_bytes: u64,
     response_bytes: u64,
 }
 
 impl Context for TollgateHttp {}
+
+impl TollgateHttp {
+    /// True while the request is held for a quota lease and not decided yet.
+    fn undecided(&self) -> bool {
+        self.waiting.as_ref().is_some_and(|slot| {
+            slot.try_borrow().map_or(true, |s| {
+                s.admission
+                    .as_ref()
+                    .is_some_and(|a| a.verdict == Verdict::AwaitQuota)
+            })
+        })
+    }
+}
 
 fn request_header(name: &str) -> Option<Vec<u8>> {
     hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
@@ -560,7 +581,21 @@ impl HttpContext for TollgateHttp {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        if self.undecided() {
+            // Held for a lease: the body must not go upstream before the decision (a Continue
+            // here would send the headers on too). Envoy buffers it, and reports the whole
+            // buffered size on each call.
+            self.held_request_bytes = body_size as u64;
+            return Action::Pause;
+        }
         self.request_bytes = self.request_bytes.saturating_add(body_size as u64);
+        Action::Continue
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.undecided() {
+            return Action::Pause;
+        }
         Action::Continue
     }
 
@@ -600,7 +635,7 @@ impl HttpContext for TollgateHttp {
         };
         let usage = UsageTotals {
             calls: 1,
-            request_bytes: self.request_bytes,
+            request_bytes: self.request_bytes.saturating_add(self.held_request_bytes),
             response_bytes: self.response_bytes,
             processing_nanos: now_nanos().saturating_sub(self.started_nanos),
         };

@@ -50,7 +50,7 @@ fn license_of(account: &str, id: &str, plan: &str) -> String {
 
 struct Stack {
     collector: Running,
-    _upstream: Upstream,
+    upstream: Upstream,
     envoys: Vec<Envoy>,
     dir: std::path::PathBuf,
 }
@@ -84,7 +84,7 @@ fn stack(name: &str, plugin: &Value, envoys: usize, catalog: Option<Value>) -> S
         .collect();
     Stack {
         collector,
-        _upstream: upstream,
+        upstream,
         envoys,
         dir,
     }
@@ -396,5 +396,83 @@ fn without_a_collector_quotas_deny_or_allow_the_allowance() {
             8 - expected_allowed,
             "{behaviour}: {tally:?}"
         );
+        // A request with a body, held and then refused, never reaches the upstream.
+        if behaviour == "deny" {
+            let before = upstream.requests();
+            let r = ureq::post(&envoy.url("/v1/search"))
+                .set("authorization", &auth)
+                .send_string(&"y".repeat(50_000));
+            match r {
+                Err(ureq::Error::Status(503, _)) => {}
+                other => panic!("expected 503: {:?}", other.map(|r| r.status())),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            assert_eq!(
+                upstream.requests(),
+                before,
+                "a refused request went upstream"
+            );
+        }
+    }
+}
+
+/// A request with a body that has to wait for its license's first lease is held whole: the
+/// upstream gets it only once it is admitted, with the license headers and not the forged ones.
+#[test]
+fn a_held_request_with_a_body_reaches_the_upstream_only_when_admitted() {
+    let plugin = plugin(json!({"calls": {"per": "day", "limit": 2}}));
+    let s = stack("held-post", &plugin, 1, None);
+    let token = license("lic-post", "metered");
+    let post = |n: usize| {
+        let body = "x".repeat(n);
+        match ureq::post(&s.envoys[0].url("/v1/search"))
+            .set("authorization", &format!("Bearer {token}"))
+            .set("x-tollgate-account", "forged-account")
+            .send_string(&body)
+        {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    // The first request of the license waits for a lease, then goes through whole.
+    let (status, body) = post(100_000);
+    assert_eq!(status, 200, "{body}");
+    let seen: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["headers"]["x-tollgate-account"], json!(["acme"]));
+    assert_eq!(seen["headers"]["x-tollgate-license"], json!(["lic-post"]));
+    assert_eq!(seen["body_bytes"], 100_000);
+    assert_eq!(post(10).0, 200);
+    // Over the quota: refused, and the upstream never saw it.
+    let upstream_before = s.upstream.requests();
+    let (status, body) = post(50_000);
+    assert_eq!(
+        (status, body.contains("quota_exhausted")),
+        (429, true),
+        "{body}"
+    );
+    assert_eq!(s.upstream.requests(), upstream_before);
+    // Request bytes are metered for the calls served, waiting or not.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let bytes: u64 = s
+            .collector
+            .state
+            .store
+            .usage(&UsageQuery {
+                license: Some("lic-post".into()),
+                meter: Some("request_bytes".into()),
+                outcome: Some("allowed".into()),
+                ..Default::default()
+            })
+            .unwrap()
+            .iter()
+            .map(|r| r.units)
+            .sum();
+        if bytes == 100_010 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "request bytes stored: {bytes}");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
