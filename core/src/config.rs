@@ -89,7 +89,7 @@ pub struct QuotaSettingsConfig {
     #[serde(default = "default_quota_status")]
     pub exhausted_status: u16,
     /// When no lease can be had (collector unreachable): `deny` (default, 503
-    /// `quota_unavailable`) or `allow` up to `allowance` units per quota and period.
+    /// `quota_unavailable`) or `allow` up to `allowance` units per quota and Envoy until a lease is granted again.
     #[serde(default)]
     pub without_collector: WithoutCollector,
     /// Units per quota an Envoy admits without a lease under `without_collector: allow`.
