@@ -313,7 +313,9 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
 
         let now_ms = now_nanos / 1_000_000;
         // Named in the next sync even when refused, so that a lifted denial is learned too.
-        if !self.licenses_seen.contains_key(&license.license_id) {
+        // Without a collector there is no sync: nothing to remember, and no denial to read.
+        let syncs = self.policy.collector.is_some();
+        if syncs && !self.licenses_seen.contains_key(&license.license_id) {
             self.licenses_seen.insert(
                 Arc::clone(&license.license_id),
                 LicenseSeen {
@@ -323,7 +325,7 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
                 },
             );
         }
-        if let Some(refusal) = self.denial(&license, now_ms) {
+        if let Some(refusal) = syncs.then(|| self.denial(&license, now_ms)).flatten() {
             return refuse(Some(license), Some(feature), refusal);
         }
         let checks = [
@@ -424,21 +426,24 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
         let mut outcome = Verdict::Allow;
         for (meter, quota) in quotas {
             let key = pool_key(&license.license_id, *meter, quota.per);
-            self.quotas
-                .entry(key.clone())
-                .and_modify(|t| {
-                    t.limit = quota.limit;
-                    t.last_used_ms = now_ms;
-                })
-                .or_insert_with(|| QuotaTarget {
-                    account: Arc::clone(&license.account),
-                    license: Arc::clone(&license.license_id),
-                    plan: Arc::clone(&license.plan.name),
-                    meter: *meter,
-                    period: quota.per,
-                    limit: quota.limit,
-                    last_used_ms: now_ms,
-                });
+            // Only synced quotas are tracked (without a collector no sync would ever forget one).
+            if self.policy.collector.is_some() {
+                self.quotas
+                    .entry(key.clone())
+                    .and_modify(|t| {
+                        t.limit = quota.limit;
+                        t.last_used_ms = now_ms;
+                    })
+                    .or_insert_with(|| QuotaTarget {
+                        account: Arc::clone(&license.account),
+                        license: Arc::clone(&license.license_id),
+                        plan: Arc::clone(&license.plan.name),
+                        meter: *meter,
+                        period: quota.per,
+                        limit: quota.limit,
+                        last_used_ms: now_ms,
+                    });
+            }
             let units = self.policy.quota.reserve.get(meter).copied().unwrap_or(1);
             let reserved = update_pool(&self.shared, &key, |pool| {
                 let reservation = pool.reserve(units, now_ms);

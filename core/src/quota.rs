@@ -324,12 +324,20 @@ pub fn update_pool<T>(
     mut change: impl FnMut(&mut Pool) -> T,
 ) -> Result<T, StoreError> {
     for _ in 0..CAS_ATTEMPTS {
-        let (mut pool, version) = match shared.load(key)? {
-            Some((bytes, version)) => (Pool::decode(&bytes), Some(version)),
+        let loaded = shared.load(key)?;
+        let (mut pool, version) = match &loaded {
+            Some((bytes, version)) => (Pool::decode(bytes), Some(*version)),
             None => (Pool::default(), None),
         };
         let out = change(&mut pool);
-        if shared.compare_and_swap(key, &pool.encode(), version)? {
+        let encoded = pool.encode();
+        // Nothing changed (a refusal while exhausted, a request that finds no lease): no
+        // write, which on the request path is a shared-data write saved.
+        let unchanged = match &loaded {
+            Some((bytes, _)) => *bytes == encoded,
+            None => pool == Pool::default(),
+        };
+        if unchanged || shared.compare_and_swap(key, &encoded, version)? {
             return Ok(out);
         }
     }
