@@ -22,23 +22,86 @@ use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Datelike, NaiveDate, Offset, TimeZone};
 use chrono_tz::Tz;
 use rust_decimal::Decimal;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tollgate_wire::sync::Period;
 use tollgate_wire::Meter;
 
-/// A price: `amount` of the currency per `per` units of a meter.
+/// A price as written: a decimal per unit, or an object (`amount` per `per` units, or
+/// `tiers`), with an optional `cap` on what it charges per invoice.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
 enum PriceSpec {
     PerUnit(Decimal),
-    Per { amount: Decimal, per: u64 },
+    Detailed(PriceObject),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PriceObject {
+    #[serde(default)]
+    amount: Option<Decimal>,
+    /// The units `amount` (or each tier's `amount`) is the price of; default 1.
+    #[serde(default)]
+    per: Option<u64>,
+    #[serde(default)]
+    tiers: Option<Vec<TierSpec>>,
+    #[serde(default)]
+    mode: TierMode,
+    #[serde(default)]
+    cap: Option<Decimal>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TierSpec {
+    /// The last unit of the tier (inclusive); absent on the last tier.
+    #[serde(default)]
+    up_to: Option<u64>,
+    amount: Decimal,
+    /// A fixed charge when the tier is reached.
+    #[serde(default)]
+    flat: Option<Decimal>,
+}
+
+/// How tiers apply: `graduated`, each unit at the price of the tier it falls in; `volume`,
+/// every unit at the price of the tier the total falls in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TierMode {
+    #[default]
+    Graduated,
+    Volume,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscriptionSpec {
+    fee: Decimal,
+    /// Units of each meter the fee includes, per license and billing period.
+    #[serde(default)]
+    included: BTreeMap<Meter, u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeaturePricesSpec {
+    #[serde(default)]
+    prices: BTreeMap<Meter, PriceSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PlanFile {
     #[serde(default)]
+    subscription: Option<SubscriptionSpec>,
+    #[serde(default)]
     prices: BTreeMap<Meter, PriceSpec>,
+    /// Prices of one feature's usage, instead of the plan's for those meters.
+    #[serde(default)]
+    features: BTreeMap<String, FeaturePricesSpec>,
+    /// The least a license of this plan is invoiced per billing period.
+    #[serde(default)]
+    minimum: Option<Decimal>,
     /// Quota limits that override the filters' configuration for this plan.
     #[serde(default)]
     quotas: BTreeMap<Meter, QuotaSpec>,
@@ -58,8 +121,16 @@ struct CatalogFile {
     time_zone: String,
     #[serde(default = "default_currency")]
     currency: String,
+    #[serde(default = "default_billing_period")]
+    billing_period: Period,
     #[serde(default)]
     plans: BTreeMap<String, PlanFile>,
+    /// Account → the payment system's customer id, for exports (default: the account id).
+    #[serde(default)]
+    customers: BTreeMap<String, String>,
+    /// Meter → Stripe meter `event_name` (default `tollgate_<meter>`).
+    #[serde(default)]
+    stripe_event_names: BTreeMap<Meter, String>,
 }
 
 fn default_time_zone() -> String {
@@ -70,27 +141,153 @@ fn default_currency() -> String {
     "USD".into()
 }
 
+fn default_billing_period() -> Period {
+    Period::Month
+}
+
+/// One tier of a price: units up to `up_to` (inclusive; `None`: no end) cost `amount` per the
+/// price's `per` units, plus `flat` once when reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Tier {
+    pub up_to: Option<u64>,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub flat: Decimal,
+}
+
+/// A checked price of one meter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Price {
+    /// The number of units each tier's `amount` is the price of.
+    pub per: u64,
+    pub mode: TierMode,
+    /// At least one; only the last has no `up_to`.
+    pub tiers: Vec<Tier>,
+    /// The most this price charges per license and billing period.
+    pub cap: Option<Decimal>,
+}
+
+/// A plan's fee and prices.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlanPricing {
+    pub fee: Option<Decimal>,
+    pub included: BTreeMap<Meter, u64>,
+    pub prices: BTreeMap<Meter, Price>,
+    /// Feature → meter → price, replacing the plan's price of that meter for the feature.
+    pub feature_prices: BTreeMap<String, BTreeMap<Meter, Price>>,
+    pub minimum: Option<Decimal>,
+}
+
 /// A checked catalogue.
 #[derive(Debug, Clone)]
 pub struct Catalog {
     pub time_zone: Tz,
     pub currency: String,
-    /// Plan → meter → price of one unit.
-    prices: BTreeMap<String, BTreeMap<Meter, Decimal>>,
+    /// Invoices cover one calendar period of this length.
+    pub billing_period: Period,
+    pub plans: BTreeMap<String, PlanPricing>,
     /// (plan, meter, period) → limit.
     quotas: BTreeMap<(String, Meter, Period), u64>,
+    customers: BTreeMap<String, String>,
+    stripe_event_names: BTreeMap<Meter, String>,
 }
 
 impl Default for Catalog {
-    /// UTC, USD, no prices (no spend accrues).
+    /// UTC, USD, monthly, no prices (no spend accrues).
     fn default() -> Self {
         Catalog {
             time_zone: Tz::UTC,
             currency: default_currency(),
-            prices: BTreeMap::new(),
+            billing_period: Period::Month,
+            plans: BTreeMap::new(),
             quotas: BTreeMap::new(),
+            customers: BTreeMap::new(),
+            stripe_event_names: BTreeMap::new(),
         }
     }
+}
+
+fn non_negative(at: &str, value: Decimal) -> Result<Decimal> {
+    if value.is_sign_negative() && !value.is_zero() {
+        bail!("{at}: a price cannot be negative");
+    }
+    Ok(value)
+}
+
+fn compile_price(at: &str, spec: PriceSpec) -> Result<Price> {
+    let object = match spec {
+        PriceSpec::PerUnit(amount) => PriceObject {
+            amount: Some(amount),
+            per: None,
+            tiers: None,
+            mode: TierMode::Graduated,
+            cap: None,
+        },
+        PriceSpec::Detailed(object) => object,
+    };
+    let per = object.per.unwrap_or(1);
+    if per == 0 {
+        bail!("{at}: `per` must be at least 1");
+    }
+    let tiers = match (object.amount, object.tiers) {
+        (Some(amount), None) => vec![Tier {
+            up_to: None,
+            amount: non_negative(at, amount)?,
+            flat: Decimal::ZERO,
+        }],
+        (None, Some(tiers)) => {
+            if tiers.is_empty() {
+                bail!("{at}.tiers: at least one tier is needed");
+            }
+            let mut checked = Vec::with_capacity(tiers.len());
+            let mut last_up_to = 0u64;
+            for (i, tier) in tiers.iter().enumerate() {
+                let is_last = i + 1 == tiers.len();
+                match (tier.up_to, is_last) {
+                    (None, false) => bail!("{at}.tiers[{i}]: only the last tier may omit `up_to`"),
+                    (Some(up_to), _) if up_to <= last_up_to && i > 0 => {
+                        bail!("{at}.tiers[{i}].up_to: tiers must go up")
+                    }
+                    (Some(0), _) => bail!("{at}.tiers[{i}].up_to: must be at least 1"),
+                    _ => {}
+                }
+                last_up_to = tier.up_to.unwrap_or(u64::MAX);
+                checked.push(Tier {
+                    up_to: tier.up_to,
+                    amount: non_negative(&format!("{at}.tiers[{i}].amount"), tier.amount)?,
+                    flat: non_negative(
+                        &format!("{at}.tiers[{i}].flat"),
+                        tier.flat.unwrap_or(Decimal::ZERO),
+                    )?,
+                });
+            }
+            checked
+        }
+        _ => bail!("{at}: give `amount` or `tiers`"),
+    };
+    let cap = object
+        .cap
+        .map(|c| non_negative(&format!("{at}.cap"), c))
+        .transpose()?;
+    Ok(Price {
+        per,
+        mode: object.mode,
+        tiers,
+        cap,
+    })
+}
+
+fn compile_prices(at: &str, specs: BTreeMap<Meter, PriceSpec>) -> Result<BTreeMap<Meter, Price>> {
+    specs
+        .into_iter()
+        .map(|(meter, spec)| {
+            Ok((
+                meter,
+                compile_price(&format!("{at}.{}", meter.as_str()), spec)?,
+            ))
+        })
+        .collect()
 }
 
 impl Catalog {
@@ -106,7 +303,7 @@ impl Catalog {
                 file.currency
             );
         }
-        let mut prices = BTreeMap::new();
+        let mut plans = BTreeMap::new();
         let mut quotas = BTreeMap::new();
         for (plan, spec) in file.plans {
             for (meter, quota) in &spec.quotas {
@@ -118,45 +315,60 @@ impl Catalog {
                 }
                 quotas.insert((plan.clone(), *meter, quota.per), quota.limit);
             }
-            let mut per_meter = BTreeMap::new();
-            for (meter, price) in spec.prices {
-                let unit = match price {
-                    PriceSpec::PerUnit(amount) => amount,
-                    PriceSpec::Per { amount, per } => {
-                        if per == 0 {
-                            bail!(
-                                "plans.{plan}.prices.{}: `per` must be at least 1",
-                                meter.as_str()
-                            );
-                        }
-                        amount / Decimal::from(per)
-                    }
-                };
-                if unit.is_sign_negative() {
-                    bail!(
-                        "plans.{plan}.prices.{}: a price cannot be negative",
-                        meter.as_str()
-                    );
-                }
-                per_meter.insert(meter, unit);
+            let (fee, included) = match spec.subscription {
+                Some(s) => (
+                    Some(non_negative(
+                        &format!("plans.{plan}.subscription.fee"),
+                        s.fee,
+                    )?),
+                    s.included,
+                ),
+                None => (None, BTreeMap::new()),
+            };
+            let prices = compile_prices(&format!("plans.{plan}.prices"), spec.prices)?;
+            let mut feature_prices = BTreeMap::new();
+            for (feature, f) in spec.features {
+                feature_prices.insert(
+                    feature.clone(),
+                    compile_prices(&format!("plans.{plan}.features.{feature}.prices"), f.prices)?,
+                );
             }
-            prices.insert(plan, per_meter);
+            let minimum = spec
+                .minimum
+                .map(|m| non_negative(&format!("plans.{plan}.minimum"), m))
+                .transpose()?;
+            plans.insert(
+                plan,
+                PlanPricing {
+                    fee,
+                    included,
+                    prices,
+                    feature_prices,
+                    minimum,
+                },
+            );
         }
         Ok(Catalog {
             time_zone,
             currency: file.currency,
-            prices,
+            billing_period: file.billing_period,
+            plans,
             quotas,
+            customers: file.customers,
+            stripe_event_names: file.stripe_event_names,
         })
     }
 
-    /// The price of one unit of `meter` in `plan` (zero if the plan or meter has none).
-    pub fn unit_price(&self, plan: &str, meter: Meter) -> Decimal {
-        self.prices
-            .get(plan)
-            .and_then(|p| p.get(&meter))
-            .copied()
-            .unwrap_or(Decimal::ZERO)
+    /// The plans the catalogue names.
+    pub fn plan_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.plans.keys().cloned().collect();
+        for (plan, _, _) in self.quotas.keys() {
+            if !names.contains(plan) {
+                names.push(plan.clone());
+            }
+        }
+        names.sort();
+        names
     }
 
     /// The catalogue's limit for `plan`'s quota of `meter` per `period`, if it sets one: an
@@ -168,6 +380,19 @@ impl Catalog {
     /// The calendar period containing `now_ms`, `[start, end)` in Unix milliseconds.
     pub fn period_bounds(&self, period: Period, now_ms: u64) -> (u64, u64) {
         period_bounds(self.time_zone, period, now_ms)
+    }
+
+    /// The payment system's customer id of `account`.
+    pub fn customer_of<'a>(&'a self, account: &'a str) -> &'a str {
+        self.customers.get(account).map_or(account, String::as_str)
+    }
+
+    /// The Stripe meter event name of `meter`.
+    pub fn stripe_event_name(&self, meter: Meter) -> String {
+        self.stripe_event_names
+            .get(&meter)
+            .cloned()
+            .unwrap_or_else(|| format!("tollgate_{}", meter.as_str()))
     }
 }
 
@@ -370,21 +595,34 @@ mod tests {
     }
 
     #[test]
-    fn prices_are_decimal_per_unit_and_the_file_is_checked() {
+    fn prices_tiers_and_fees_are_checked() {
         let c = Catalog::from_json(
-            br#"{"time_zone": "Europe/Berlin", "currency": "EUR", "plans": {"pro": {"prices": {
-                "calls": "0.001", "processing_ns": {"amount": "15", "per": 3600000000000}}}}}"#,
+            br#"{"time_zone": "Europe/Berlin", "currency": "EUR", "plans": {"pro": {
+                "subscription": {"fee": "49", "included": {"calls": 1000}},
+                "prices": {"calls": "0.001",
+                           "response_bytes": {"tiers": [{"up_to": 1000, "amount": "0.09"}, {"amount": "0.05", "flat": "1"}], "per": 1000000000, "mode": "volume", "cap": "100"}},
+                "features": {"design": {"prices": {"processing_ns": {"amount": "15", "per": 3600000000000}}}},
+                "minimum": "10"}}}"#,
         )
         .unwrap();
-        assert_eq!(c.unit_price("pro", Meter::Calls), Decimal::new(1, 3));
-        // $15 per hour of processing time: one hour of nanoseconds costs exactly 15.
-        let hour = Decimal::from(3_600_000_000_000u64);
+        let pro = &c.plans["pro"];
+        assert_eq!(pro.fee, Some(Decimal::from(49)));
+        assert_eq!(pro.included[&Meter::Calls], 1000);
         assert_eq!(
-            (c.unit_price("pro", Meter::ProcessingNs) * hour).round_dp(10),
-            Decimal::from(15)
+            pro.prices[&Meter::Calls].tiers[0].amount,
+            Decimal::new(1, 3)
         );
-        assert_eq!(c.unit_price("pro", Meter::ResponseBytes), Decimal::ZERO);
-        assert_eq!(c.unit_price("free", Meter::Calls), Decimal::ZERO);
+        let bytes = &pro.prices[&Meter::ResponseBytes];
+        assert_eq!(
+            (bytes.per, bytes.mode, bytes.tiers.len()),
+            (1_000_000_000, TierMode::Volume, 2)
+        );
+        assert_eq!(bytes.tiers[1].flat, Decimal::ONE);
+        assert_eq!(
+            pro.feature_prices["design"][&Meter::ProcessingNs].per,
+            3_600_000_000_000
+        );
+        assert_eq!(c.plan_names(), vec!["pro".to_string()]);
         let q = Catalog::from_json(
             br#"{"plans": {"pro": {"quotas": {"calls": {"per": "day", "limit": 500}}}}}"#,
         )
@@ -402,6 +640,22 @@ mod tests {
             (
                 r#"{"plans": {"p": {"prices": {"calls": {"amount": "1", "per": 0}}}}}"#,
                 "at least 1",
+            ),
+            (
+                r#"{"plans": {"p": {"prices": {"calls": {"per": 5}}}}}"#,
+                "`amount` or `tiers`",
+            ),
+            (
+                r#"{"plans": {"p": {"prices": {"calls": {"tiers": [{"amount": "1"}, {"up_to": 5, "amount": "1"}]}}}}}"#,
+                "only the last tier",
+            ),
+            (
+                r#"{"plans": {"p": {"prices": {"calls": {"tiers": [{"up_to": 5, "amount": "1"}, {"up_to": 5, "amount": "1"}]}}}}}"#,
+                "must go up",
+            ),
+            (
+                r#"{"plans": {"p": {"subscription": {"fee": "-3"}}}}"#,
+                "negative",
             ),
             (
                 r#"{"plans": {"p": {"prices": {"clicks": "1"}}}}"#,

@@ -76,6 +76,72 @@ enum Command {
         /// How long a quota lease lasts before the filter must come back.
         #[arg(long, default_value_t = DEFAULT_LEASE_TTL_MS)]
         lease_ttl_ms: u64,
+        /// The `iss` claim of licenses issued here (filters check it with `token.issuers`).
+        #[arg(long, env = "TOLLGATE_ISSUER")]
+        issuer: Option<String>,
+        /// The `aud` claim of licenses issued here (filters check it with `token.audiences`).
+        #[arg(long, env = "TOLLGATE_AUDIENCE")]
+        audience: Option<String>,
+    },
+    /// License signing keys: list, generate, import, retire.
+    Keys {
+        #[arg(
+            long,
+            env = "TOLLGATE_DATABASE",
+            default_value = "sqlite://tollgate.db"
+        )]
+        database: String,
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+    /// Licenses: issue, list, show (revoke with `revoke`).
+    License {
+        #[arg(
+            long,
+            env = "TOLLGATE_DATABASE",
+            default_value = "sqlite://tollgate.db"
+        )]
+        database: String,
+        #[command(subcommand)]
+        action: LicenseAction,
+    },
+    /// An account's invoice draft for the billing period containing --at (default now).
+    Invoice {
+        #[arg(
+            long,
+            env = "TOLLGATE_DATABASE",
+            default_value = "sqlite://tollgate.db"
+        )]
+        database: String,
+        #[arg(long)]
+        account: String,
+        /// The plan catalogue (prices, time zone, billing period).
+        #[arg(long, env = "TOLLGATE_PLANS")]
+        plans: Option<PathBuf>,
+        /// A time in the period, RFC 3339.
+        #[arg(long)]
+        at: Option<String>,
+        /// CSV lines instead of JSON.
+        #[arg(long)]
+        csv: bool,
+    },
+    /// Export stored usage with windows starting in [--from, --to) (RFC 3339), every page.
+    Export {
+        #[arg(
+            long,
+            env = "TOLLGATE_DATABASE",
+            default_value = "sqlite://tollgate.db"
+        )]
+        database: String,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long, value_enum)]
+        format: crate::exports::Format,
+        /// The plan catalogue (customer ids, Stripe event names).
+        #[arg(long, env = "TOLLGATE_PLANS")]
+        plans: Option<PathBuf>,
     },
     /// Revoke a license (filters refuse it with 403 license_revoked from their next sync), or
     /// lift the revocation with --undo.
@@ -172,6 +238,77 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Every key: state (pending, active, retired), which one signs.
+    List,
+    /// Generate a key; it is published at once and signs from --activate-in-seconds on.
+    Generate {
+        #[arg(long, default_value = "EdDSA")]
+        alg: crate::signing::KeyAlg,
+        #[arg(long)]
+        kid: Option<String>,
+        /// Seconds until it signs new licenses: give filters time to fetch it first.
+        #[arg(long, default_value_t = 0)]
+        activate_in_seconds: u64,
+    },
+    /// Import a PKCS#8 PEM private key (Ed25519, P-256 or RSA).
+    Import {
+        #[arg(long)]
+        alg: crate::signing::KeyAlg,
+        #[arg(long)]
+        kid: Option<String>,
+        #[arg(long)]
+        pem_file: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        activate_in_seconds: u64,
+    },
+    /// Retire a key: it leaves the JWKS, and licenses it signed stop verifying.
+    Retire {
+        #[arg(long)]
+        kid: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum LicenseAction {
+    /// Issue a license and print its token.
+    Issue {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        plan: String,
+        /// Comma-separated feature names.
+        #[arg(long, value_delimiter = ',')]
+        features: Vec<String>,
+        /// Limit overrides, JSON (the filter's `limits` claim).
+        #[arg(long)]
+        limits: Option<String>,
+        #[arg(long)]
+        license_id: Option<String>,
+        #[arg(long)]
+        valid_days: Option<u64>,
+        #[arg(long)]
+        issuer: Option<String>,
+        #[arg(long)]
+        audience: Option<String>,
+        /// The plan catalogue: the plan must be in it, if it lists plans.
+        #[arg(long, env = "TOLLGATE_PLANS")]
+        plans: Option<PathBuf>,
+    },
+    /// Issued licenses, of one account or all.
+    List {
+        #[arg(long)]
+        account: Option<String>,
+    },
+}
+
+fn rfc3339_arg(name: &str, text: &str) -> Result<u64> {
+    let t = chrono::DateTime::parse_from_rfc3339(text)
+        .with_context(|| format!("--{name}: `{text}` is not an RFC 3339 time"))?;
+    u64::try_from(t.timestamp_millis()).with_context(|| format!("--{name}: before 1970"))
+}
+
 /// Parse the process arguments and run the command.
 pub fn main() -> Result<()> {
     match Cli::parse().command {
@@ -182,6 +319,8 @@ pub fn main() -> Result<()> {
             plans,
             admin_token,
             lease_ttl_ms,
+            issuer,
+            audience,
         } => {
             let keys = IngestKeys::parse(ingest_keys.iter().map(String::as_str))?;
             let store = open(&database)?;
@@ -201,11 +340,161 @@ pub fn main() -> Result<()> {
                 let mut state = AppState::new(Arc::from(store), keys);
                 state.control = control;
                 state.admin_token = admin_token;
+                state.issuer = crate::licensing::Issuer { issuer, audience };
                 let state = Arc::new(state);
                 crate::serve(listener, state, shutdown_signal()).await?;
                 eprintln!("{}", serde_json::json!({"level": "info", "msg": "collector stopped"}));
                 Ok(())
             })
+        }
+        Command::Keys { database, action } => {
+            let store = open(&database)?;
+            let info = match action {
+                KeysAction::List => {
+                    let keys = crate::licensing::keys(store.as_ref(), now())?;
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({"keys": keys}))?
+                    );
+                    return Ok(());
+                }
+                KeysAction::Generate {
+                    alg,
+                    kid,
+                    activate_in_seconds,
+                } => crate::licensing::add_key(
+                    store.as_ref(),
+                    alg,
+                    kid.as_deref(),
+                    None,
+                    activate_in_seconds.saturating_mul(1000),
+                    now(),
+                )?,
+                KeysAction::Import {
+                    alg,
+                    kid,
+                    pem_file,
+                    activate_in_seconds,
+                } => {
+                    let pem = std::fs::read_to_string(&pem_file)
+                        .with_context(|| format!("reading {}", pem_file.display()))?;
+                    crate::licensing::add_key(
+                        store.as_ref(),
+                        alg,
+                        kid.as_deref(),
+                        Some(&pem),
+                        activate_in_seconds.saturating_mul(1000),
+                        now(),
+                    )?
+                }
+                KeysAction::Retire { kid } => {
+                    if !store.retire_signing_key(&kid, now())? {
+                        anyhow::bail!("no key `{kid}`");
+                    }
+                    println!("key {kid} retired: it left the JWKS");
+                    return Ok(());
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&info)?);
+            Ok(())
+        }
+        Command::License { database, action } => {
+            let store = open(&database)?;
+            match action {
+                LicenseAction::Issue {
+                    account,
+                    plan,
+                    features,
+                    limits,
+                    license_id,
+                    valid_days,
+                    issuer,
+                    audience,
+                    plans,
+                } => {
+                    let limits = limits
+                        .map(|l| serde_json::from_str(&l).context("--limits is not JSON"))
+                        .transpose()?;
+                    let catalog = CatalogFileWatch::open(plans.as_deref())?.current();
+                    let issued = crate::licensing::issue(
+                        store.as_ref(),
+                        &crate::licensing::Issuer { issuer, audience },
+                        &catalog.plan_names(),
+                        &crate::licensing::LicenseRequest {
+                            account,
+                            plan,
+                            features,
+                            limits,
+                            license_id,
+                            valid_days,
+                            ..Default::default()
+                        },
+                        now(),
+                    )?;
+                    println!("{}", serde_json::to_string_pretty(&issued)?);
+                }
+                LicenseAction::List { account } => {
+                    let licenses = store.issued_licenses(account.as_deref())?;
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({"licenses": licenses}))?
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Invoice {
+            database,
+            account,
+            plans,
+            at,
+            csv,
+        } => {
+            let store = open(&database)?;
+            let catalog = CatalogFileWatch::open(plans.as_deref())?.current();
+            let at = at
+                .map(|t| rfc3339_arg("at", &t))
+                .transpose()?
+                .unwrap_or_else(now);
+            let draft = crate::billing::draft(store.as_ref(), &catalog, &account, at, now())?;
+            if csv {
+                print!("{}", draft.invoice.to_csv());
+            } else {
+                println!("{}", serde_json::to_string_pretty(&draft)?);
+            }
+            Ok(())
+        }
+        Command::Export {
+            database,
+            from,
+            to,
+            format,
+            plans,
+        } => {
+            use crate::exports::{self, Format};
+            let store = open(&database)?;
+            let catalog = CatalogFileWatch::open(plans.as_deref())?.current();
+            let (from, to) = (rfc3339_arg("from", &from)?, rfc3339_arg("to", &to)?);
+            let mut after = 0;
+            let mut all = Vec::new();
+            if format == Format::Csv {
+                print!("{}", exports::CSV_HEADER);
+            }
+            loop {
+                let page = store.records(from, to, after, 10_000)?;
+                let Some(last) = page.last() else { break };
+                after = last.id;
+                match format {
+                    Format::Csv => print!("{}", exports::csv_records(&page)),
+                    Format::Json => all.extend(exports::json_records(&page)),
+                    Format::Stripe => all.extend(exports::stripe_events(&catalog, &page)),
+                    Format::Cloudevents => all.extend(exports::cloud_events(&catalog, &page)),
+                }
+            }
+            if format != Format::Csv {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            }
+            Ok(())
         }
         Command::Revoke {
             database,

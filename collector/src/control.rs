@@ -8,8 +8,9 @@ use anyhow::Result;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use tollgate_wire::sync::{Denial, DenialCode, Period, SyncRequest, SyncResponse};
-use tollgate_wire::{Meter, VERSION};
+use tollgate_wire::VERSION;
 
+use crate::billing::LineKind;
 use crate::catalog::{Catalog, CatalogFileWatch};
 use crate::store::{Budget, LeaseAsk, Store};
 
@@ -50,12 +51,10 @@ pub struct AccountStatus {
     pub spend_cap_reached: bool,
 }
 
-fn meter_named(name: &str) -> Option<Meter> {
-    Meter::ALL.into_iter().find(|m| m.as_str() == name)
-}
-
-/// What `account` spent in the calendar `period` containing `now_ms`: its allowed usage priced
-/// with its licenses' plans. Usage of a license whose plan no filter has named yet costs zero.
+/// What `account` spent in the calendar `period` containing `now_ms`: the usage charges of its
+/// allowed usage in that period, rated as an invoice of that period would rate them (included
+/// units, tiers, caps), without subscription fees or minimums, which are not spending. Usage of
+/// a license whose plan the catalogue does not price costs zero.
 pub fn spend(
     store: &dyn Store,
     catalog: &Catalog,
@@ -64,13 +63,14 @@ pub fn spend(
     now_ms: u64,
 ) -> Result<(Decimal, (u64, u64))> {
     let bounds = catalog.period_bounds(period, now_ms);
-    let mut total = Decimal::ZERO;
-    for row in store.plan_usage(account, bounds.0, bounds.1)? {
-        if let Some(meter) = meter_named(&row.meter) {
-            let price = catalog.unit_price(&row.plan, meter);
-            total = total.saturating_add(price.saturating_mul(Decimal::from(row.units)));
-        }
-    }
+    let usage = store.billable_usage(account, bounds.0, bounds.1)?;
+    let invoice = crate::billing::rate(catalog, account, bounds, &usage, &[])?;
+    let total = invoice
+        .lines
+        .iter()
+        .filter(|l| matches!(l.kind, LineKind::Usage | LineKind::Cap))
+        .map(|l| l.amount)
+        .sum();
     Ok((total, bounds))
 }
 

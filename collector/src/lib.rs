@@ -1,11 +1,16 @@
 //! Tollgate's collector: takes signed usage batches from filters exactly once, stores them
 //! (SQLite embedded by default), and answers usage queries.
 
+pub mod admin;
+pub mod billing;
 pub mod catalog;
 pub mod cli;
 pub mod control;
+pub mod exports;
+pub mod licensing;
 pub mod postgres_store;
 pub mod server;
+pub mod signing;
 pub mod store;
 
 use std::net::SocketAddr;

@@ -8,8 +8,9 @@ use postgres::{Client, NoTls};
 use tollgate_wire::UsageBatch;
 
 use crate::store::{
-    grant_of, grant_size, now_ms, parse_budget, Budget, Granularity, Ingested, LeaseAsk, PlanUsage,
-    Restrictions, Store, UsageQuery, UsageRow,
+    grant_of, grant_size, license_of, now_ms, parse_budget, u64_of, BillableUsage, Budget,
+    Granularity, Ingested, IssuedLicense, LeaseAsk, Restrictions, Store, StoredKey, StoredRecord,
+    UsageQuery, UsageRow,
 };
 use tollgate_wire::sync::{LeaseGrant, LicenseSeen};
 
@@ -17,6 +18,7 @@ use tollgate_wire::sync::{LeaseGrant, LicenseSeen};
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/postgres/0001_usage.sql")),
     (2, include_str!("../migrations/postgres/0002_control.sql")),
+    (3, include_str!("../migrations/postgres/0003_licensing.sql")),
 ];
 
 /// Any number to serialise migrations of replicas starting together.
@@ -229,24 +231,178 @@ impl Store for PostgresStore {
         })
     }
 
-    fn plan_usage(&self, account: &str, from_ms: u64, to_ms: u64) -> Result<Vec<PlanUsage>> {
+    fn add_signing_key(&self, key: &StoredKey) -> Result<bool> {
+        let (created, activates) = (
+            to_i64("created_ms", key.created_ms)?,
+            to_i64("activates_ms", key.activates_ms)?,
+        );
+        self.with_client(|client| {
+            let added = client.execute(
+                "INSERT INTO signing_keys (kid, alg, private_pem, public_jwk, created_ms, activates_ms, retired_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, NULL) ON CONFLICT (kid) DO NOTHING",
+                &[&key.kid, &key.alg, &key.private_pem, &key.public_jwk, &created, &activates],
+            )?;
+            Ok(added == 1)
+        })
+    }
+
+    fn signing_keys(&self) -> Result<Vec<StoredKey>> {
+        self.with_client(|client| {
+            let rows = client.query(
+                "SELECT kid, alg, private_pem, public_jwk, created_ms, activates_ms, retired_ms FROM signing_keys ORDER BY created_ms, kid",
+                &[],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| StoredKey {
+                    kid: r.get(0),
+                    alg: r.get(1),
+                    private_pem: r.get(2),
+                    public_jwk: r.get(3),
+                    created_ms: u64_of(r.get(4)),
+                    activates_ms: u64_of(r.get(5)),
+                    retired_ms: r.get::<_, Option<i64>>(6).map(u64_of),
+                })
+                .collect())
+        })
+    }
+
+    fn retire_signing_key(&self, kid: &str, now_ms: u64) -> Result<bool> {
+        let now = to_i64("now_ms", now_ms)?;
+        self.with_client(|client| {
+            let found = client.execute(
+                "UPDATE signing_keys SET retired_ms = COALESCE(retired_ms, $1) WHERE kid = $2",
+                &[&now, &kid],
+            )?;
+            Ok(found == 1)
+        })
+    }
+
+    fn add_license(&self, l: &IssuedLicense) -> Result<bool> {
+        let features = serde_json::to_string(&l.features)?;
+        let limits = l.limits.as_ref().map(serde_json::to_string).transpose()?;
+        let (nbf, exp, issued) = (
+            to_i64("not_before_ms", l.not_before_ms)?,
+            to_i64("expires_ms", l.expires_ms)?,
+            to_i64("issued_ms", l.issued_ms)?,
+        );
+        self.with_client(|client| {
+            let mut tx = client.transaction()?;
+            let added = tx.execute(
+                "INSERT INTO issued_licenses (license, account, plan, features, limits, not_before_ms, expires_ms, kid, issued_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (license) DO NOTHING",
+                &[&l.license, &l.account, &l.plan, &features, &limits, &nbf, &exp, &l.kid, &issued],
+            )?;
+            if added == 1 {
+                // The plan is known before any filter serves the license: its usage is priced.
+                tx.execute(
+                    "INSERT INTO licenses (license, account, plan, last_seen_ms) VALUES ($1, $2, $3, 0)
+                     ON CONFLICT (license) DO UPDATE SET account = excluded.account, plan = excluded.plan",
+                    &[&l.license, &l.account, &l.plan],
+                )?;
+            }
+            tx.commit()?;
+            Ok(added == 1)
+        })
+    }
+
+    fn issued_licenses(&self, account: Option<&str>) -> Result<Vec<IssuedLicense>> {
+        self.with_client(|client| {
+            let rows = client.query(
+                "SELECT license, account, plan, features, limits, not_before_ms, expires_ms, kid, issued_ms
+                 FROM issued_licenses WHERE ($1::TEXT IS NULL OR account = $1) ORDER BY license",
+                &[&account],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    license_of((
+                        r.get(0),
+                        r.get(1),
+                        r.get(2),
+                        r.get(3),
+                        r.get(4),
+                        r.get(5),
+                        r.get(6),
+                        r.get(7),
+                        r.get(8),
+                    ))
+                })
+                .collect())
+        })
+    }
+
+    fn billable_usage(
+        &self,
+        account: &str,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Vec<BillableUsage>> {
         let (from, to) = (to_i64("from_ms", from_ms)?, to_i64("to_ms", to_ms)?);
         self.with_client(|client| {
             let rows = client.query(
-                "SELECT COALESCE(l.plan, ''), r.meter, SUM(r.units)::BIGINT FROM usage_records r
+                "SELECT r.license, COALESCE(l.plan, ''), r.feature, r.meter, SUM(r.units)::BIGINT FROM usage_records r
                  LEFT JOIN licenses l ON l.license = r.license
                  WHERE r.account = $1 AND r.outcome = 'allowed' AND r.window_start_ms >= $2 AND r.window_start_ms < $3
-                 GROUP BY 1, 2 ORDER BY 1, 2",
+                 GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
                 &[&account, &from, &to],
             )?;
             Ok(rows
                 .iter()
-                .map(|r| PlanUsage {
-                    plan: r.get(0),
-                    meter: r.get(1),
-                    units: u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+                .map(|r| BillableUsage {
+                    license: r.get(0),
+                    plan: r.get(1),
+                    feature: r.get(2),
+                    meter: r.get(3),
+                    units: u64_of(r.get(4)),
                 })
                 .collect())
+        })
+    }
+
+    fn records(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredRecord>> {
+        let (from, to) = (to_i64("from_ms", from_ms)?, to_i64("to_ms", to_ms)?);
+        let limit = i64::from(limit);
+        self.with_client(|client| {
+            let rows = client.query(
+                "SELECT id, batch_id, account, license, feature, outcome, meter, units, window_start_ms, window_end_ms
+                 FROM usage_records WHERE window_start_ms >= $1 AND window_start_ms < $2 AND id > $3
+                 ORDER BY id LIMIT $4",
+                &[&from, &to, &after_id, &limit],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| StoredRecord {
+                    id: r.get(0),
+                    batch_id: r.get(1),
+                    account: r.get(2),
+                    license: r.get(3),
+                    feature: r.get(4),
+                    outcome: r.get(5),
+                    meter: r.get(6),
+                    units: u64_of(r.get(7)),
+                    window_start_ms: u64_of(r.get(8)),
+                    window_end_ms: u64_of(r.get(9)),
+                })
+                .collect())
+        })
+    }
+
+    fn accounts(&self, from_ms: u64, to_ms: u64) -> Result<Vec<String>> {
+        let (from, to) = (to_i64("from_ms", from_ms)?, to_i64("to_ms", to_ms)?);
+        self.with_client(|client| {
+            let rows = client.query(
+                "SELECT account FROM usage_records WHERE window_start_ms >= $1 AND window_start_ms < $2
+                 UNION SELECT account FROM issued_licenses ORDER BY 1",
+                &[&from, &to],
+            )?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
         })
     }
 }

@@ -1,6 +1,6 @@
 //! The collector's HTTP API: usage ingest (signed batches, exactly once), usage queries, the
 //! filters' sync (quota leases, refusals), the admin API (revocation, suspension, budgets),
-//! health and Prometheus metrics.
+//! health and Prometheus metrics. Keys, licenses, invoices and exports are in [`crate::admin`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -181,6 +181,8 @@ pub struct AppState {
     pub control: ControlPlane,
     /// Bearer token of the admin API; `None` turns the admin API off.
     pub admin_token: Option<String>,
+    /// The `iss` and `aud` of the licenses issued here.
+    pub issuer: crate::licensing::Issuer,
 }
 
 impl AppState {
@@ -192,6 +194,7 @@ impl AppState {
             metrics: Metrics::default(),
             control: ControlPlane::default(),
             admin_token: None,
+            issuer: crate::licensing::Issuer::default(),
         }
     }
 }
@@ -217,11 +220,12 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .merge(crate::admin::routes())
         .layer(DefaultBodyLimit::max(MAX_BATCH_BYTES))
         .with_state(state)
 }
 
-fn refusal(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+pub(crate) fn refusal(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (
         status,
         [("content-type", "application/json")],
@@ -238,7 +242,7 @@ pub fn set_info_logs(enabled: bool) {
     INFO_LOGS.store(enabled, Ordering::Relaxed);
 }
 
-fn log(fields: serde_json::Value) {
+pub(crate) fn log(fields: serde_json::Value) {
     if fields["level"] == "info" && !INFO_LOGS.load(Ordering::Relaxed) {
         return;
     }
@@ -430,7 +434,7 @@ async fn sync(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Byte
 }
 
 /// `None` if the request carries the admin token, else the refusal to send.
-fn admin_refusal(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+pub(crate) fn admin_refusal(state: &AppState, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = &state.admin_token else {
         return Some(refusal(
             StatusCode::FORBIDDEN,

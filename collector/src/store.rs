@@ -93,13 +93,63 @@ pub struct Restrictions {
     pub budgets: BTreeMap<String, Budget>,
 }
 
-/// Allowed usage of one account, by the plan of its license and meter.
+/// A license signing key as stored. The private key never leaves the collector's API.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlanUsage {
-    /// Empty when no filter has named the license's plan yet.
+pub struct StoredKey {
+    pub kid: String,
+    /// `EdDSA`, `ES256` or `RS256`.
+    pub alg: String,
+    pub private_pem: String,
+    /// The public JWK, JSON text.
+    pub public_jwk: String,
+    pub created_ms: u64,
+    /// New licenses are signed with the newest active key.
+    pub activates_ms: u64,
+    /// Retired keys leave the JWKS: licenses they signed stop verifying.
+    pub retired_ms: Option<u64>,
+}
+
+/// What an issued license says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IssuedLicense {
+    pub license: String,
+    pub account: String,
     pub plan: String,
+    pub features: Vec<String>,
+    /// The `limits` claim, if the license overrides its plan's limits.
+    pub limits: Option<serde_json::Value>,
+    pub not_before_ms: u64,
+    pub expires_ms: u64,
+    /// The key that signed it.
+    pub kid: String,
+    pub issued_ms: u64,
+}
+
+/// Allowed usage of one license, feature and meter: what is billed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BillableUsage {
+    pub license: String,
+    /// Empty when no filter named the license's plan and it was not issued here.
+    pub plan: String,
+    pub feature: String,
     pub meter: String,
     pub units: u64,
+}
+
+/// One stored usage record, for exports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredRecord {
+    /// Position in the store: exports page by it.
+    pub id: i64,
+    pub batch_id: String,
+    pub account: String,
+    pub license: String,
+    pub feature: String,
+    pub outcome: String,
+    pub meter: String,
+    pub units: u64,
+    pub window_start_ms: u64,
+    pub window_end_ms: u64,
 }
 
 /// Where usage, and the state filters obey, are kept.
@@ -127,8 +177,65 @@ pub trait Store: Send + Sync + 'static {
     fn restrictions(&self, licenses: &[String], accounts: &[String]) -> Result<Restrictions>;
     /// Remember the plan of licenses filters served.
     fn record_licenses(&self, seen: &[LicenseSeen], now_ms: u64) -> Result<()>;
-    /// Allowed usage of `account` in windows starting in `[from_ms, to_ms)`, by plan and meter.
-    fn plan_usage(&self, account: &str, from_ms: u64, to_ms: u64) -> Result<Vec<PlanUsage>>;
+
+    /// Add a signing key; false if its kid exists.
+    fn add_signing_key(&self, key: &StoredKey) -> Result<bool>;
+    /// Every signing key, retired ones too, oldest first.
+    fn signing_keys(&self) -> Result<Vec<StoredKey>>;
+    /// Retire a key; false if there is no such key.
+    fn retire_signing_key(&self, kid: &str, now_ms: u64) -> Result<bool>;
+    /// Record an issued license (and its plan, for billing); false if its id exists.
+    fn add_license(&self, license: &IssuedLicense) -> Result<bool>;
+    /// Issued licenses, of one account or all, by id.
+    fn issued_licenses(&self, account: Option<&str>) -> Result<Vec<IssuedLicense>>;
+    /// Allowed usage of `account` in windows starting in `[from_ms, to_ms)`, by license,
+    /// feature and meter, with each license's plan.
+    fn billable_usage(&self, account: &str, from_ms: u64, to_ms: u64)
+        -> Result<Vec<BillableUsage>>;
+    /// Usage records with windows starting in `[from_ms, to_ms)` and `id > after_id`, in id
+    /// order, at most `limit`.
+    fn records(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredRecord>>;
+    /// Accounts with usage in windows starting in `[from_ms, to_ms)`, or an issued license.
+    fn accounts(&self, from_ms: u64, to_ms: u64) -> Result<Vec<String>>;
+}
+
+pub(crate) fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// A stored license row, JSON columns decoded.
+pub(crate) type LicenseRow = (
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    i64,
+    i64,
+    String,
+    i64,
+);
+
+/// A license row's features and limits, stored as JSON text.
+pub(crate) fn license_of(row: LicenseRow) -> IssuedLicense {
+    let (license, account, plan, features, limits, nbf, exp, kid, issued) = row;
+    IssuedLicense {
+        license,
+        account,
+        plan,
+        features: serde_json::from_str(&features).unwrap_or_default(),
+        limits: limits.and_then(|l| serde_json::from_str(&l).ok()),
+        not_before_ms: u64_of(nbf),
+        expires_ms: u64_of(exp),
+        kid,
+        issued_ms: u64_of(issued),
+    }
 }
 
 /// Open the store a URL names: `sqlite://<path>` (or a bare path), or `postgres://...`.
@@ -149,6 +256,7 @@ pub fn open(url: &str) -> Result<Box<dyn Store>> {
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/sqlite/0001_usage.sql")),
     (2, include_str!("../migrations/sqlite/0002_control.sql")),
+    (3, include_str!("../migrations/sqlite/0003_licensing.sql")),
 ];
 
 /// SQLite in a file, WAL mode: the embedded default.
@@ -510,13 +618,108 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn plan_usage(&self, account: &str, from_ms: u64, to_ms: u64) -> Result<Vec<PlanUsage>> {
+    fn add_signing_key(&self, key: &StoredKey) -> Result<bool> {
+        let conn = self.conn()?;
+        let added = conn.execute(
+            "INSERT INTO signing_keys (kid, alg, private_pem, public_jwk, created_ms, activates_ms, retired_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL) ON CONFLICT (kid) DO NOTHING",
+            params![key.kid, key.alg, key.private_pem, key.public_jwk, to_i64("created_ms", key.created_ms)?, to_i64("activates_ms", key.activates_ms)?],
+        )?;
+        Ok(added == 1)
+    }
+
+    fn signing_keys(&self) -> Result<Vec<StoredKey>> {
         let conn = self.conn()?;
         let mut statement = conn.prepare_cached(
-            "SELECT COALESCE(l.plan, ''), r.meter, SUM(r.units) FROM usage_records r
+            "SELECT kid, alg, private_pem, public_jwk, created_ms, activates_ms, retired_ms FROM signing_keys ORDER BY created_ms, kid",
+        )?;
+        let rows = statement.query_map([], |r| {
+            Ok(StoredKey {
+                kid: r.get(0)?,
+                alg: r.get(1)?,
+                private_pem: r.get(2)?,
+                public_jwk: r.get(3)?,
+                created_ms: u64_of(r.get(4)?),
+                activates_ms: u64_of(r.get(5)?),
+                retired_ms: r.get::<_, Option<i64>>(6)?.map(u64_of),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn retire_signing_key(&self, kid: &str, now_ms: u64) -> Result<bool> {
+        let conn = self.conn()?;
+        let found = conn.execute(
+            "UPDATE signing_keys SET retired_ms = COALESCE(retired_ms, ?1) WHERE kid = ?2",
+            params![to_i64("now_ms", now_ms)?, kid],
+        )?;
+        Ok(found == 1)
+    }
+
+    fn add_license(&self, l: &IssuedLicense) -> Result<bool> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let added = tx.execute(
+            "INSERT INTO issued_licenses (license, account, plan, features, limits, not_before_ms, expires_ms, kid, issued_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (license) DO NOTHING",
+            params![
+                l.license,
+                l.account,
+                l.plan,
+                serde_json::to_string(&l.features)?,
+                l.limits.as_ref().map(serde_json::to_string).transpose()?,
+                to_i64("not_before_ms", l.not_before_ms)?,
+                to_i64("expires_ms", l.expires_ms)?,
+                l.kid,
+                to_i64("issued_ms", l.issued_ms)?,
+            ],
+        )?;
+        if added == 1 {
+            // The plan is known before any filter serves the license: its usage is priced.
+            tx.execute(
+                "INSERT INTO licenses (license, account, plan, last_seen_ms) VALUES (?1, ?2, ?3, 0)
+                 ON CONFLICT (license) DO UPDATE SET account = excluded.account, plan = excluded.plan",
+                params![l.license, l.account, l.plan],
+            )?;
+        }
+        tx.commit()?;
+        Ok(added == 1)
+    }
+
+    fn issued_licenses(&self, account: Option<&str>) -> Result<Vec<IssuedLicense>> {
+        let conn = self.conn()?;
+        let mut statement = conn.prepare_cached(
+            "SELECT license, account, plan, features, limits, not_before_ms, expires_ms, kid, issued_ms
+             FROM issued_licenses WHERE (?1 IS NULL OR account = ?1) ORDER BY license",
+        )?;
+        let rows = statement.query_map(params![account], |r| {
+            Ok(license_of((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+                r.get(8)?,
+            )))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn billable_usage(
+        &self,
+        account: &str,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Vec<BillableUsage>> {
+        let conn = self.conn()?;
+        let mut statement = conn.prepare_cached(
+            "SELECT r.license, COALESCE(l.plan, ''), r.feature, r.meter, SUM(r.units) FROM usage_records r
              LEFT JOIN licenses l ON l.license = r.license
              WHERE r.account = ?1 AND r.outcome = 'allowed' AND r.window_start_ms >= ?2 AND r.window_start_ms < ?3
-             GROUP BY 1, 2 ORDER BY 1, 2",
+             GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
         )?;
         let rows = statement.query_map(
             params![
@@ -525,12 +728,65 @@ impl Store for SqliteStore {
                 to_i64("to_ms", to_ms)?
             ],
             |r| {
-                Ok(PlanUsage {
-                    plan: r.get(0)?,
-                    meter: r.get(1)?,
-                    units: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                Ok(BillableUsage {
+                    license: r.get(0)?,
+                    plan: r.get(1)?,
+                    feature: r.get(2)?,
+                    meter: r.get(3)?,
+                    units: u64_of(r.get(4)?),
                 })
             },
+        )?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn records(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredRecord>> {
+        let conn = self.conn()?;
+        let mut statement = conn.prepare_cached(
+            "SELECT id, batch_id, account, license, feature, outcome, meter, units, window_start_ms, window_end_ms
+             FROM usage_records WHERE window_start_ms >= ?1 AND window_start_ms < ?2 AND id > ?3
+             ORDER BY id LIMIT ?4",
+        )?;
+        let rows = statement.query_map(
+            params![
+                to_i64("from_ms", from_ms)?,
+                to_i64("to_ms", to_ms)?,
+                after_id,
+                limit
+            ],
+            |r| {
+                Ok(StoredRecord {
+                    id: r.get(0)?,
+                    batch_id: r.get(1)?,
+                    account: r.get(2)?,
+                    license: r.get(3)?,
+                    feature: r.get(4)?,
+                    outcome: r.get(5)?,
+                    meter: r.get(6)?,
+                    units: u64_of(r.get(7)?),
+                    window_start_ms: u64_of(r.get(8)?),
+                    window_end_ms: u64_of(r.get(9)?),
+                })
+            },
+        )?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn accounts(&self, from_ms: u64, to_ms: u64) -> Result<Vec<String>> {
+        let conn = self.conn()?;
+        let mut statement = conn.prepare_cached(
+            "SELECT account FROM usage_records WHERE window_start_ms >= ?1 AND window_start_ms < ?2
+             UNION SELECT account FROM issued_licenses ORDER BY 1",
+        )?;
+        let rows = statement.query_map(
+            params![to_i64("from_ms", from_ms)?, to_i64("to_ms", to_ms)?],
+            |r| r.get(0),
         )?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }

@@ -65,6 +65,12 @@ impl TokenCache {
         now <= license.expires_at.saturating_add(self.leeway_seconds)
     }
 
+    /// Forget every token: the keys changed, each must be verified again.
+    pub fn clear(&mut self) {
+        self.young.clear();
+        self.old.clear();
+    }
+
     /// Tokens held.
     pub fn len(&self) -> usize {
         self.young.len() + self.old.len()

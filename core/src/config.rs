@@ -441,7 +441,54 @@ pub struct TokenConfig {
     pub cache_entries: usize,
     #[serde(default = "default_max_token_bytes")]
     pub max_token_bytes: usize,
-    pub jwks: Jwks,
+    /// Keys in the configuration; needed unless `jwks_source` is given (both: either verifies).
+    #[serde(default)]
+    pub jwks: Option<Jwks>,
+    /// Keys fetched from a JWKS endpoint through an Envoy cluster.
+    #[serde(default)]
+    pub jwks_source: Option<JwksSourceConfig>,
+}
+
+/// Where to fetch the JWKS: an Envoy cluster and a path.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwksSourceConfig {
+    pub cluster: String,
+    #[serde(default = "default_jwks_path")]
+    pub path: String,
+    /// `:authority` of the fetch; default: the cluster name.
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[serde(default = "default_jwks_refresh_seconds")]
+    pub refresh_seconds: u64,
+    #[serde(default = "default_jwks_min_refetch_seconds")]
+    pub min_refetch_seconds: u64,
+    #[serde(default = "default_jwks_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_jwks_path() -> String {
+    "/.well-known/jwks.json".into()
+}
+fn default_jwks_refresh_seconds() -> u64 {
+    300
+}
+fn default_jwks_min_refetch_seconds() -> u64 {
+    10
+}
+fn default_jwks_timeout_ms() -> u64 {
+    2000
+}
+
+/// A checked `token.jwks_source`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwksSource {
+    pub cluster: String,
+    pub path: String,
+    pub authority: String,
+    pub refresh_ms: u64,
+    pub min_refetch_ms: u64,
+    pub timeout_ms: u64,
 }
 
 fn default_token_header() -> String {
@@ -661,7 +708,9 @@ pub struct TokenPolicy {
     pub leeway_seconds: u64,
     pub cache_entries: usize,
     pub max_token_bytes: usize,
+    /// The configuration's keys (empty when they all come from `jwks_source`).
     pub keys: KeySet,
+    pub jwks_source: Option<JwksSource>,
 }
 
 /// Header names for the license context sent upstream.
@@ -826,7 +875,46 @@ fn compile_token(token: TokenConfig) -> Result<TokenPolicy, ConfigError> {
             "must be at least 64",
         ));
     }
-    let keys = KeySet::from_jwks(&token.jwks)?;
+    let keys =
+        match &token.jwks {
+            Some(jwks) => KeySet::from_jwks(jwks)?,
+            None if token.jwks_source.is_some() => KeySet::empty(),
+            None => return Err(ConfigError::new(
+                "token",
+                "give the keys: `jwks` (inline) or `jwks_source` (fetched from an Envoy cluster)",
+            )),
+        };
+    let jwks_source = token
+        .jwks_source
+        .map(|s| {
+            if s.cluster.is_empty() {
+                return Err(ConfigError::new(
+                    "token.jwks_source.cluster",
+                    "name the Envoy cluster that serves the JWKS",
+                ));
+            }
+            if !s.path.starts_with('/') {
+                return Err(ConfigError::new(
+                    "token.jwks_source.path",
+                    "must start with `/`",
+                ));
+            }
+            if s.refresh_seconds == 0 || s.timeout_ms == 0 {
+                return Err(ConfigError::new(
+                    "token.jwks_source",
+                    "refresh_seconds and timeout_ms must be at least 1",
+                ));
+            }
+            Ok(JwksSource {
+                authority: s.authority.unwrap_or_else(|| s.cluster.clone()),
+                cluster: s.cluster,
+                path: s.path,
+                refresh_ms: s.refresh_seconds.saturating_mul(1000),
+                min_refetch_ms: s.min_refetch_seconds.saturating_mul(1000),
+                timeout_ms: s.timeout_ms,
+            })
+        })
+        .transpose()?;
     Ok(TokenPolicy {
         header,
         prefix: token.prefix,
@@ -836,6 +924,7 @@ fn compile_token(token: TokenConfig) -> Result<TokenPolicy, ConfigError> {
         cache_entries: token.cache_entries,
         max_token_bytes: token.max_token_bytes,
         keys,
+        jwks_source,
     })
 }
 

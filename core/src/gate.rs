@@ -11,7 +11,9 @@ use tollgate_wire::sync::{
 use tollgate_wire::Meter;
 
 use crate::cache::TokenCache;
+use crate::config::JwksSource;
 use crate::config::{FeatureId, Policy, UnmatchedRoutes, WithoutCollector};
+use crate::jwks::{Fetched, RemoteKeys};
 use crate::meter::{Ledger, Outcome, UsageKey, UsageTotals};
 use crate::quota::{pool_key, update_pool, Reservation, SharedBlobs};
 use crate::ratelimit::{RateLimits, SharedCells, StoreHealth};
@@ -217,6 +219,8 @@ pub struct Gate<S: SharedCells + SharedBlobs + Clone> {
     anonymous: Arc<str>,
     /// Set by the adapter while the usage buffer is full under fail-closed.
     metering_blocked: bool,
+    /// Keys fetched from `token.jwks_source`.
+    remote_keys: Option<RemoteKeys>,
 }
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
@@ -224,6 +228,12 @@ const NANOS_PER_SECOND: u64 = 1_000_000_000;
 impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
     pub fn new(policy: Arc<Policy>, cells: S) -> Self {
         let cache = TokenCache::new(policy.token.cache_entries, policy.token.leeway_seconds);
+        // A new VM starts with the set an earlier VM or another worker fetched, if any.
+        let remote_keys = policy.token.jwks_source.clone().map(|source| {
+            let mut keys = RemoteKeys::new(source);
+            keys.load_shared(&cells);
+            keys
+        });
         Gate {
             policy,
             cache,
@@ -240,7 +250,40 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             counters: GateCounters::default(),
             anonymous: Arc::from(""),
             metering_blocked: false,
+            remote_keys,
         }
+    }
+
+    /// If keys come from a JWKS endpoint: take a set another worker stored, and say whether a
+    /// fetch is due (the adapter then sends it and reports with [`Gate::jwks_started`] and
+    /// [`Gate::jwks_answered`]).
+    pub fn jwks_due(&mut self, now_ms: u64) -> Option<JwksSource> {
+        let remote = self.remote_keys.as_mut()?;
+        if remote.load_shared(&self.shared) {
+            self.cache.clear();
+        }
+        remote.due(now_ms).then(|| remote.source().clone())
+    }
+
+    /// The JWKS fetch was sent (`true`) or could not be.
+    pub fn jwks_started(&mut self, sent: bool, now_ms: u64) {
+        if let Some(remote) = self.remote_keys.as_mut() {
+            if sent {
+                remote.started(now_ms);
+            } else {
+                remote.not_sent(now_ms);
+            }
+        }
+    }
+
+    /// The JWKS fetch answered (status and body) or failed (`None`).
+    pub fn jwks_answered(&mut self, answer: Option<(u16, &[u8])>, now_ms: u64) -> Option<Fetched> {
+        let remote = self.remote_keys.as_mut()?;
+        let fetched = remote.answered(&self.shared, answer, now_ms);
+        if matches!(fetched, Fetched::Changed { .. }) {
+            self.cache.clear();
+        }
+        Some(fetched)
     }
 
     /// While set, every request is refused with 503 `metering_unavailable`: usage can not be
@@ -706,8 +749,21 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             return Ok(license);
         }
         self.counters.token_cache_misses += 1;
-        let license =
-            token::verify(&self.policy, token, now).map_err(|e| Refusal::new(e.code, e.message))?;
+        let fetched = self.remote_keys.as_ref().and_then(RemoteKeys::keys);
+        if self.remote_keys.is_some() && fetched.is_none() && self.policy.token.keys.is_empty() {
+            return Err(Refusal::new(
+                Code::KeysUnavailable,
+                "the license keys are not loaded yet; try again shortly",
+            ));
+        }
+        let license = token::verify(&self.policy, fetched, token, now).map_err(|e| {
+            if e.unknown_key {
+                if let Some(remote) = self.remote_keys.as_mut() {
+                    remote.want_refetch();
+                }
+            }
+            Refusal::new(e.code, e.message)
+        })?;
         let license = Arc::new(license);
         self.cache.insert(token, Arc::clone(&license));
         Ok(license)

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod config;
 pub mod gate;
 pub mod handover;
+pub mod jwks;
 pub mod meter;
 pub mod quota;
 pub mod ratelimit;

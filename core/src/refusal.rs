@@ -30,11 +30,14 @@ pub enum Code {
     AccountSuspended,
     /// The account's spend this period reached its budget.
     SpendCapReached,
+    /// Keys come from `token.jwks_source` and none has been fetched yet (just after Envoy
+    /// started, or the endpoint has never answered).
+    KeysUnavailable,
 }
 
 impl Code {
     /// Every code, in a fixed order (used to define one counter each).
-    pub const ALL: [Code; 17] = [
+    pub const ALL: [Code; 18] = [
         Code::MissingToken,
         Code::InvalidToken,
         Code::TokenExpired,
@@ -52,6 +55,7 @@ impl Code {
         Code::LicenseRevoked,
         Code::AccountSuspended,
         Code::SpendCapReached,
+        Code::KeysUnavailable,
     ];
 
     /// The code as it appears in bodies, stats and usage records.
@@ -74,6 +78,7 @@ impl Code {
             Code::LicenseRevoked => "license_revoked",
             Code::AccountSuspended => "account_suspended",
             Code::SpendCapReached => "spend_cap_reached",
+            Code::KeysUnavailable => "keys_unavailable",
         }
     }
 
@@ -99,7 +104,7 @@ impl Code {
             | Code::AccountSuspended => 403,
             Code::RateLimited | Code::QuotaExhausted => 429,
             Code::SpendCapReached => 402,
-            Code::MeteringUnavailable | Code::QuotaUnavailable => 503,
+            Code::MeteringUnavailable | Code::QuotaUnavailable | Code::KeysUnavailable => 503,
         }
     }
 }
@@ -198,7 +203,7 @@ impl Refusal {
                 ),
             )),
             // The buffer drains as soon as the collector answers; a second is a fair guess.
-            Code::MeteringUnavailable | Code::QuotaUnavailable => {
+            Code::MeteringUnavailable | Code::QuotaUnavailable | Code::KeysUnavailable => {
                 headers.push(("retry-after", "1".into()))
             }
             _ => {}

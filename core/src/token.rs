@@ -17,6 +17,12 @@ pub struct Jwks {
     pub keys: Vec<JwkConfig>,
 }
 
+/// A fetched JWKS: members besides `keys` are ignored.
+#[derive(Debug, Deserialize)]
+struct RemoteJwks {
+    keys: Vec<JwkConfig>,
+}
+
 /// One public key. Unknown JWK members (`x5c`, `key_ops`, ...) are ignored.
 #[derive(Debug, Deserialize)]
 pub struct JwkConfig {
@@ -97,6 +103,53 @@ impl KeySet {
             keys.push(key);
         }
         Ok(KeySet { keys })
+    }
+
+    /// Compile a JWKS fetched from an endpoint. Unlike the configuration's, it may hold keys
+    /// Tollgate does not verify with (encryption keys, other curves, keys without `kid`):
+    /// those are skipped and named; at least one usable key is needed.
+    pub fn from_remote_jwks(body: &[u8]) -> Result<(KeySet, Vec<String>), String> {
+        let jwks: RemoteJwks =
+            serde_json::from_slice(body).map_err(|e| format!("not a JWKS: {e}"))?;
+        let mut keys: Vec<VerifyingKey> = Vec::new();
+        let mut skipped = Vec::new();
+        for (i, jwk) in jwks.keys.iter().enumerate() {
+            let name = jwk.kid.clone().unwrap_or_else(|| format!("keys[{i}]"));
+            match compile_jwk(&format!("keys[{i}]"), jwk) {
+                Ok(key) if key.kid.is_none() && jwks.keys.len() > 1 => {
+                    skipped.push(format!("{name}: no kid in a set of several keys"))
+                }
+                Ok(key) if keys.iter().any(|k| k.kid == key.kid) => {
+                    skipped.push(format!("{name}: duplicate kid"))
+                }
+                Ok(key) => keys.push(key),
+                Err(e) => skipped.push(format!("{name}: {}", e.problem)),
+            }
+        }
+        if keys.is_empty() {
+            return Err(format!(
+                "no usable key in the JWKS ({})",
+                if skipped.is_empty() {
+                    "it is empty".to_string()
+                } else {
+                    skipped.join("; ")
+                }
+            ));
+        }
+        Ok((KeySet { keys }, skipped))
+    }
+
+    /// An empty set: the configuration's when keys come from `jwks_source` only.
+    pub fn empty() -> KeySet {
+        KeySet { keys: Vec::new() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
     }
 
     fn find(&self, kid: Option<&str>) -> Option<&VerifyingKey> {
@@ -285,6 +338,8 @@ pub struct License {
 pub struct TokenError {
     pub code: Code,
     pub message: String,
+    /// The token names a `kid` no key has: fetched keys may be stale.
+    pub unknown_key: bool,
 }
 
 impl TokenError {
@@ -292,12 +347,19 @@ impl TokenError {
         TokenError {
             code,
             message: message.into(),
+            unknown_key: false,
         }
     }
 }
 
-/// Verify a token's signature and claims at `now` (seconds since the Unix epoch).
-pub fn verify(policy: &Policy, token: &str, now: u64) -> Result<License, TokenError> {
+/// Verify a token's signature and claims at `now` (seconds since the Unix epoch), with the
+/// configuration's keys and the `fetched` ones.
+pub fn verify(
+    policy: &Policy,
+    fetched: Option<&KeySet>,
+    token: &str,
+    now: u64,
+) -> Result<License, TokenError> {
     let tp = &policy.token;
     if token.len() > tp.max_token_bytes {
         return Err(TokenError::new(
@@ -307,8 +369,22 @@ pub fn verify(policy: &Policy, token: &str, now: u64) -> Result<License, TokenEr
     }
     let header = jsonwebtoken::decode_header(token)
         .map_err(|_| TokenError::new(Code::InvalidToken, "the token is not a well-formed JWT"))?;
-    let key = tp.keys.find(header.kid.as_deref()).ok_or_else(|| {
-        TokenError::new(
+    let kid = header.kid.as_deref();
+    let key = match kid {
+        Some(_) => tp
+            .keys
+            .find(kid)
+            .or_else(|| fetched.and_then(|f| f.find(kid))),
+        // Without `kid`, only when there is a single key to choose.
+        None if tp.keys.len() + fetched.map_or(0, KeySet::len) == 1 => tp
+            .keys
+            .find(None)
+            .or_else(|| fetched.and_then(|f| f.find(None))),
+        None => None,
+    };
+    let key = key.ok_or_else(|| TokenError {
+        unknown_key: kid.is_some(),
+        ..TokenError::new(
             Code::InvalidToken,
             "the token is not signed with a configured key",
         )

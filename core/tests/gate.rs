@@ -1149,3 +1149,94 @@ fn without_a_collector_quotas_deny_or_allow_a_fixed_allowance() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn keys_fetched_from_a_jwks_endpoint_verify_tokens_and_a_changed_set_takes_effect_at_once() {
+    let k = keys();
+    let mut c = config();
+    c["token"].as_object_mut().unwrap().remove("jwks");
+    c["token"]["jwks_source"] = json!({"cluster": "collector", "refresh_seconds": 60});
+    let cells = Rc::new(MemoryCells::default());
+    let policy = Arc::new(Policy::from_json(c.to_string().as_bytes()).unwrap());
+    let mut gate = Gate::new(Arc::clone(&policy), Rc::clone(&cells));
+    let ed = token(&k.ed, &spec("starter", &["search"]));
+    let es = token(&k.es, &spec("starter", &["search"]));
+    let now_ms = NOW * 1000;
+
+    // Nothing fetched yet: 503, not a 401 the client would take for a bad license.
+    assert_eq!(
+        code(ask(
+            &mut gate,
+            "GET",
+            "/v1/search",
+            Some(&format!("Bearer {ed}")),
+            NOW
+        )),
+        Some(Code::KeysUnavailable)
+    );
+    let source = gate.jwks_due(now_ms).expect("a fetch is due at start");
+    assert_eq!(source.path, "/.well-known/jwks.json");
+    gate.jwks_started(true, now_ms);
+    let only_ed = jwks([&k.ed]).to_string();
+    gate.jwks_answered(Some((200, only_ed.as_bytes())), now_ms);
+    assert_eq!(
+        ask(
+            &mut gate,
+            "GET",
+            "/v1/search",
+            Some(&format!("Bearer {ed}")),
+            NOW
+        ),
+        Verdict::Allow
+    );
+    // A kid the set lacks is refused and asks for a refetch (not before min_refetch_seconds).
+    assert_eq!(
+        code(ask(
+            &mut gate,
+            "GET",
+            "/v1/search",
+            Some(&format!("Bearer {es}")),
+            NOW
+        )),
+        Some(Code::InvalidToken)
+    );
+    assert!(gate.jwks_due(now_ms + 1000).is_none());
+    assert!(gate.jwks_due(now_ms + 10_000).is_some());
+    gate.jwks_started(true, now_ms + 10_000);
+    let rotated = jwks([&k.es]).to_string();
+    gate.jwks_answered(Some((200, rotated.as_bytes())), now_ms + 10_000);
+    assert_eq!(
+        ask(
+            &mut gate,
+            "GET",
+            "/v1/search",
+            Some(&format!("Bearer {es}")),
+            NOW + 10
+        ),
+        Verdict::Allow
+    );
+    // The Ed25519 key left the set: its token, verified and cached before, is refused now.
+    assert_eq!(
+        code(ask(
+            &mut gate,
+            "GET",
+            "/v1/search",
+            Some(&format!("Bearer {ed}")),
+            NOW + 10
+        )),
+        Some(Code::InvalidToken)
+    );
+    // Another worker's (or the next VM's) gate starts with the stored set, without a fetch.
+    let mut next = Gate::new(policy, Rc::clone(&cells));
+    assert!(next.jwks_due(now_ms + 11_000).is_none());
+    assert_eq!(
+        ask(
+            &mut next,
+            "GET",
+            "/v1/search",
+            Some(&format!("Bearer {es}")),
+            NOW + 11
+        ),
+        Verdict::Allow
+    );
+}

@@ -9,6 +9,7 @@
 #![deny(clippy::indexing_slicing)]
 
 mod host;
+mod keys;
 mod ship;
 mod sync;
 
@@ -40,7 +41,11 @@ proxy_wasm::main! {{
 /// its sync going, and how often waiting requests look for a lease another worker fetched.
 const QUOTA_TICK_MS: u64 = 50;
 
-type SharedGate = Rc<RefCell<Gate<SharedDataCells>>>;
+/// The longest tick period with keys from a JWKS endpoint: bounds how long the first requests
+/// after Envoy starts wait for keys, and a token signed with a new key for its refetch.
+const JWKS_TICK_MS: u64 = 200;
+
+pub(crate) type SharedGate = Rc<RefCell<Gate<SharedDataCells>>>;
 
 /// One per VM: holds the compiled policy, this worker's gate and its usage outbox.
 #[derive(Default)]
@@ -56,6 +61,8 @@ struct TollgateRoot {
     waiters: Waiters,
     /// The sync with the collector in flight.
     sync: Option<SyncCall>,
+    /// The JWKS fetch in flight (`token.jwks_source`).
+    jwks_call: Option<u32>,
     next_sync_ms: u64,
     /// The last sync failed (logged once until one succeeds).
     sync_failing: bool,
@@ -116,6 +123,13 @@ impl Context for TollgateRoot {
         _num_trailers: usize,
     ) {
         let now = now_ms();
+        if self.jwks_call == Some(token_id) {
+            self.jwks_call = None;
+            if let Some(gate) = &self.gate {
+                keys::answered(gate, num_headers, body_size, now);
+            }
+            return;
+        }
         if self.sync.as_ref().is_some_and(|c| c.token == token_id) {
             if let Some(call) = self.sync.take() {
                 self.sync_answered(call, num_headers, body_size, now);
@@ -381,6 +395,12 @@ impl RootContext for TollgateRoot {
         } else {
             interval_ms
         };
+        // Keys from a JWKS endpoint: a refetch for an unknown kid waits for the next tick.
+        let tick_ms = if policy.token.jwks_source.is_some() {
+            tick_ms.min(JWKS_TICK_MS)
+        } else {
+            tick_ms
+        };
         let mut gate = Gate::new(policy, SharedDataCells);
         if let Some(outbox) = &self.outbox {
             gate.set_lease_prefix(&outbox.instance_and_start());
@@ -399,6 +419,13 @@ impl RootContext for TollgateRoot {
 
     fn on_tick(&mut self) {
         let now = now_ms();
+        if !self.closing {
+            if let Some(gate) = &self.gate {
+                if let Some(token) = keys::tick(gate, now) {
+                    self.jwks_call = Some(token);
+                }
+            }
+        }
         if now >= self.next_fold_ms {
             self.next_fold_ms = now.saturating_add(self.fold_interval_ms);
             self.flush_stats();

@@ -1,0 +1,407 @@
+//! The license server's and billing's HTTP API: signing keys and the JWKS, licenses, invoice
+//! drafts and usage exports. Everything but the JWKS needs the admin token.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::exports::{self, Format};
+use crate::licensing::{self, Invalid, LicenseRequest};
+use crate::server::{admin_refusal, log, refusal};
+use crate::signing::KeyAlg;
+use crate::store::now_ms;
+use crate::AppState;
+
+/// The routes of this module, merged into [`crate::app`].
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/v1/admin/keys", get(list_keys).post(add_key))
+        .route("/v1/admin/keys/{kid}/retire", post(retire_key))
+        .route("/v1/admin/licenses", get(list_licenses).post(issue_license))
+        .route("/v1/admin/licenses/{license}", get(show_license))
+        .route("/v1/admin/accounts/{account}/invoice", get(invoice))
+        .route("/v1/admin/exports/usage", get(export_usage))
+}
+
+fn now() -> u64 {
+    u64::try_from(now_ms()).unwrap_or(0)
+}
+
+/// Run `work` off the async threads and answer with what it returns; an [`Invalid`] error is
+/// the caller's (400 or 409), any other the store's (503).
+async fn blocking(
+    state: &Arc<AppState>,
+    work: impl FnOnce(&AppState, u64) -> anyhow::Result<Response> + Send + 'static,
+) -> Response {
+    let worker = Arc::clone(state);
+    match tokio::task::spawn_blocking(move || work(&worker, now())).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => match e.downcast_ref::<Invalid>() {
+            Some(invalid) if invalid.conflict => {
+                refusal(StatusCode::CONFLICT, "conflict", invalid.message.clone())
+            }
+            Some(invalid) => refusal(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                invalid.message.clone(),
+            ),
+            None => {
+                log(
+                    json!({"level": "error", "msg": "admin request failed", "error": format!("{e:#}")}),
+                );
+                refusal(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    format!("{e:#}"),
+                )
+            }
+        },
+        Err(e) => refusal(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+/// The public keys of licenses: what filters fetch (`token.jwks_cluster`).
+async fn jwks(State(state): State<Arc<AppState>>) -> Response {
+    blocking(&state, |s, _| {
+        let jwks = licensing::jwks(s.store.as_ref())?;
+        Ok((
+            [
+                ("content-type", "application/jwk-set+json"),
+                ("cache-control", "max-age=60"),
+            ],
+            jwks.to_string(),
+        )
+            .into_response())
+    })
+    .await
+}
+
+async fn list_keys(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    blocking(&state, |s, now| {
+        Ok(Json(json!({"keys": licensing::keys(s.store.as_ref(), now)?})).into_response())
+    })
+    .await
+}
+
+/// `POST /v1/admin/keys`: generate (no `private_pem`) or import a key.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddKey {
+    #[serde(default)]
+    alg: Option<String>,
+    #[serde(default)]
+    kid: Option<String>,
+    #[serde(default)]
+    private_pem: Option<String>,
+    /// Publish now, sign from this many seconds on (default 0).
+    #[serde(default)]
+    activate_in_seconds: u64,
+}
+
+/// An optional JSON body (empty: the defaults), or the 400 to answer.
+fn json_body<T: serde::de::DeserializeOwned + Default>(
+    body: &[u8],
+    shape: &str,
+) -> Result<T, Box<Response>> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(refusal(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("expected {shape}: {e}"),
+        ))
+    })
+}
+
+async fn add_key(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    let ask: AddKey = match json_body(
+        &body,
+        r#"{"alg": "EdDSA|ES256|RS256", "kid": "...", "private_pem": "<PKCS#8 PEM, to import>", "activate_in_seconds": 0}"#,
+    ) {
+        Ok(ask) => ask,
+        Err(refused) => return *refused,
+    };
+    let alg: KeyAlg = match ask.alg.as_deref().unwrap_or("EdDSA").parse() {
+        Ok(alg) => alg,
+        Err(e) => return refusal(StatusCode::BAD_REQUEST, "bad_request", format!("alg: {e}")),
+    };
+    blocking(&state, move |s, now| {
+        let key = licensing::add_key(
+            s.store.as_ref(),
+            alg,
+            ask.kid.as_deref(),
+            ask.private_pem.as_deref(),
+            ask.activate_in_seconds.saturating_mul(1000),
+            now,
+        )?;
+        log(json!({"level": "info", "msg": "signing key added", "kid": key.kid, "alg": key.alg, "activates_ms": key.activates_ms}));
+        Ok((StatusCode::CREATED, Json(key)).into_response())
+    })
+    .await
+}
+
+async fn retire_key(
+    State(state): State<Arc<AppState>>,
+    Path(kid): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    blocking(&state, move |s, now| {
+        if !s.store.retire_signing_key(&kid, now)? {
+            return Ok(refusal(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no key `{kid}`"),
+            ));
+        }
+        log(json!({"level": "info", "msg": "signing key retired", "kid": kid}));
+        Ok(StatusCode::NO_CONTENT.into_response())
+    })
+    .await
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LicenseFilter {
+    account: Option<String>,
+}
+
+/// A license with its standing: revoked or not, the last time a filter named it.
+fn with_standing(
+    s: &AppState,
+    licenses: Vec<crate::store::IssuedLicense>,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let ids: Vec<String> = licenses.iter().map(|l| l.license.clone()).collect();
+    let restrictions = s.store.restrictions(&ids, &[])?;
+    Ok(licenses
+        .into_iter()
+        .map(|l| {
+            let revoked = restrictions.revoked.get(&l.license).cloned();
+            let mut v = json!(l);
+            v["revoked"] = json!(revoked);
+            v
+        })
+        .collect())
+}
+
+async fn list_licenses(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    filter: Result<Query<LicenseFilter>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    let Ok(Query(filter)) = filter else {
+        return refusal(StatusCode::BAD_REQUEST, "bad_query", "parameters: account");
+    };
+    blocking(&state, move |s, _| {
+        let licenses = s.store.issued_licenses(filter.account.as_deref())?;
+        Ok(Json(json!({"licenses": with_standing(s, licenses)?})).into_response())
+    })
+    .await
+}
+
+async fn show_license(
+    State(state): State<Arc<AppState>>,
+    Path(license): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    blocking(&state, move |s, _| {
+        let found: Vec<_> = s
+            .store
+            .issued_licenses(None)?
+            .into_iter()
+            .filter(|l| l.license == license)
+            .collect();
+        match with_standing(s, found)?.pop() {
+            Some(l) => Ok(Json(l).into_response()),
+            None => Ok(refusal(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no license `{license}` was issued here"),
+            )),
+        }
+    })
+    .await
+}
+
+async fn issue_license(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    let request: LicenseRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return refusal(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("expected {{\"account\", \"plan\", \"features\": [...], \"limits\"?, \"license_id\"?, \"not_before\"?, \"expires_at\"? | \"valid_days\"?}}: {e}"),
+            )
+        }
+    };
+    blocking(&state, move |s, now| {
+        let plans = s.control.catalog.current().plan_names();
+        let issued = licensing::issue(s.store.as_ref(), &s.issuer, &plans, &request, now)?;
+        log(json!({"level": "info", "msg": "license issued", "license": issued.license.license, "account": issued.license.account, "plan": issued.license.plan, "kid": issued.license.kid}));
+        Ok((StatusCode::CREATED, Json(issued)).into_response())
+    })
+    .await
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvoiceQuery {
+    /// A time in the billing period (Unix ms); default now.
+    at_ms: Option<u64>,
+    /// `json` (default) or `csv`.
+    format: Option<String>,
+}
+
+async fn invoice(
+    State(state): State<Arc<AppState>>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<InvoiceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    let Ok(Query(query)) = query else {
+        return refusal(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "parameters: at_ms, format=json|csv",
+        );
+    };
+    let csv = match query.format.as_deref() {
+        None | Some("json") => false,
+        Some("csv") => true,
+        Some(other) => {
+            return refusal(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                format!("format `{other}`: json or csv"),
+            )
+        }
+    };
+    blocking(&state, move |s, now| {
+        let catalog = s.control.catalog.current();
+        let invoice = crate::billing::draft(
+            s.store.as_ref(),
+            &catalog,
+            &account,
+            query.at_ms.unwrap_or(now),
+            now,
+        )?;
+        Ok(if csv {
+            (
+                [("content-type", "text/csv; charset=utf-8")],
+                invoice.invoice.to_csv(),
+            )
+                .into_response()
+        } else {
+            Json(invoice).into_response()
+        })
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportQuery {
+    from_ms: u64,
+    to_ms: u64,
+    format: Format,
+    /// Continue after this record (the `next_after_id` of the previous page).
+    #[serde(default)]
+    after_id: i64,
+    /// Records per page (default and at most 10,000).
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+/// The largest page of an export.
+const EXPORT_PAGE: u32 = 10_000;
+
+async fn export_usage(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    query: Result<Query<ExportQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    let query = match query {
+        Ok(Query(q)) => q,
+        Err(e) => {
+            return refusal(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                format!("{}; parameters: from_ms, to_ms, format=csv|json|stripe|cloudevents, after_id, limit", e.body_text()),
+            )
+        }
+    };
+    blocking(&state, move |s, _| {
+        let limit = query.limit.unwrap_or(EXPORT_PAGE).clamp(1, EXPORT_PAGE);
+        let records = s
+            .store
+            .records(query.from_ms, query.to_ms, query.after_id, limit)?;
+        // The page is full: there may be more after its last record.
+        let next = (records.len() == limit as usize)
+            .then(|| records.last().map(|r| r.id))
+            .flatten();
+        let catalog = s.control.catalog.current();
+        let body = match query.format {
+            Format::Csv => {
+                let mut text = String::from(exports::CSV_HEADER);
+                text.push_str(&exports::csv_records(&records));
+                text
+            }
+            Format::Json => {
+                json!({"records": exports::json_records(&records), "next_after_id": next})
+                    .to_string()
+            }
+            Format::Stripe => {
+                json!({"events": exports::stripe_events(&catalog, &records), "next_after_id": next})
+                    .to_string()
+            }
+            Format::Cloudevents => json!(exports::cloud_events(&catalog, &records)).to_string(),
+        };
+        let mut response = ([("content-type", query.format.content_type())], body).into_response();
+        if let Some(next) = next {
+            if let Ok(value) = next.to_string().parse() {
+                response
+                    .headers_mut()
+                    .insert("tollgate-next-after-id", value);
+            }
+        }
+        Ok(response)
+    })
+    .await
+}

@@ -1,0 +1,505 @@
+//! Rating: stored usage and the price catalogue in, an invoice out. Pure and deterministic:
+//! the same usage and catalogue always give the same invoice, to the cent.
+//!
+//! Per license of the account, for the billing period:
+//! - the plan's subscription fee, once (no proration);
+//! - per meter, the license's allowed usage: features with a price of their own for the meter
+//!   are rated apart; the rest is rated with the plan's price, after the subscription's included
+//!   units are taken off;
+//! - each price rates its quantity by tiers (`graduated`: every unit at its tier's price, one
+//!   line per tier reached; `volume`: all units at the price of the tier the total reaches),
+//!   then its `cap` limits the charge;
+//! - the plan's `minimum` tops the license's total up.
+//!
+//! Amounts are computed exactly in decimal and each line is rounded once, half away from zero,
+//! to the currency's minor unit; the total is the sum of the rounded lines.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use rust_decimal::{Decimal, RoundingStrategy};
+use serde::Serialize;
+use tollgate_wire::Meter;
+
+use crate::catalog::{Catalog, PlanPricing, Price, TierMode};
+use crate::store::{BillableUsage, IssuedLicense};
+
+/// Digits after the decimal point of an ISO 4217 currency's minor unit.
+pub fn minor_units(currency: &str) -> u32 {
+    const ZERO: &[&str] = &[
+        "BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "UYI", "VND",
+        "VUV", "XAF", "XOF", "XPF",
+    ];
+    const THREE: &[&str] = &["BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"];
+    if ZERO.contains(&currency) {
+        0
+    } else if THREE.contains(&currency) {
+        3
+    } else {
+        2
+    }
+}
+
+/// What a line charges for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LineKind {
+    /// The plan's fee for the period.
+    Subscription,
+    /// Usage of a meter within one tier of its price.
+    Usage,
+    /// A price's cap, taking back what it would charge above the cap.
+    Cap,
+    /// Topping a license up to its plan's minimum.
+    Minimum,
+}
+
+/// One line of an invoice: `quantity` units at `unit_price` per `per` units.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Line {
+    pub kind: LineKind,
+    pub license: String,
+    pub plan: String,
+    /// The feature a price of its own applies to; absent for the plan's price.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feature: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meter: Option<String>,
+    /// For usage lines, the tier (from 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tier: Option<usize>,
+    pub description: String,
+    pub quantity: u64,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub unit_price: Decimal,
+    pub per: u64,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount: Decimal,
+}
+
+/// Usage the catalogue has no price for (a plan it does not list, or a license whose plan is
+/// unknown): not charged, listed so that finance sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Unpriced {
+    pub license: String,
+    pub plan: String,
+    pub feature: String,
+    pub meter: String,
+    pub units: u64,
+}
+
+/// An invoice for one account and billing period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Invoice {
+    /// Stable: the account and the period's start.
+    pub invoice_id: String,
+    pub account: String,
+    pub currency: String,
+    pub period_start: String,
+    pub period_end: String,
+    pub period_start_ms: u64,
+    pub period_end_ms: u64,
+    pub lines: Vec<Line>,
+    pub unpriced: Vec<Unpriced>,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub total: Decimal,
+}
+
+impl Invoice {
+    /// The lines as CSV (RFC 4180), with a header row.
+    pub fn to_csv(&self) -> String {
+        let mut out = String::from(
+            "invoice_id,account,currency,period_start,period_end,kind,license,plan,feature,meter,tier,description,quantity,unit_price,per,amount\n",
+        );
+        for l in &self.lines {
+            let kind = match l.kind {
+                LineKind::Subscription => "subscription",
+                LineKind::Usage => "usage",
+                LineKind::Cap => "cap",
+                LineKind::Minimum => "minimum",
+            };
+            let fields = [
+                self.invoice_id.clone(),
+                self.account.clone(),
+                self.currency.clone(),
+                self.period_start.clone(),
+                self.period_end.clone(),
+                kind.to_string(),
+                l.license.clone(),
+                l.plan.clone(),
+                l.feature.clone().unwrap_or_default(),
+                l.meter.clone().unwrap_or_default(),
+                l.tier.map(|t| t.to_string()).unwrap_or_default(),
+                l.description.clone(),
+                l.quantity.to_string(),
+                l.unit_price.to_string(),
+                l.per.to_string(),
+                l.amount.to_string(),
+            ];
+            let row: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+            out.push_str(&row.join(","));
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// A CSV field, quoted when it must be. A leading `=`, `+`, `-` or `@` is prefixed with `'`
+/// unless the field is a number, so that a spreadsheet does not run account names as formulas.
+pub fn csv_field(value: &str) -> String {
+    let numeric = value.parse::<Decimal>().is_ok();
+    let value = if !numeric && value.starts_with(['=', '+', '-', '@']) {
+        format!("'{value}")
+    } else {
+        value.to_string()
+    };
+    if value.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value
+    }
+}
+
+fn meter_named(name: &str) -> Option<Meter> {
+    Meter::ALL.into_iter().find(|m| m.as_str() == name)
+}
+
+fn rfc3339(tz: chrono_tz::Tz, ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX))
+        .map(|t| t.with_timezone(&tz).to_rfc3339())
+        .unwrap_or_default()
+}
+
+/// What the rater needs about one license.
+#[derive(Debug, Clone, Default)]
+struct LicenseUsage {
+    plan: String,
+    /// (feature, meter) → units.
+    units: BTreeMap<(String, Meter), u64>,
+}
+
+/// Rate `account`'s usage of the billing period `[start_ms, end_ms)`. `licenses` are the
+/// account's issued licenses: those valid during the period pay their plan's fee even
+/// without usage.
+pub fn rate(
+    catalog: &Catalog,
+    account: &str,
+    (start_ms, end_ms): (u64, u64),
+    usage: &[BillableUsage],
+    licenses: &[IssuedLicense],
+) -> Result<Invoice> {
+    let digits = minor_units(&catalog.currency);
+    let round =
+        |d: Decimal| d.round_dp_with_strategy(digits, RoundingStrategy::MidpointAwayFromZero);
+    let mut by_license: BTreeMap<String, LicenseUsage> = BTreeMap::new();
+    for l in licenses {
+        if l.account == account && l.not_before_ms < end_ms && l.expires_ms > start_ms {
+            by_license.entry(l.license.clone()).or_default().plan = l.plan.clone();
+        }
+    }
+    let mut unpriced = Vec::new();
+    for row in usage {
+        let entry = by_license.entry(row.license.clone()).or_default();
+        if entry.plan.is_empty() {
+            entry.plan = row.plan.clone();
+        }
+        let Some(meter) = meter_named(&row.meter) else {
+            continue;
+        };
+        if !catalog.plans.contains_key(&row.plan) {
+            unpriced.push(Unpriced {
+                license: row.license.clone(),
+                plan: row.plan.clone(),
+                feature: row.feature.clone(),
+                meter: row.meter.clone(),
+                units: row.units,
+            });
+            continue;
+        }
+        let units = entry.units.entry((row.feature.clone(), meter)).or_insert(0);
+        *units = units.saturating_add(row.units);
+    }
+
+    let mut lines = Vec::new();
+    for (license, usage) in &by_license {
+        let Some(pricing) = catalog.plans.get(&usage.plan) else {
+            continue;
+        };
+        let first_line = lines.len();
+        rate_license(
+            license,
+            &usage.plan,
+            pricing,
+            &usage.units,
+            &round,
+            &mut lines,
+        )?;
+        let subtotal: Decimal = lines[first_line..].iter().map(|l| l.amount).sum();
+        if let Some(minimum) = pricing.minimum {
+            if subtotal < minimum {
+                lines.push(Line {
+                    kind: LineKind::Minimum,
+                    license: license.clone(),
+                    plan: usage.plan.clone(),
+                    feature: None,
+                    meter: None,
+                    tier: None,
+                    description: format!("minimum charge of plan {}", usage.plan),
+                    quantity: 1,
+                    unit_price: round(minimum - subtotal),
+                    per: 1,
+                    amount: round(minimum - subtotal),
+                });
+            }
+        }
+    }
+    let total = lines.iter().map(|l| l.amount).sum();
+    Ok(Invoice {
+        invoice_id: format!("{account}/{}", rfc3339(chrono_tz::Tz::UTC, start_ms)),
+        account: account.to_string(),
+        currency: catalog.currency.clone(),
+        period_start: rfc3339(catalog.time_zone, start_ms),
+        period_end: rfc3339(catalog.time_zone, end_ms),
+        period_start_ms: start_ms,
+        period_end_ms: end_ms,
+        lines,
+        unpriced,
+        total,
+    })
+}
+
+fn rate_license(
+    license: &str,
+    plan: &str,
+    pricing: &PlanPricing,
+    units: &BTreeMap<(String, Meter), u64>,
+    round: &dyn Fn(Decimal) -> Decimal,
+    lines: &mut Vec<Line>,
+) -> Result<()> {
+    if let Some(fee) = pricing.fee {
+        lines.push(Line {
+            kind: LineKind::Subscription,
+            license: license.to_string(),
+            plan: plan.to_string(),
+            feature: None,
+            meter: None,
+            tier: None,
+            description: format!("subscription to plan {plan}"),
+            quantity: 1,
+            unit_price: fee,
+            per: 1,
+            amount: round(fee),
+        });
+    }
+    // Usage priced by the plan, per meter; usage of features with prices of their own, apart.
+    let mut plan_priced: BTreeMap<Meter, u64> = BTreeMap::new();
+    let mut feature_priced: BTreeMap<(String, Meter), u64> = BTreeMap::new();
+    for ((feature, meter), n) in units {
+        if pricing
+            .feature_prices
+            .get(feature)
+            .is_some_and(|p| p.contains_key(meter))
+        {
+            *feature_priced.entry((feature.clone(), *meter)).or_insert(0) += n;
+        } else {
+            *plan_priced.entry(*meter).or_insert(0) += n;
+        }
+    }
+    for (meter, quantity) in plan_priced {
+        let Some(price) = pricing.prices.get(&meter) else {
+            continue;
+        };
+        let included = pricing.included.get(&meter).copied().unwrap_or(0);
+        let billable = quantity.saturating_sub(included);
+        let what = if included > 0 {
+            format!("{} ({quantity} used, {included} included)", meter.as_str())
+        } else {
+            meter.as_str().to_string()
+        };
+        rate_price(
+            license, plan, None, meter, &what, billable, price, round, lines,
+        )?;
+    }
+    for ((feature, meter), quantity) in feature_priced {
+        let Some(price) = pricing
+            .feature_prices
+            .get(&feature)
+            .and_then(|p| p.get(&meter))
+        else {
+            continue;
+        };
+        let what = format!("{} of feature {feature}", meter.as_str());
+        rate_price(
+            license,
+            plan,
+            Some(&feature),
+            meter,
+            &what,
+            quantity,
+            price,
+            round,
+            lines,
+        )?;
+    }
+    Ok(())
+}
+
+/// `quantity × amount / per`, exact until the final division.
+fn charge(quantity: u64, amount: Decimal, per: u64) -> Result<Decimal> {
+    Decimal::from(quantity)
+        .checked_mul(amount)
+        .and_then(|d| d.checked_div(Decimal::from(per)))
+        .context("an amount is too large to compute")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rate_price(
+    license: &str,
+    plan: &str,
+    feature: Option<&str>,
+    meter: Meter,
+    what: &str,
+    quantity: u64,
+    price: &Price,
+    round: &dyn Fn(Decimal) -> Decimal,
+    lines: &mut Vec<Line>,
+) -> Result<()> {
+    if quantity == 0 {
+        return Ok(());
+    }
+    let line = |tier: usize, n: u64, amount: Decimal, charged: Decimal| Line {
+        kind: LineKind::Usage,
+        license: license.to_string(),
+        plan: plan.to_string(),
+        feature: feature.map(str::to_string),
+        meter: Some(meter.as_str().to_string()),
+        tier: (price.tiers.len() > 1).then_some(tier + 1),
+        description: if price.tiers.len() > 1 {
+            format!("{what}, tier {}", tier + 1)
+        } else {
+            what.to_string()
+        },
+        quantity: n,
+        unit_price: amount,
+        per: price.per,
+        amount: round(charged),
+    };
+    let first = lines.len();
+    match price.mode {
+        TierMode::Graduated => {
+            let mut below = 0u64;
+            for (i, tier) in price.tiers.iter().enumerate() {
+                if quantity <= below {
+                    break;
+                }
+                let top = tier.up_to.unwrap_or(u64::MAX).min(quantity);
+                let n = top - below;
+                let charged = charge(n, tier.amount, price.per)? + tier.flat;
+                lines.push(line(i, n, tier.amount, charged));
+                below = top;
+            }
+        }
+        TierMode::Volume => {
+            let (i, tier) = price
+                .tiers
+                .iter()
+                .enumerate()
+                .find(|(_, t)| t.up_to.is_none_or(|up| quantity <= up))
+                .context("a price has no tier for the quantity")?;
+            let charged = charge(quantity, tier.amount, price.per)? + tier.flat;
+            lines.push(line(i, quantity, tier.amount, charged));
+        }
+    }
+    if let Some(cap) = price.cap {
+        let charged: Decimal = lines[first..].iter().map(|l| l.amount).sum();
+        let cap = round(cap);
+        if charged > cap {
+            lines.push(Line {
+                kind: LineKind::Cap,
+                license: license.to_string(),
+                plan: plan.to_string(),
+                feature: feature.map(str::to_string),
+                meter: Some(meter.as_str().to_string()),
+                tier: None,
+                description: format!("{what}: capped at {cap}"),
+                quantity: 1,
+                unit_price: cap - charged,
+                per: 1,
+                amount: cap - charged,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The period's end forecast from its usage so far: each license's usage of each meter grows
+/// at the average rate of the elapsed part of the period, and is rated like the invoice. Fees
+/// and minimums are already certain. `None` before any of the period has elapsed.
+pub fn forecast(
+    catalog: &Catalog,
+    account: &str,
+    bounds: (u64, u64),
+    usage: &[BillableUsage],
+    licenses: &[IssuedLicense],
+    now_ms: u64,
+) -> Result<Option<Invoice>> {
+    let (start, end) = bounds;
+    let elapsed = now_ms.clamp(start, end) - start;
+    if elapsed == 0 {
+        return Ok(None);
+    }
+    let length = end - start;
+    let scaled: Vec<BillableUsage> = usage
+        .iter()
+        .map(|u| BillableUsage {
+            units: u64::try_from(u128::from(u.units) * u128::from(length) / u128::from(elapsed))
+                .unwrap_or(u64::MAX),
+            ..u.clone()
+        })
+        .collect();
+    rate(catalog, account, bounds, &scaled, licenses).map(Some)
+}
+
+/// An invoice draft as the API shows it: the invoice so far, whether its period has ended,
+/// and the forecast of its total at the period's end.
+#[derive(Debug, Clone, Serialize)]
+pub struct Draft {
+    #[serde(flatten)]
+    pub invoice: Invoice,
+    /// `draft` while the period runs; `complete` once it has ended (usage still arriving late
+    /// from filters that were cut off is added until the invoice is finalised).
+    pub status: &'static str,
+    pub as_of_ms: u64,
+    /// The forecast total at the period's end (see [`forecast`]); absent once it ended.
+    #[serde(
+        with = "rust_decimal::serde::str_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub forecast_total: Option<Decimal>,
+}
+
+/// The invoice draft of `account` for the billing period containing `at_ms`, as of `now_ms`.
+pub fn draft(
+    store: &dyn crate::Store,
+    catalog: &Catalog,
+    account: &str,
+    at_ms: u64,
+    now_ms: u64,
+) -> Result<Draft> {
+    let bounds = catalog.period_bounds(catalog.billing_period, at_ms);
+    let usage = store.billable_usage(account, bounds.0, bounds.1)?;
+    let licenses = store.issued_licenses(Some(account))?;
+    let invoice = rate(catalog, account, bounds, &usage, &licenses)?;
+    let ended = now_ms >= bounds.1;
+    let forecast_total = if ended {
+        None
+    } else {
+        forecast(catalog, account, bounds, &usage, &licenses, now_ms)?.map(|f| f.total)
+    };
+    Ok(Draft {
+        invoice,
+        status: if ended { "complete" } else { "draft" },
+        as_of_ms: now_ms,
+        forecast_total,
+    })
+}

@@ -1,0 +1,300 @@
+//! Rating: fixed usage in, an exact invoice out (golden files), the seed's pricing examples, and
+//! the same invoice from usage stored in SQLite and PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::path::PathBuf;
+
+use rust_decimal::Decimal;
+use tollgate_collector::billing::{self, Invoice, LineKind};
+use tollgate_collector::catalog::Catalog;
+use tollgate_collector::store::{BillableUsage, IssuedLicense};
+use tollgate_wire::{Meter, Source, UsageBatch, UsageRecord, VERSION};
+
+use common::backends;
+
+fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+fn catalog() -> Catalog {
+    Catalog::from_json(&std::fs::read(golden_dir().join("catalog.json")).unwrap()).unwrap()
+}
+
+/// November 2026 in Berlin: 2026-10-31T23:00Z to 2026-11-30T23:00Z.
+const NOV_START: u64 = 1_793_487_600_000;
+const NOV_END: u64 = 1_796_079_600_000;
+
+fn usage(license: &str, plan: &str, feature: &str, meter: Meter, units: u64) -> BillableUsage {
+    BillableUsage {
+        license: license.into(),
+        plan: plan.into(),
+        feature: feature.into(),
+        meter: meter.as_str().into(),
+        units,
+    }
+}
+
+fn issued(license: &str, account: &str, plan: &str) -> IssuedLicense {
+    IssuedLicense {
+        license: license.into(),
+        account: account.into(),
+        plan: plan.into(),
+        features: vec![],
+        limits: None,
+        not_before_ms: NOV_START - 86_400_000,
+        expires_ms: NOV_END + 86_400_000,
+        kid: "k1".into(),
+        issued_ms: NOV_START - 86_400_000,
+    }
+}
+
+/// The invoice must equal its golden file, byte for byte. `UPDATE_GOLDEN=1` rewrites it (on
+/// purpose, and then reviewed like code).
+fn assert_golden(name: &str, invoice: &Invoice) {
+    let path = golden_dir().join(format!("{name}.invoice.json"));
+    let text = serde_json::to_string_pretty(invoice).unwrap() + "\n";
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &text).unwrap();
+    }
+    let golden = std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| panic!("{} is missing: run with UPDATE_GOLDEN=1", path.display()));
+    assert_eq!(text, golden, "the invoice for {name} changed");
+}
+
+fn dec(text: &str) -> Decimal {
+    text.parse().unwrap()
+}
+
+#[test]
+fn per_call() {
+    // 12,345 calls at $0.002.
+    let rows = [usage("lic-m", "metered", "search", Meter::Calls, 12_345)];
+    let invoice = billing::rate(&catalog(), "acme", (NOV_START, NOV_END), &rows, &[]).unwrap();
+    assert_eq!(invoice.total, dec("24.69"));
+    assert_eq!(invoice.lines.len(), 1);
+    assert_eq!(invoice.period_start, "2026-11-01T00:00:00+01:00");
+    assert_golden("per_call", &invoice);
+}
+
+#[test]
+fn per_hour_of_a_premium_feature() {
+    // The seed's $15 per hour of generative design: 1.5 hours of processing time is $22.50.
+    // Other features of the plan are not priced for processing time.
+    let rows = [
+        usage(
+            "lic-d",
+            "design",
+            "generative_design",
+            Meter::ProcessingNs,
+            5_400_000_000_000,
+        ),
+        usage(
+            "lic-d",
+            "design",
+            "viewer",
+            Meter::ProcessingNs,
+            9_000_000_000_000,
+        ),
+        usage("lic-d", "design", "generative_design", Meter::Calls, 40),
+    ];
+    let invoice = billing::rate(&catalog(), "studio", (NOV_START, NOV_END), &rows, &[]).unwrap();
+    assert_eq!(invoice.total, dec("22.50"));
+    assert_eq!(invoice.lines.len(), 1);
+    assert_eq!(
+        invoice.lines[0].feature.as_deref(),
+        Some("generative_design")
+    );
+    assert_golden("per_hour_premium_feature", &invoice);
+}
+
+#[test]
+fn hybrid_subscription_with_overage() {
+    // $49 a month with 10,000 calls included; 150,000 calls: 140,000 billable, the first
+    // 100,000 at $0.001 and 40,000 at $0.0005. 800 GB of responses at $0.09/GB = $72, capped at
+    // $50. A second license of the same plan without usage pays its fee.
+    let rows = [
+        usage("lic-p1", "pro", "search", Meter::Calls, 90_000),
+        usage("lic-p1", "pro", "export", Meter::Calls, 60_000),
+        usage(
+            "lic-p1",
+            "pro",
+            "export",
+            Meter::ResponseBytes,
+            800_000_000_000,
+        ),
+    ];
+    let licenses = [
+        issued("lic-p1", "acme", "pro"),
+        issued("lic-p2", "acme", "pro"),
+    ];
+    let invoice =
+        billing::rate(&catalog(), "acme", (NOV_START, NOV_END), &rows, &licenses).unwrap();
+    let amounts: Vec<(LineKind, String, Decimal)> = invoice
+        .lines
+        .iter()
+        .map(|l| (l.kind, l.license.clone(), l.amount))
+        .collect();
+    assert_eq!(
+        amounts,
+        vec![
+            (LineKind::Subscription, "lic-p1".into(), dec("49.00")),
+            (LineKind::Usage, "lic-p1".into(), dec("100.00")),
+            (LineKind::Usage, "lic-p1".into(), dec("20.00")),
+            (LineKind::Usage, "lic-p1".into(), dec("72.00")),
+            (LineKind::Cap, "lic-p1".into(), dec("-22.00")),
+            (LineKind::Subscription, "lic-p2".into(), dec("49.00")),
+        ]
+    );
+    assert_eq!(invoice.total, dec("268.00"));
+    assert_golden("hybrid_subscription_overage", &invoice);
+}
+
+#[test]
+fn volume_tiers_and_a_minimum() {
+    // Volume pricing: 2,500 calls all at the second tier's $0.008 = $20, topped up to the
+    // plan's $25 minimum. 20,000 calls reach the last tier: 20,000 × $0.005 + $2 flat = $102.
+    let small = [usage("lic-v", "volume", "api", Meter::Calls, 2_500)];
+    let invoice = billing::rate(&catalog(), "small", (NOV_START, NOV_END), &small, &[]).unwrap();
+    assert_eq!(invoice.total, dec("25.00"));
+    assert_eq!(invoice.lines[1].kind, LineKind::Minimum);
+    assert_eq!(invoice.lines[1].amount, dec("5.00"));
+    assert_golden("volume_minimum", &invoice);
+    let big = [usage("lic-v", "volume", "api", Meter::Calls, 20_000)];
+    let invoice = billing::rate(&catalog(), "big", (NOV_START, NOV_END), &big, &[]).unwrap();
+    assert_eq!(invoice.total, dec("102.00"));
+}
+
+#[test]
+fn usage_of_a_plan_without_prices_is_listed_not_charged() {
+    let rows = [usage("lic-x", "", "api", Meter::Calls, 7)];
+    let invoice = billing::rate(&catalog(), "acme", (NOV_START, NOV_END), &rows, &[]).unwrap();
+    assert_eq!(invoice.total, Decimal::ZERO);
+    assert_eq!(invoice.unpriced.len(), 1);
+    assert_eq!(invoice.unpriced[0].units, 7);
+}
+
+#[test]
+fn a_forecast_extrapolates_usage_and_rates_it() {
+    // A third of the way through the period, 20,000 calls: 60,000 forecast. Minus 10,000
+    // included, 50,000 at $0.001, plus the fee: $99.
+    let rows = [usage("lic-p1", "pro", "search", Meter::Calls, 20_000)];
+    let third = NOV_START + (NOV_END - NOV_START) / 3;
+    let forecast = billing::forecast(&catalog(), "acme", (NOV_START, NOV_END), &rows, &[], third)
+        .unwrap()
+        .unwrap();
+    assert_eq!(forecast.total, dec("99.00"));
+    assert!(billing::forecast(
+        &catalog(),
+        "acme",
+        (NOV_START, NOV_END),
+        &rows,
+        &[],
+        NOV_START
+    )
+    .unwrap()
+    .is_none());
+}
+
+fn batch(id: &str, records: Vec<UsageRecord>) -> UsageBatch {
+    UsageBatch {
+        version: VERSION,
+        batch_id: id.into(),
+        source: Source {
+            instance: "test".into(),
+            vm_started_ms: 1,
+        },
+        sequence: 1,
+        created_ms: NOV_START + 1000,
+        records,
+    }
+}
+
+fn record(
+    license: &str,
+    feature: &str,
+    outcome: &str,
+    meter: Meter,
+    units: u64,
+    at: u64,
+) -> UsageRecord {
+    UsageRecord {
+        account: "acme".into(),
+        license: license.into(),
+        feature: feature.into(),
+        outcome: outcome.into(),
+        meter,
+        units,
+        window_start_ms: at,
+        window_end_ms: at + 1000,
+    }
+}
+
+#[test]
+fn the_invoice_drafted_from_stored_usage_is_the_golden_one_on_every_backend() {
+    for db in backends("billing") {
+        let store = tollgate_collector::open(&db.url()).unwrap();
+        store.add_license(&issued("lic-p1", "acme", "pro")).unwrap();
+        store.add_license(&issued("lic-p2", "acme", "pro")).unwrap();
+        let mid = NOV_START + 86_400_000;
+        // The usage of the hybrid example, split over batches and windows; refused calls
+        // and usage outside the period are not billed; a batch sent twice counts once.
+        let first = batch(
+            "b1",
+            vec![
+                record("lic-p1", "search", "allowed", Meter::Calls, 50_000, mid),
+                record("lic-p1", "export", "allowed", Meter::Calls, 60_000, mid),
+                record("lic-p1", "search", "rate_limited", Meter::Calls, 999, mid),
+            ],
+        );
+        store.ingest(&first, mid).unwrap();
+        store.ingest(&first, mid).unwrap();
+        store
+            .ingest(
+                &batch(
+                    "b2",
+                    vec![
+                        record(
+                            "lic-p1",
+                            "search",
+                            "allowed",
+                            Meter::Calls,
+                            40_000,
+                            mid + 5000,
+                        ),
+                        record(
+                            "lic-p1",
+                            "export",
+                            "allowed",
+                            Meter::ResponseBytes,
+                            800_000_000_000,
+                            mid + 5000,
+                        ),
+                        record(
+                            "lic-p1",
+                            "search",
+                            "allowed",
+                            Meter::Calls,
+                            1_000_000,
+                            NOV_END,
+                        ),
+                        record(
+                            "lic-p1",
+                            "search",
+                            "allowed",
+                            Meter::Calls,
+                            1_000_000,
+                            NOV_START - 1000,
+                        ),
+                    ],
+                ),
+                mid,
+            )
+            .unwrap();
+        let draft = billing::draft(store.as_ref(), &catalog(), "acme", mid, NOV_END + 1).unwrap();
+        assert_eq!(draft.status, "complete");
+        assert_eq!(draft.invoice.total, dec("268.00"));
+        assert_golden("hybrid_subscription_overage", &draft.invoice);
+    }
+}
