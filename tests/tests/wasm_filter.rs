@@ -1763,3 +1763,68 @@ fn the_collectors_denials_refuse_a_license_until_it_says_otherwise() {
         200
     );
 }
+
+/// The JWKS fetch the VM has in flight.
+fn jwks_call(vm: &Vm) -> HttpCall {
+    let calls: Vec<HttpCall> = vm
+        .pending_calls()
+        .into_iter()
+        .filter(|c| c.header(":path").as_deref() == Some("/.well-known/jwks.json"))
+        .collect();
+    assert_eq!(calls.len(), 1, "one JWKS fetch in flight: {calls:?}");
+    calls.into_iter().next().unwrap()
+}
+
+#[test]
+fn keys_from_a_jwks_endpoint_survive_bad_answers_and_reach_the_next_vm() {
+    let k = keys();
+    let mut c = config();
+    c["token"].as_object_mut().unwrap().remove("jwks");
+    c["token"]["jwks_source"] = json!({"cluster": "collector", "refresh_seconds": 60});
+    let shared = SharedData::new();
+    let mut vm = start_with(&c, &shared);
+    let ed = token(&k.ed, &spec("starter", &["search"]));
+    let request = || Request::get("/v1/search").header("authorization", format!("Bearer {ed}"));
+
+    // Before any fetch: 503 with Retry-After, never a 401.
+    let ex = send(&mut vm, request());
+    assert_refused(&ex, 503, "keys_unavailable");
+    assert_eq!(ex.header("retry-after").as_deref(), Some("1"));
+    tick(&mut vm);
+    let mut call = jwks_call(&vm);
+    assert_eq!(call.upstream, "collector");
+    assert_eq!(call.header(":method").as_deref(), Some("GET"));
+    // Garbage of every kind, and failed calls, are taken without harm; keys stay unavailable.
+    let garbage: [&[u8]; 4] = [
+        b"\xff\xfe not json",
+        b"{\"keys\": 5}",
+        b"{\"keys\": []}",
+        &[b'['; 5000],
+    ];
+    for body in garbage {
+        vm.respond_call(call.token, 200, &[], body).unwrap();
+        assert!(!vm.trapped(), "{:?}", vm.trap());
+        assert_refused(&send(&mut vm, request()), 503, "keys_unavailable");
+        tick(&mut vm);
+        assert!(vm.pending_calls().is_empty(), "backs off after a failure");
+        vm.advance(Duration::from_secs(61));
+        tick(&mut vm);
+        let failing = jwks_call(&vm);
+        vm.fail_call(failing.token).unwrap();
+        vm.advance(Duration::from_secs(61));
+        tick(&mut vm);
+        call = jwks_call(&vm);
+    }
+    let set = jwks([&k.ed]).to_string();
+    vm.respond_call(call.token, 200, &[], set.as_bytes())
+        .unwrap();
+    let ex = send(&mut vm, request());
+    assert_eq!(ex.status(), 200, "{ex:?}");
+    assert!(ex.reached_upstream());
+
+    // A reload (a new VM on the same Envoy) starts with the stored set: no 503, no fetch.
+    let mut next = start_with(&c, &shared);
+    next.set_time(vm.now());
+    let ex = send(&mut next, request());
+    assert_eq!(ex.status(), 200, "{ex:?}");
+}

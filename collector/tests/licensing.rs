@@ -1,0 +1,378 @@
+//! The license server and billing over real HTTP, on every storage backend: keys and the JWKS,
+//! licenses that the filter's own verifier accepts, invoice drafts, and exports whose
+//! identifiers do not change when exported again. Every admin route refuses a missing or
+//! wrong token.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tollgate_collector::catalog::CatalogFileWatch;
+use tollgate_collector::control::ControlPlane;
+use tollgate_collector::{open, AppState, IngestKeys, Running};
+use tollgate_core::Policy;
+use tollgate_wire::{Meter, Source, UsageBatch, UsageRecord};
+
+use common::{backends, Backend};
+
+const ADMIN: &str = "licensing-admin-token-0123456789";
+
+fn start(db: &Backend, catalog: Option<&std::path::Path>) -> Running {
+    let store = open(&db.url()).unwrap();
+    let mut state = AppState::new(
+        Arc::from(store),
+        IngestKeys::parse(["k1=licensing-test-secret-0123"]).unwrap(),
+    );
+    state.admin_token = Some(ADMIN.into());
+    state.issuer = tollgate_collector::licensing::Issuer {
+        issuer: Some("https://licenses.example".into()),
+        audience: Some("api.example".into()),
+    };
+    state.control = ControlPlane {
+        catalog: CatalogFileWatch::open(catalog).unwrap(),
+        ..ControlPlane::default()
+    };
+    Running::start_state(0, state).unwrap()
+}
+
+fn call(
+    c: &Running,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, String) {
+    let mut req = ureq::request(method, &c.url(path));
+    if let Some(token) = token {
+        req = req.set("authorization", &format!("Bearer {token}"));
+    }
+    let result = match body {
+        Some(body) => req
+            .set("content-type", "application/json")
+            .send_string(&body.to_string()),
+        None => req.call(),
+    };
+    match result {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn admin(c: &Running, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let (status, text) = call(c, method, path, Some(ADMIN), body);
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// A filter policy that takes its keys from `jwks`, as the filter would after fetching it.
+fn filter_policy(jwks: &Value) -> Policy {
+    Policy::from_json(
+        json!({
+            "token": {"issuers": ["https://licenses.example"], "audiences": ["api.example"], "jwks": jwks},
+            "plans": {"pro": {}},
+            "routes": [{"prefix": "/v1", "feature": "search"}],
+        })
+        .to_string()
+        .as_bytes(),
+    )
+    .unwrap()
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn keys_licenses_and_the_jwks() {
+    for db in backends("licensing") {
+        keys_licenses_and_the_jwks_on(&db);
+    }
+}
+
+fn keys_licenses_and_the_jwks_on(db: &Backend) {
+    let c = start(db, None);
+    // Import an ES256 key made elsewhere, and generate an Ed25519 one that signs from now.
+    let es = tollgate_collector::signing::SigningKey::generate(
+        tollgate_collector::signing::KeyAlg::ES256,
+        "unused",
+    )
+    .unwrap();
+    let (status, imported) = admin(
+        &c,
+        "POST",
+        "/v1/admin/keys",
+        Some(json!({"alg": "ES256", "kid": "idp-es", "private_pem": es.file.private_pem})),
+    );
+    assert_eq!(status, 201, "{imported}");
+    assert!(imported.get("private_pem").is_none(), "never shown");
+    let (_, ed) = admin(&c, "POST", "/v1/admin/keys", Some(json!({"kid": "ed-1"})));
+    assert_eq!(ed["state"], "active");
+    let (status, dup) = admin(&c, "POST", "/v1/admin/keys", Some(json!({"kid": "ed-1"})));
+    assert_eq!(status, 409, "{dup}");
+    let (status, bad) = admin(
+        &c,
+        "POST",
+        "/v1/admin/keys",
+        Some(
+            json!({"alg": "RS256", "private_pem": "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----"}),
+        ),
+    );
+    assert_eq!(status, 400, "{bad}");
+
+    let (status, issued) = admin(
+        &c,
+        "POST",
+        "/v1/admin/licenses",
+        Some(
+            json!({"account": "acme", "plan": "pro", "features": ["search"], "valid_days": 30,
+                    "limits": {"rate_limit": {"requests_per_second": 50, "burst": 100}}}),
+        ),
+    );
+    assert_eq!(status, 201, "{issued}");
+    assert_eq!(
+        issued["kid"], "ed-1",
+        "the most recently activated key signs"
+    );
+    assert!(issued["license"].as_str().unwrap().starts_with("lic_"));
+
+    // The filter's own verifier accepts the token with the published keys.
+    let (status, jwks) = admin(&c, "GET", "/.well-known/jwks.json", None);
+    assert_eq!(status, 200);
+    assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
+    let policy = filter_policy(&jwks);
+    let token = issued["token"].as_str().unwrap();
+    let license = tollgate_core::token::verify(&policy, None, token, now_s()).unwrap();
+    assert_eq!(&*license.account, "acme");
+    assert_eq!(&*license.license_id, issued["license"].as_str().unwrap());
+    assert_eq!(
+        license.expires_at,
+        issued["expires_ms"].as_u64().unwrap() / 1000
+    );
+
+    // Listing and showing; bad requests are the caller's (400), duplicates conflict (409).
+    let (_, listed) = admin(&c, "GET", "/v1/admin/licenses?account=acme", None);
+    assert_eq!(listed["licenses"].as_array().unwrap().len(), 1);
+    let (_, none) = admin(&c, "GET", "/v1/admin/licenses?account=other", None);
+    assert_eq!(none["licenses"], json!([]));
+    let (status, _) = admin(&c, "GET", "/v1/admin/licenses/nope", None);
+    assert_eq!(status, 404);
+    for (body, status) in [
+        (json!({"account": "", "plan": "pro"}), 400),
+        (json!({"account": "acme", "plan": "pro", "limits": 5}), 400),
+        (
+            json!({"account": "acme", "plan": "pro", "expires_at": "yesterday"}),
+            400,
+        ),
+        (
+            json!({"account": "acme", "plan": "pro", "expires_at": "2001-01-01T00:00:00Z"}),
+            400,
+        ),
+        (json!({"account": "acme", "plan": "pro", "bogus": 1}), 400),
+        (
+            json!({"account": "acme", "plan": "pro", "license_id": issued["license"]}),
+            409,
+        ),
+    ] {
+        let (got, answer) = admin(&c, "POST", "/v1/admin/licenses", Some(body.clone()));
+        assert_eq!(got, status, "{body}: {answer}");
+    }
+
+    // Retiring the signing key: it leaves the JWKS, so its licenses stop verifying; new
+    // licenses need another key.
+    let (status, _) = admin(&c, "POST", "/v1/admin/keys/ed-1/retire", None);
+    assert_eq!(status, 204);
+    let (_, jwks) = admin(&c, "GET", "/.well-known/jwks.json", None);
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(kids, vec!["idp-es"]);
+    assert!(tollgate_core::token::verify(&filter_policy(&jwks), None, token, now_s()).is_err());
+    let (_, next) = admin(
+        &c,
+        "POST",
+        "/v1/admin/licenses",
+        Some(json!({"account": "acme", "plan": "pro"})),
+    );
+    assert_eq!(next["kid"], "idp-es");
+    let (status, _) = admin(&c, "POST", "/v1/admin/keys/idp-es/retire", None);
+    assert_eq!(status, 204);
+    let (status, none_left) = admin(
+        &c,
+        "POST",
+        "/v1/admin/licenses",
+        Some(json!({"account": "acme", "plan": "pro"})),
+    );
+    assert_eq!(status, 409, "{none_left}");
+}
+
+#[test]
+fn the_plan_of_a_license_must_be_in_the_catalogue_when_it_lists_plans() {
+    let db = backends("lic-plans").remove(0);
+    let dir = std::env::temp_dir().join(format!("tollgate-lic-plans-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("plans.json");
+    std::fs::write(
+        &path,
+        r#"{"plans": {"pro": {"prices": {"calls": "0.01"}}}}"#,
+    )
+    .unwrap();
+    let c = start(&db, Some(&path));
+    let (status, answer) = admin(
+        &c,
+        "POST",
+        "/v1/admin/licenses",
+        Some(json!({"account": "a", "plan": "gold"})),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("not in the plan catalogue"),
+        "{answer}"
+    );
+    let (status, _) = admin(
+        &c,
+        "POST",
+        "/v1/admin/licenses",
+        Some(json!({"account": "a", "plan": "pro"})),
+    );
+    assert_eq!(status, 201);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn every_admin_route_refuses_a_missing_or_wrong_token() {
+    let db = backends("lic-auth").remove(0);
+    let c = start(&db, None);
+    for (method, path) in [
+        ("GET", "/v1/admin/keys"),
+        ("POST", "/v1/admin/keys"),
+        ("POST", "/v1/admin/keys/k/retire"),
+        ("GET", "/v1/admin/licenses"),
+        ("POST", "/v1/admin/licenses"),
+        ("GET", "/v1/admin/licenses/l"),
+        ("POST", "/v1/admin/licenses/l/revoke"),
+        ("GET", "/v1/admin/accounts/a"),
+        ("GET", "/v1/admin/accounts/a/invoice"),
+        ("PUT", "/v1/admin/accounts/a/budget"),
+        ("POST", "/v1/admin/accounts/a/suspend"),
+        (
+            "GET",
+            "/v1/admin/exports/usage?from_ms=0&to_ms=1&format=json",
+        ),
+    ] {
+        for token in [None, Some("wrong-token-0123456789")] {
+            let (status, body) = call(&c, method, path, token, Some(json!({})));
+            assert_eq!(status, 401, "{method} {path} with {token:?}: {body}");
+        }
+    }
+    // The JWKS is public: filters fetch it without credentials.
+    assert_eq!(call(&c, "GET", "/.well-known/jwks.json", None, None).0, 200);
+}
+
+fn record(license: &str, outcome: &str, units: u64, at: u64) -> UsageRecord {
+    UsageRecord {
+        account: "acme".into(),
+        license: license.into(),
+        feature: "search".into(),
+        outcome: outcome.into(),
+        meter: Meter::Calls,
+        units,
+        window_start_ms: at,
+        window_end_ms: at + 1000,
+    }
+}
+
+#[test]
+fn exports_page_through_usage_and_a_re_export_has_the_same_identifiers() {
+    for db in backends("exports") {
+        exports_on(&db);
+    }
+}
+
+fn exports_on(db: &Backend) {
+    let c = start(db, None);
+    let t0 = 1_793_487_600_000u64;
+    for (i, batch_id) in ["b1", "b2", "b3"].iter().enumerate() {
+        let batch = UsageBatch {
+            version: 1,
+            batch_id: batch_id.to_string(),
+            source: Source {
+                instance: "node".into(),
+                vm_started_ms: 1,
+            },
+            sequence: i as u64 + 1,
+            created_ms: t0,
+            records: vec![
+                record("lic-1", "allowed", 10 + i as u64, t0 + i as u64 * 1000),
+                record("lic-1", "rate_limited", 1, t0 + i as u64 * 1000),
+            ],
+        };
+        c.state.store.ingest(&batch, t0).unwrap();
+    }
+    let query = format!("/v1/admin/exports/usage?from_ms={t0}&to_ms={}", t0 + 60_000);
+    // Paging by two: three pages, six records, each once.
+    let mut after = 0;
+    let mut ids = Vec::new();
+    loop {
+        let (status, page) = admin(
+            &c,
+            "GET",
+            &format!("{query}&format=json&limit=2&after_id={after}"),
+            None,
+        );
+        assert_eq!(status, 200, "{page}");
+        for r in page["records"].as_array().unwrap() {
+            ids.push(r["identifier"].as_str().unwrap().to_string());
+        }
+        match page["next_after_id"].as_i64() {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    assert_eq!(ids.len(), 6);
+    let unique: std::collections::BTreeSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), 6);
+
+    // Stripe: allowed usage only, and the same identifiers on every export.
+    let (_, stripe) = admin(&c, "GET", &format!("{query}&format=stripe"), None);
+    let events = stripe["events"].as_array().unwrap();
+    assert_eq!(events.len(), 3);
+    let total: u64 = events
+        .iter()
+        .map(|e| {
+            e["payload"]["value"]
+                .as_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(total, 10 + 11 + 12);
+    let (_, again) = admin(&c, "GET", &format!("{query}&format=stripe"), None);
+    assert_eq!(stripe, again);
+    for e in events {
+        assert!(ids.contains(&e["identifier"].as_str().unwrap().to_string()));
+    }
+    let (_, cloud) = admin(&c, "GET", &format!("{query}&format=cloudevents"), None);
+    assert_eq!(cloud.as_array().unwrap().len(), 6);
+    assert_eq!(cloud[0]["specversion"], "1.0");
+    let (status, csv) = call(&c, "GET", &format!("{query}&format=csv"), Some(ADMIN), None);
+    assert_eq!(status, 200);
+    assert_eq!(csv.lines().count(), 7, "{csv}");
+    assert!(csv.starts_with("identifier,batch_id,"));
+    let (status, _) = admin(&c, "GET", &format!("{query}&format=xml"), None);
+    assert_eq!(status, 400);
+}
