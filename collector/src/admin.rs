@@ -28,6 +28,11 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/admin/licenses", get(list_licenses).post(issue_license))
         .route("/v1/admin/licenses/{license}", get(show_license))
         .route("/v1/admin/accounts/{account}/invoice", get(invoice))
+        .route(
+            "/v1/admin/accounts/{account}/invoices",
+            get(list_invoices).post(finalize_invoice),
+        )
+        .route("/v1/admin/webhooks/events", get(webhook_events))
         .route("/v1/admin/exports/usage", get(export_usage))
 }
 
@@ -402,6 +407,101 @@ async fn export_usage(
             }
         }
         Ok(response)
+    })
+    .await
+}
+
+async fn list_invoices(
+    State(state): State<Arc<AppState>>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    blocking(&state, move |s, _| {
+        Ok(Json(json!({"invoices": s.store.invoices(Some(&account))?})).into_response())
+    })
+    .await
+}
+
+/// `POST /v1/admin/accounts/{account}/invoices`: finalise the invoice of the period containing
+/// `at_ms` (default: the last period that ended).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Finalize {
+    #[serde(default)]
+    at_ms: Option<u64>,
+}
+
+async fn finalize_invoice(
+    State(state): State<Arc<AppState>>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    let ask: Finalize = match json_body(&body, r#"{"at_ms": <a time in the period, Unix ms>}"#) {
+        Ok(ask) => ask,
+        Err(refused) => return *refused,
+    };
+    blocking(&state, move |s, now| {
+        let catalog = s.control.catalog.current();
+        let at = ask.at_ms.unwrap_or_else(|| {
+            catalog
+                .period_bounds(catalog.billing_period, now)
+                .0
+                .saturating_sub(1)
+        });
+        let (invoice, new) = crate::billing::finalize(
+            s.store.as_ref(),
+            &catalog,
+            &account,
+            at,
+            now,
+            s.webhooks.is_some(),
+        )?;
+        if new {
+            log(json!({"level": "info", "msg": "invoice finalised", "invoice_id": invoice.invoice_id, "total": invoice.total, "currency": invoice.currency}));
+        }
+        let status = if new { StatusCode::CREATED } else { StatusCode::OK };
+        Ok((status, Json(invoice)).into_response())
+    })
+    .await
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    limit: Option<u32>,
+}
+
+/// The latest webhook events, each with its delivery log.
+async fn webhook_events(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    let Ok(Query(query)) = query else {
+        return refusal(StatusCode::BAD_REQUEST, "bad_query", "parameters: limit");
+    };
+    blocking(&state, move |s, _| {
+        let mut out = Vec::new();
+        for event in s
+            .store
+            .webhook_events(query.limit.unwrap_or(100).min(1000))?
+        {
+            let deliveries = s.store.deliveries(&event.event_id)?;
+            let mut v = json!(event);
+            v["deliveries"] = json!(deliveries);
+            out.push(v);
+        }
+        Ok(Json(json!({"events": out})).into_response())
     })
     .await
 }

@@ -170,6 +170,12 @@ fn rfc3339(tz: chrono_tz::Tz, ms: u64) -> String {
         .unwrap_or_default()
 }
 
+fn utc(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX))
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
 /// What the rater needs about one license.
 #[derive(Debug, Clone, Default)]
 struct LicenseUsage {
@@ -255,7 +261,7 @@ pub fn rate(
     }
     let total = lines.iter().map(|l| l.amount).sum();
     Ok(Invoice {
-        invoice_id: format!("{account}/{}", rfc3339(chrono_tz::Tz::UTC, start_ms)),
+        invoice_id: format!("{account}/{}", utc(start_ms)),
         account: account.to_string(),
         currency: catalog.currency.clone(),
         period_start: rfc3339(catalog.time_zone, start_ms),
@@ -502,4 +508,53 @@ pub fn draft(
         as_of_ms: now_ms,
         forecast_total,
     })
+}
+
+/// Finalise `account`'s invoice for the billing period containing `at_ms`: rate it once more
+/// and freeze it. Only a period that has ended can be finalised; a period finalised before
+/// gives the stored invoice. With `notify`, an `invoice.finalized` event is enqueued with it,
+/// in the same transaction.
+pub fn finalize(
+    store: &dyn crate::Store,
+    catalog: &Catalog,
+    account: &str,
+    at_ms: u64,
+    now_ms: u64,
+    notify: bool,
+) -> Result<(crate::store::StoredInvoice, bool)> {
+    let bounds = catalog.period_bounds(catalog.billing_period, at_ms);
+    if now_ms < bounds.1 {
+        return Err(crate::licensing::Invalid {
+            message: format!(
+                "the billing period {} to {} has not ended: its invoice can only be a draft",
+                utc(bounds.0),
+                utc(bounds.1)
+            ),
+            conflict: true,
+        }
+        .into());
+    }
+    let usage = store.billable_usage(account, bounds.0, bounds.1)?;
+    let licenses = store.issued_licenses(Some(account))?;
+    let invoice = rate(catalog, account, bounds, &usage, &licenses)?;
+    let body = serde_json::to_value(&invoice)?;
+    let stored = crate::store::StoredInvoice {
+        invoice_id: invoice.invoice_id.clone(),
+        account: account.to_string(),
+        period_start_ms: bounds.0,
+        period_end_ms: bounds.1,
+        currency: invoice.currency.clone(),
+        total: invoice.total.to_string(),
+        body: body.clone(),
+        finalized_ms: now_ms,
+    };
+    let event = notify.then(|| {
+        crate::webhooks::event(
+            format!("invoice.finalized:{}", invoice.invoice_id),
+            "invoice.finalized",
+            serde_json::json!({"invoice": body}),
+            now_ms,
+        )
+    });
+    store.finalize_invoice(&stored, event.as_ref())
 }

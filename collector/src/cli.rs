@@ -82,6 +82,15 @@ enum Command {
         /// The `aud` claim of licenses issued here (filters check it with `token.audiences`).
         #[arg(long, env = "TOLLGATE_AUDIENCE")]
         audience: Option<String>,
+        /// The payment system's webhook URL (invoice finalised, spend thresholds).
+        #[arg(long, env = "TOLLGATE_WEBHOOK_URL", requires = "webhook_secret")]
+        webhook_url: Option<String>,
+        /// The key webhooks are signed with (HMAC-SHA256; at least 16 bytes).
+        #[arg(long, env = "TOLLGATE_WEBHOOK_SECRET")]
+        webhook_secret: Option<String>,
+        /// Finalise each billing period's invoices this long after it ends; 0: only on request.
+        #[arg(long, default_value_t = 3600)]
+        finalize_grace_seconds: u64,
     },
     /// License signing keys: list, generate, import, retire.
     Keys {
@@ -124,6 +133,9 @@ enum Command {
         /// CSV lines instead of JSON.
         #[arg(long)]
         csv: bool,
+        /// Finalise it (the period must have ended); without a webhook URL no event is sent.
+        #[arg(long)]
+        finalize: bool,
     },
     /// Export stored usage with windows starting in [--from, --to) (RFC 3339), every page.
     Export {
@@ -321,7 +333,16 @@ pub fn main() -> Result<()> {
             lease_ttl_ms,
             issuer,
             audience,
+            webhook_url,
+            webhook_secret,
+            finalize_grace_seconds,
         } => {
+            let webhooks = match (webhook_url, webhook_secret) {
+                (Some(url), Some(secret)) => {
+                    Some(crate::webhooks::WebhookSettings::new(&url, &secret)?)
+                }
+                _ => None,
+            };
             let keys = IngestKeys::parse(ingest_keys.iter().map(String::as_str))?;
             let store = open(&database)?;
             let control = ControlPlane {
@@ -341,6 +362,9 @@ pub fn main() -> Result<()> {
                 state.control = control;
                 state.admin_token = admin_token;
                 state.issuer = crate::licensing::Issuer { issuer, audience };
+                state.webhooks = webhooks;
+                state.billing.finalize_grace_ms =
+                    (finalize_grace_seconds > 0).then(|| finalize_grace_seconds.saturating_mul(1000));
                 let state = Arc::new(state);
                 crate::serve(listener, state, shutdown_signal()).await?;
                 eprintln!("{}", serde_json::json!({"level": "info", "msg": "collector stopped"}));
@@ -449,6 +473,7 @@ pub fn main() -> Result<()> {
             plans,
             at,
             csv,
+            finalize,
         } => {
             let store = open(&database)?;
             let catalog = CatalogFileWatch::open(plans.as_deref())?.current();
@@ -456,6 +481,20 @@ pub fn main() -> Result<()> {
                 .map(|t| rfc3339_arg("at", &t))
                 .transpose()?
                 .unwrap_or_else(now);
+            if finalize {
+                let (invoice, new) =
+                    crate::billing::finalize(store.as_ref(), &catalog, &account, at, now(), false)?;
+                eprintln!(
+                    "{}",
+                    if new {
+                        "finalised"
+                    } else {
+                        "finalised before; unchanged"
+                    }
+                );
+                println!("{}", serde_json::to_string_pretty(&invoice)?);
+                return Ok(());
+            }
             let draft = crate::billing::draft(store.as_ref(), &catalog, &account, at, now())?;
             if csv {
                 print!("{}", draft.invoice.to_csv());

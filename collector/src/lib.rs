@@ -12,6 +12,8 @@ pub mod postgres_store;
 pub mod server;
 pub mod signing;
 pub mod store;
+pub mod webhooks;
+pub mod worker;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,10 +29,13 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    axum::serve(listener, app(state))
+    let worker = tokio::spawn(worker::run(Arc::clone(&state)));
+    let served = axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown)
         .await
-        .context("serving")
+        .context("serving");
+    worker.abort();
+    served
 }
 
 /// A collector running on its own runtime in a background thread, for tests and the demo;

@@ -8,6 +8,10 @@ use postgres::{Client, NoTls};
 use tollgate_wire::UsageBatch;
 
 use crate::store::{
+    event_of, invoice_of, Delivery, DeliveryOutcome, StoredInvoice, WebhookEvent, EVENT_COLUMNS,
+    INVOICE_COLUMNS,
+};
+use crate::store::{
     grant_of, grant_size, license_of, now_ms, parse_budget, u64_of, BillableUsage, Budget,
     Granularity, Ingested, IssuedLicense, LeaseAsk, Restrictions, Store, StoredKey, StoredRecord,
     UsageQuery, UsageRow,
@@ -15,10 +19,11 @@ use crate::store::{
 use tollgate_wire::sync::{LeaseGrant, LicenseSeen};
 
 /// Migrations, in order; each runs once, recorded in `schema_migrations`.
-const MIGRATIONS: &[(i64, &str)] = &[
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/postgres/0001_usage.sql")),
     (2, include_str!("../migrations/postgres/0002_control.sql")),
     (3, include_str!("../migrations/postgres/0003_licensing.sql")),
+    (4, include_str!("../migrations/postgres/0004_billing.sql")),
 ];
 
 /// Any number to serialise migrations of replicas starting together.
@@ -405,6 +410,194 @@ impl Store for PostgresStore {
             Ok(rows.iter().map(|r| r.get(0)).collect())
         })
     }
+    fn budgets(&self) -> Result<std::collections::BTreeMap<String, Budget>> {
+        self.with_client(|client| {
+            let mut out = std::collections::BTreeMap::new();
+            for row in client.query("SELECT account, period, amount FROM budgets", &[])? {
+                let (account, period, amount): (String, String, String) =
+                    (row.get(0), row.get(1), row.get(2));
+                out.insert(account, parse_budget(&period, &amount)?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn finalize_invoice(
+        &self,
+        invoice: &StoredInvoice,
+        event: Option<&WebhookEvent>,
+    ) -> Result<(StoredInvoice, bool)> {
+        let (start, end, finalized) = (
+            to_i64("period_start_ms", invoice.period_start_ms)?,
+            to_i64("period_end_ms", invoice.period_end_ms)?,
+            to_i64("finalized_ms", invoice.finalized_ms)?,
+        );
+        let body = invoice.body.to_string();
+        self.with_client(|client| {
+            let mut tx = client.transaction()?;
+            let added = tx.execute(
+                "INSERT INTO invoices (invoice_id, account, period_start_ms, period_end_ms, currency, total, body, finalized_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (invoice_id) DO NOTHING",
+                &[&invoice.invoice_id, &invoice.account, &start, &end, &invoice.currency, &invoice.total, &body, &finalized],
+            )? == 1;
+            if added {
+                if let Some(event) = event {
+                    insert_event(&mut tx, event)?;
+                }
+            }
+            let row = tx.query_one(
+                &format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE invoice_id = $1"),
+                &[&invoice.invoice_id],
+            )?;
+            tx.commit()?;
+            Ok((invoice_row(&row), added))
+        })
+    }
+
+    fn invoices(&self, account: Option<&str>) -> Result<Vec<StoredInvoice>> {
+        self.with_client(|client| {
+            let rows = client.query(
+                &format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE ($1::TEXT IS NULL OR account = $1) ORDER BY period_start_ms, account"),
+                &[&account],
+            )?;
+            Ok(rows.iter().map(invoice_row).collect())
+        })
+    }
+
+    fn enqueue_event(&self, event: &WebhookEvent) -> Result<bool> {
+        self.with_client(|client| {
+            let mut tx = client.transaction()?;
+            let added = insert_event(&mut tx, event)?;
+            tx.commit()?;
+            Ok(added)
+        })
+    }
+
+    fn claim_events(&self, now_ms: u64, lease_ms: u64, limit: u32) -> Result<Vec<WebhookEvent>> {
+        let (now, until) = (
+            to_i64("now_ms", now_ms)?,
+            to_i64("lease", now_ms.saturating_add(lease_ms))?,
+        );
+        let limit = i64::from(limit);
+        self.with_client(|client| {
+            // SKIP LOCKED: replicas claiming at once take different events.
+            let rows = client.query(
+                &format!(
+                    "UPDATE webhook_events SET next_attempt_ms = $2
+                     WHERE event_id IN (SELECT event_id FROM webhook_events
+                                        WHERE delivered_ms IS NULL AND failed_ms IS NULL AND next_attempt_ms <= $1
+                                        ORDER BY next_attempt_ms LIMIT $3 FOR UPDATE SKIP LOCKED)
+                     RETURNING {EVENT_COLUMNS}"
+                ),
+                &[&now, &until, &limit],
+            )?;
+            let mut events: Vec<WebhookEvent> = rows.iter().map(event_row).collect();
+            events.sort_by_key(|e| e.created_ms);
+            Ok(events)
+        })
+    }
+
+    fn record_delivery(&self, d: &Delivery, outcome: DeliveryOutcome) -> Result<()> {
+        let (at, duration) = (
+            to_i64("at_ms", d.at_ms)?,
+            to_i64("duration_ms", d.duration_ms)?,
+        );
+        let attempt = i64::from(d.attempt);
+        let status = d.status.map(i64::from);
+        self.with_client(|client| {
+            let mut tx = client.transaction()?;
+            tx.execute(
+                "INSERT INTO webhook_deliveries (event_id, attempt, at_ms, status, error, duration_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&d.event_id, &attempt, &at, &status, &d.error, &duration],
+            )?;
+            match outcome {
+                DeliveryOutcome::Delivered => tx.execute(
+                    "UPDATE webhook_events SET attempts = $2, delivered_ms = $3 WHERE event_id = $1",
+                    &[&d.event_id, &attempt, &at],
+                )?,
+                DeliveryOutcome::RetryAt(next) => tx.execute(
+                    "UPDATE webhook_events SET attempts = $2, next_attempt_ms = $3 WHERE event_id = $1",
+                    &[&d.event_id, &attempt, &to_i64("next_attempt_ms", next)?],
+                )?,
+                DeliveryOutcome::GaveUp => tx.execute(
+                    "UPDATE webhook_events SET attempts = $2, failed_ms = $3 WHERE event_id = $1",
+                    &[&d.event_id, &attempt, &at],
+                )?,
+            };
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn webhook_events(&self, limit: u32) -> Result<Vec<WebhookEvent>> {
+        let limit = i64::from(limit);
+        self.with_client(|client| {
+            let rows = client.query(
+                &format!("SELECT {EVENT_COLUMNS} FROM webhook_events ORDER BY created_ms DESC, event_id LIMIT $1"),
+                &[&limit],
+            )?;
+            Ok(rows.iter().map(event_row).collect())
+        })
+    }
+
+    fn deliveries(&self, event_id: &str) -> Result<Vec<Delivery>> {
+        self.with_client(|client| {
+            let rows = client.query(
+                "SELECT event_id, attempt, at_ms, status, error, duration_ms FROM webhook_deliveries WHERE event_id = $1 ORDER BY attempt, id",
+                &[&event_id],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| Delivery {
+                    event_id: r.get(0),
+                    attempt: u32::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+                    at_ms: u64_of(r.get(2)),
+                    status: r.get::<_, Option<i64>>(3).and_then(|s| u16::try_from(s).ok()),
+                    error: r.get(4),
+                    duration_ms: u64_of(r.get(5)),
+                })
+                .collect())
+        })
+    }
+}
+
+fn invoice_row(r: &postgres::Row) -> StoredInvoice {
+    invoice_of((
+        r.get(0),
+        r.get(1),
+        r.get(2),
+        r.get(3),
+        r.get(4),
+        r.get(5),
+        r.get(6),
+        r.get(7),
+    ))
+}
+
+fn event_row(r: &postgres::Row) -> WebhookEvent {
+    event_of((
+        r.get(0),
+        r.get(1),
+        r.get(2),
+        r.get(3),
+        r.get(4),
+        r.get(5),
+        r.get(6),
+        r.get(7),
+    ))
+}
+
+fn insert_event(tx: &mut postgres::Transaction<'_>, event: &WebhookEvent) -> Result<bool> {
+    let (created, next) = (
+        to_i64("created_ms", event.created_ms)?,
+        to_i64("next_attempt_ms", event.next_attempt_ms)?,
+    );
+    let added = tx.execute(
+        "INSERT INTO webhook_events (event_id, type, payload, created_ms, next_attempt_ms, attempts) VALUES ($1, $2, $3, $4, $5, 0)
+         ON CONFLICT (event_id) DO NOTHING",
+        &[&event.event_id, &event.event_type, &event.payload.to_string(), &created, &next],
+    )?;
+    Ok(added == 1)
 }
 
 /// The allocation row is locked (`FOR UPDATE`) for the transaction, so replicas granting from

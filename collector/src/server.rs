@@ -183,6 +183,9 @@ pub struct AppState {
     pub admin_token: Option<String>,
     /// The `iss` and `aud` of the licenses issued here.
     pub issuer: crate::licensing::Issuer,
+    /// Where events go; `None`: no webhooks (and no spend-threshold events).
+    pub webhooks: Option<crate::webhooks::WebhookSettings>,
+    pub billing: crate::worker::BillingSettings,
 }
 
 impl AppState {
@@ -195,6 +198,8 @@ impl AppState {
             control: ControlPlane::default(),
             admin_token: None,
             issuer: crate::licensing::Issuer::default(),
+            webhooks: None,
+            billing: crate::worker::BillingSettings::default(),
         }
     }
 }

@@ -152,6 +152,57 @@ pub struct StoredRecord {
     pub window_end_ms: u64,
 }
 
+/// A finalised invoice: frozen as it was rated then.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredInvoice {
+    pub invoice_id: String,
+    pub account: String,
+    pub period_start_ms: u64,
+    pub period_end_ms: u64,
+    pub currency: String,
+    /// Decimal text.
+    pub total: String,
+    /// The whole invoice (lines, unpriced usage) as rated when finalised.
+    pub body: serde_json::Value,
+    pub finalized_ms: u64,
+}
+
+/// An event for the payment system's webhook. The id is stable (the same event is never
+/// enqueued twice) and is sent as the idempotency key.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WebhookEvent {
+    pub event_id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub payload: serde_json::Value,
+    pub created_ms: u64,
+    pub next_attempt_ms: u64,
+    pub attempts: u32,
+    pub delivered_ms: Option<u64>,
+    /// Set when delivery was given up after the last attempt.
+    pub failed_ms: Option<u64>,
+}
+
+/// One attempt to deliver an event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Delivery {
+    pub event_id: String,
+    pub attempt: u32,
+    pub at_ms: u64,
+    /// The receiver's HTTP status; absent when there was no answer.
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// What follows a delivery attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    Delivered,
+    RetryAt(u64),
+    GaveUp,
+}
+
 /// Where usage, and the state filters obey, are kept.
 pub trait Store: Send + Sync + 'static {
     /// Store `batch` unless its id was stored before, in one transaction.
@@ -203,7 +254,80 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<StoredRecord>>;
     /// Accounts with usage in windows starting in `[from_ms, to_ms)`, or an issued license.
     fn accounts(&self, from_ms: u64, to_ms: u64) -> Result<Vec<String>>;
+    /// Every account's budget.
+    fn budgets(&self) -> Result<BTreeMap<String, Budget>>;
+
+    /// Store `invoice` and enqueue `event` in one transaction, unless the invoice was
+    /// finalised before: then nothing changes. The stored invoice, and whether it is new.
+    fn finalize_invoice(
+        &self,
+        invoice: &StoredInvoice,
+        event: Option<&WebhookEvent>,
+    ) -> Result<(StoredInvoice, bool)>;
+    /// Finalised invoices, of one account or all, oldest period first.
+    fn invoices(&self, account: Option<&str>) -> Result<Vec<StoredInvoice>>;
+    /// Enqueue an event; false if its id was enqueued before.
+    fn enqueue_event(&self, event: &WebhookEvent) -> Result<bool>;
+    /// Take up to `limit` events due at `now_ms` for delivery: each is not due again for
+    /// `lease_ms`, so that replicas sharing the database do not send it at the same time.
+    fn claim_events(&self, now_ms: u64, lease_ms: u64, limit: u32) -> Result<Vec<WebhookEvent>>;
+    /// Log an attempt and what follows it.
+    fn record_delivery(&self, delivery: &Delivery, outcome: DeliveryOutcome) -> Result<()>;
+    /// The latest events, newest first.
+    fn webhook_events(&self, limit: u32) -> Result<Vec<WebhookEvent>>;
+    /// The attempts to deliver one event, in order.
+    fn deliveries(&self, event_id: &str) -> Result<Vec<Delivery>>;
 }
+
+/// A stored invoice row.
+pub(crate) type InvoiceRow = (String, String, i64, i64, String, String, String, i64);
+
+pub(crate) fn invoice_of(row: InvoiceRow) -> StoredInvoice {
+    let (invoice_id, account, start, end, currency, total, body, finalized) = row;
+    StoredInvoice {
+        invoice_id,
+        account,
+        period_start_ms: u64_of(start),
+        period_end_ms: u64_of(end),
+        currency,
+        total,
+        body: serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+        finalized_ms: u64_of(finalized),
+    }
+}
+
+/// A stored event row.
+pub(crate) type EventRow = (
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    i64,
+    Option<i64>,
+    Option<i64>,
+);
+
+pub(crate) fn event_of(row: EventRow) -> WebhookEvent {
+    let (event_id, event_type, payload, created, next, attempts, delivered, failed) = row;
+    WebhookEvent {
+        event_id,
+        event_type,
+        payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
+        created_ms: u64_of(created),
+        next_attempt_ms: u64_of(next),
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        delivered_ms: delivered.map(u64_of),
+        failed_ms: failed.map(u64_of),
+    }
+}
+
+/// The columns of an event: what [`event_of`] takes.
+pub(crate) const EVENT_COLUMNS: &str =
+    "event_id, type, payload, created_ms, next_attempt_ms, attempts, delivered_ms, failed_ms";
+/// The columns of an invoice: what [`invoice_of`] takes.
+pub(crate) const INVOICE_COLUMNS: &str =
+    "invoice_id, account, period_start_ms, period_end_ms, currency, total, body, finalized_ms";
 
 pub(crate) fn u64_of(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
@@ -257,6 +381,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/sqlite/0001_usage.sql")),
     (2, include_str!("../migrations/sqlite/0002_control.sql")),
     (3, include_str!("../migrations/sqlite/0003_licensing.sql")),
+    (4, include_str!("../migrations/sqlite/0004_billing.sql")),
 ];
 
 /// SQLite in a file, WAL mode: the embedded default.
@@ -790,6 +915,197 @@ impl Store for SqliteStore {
         )?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
+    fn budgets(&self) -> Result<BTreeMap<String, Budget>> {
+        let conn = self.conn()?;
+        let mut statement = conn.prepare_cached("SELECT account, period, amount FROM budgets")?;
+        let rows = statement.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let (account, period, amount) = row?;
+            out.insert(account, parse_budget(&period, &amount)?);
+        }
+        Ok(out)
+    }
+
+    fn finalize_invoice(
+        &self,
+        invoice: &StoredInvoice,
+        event: Option<&WebhookEvent>,
+    ) -> Result<(StoredInvoice, bool)> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let added = tx.execute(
+            "INSERT INTO invoices (invoice_id, account, period_start_ms, period_end_ms, currency, total, body, finalized_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (invoice_id) DO NOTHING",
+            params![
+                invoice.invoice_id,
+                invoice.account,
+                to_i64("period_start_ms", invoice.period_start_ms)?,
+                to_i64("period_end_ms", invoice.period_end_ms)?,
+                invoice.currency,
+                invoice.total,
+                invoice.body.to_string(),
+                to_i64("finalized_ms", invoice.finalized_ms)?,
+            ],
+        )? == 1;
+        if added {
+            if let Some(event) = event {
+                insert_event(&tx, event)?;
+            }
+        }
+        let stored = tx.query_row(
+            &format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE invoice_id = ?1"),
+            [&invoice.invoice_id],
+            |r| {
+                Ok(invoice_of((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                )))
+            },
+        )?;
+        tx.commit()?;
+        Ok((stored, added))
+    }
+
+    fn invoices(&self, account: Option<&str>) -> Result<Vec<StoredInvoice>> {
+        let conn = self.conn()?;
+        let mut statement = conn.prepare_cached(&format!(
+            "SELECT {INVOICE_COLUMNS} FROM invoices WHERE (?1 IS NULL OR account = ?1) ORDER BY period_start_ms, account"
+        ))?;
+        let rows = statement.query_map(params![account], |r| {
+            Ok(invoice_of((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+            )))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn enqueue_event(&self, event: &WebhookEvent) -> Result<bool> {
+        let conn = self.conn()?;
+        insert_event(&conn, event)
+    }
+
+    fn claim_events(&self, now_ms: u64, lease_ms: u64, limit: u32) -> Result<Vec<WebhookEvent>> {
+        let conn = self.conn()?;
+        let mut statement = conn.prepare_cached(&format!(
+            "UPDATE webhook_events SET next_attempt_ms = ?2
+             WHERE event_id IN (SELECT event_id FROM webhook_events
+                                WHERE delivered_ms IS NULL AND failed_ms IS NULL AND next_attempt_ms <= ?1
+                                ORDER BY next_attempt_ms LIMIT ?3)
+             RETURNING {EVENT_COLUMNS}"
+        ))?;
+        let rows = statement.query_map(
+            params![
+                to_i64("now_ms", now_ms)?,
+                to_i64("lease", now_ms.saturating_add(lease_ms))?,
+                limit
+            ],
+            event_row,
+        )?;
+        let mut events = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+        events.sort_by_key(|e| e.created_ms);
+        Ok(events)
+    }
+
+    fn record_delivery(&self, d: &Delivery, outcome: DeliveryOutcome) -> Result<()> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO webhook_deliveries (event_id, attempt, at_ms, status, error, duration_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![d.event_id, d.attempt, to_i64("at_ms", d.at_ms)?, d.status, d.error, to_i64("duration_ms", d.duration_ms)?],
+        )?;
+        let at = to_i64("at_ms", d.at_ms)?;
+        match outcome {
+            DeliveryOutcome::Delivered => tx.execute(
+                "UPDATE webhook_events SET attempts = ?2, delivered_ms = ?3 WHERE event_id = ?1",
+                params![d.event_id, d.attempt, at],
+            )?,
+            DeliveryOutcome::RetryAt(next) => tx.execute(
+                "UPDATE webhook_events SET attempts = ?2, next_attempt_ms = ?3 WHERE event_id = ?1",
+                params![d.event_id, d.attempt, to_i64("next_attempt_ms", next)?],
+            )?,
+            DeliveryOutcome::GaveUp => tx.execute(
+                "UPDATE webhook_events SET attempts = ?2, failed_ms = ?3 WHERE event_id = ?1",
+                params![d.event_id, d.attempt, at],
+            )?,
+        };
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn webhook_events(&self, limit: u32) -> Result<Vec<WebhookEvent>> {
+        let conn = self.conn()?;
+        let mut statement = conn.prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM webhook_events ORDER BY created_ms DESC, event_id LIMIT ?1"
+        ))?;
+        let rows = statement.query_map([limit], event_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn deliveries(&self, event_id: &str) -> Result<Vec<Delivery>> {
+        let conn = self.conn()?;
+        let mut statement = conn.prepare_cached(
+            "SELECT event_id, attempt, at_ms, status, error, duration_ms FROM webhook_deliveries WHERE event_id = ?1 ORDER BY attempt, id",
+        )?;
+        let rows = statement.query_map([event_id], |r| {
+            Ok(Delivery {
+                event_id: r.get(0)?,
+                attempt: r.get(1)?,
+                at_ms: u64_of(r.get(2)?),
+                status: r.get(3)?,
+                error: r.get(4)?,
+                duration_ms: u64_of(r.get(5)?),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+}
+
+fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WebhookEvent> {
+    Ok(event_of((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+    )))
+}
+
+fn insert_event(conn: &Connection, event: &WebhookEvent) -> Result<bool> {
+    let added = conn.execute(
+        "INSERT INTO webhook_events (event_id, type, payload, created_ms, next_attempt_ms, attempts) VALUES (?1, ?2, ?3, ?4, ?5, 0)
+         ON CONFLICT (event_id) DO NOTHING",
+        params![
+            event.event_id,
+            event.event_type,
+            event.payload.to_string(),
+            to_i64("created_ms", event.created_ms)?,
+            to_i64("next_attempt_ms", event.next_attempt_ms)?,
+        ],
+    )?;
+    Ok(added == 1)
 }
 
 /// Units to grant: what is asked, within what is left of the limit.
@@ -828,4 +1144,23 @@ pub(crate) fn parse_budget(period: &str, amount: &str) -> Result<Budget> {
         .parse::<Decimal>()
         .with_context(|| format!("stored budget amount `{amount}`"))?;
     Ok(Budget { period, amount })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn both_backends_have_every_migration() {
+        let versions = |m: &[(i64, &str)]| m.iter().map(|(v, _)| *v).collect::<Vec<_>>();
+        assert_eq!(
+            versions(super::SQLITE_MIGRATIONS),
+            versions(crate::postgres_store::MIGRATIONS)
+        );
+        let files = |dir: &str| {
+            std::fs::read_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir))
+                .map(|d| d.count())
+                .unwrap_or(0)
+        };
+        assert_eq!(files("migrations/sqlite"), super::SQLITE_MIGRATIONS.len());
+        assert_eq!(files("migrations/postgres"), super::SQLITE_MIGRATIONS.len());
+    }
 }

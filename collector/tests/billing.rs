@@ -298,3 +298,75 @@ fn the_invoice_drafted_from_stored_usage_is_the_golden_one_on_every_backend() {
         assert_golden("hybrid_subscription_overage", &draft.invoice);
     }
 }
+
+#[test]
+fn the_worker_finalises_the_last_period_once_its_grace_has_passed() {
+    let dir = std::env::temp_dir().join(format!("tollgate-finalize-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let plans = dir.join("plans.json");
+    std::fs::copy(golden_dir().join("catalog.json"), &plans).unwrap();
+    let store =
+        tollgate_collector::open(&format!("sqlite://{}", dir.join("c.db").display())).unwrap();
+    let mut state = tollgate_collector::AppState::new(
+        std::sync::Arc::from(store),
+        tollgate_collector::IngestKeys::default(),
+    );
+    state.control.catalog =
+        tollgate_collector::catalog::CatalogFileWatch::open(Some(&plans)).unwrap();
+    state.billing.finalize_grace_ms = Some(3_600_000);
+    state
+        .store
+        .add_license(&issued("lic-p1", "acme", "pro"))
+        .unwrap();
+    state
+        .store
+        .ingest(
+            &batch(
+                "b1",
+                vec![record(
+                    "lic-p1",
+                    "search",
+                    "allowed",
+                    Meter::Calls,
+                    150_000,
+                    NOV_START + 5000,
+                )],
+            ),
+            NOV_START,
+        )
+        .unwrap();
+    let mut worker = tollgate_collector::worker::Worker::default();
+    // Within the hour after November ended: nothing yet (late usage may still come in).
+    worker.step(&state, NOV_END + 1000).unwrap();
+    assert!(state.store.invoices(Some("acme")).unwrap().is_empty());
+    worker.step(&state, NOV_END + 3_600_000).unwrap();
+    let invoices = state.store.invoices(Some("acme")).unwrap();
+    assert_eq!(invoices.len(), 1);
+    assert_eq!(invoices[0].total, "169.00");
+    assert_eq!(invoices[0].period_start_ms, NOV_START);
+    // Frozen: usage arriving later changes the draft, not the finalised invoice.
+    state
+        .store
+        .ingest(
+            &batch(
+                "b2",
+                vec![record(
+                    "lic-p1",
+                    "search",
+                    "allowed",
+                    Meter::Calls,
+                    1000,
+                    NOV_START + 9000,
+                )],
+            ),
+            NOV_END,
+        )
+        .unwrap();
+    let mut fresh = tollgate_collector::worker::Worker::default();
+    fresh.step(&state, NOV_END + 7_200_000).unwrap();
+    let invoices = state.store.invoices(Some("acme")).unwrap();
+    assert_eq!(invoices.len(), 1);
+    assert_eq!(invoices[0].total, "169.00");
+    let _ = std::fs::remove_dir_all(&dir);
+}
