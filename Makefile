@@ -5,7 +5,7 @@ ENVOY := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
 WASM := target/wasm32-wasip1/release/tollgate_filter.wasm
 
-.PHONY: run up test test-only wasm envoy postgres lint fmt clean
+.PHONY: run up test test-only wasm envoy postgres chromium lint fmt clean
 
 ## run: build, start an upstream and Envoy with the filter, mint demo licenses, send traffic, exit
 run: wasm envoy
@@ -16,7 +16,7 @@ up: wasm envoy
 	cargo run -q -p tollgate-devkit --bin tollgate-demo -- --keep-running
 
 ## test: lints (native and wasm32), unit tests, the .wasm under wasmtime, end to end through Envoy
-test: wasm envoy postgres lint test-only
+test: wasm envoy postgres chromium lint test-only
 
 test-only:
 	cargo test --workspace --no-fail-fast
@@ -40,6 +40,12 @@ postgres:
 	@if command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	else echo "PostgreSQL's server binaries are missing: run 'sudo apt-get install -y postgresql'"; exit 1; fi
+
+## chromium: a headless browser for the dashboard test (Debian's package)
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "Chromium is missing: run 'sudo apt-get install -y chromium'"; exit 1; fi
 
 lint:
 	cargo fmt --all -- --check

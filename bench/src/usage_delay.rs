@@ -14,8 +14,17 @@ use tollgate_bench::{license, percentile, plugin_config, INGEST_SECRET};
 use tollgate_collector::{open, IngestKeys, Running};
 use tollgate_devkit::{Bootstrap, Envoy, Upstream};
 
+/// Usage queries need the admin token.
+const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
+
 fn stored_calls(agent: &ureq::Agent, url: &str) -> Result<u64> {
-    let body: Value = serde_json::from_str(&agent.get(url).call()?.into_string()?)?;
+    let body: Value = serde_json::from_str(
+        &agent
+            .get(url)
+            .set("authorization", &format!("Bearer {ADMIN_TOKEN}"))
+            .call()?
+            .into_string()?,
+    )?;
     Ok(body["rows"]
         .as_array()
         .map(|rows| rows.iter().filter_map(|r| r["units"].as_u64()).sum())
@@ -35,11 +44,15 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     tollgate_collector::server::set_info_logs(false);
     let keys = IngestKeys::parse([format!("bench={INGEST_SECRET}").as_str()])?;
-    let collector = Running::start(
-        0,
-        open(&format!("sqlite://{}", dir.join("usage.db").display()))?,
+    let mut state = tollgate_collector::AppState::new(
+        std::sync::Arc::from(open(&format!(
+            "sqlite://{}",
+            dir.join("usage.db").display()
+        ))?),
         keys,
-    )?;
+    );
+    state.admin_token = Some(ADMIN_TOKEN.into());
+    let collector = Running::start_state(0, state)?;
     let upstream = Upstream::start(0)?;
     let mut bootstrap = Bootstrap::new(plugin_config(flush_ms)?, upstream.port());
     bootstrap.collector_ports = vec![collector.addr.port()];

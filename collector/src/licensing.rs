@@ -139,6 +139,26 @@ pub fn jwks(store: &dyn Store) -> Result<Value> {
     Ok(json!({ "keys": keys }))
 }
 
+/// The key that signs now, ready to sign. The first key is generated (Ed25519) if there is
+/// none at all.
+pub fn signer(store: &dyn Store, now_ms: u64) -> Result<SigningKey> {
+    let mut stored = store.signing_keys()?;
+    if stored.is_empty() {
+        add_key(store, KeyAlg::EdDSA, None, None, 0, now_ms)?;
+        crate::server::log(
+            json!({"level": "info", "msg": "no signing key yet: generated an Ed25519 key"}),
+        );
+        stored = store.signing_keys()?;
+    }
+    let Some(active) = signer_of(&stored, now_ms) else {
+        return Err(conflict(
+            "no active signing key: every key is retired or not active yet",
+        ));
+    };
+    let alg: KeyAlg = active.alg.parse()?;
+    SigningKey::import(alg, &active.kid, &active.private_pem)
+}
+
 /// What to issue. Times are RFC 3339; the default validity is [`DEFAULT_VALID_DAYS`] from now.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -250,23 +270,7 @@ pub fn issue(
         ));
     }
 
-    let mut stored = store.signing_keys()?;
-    if stored.is_empty() {
-        add_key(store, KeyAlg::EdDSA, None, None, 0, now_ms)?;
-        eprintln!(
-            "{}",
-            json!({"level": "info", "msg": "no signing key yet: generated an Ed25519 key"})
-        );
-        stored = store.signing_keys()?;
-    }
-    let Some(signer) = signer_of(&stored, now_ms) else {
-        return Err(conflict(
-            "no active signing key: every key is retired or not active yet",
-        ));
-    };
-    let alg: KeyAlg = signer.alg.parse()?;
-    let key = SigningKey::import(alg, &signer.kid, &signer.private_pem)?;
-
+    let key = signer(store, now_ms)?;
     let (nbf, exp) = (not_before_ms / 1000, expires_ms / 1000);
     let mut claims = json!({
         "sub": request.account,
@@ -295,7 +299,7 @@ pub fn issue(
         limits: request.limits.clone(),
         not_before_ms: nbf * 1000,
         expires_ms: exp * 1000,
-        kid: signer.kid.clone(),
+        kid: key.file.kid.clone(),
         issued_ms: now_ms,
     };
     if !store.add_license(&license)? {

@@ -8,8 +8,8 @@ use postgres::{Client, NoTls};
 use tollgate_wire::UsageBatch;
 
 use crate::store::{
-    event_of, invoice_of, Delivery, DeliveryOutcome, StoredInvoice, WebhookEvent, EVENT_COLUMNS,
-    INVOICE_COLUMNS,
+    event_of, invoice_of, Delivery, DeliveryOutcome, QuotaState, StoredInvoice, WebhookEvent,
+    EVENT_COLUMNS, INVOICE_COLUMNS,
 };
 use crate::store::{
     grant_of, grant_size, license_of, now_ms, parse_budget, u64_of, BillableUsage, Budget,
@@ -419,6 +419,34 @@ impl Store for PostgresStore {
                 out.insert(account, parse_budget(&period, &amount)?);
             }
             Ok(out)
+        })
+    }
+
+    fn quotas(&self, account: &str, now_ms: u64) -> Result<Vec<QuotaState>> {
+        let now = to_i64("now_ms", now_ms)?;
+        self.with_client(|client| {
+            let rows = client.query(
+                "SELECT a.license, a.meter, a.period_start_ms, a.period_end_ms,
+                        (SELECT l.limit_units FROM leases l WHERE l.license = a.license AND l.meter = a.meter
+                           AND l.period_start_ms = a.period_start_ms ORDER BY l.created_ms DESC LIMIT 1),
+                        a.allocated
+                 FROM quota_allocations a
+                 WHERE a.period_end_ms > $2
+                   AND a.license IN (SELECT license FROM leases WHERE account = $1)
+                 ORDER BY 1, 2, 3",
+                &[&account, &now],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| QuotaState {
+                    license: r.get(0),
+                    meter: r.get(1),
+                    period_start_ms: u64_of(r.get(2)),
+                    period_end_ms: u64_of(r.get(3)),
+                    limit: r.get::<_, Option<i64>>(4).map_or(0, u64_of),
+                    allocated: u64_of(r.get(5)),
+                })
+                .collect())
         })
     }
 

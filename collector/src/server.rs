@@ -226,6 +226,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .merge(crate::admin::routes())
+        .merge(crate::customer::routes())
         .layer(DefaultBodyLimit::max(MAX_BATCH_BYTES))
         .with_state(state)
 }
@@ -684,8 +685,10 @@ async fn account(
     }
 }
 
+/// Usage rows: for the admin token, or an account token asking for its own account.
 async fn usage(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let query = match query {
@@ -698,9 +701,23 @@ async fn usage(
             )
         }
     };
-    let store = Arc::clone(&state.store);
-    match tokio::task::spawn_blocking(move || store.usage(&query)).await {
-        Ok(Ok(rows)) => Json(json!({"rows": rows})).into_response(),
+    let worker = Arc::clone(&state);
+    let answered = tokio::task::spawn_blocking(move || {
+        match crate::customer::caller(&worker, &headers) {
+            Some(crate::customer::Caller::Admin) => {}
+            Some(crate::customer::Caller::Account(a)) if query.account.as_deref() == Some(&a) => {}
+            _ => return Ok(None),
+        }
+        worker.store.usage(&query).map(Some)
+    })
+    .await;
+    match answered {
+        Ok(Ok(None)) => refusal(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "usage queries need `authorization: Bearer <admin token>`, or an account token and `account=` its account",
+        ),
+        Ok(Ok(Some(rows))) => Json(json!({"rows": rows})).into_response(),
         Ok(Err(e)) => refusal(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",

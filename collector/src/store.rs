@@ -195,6 +195,18 @@ pub struct Delivery {
     pub duration_ms: u64,
 }
 
+/// A quota of a license in a running period: what the collector handed out of its limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QuotaState {
+    pub license: String,
+    pub meter: String,
+    pub period_start_ms: u64,
+    pub period_end_ms: u64,
+    pub limit: u64,
+    /// Units in open leases plus units used by closed ones: the most that can have been used.
+    pub allocated: u64,
+}
+
 /// What follows a delivery attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeliveryOutcome {
@@ -256,6 +268,8 @@ pub trait Store: Send + Sync + 'static {
     fn accounts(&self, from_ms: u64, to_ms: u64) -> Result<Vec<String>>;
     /// Every account's budget.
     fn budgets(&self) -> Result<BTreeMap<String, Budget>>;
+    /// The quotas of `account`'s licenses in periods that end after `now_ms`.
+    fn quotas(&self, account: &str, now_ms: u64) -> Result<Vec<QuotaState>>;
 
     /// Store `invoice` and enqueue `event` in one transaction, unless the invoice was
     /// finalised before: then nothing changes. The stored invoice, and whether it is new.
@@ -278,6 +292,16 @@ pub trait Store: Send + Sync + 'static {
     /// The attempts to deliver one event, in order.
     fn deliveries(&self, event_id: &str) -> Result<Vec<Delivery>>;
 }
+
+/// The limit in force is the latest lease's (a catalogue change applies to the next lease).
+const QUOTAS_SQL_SQLITE: &str = "SELECT a.license, a.meter, a.period_start_ms, a.period_end_ms,
+            (SELECT l.limit_units FROM leases l WHERE l.license = a.license AND l.meter = a.meter
+               AND l.period_start_ms = a.period_start_ms ORDER BY l.created_ms DESC LIMIT 1),
+            a.allocated
+     FROM quota_allocations a
+     WHERE a.period_end_ms > ?2
+       AND a.license IN (SELECT license FROM leases WHERE account = ?1)
+     ORDER BY 1, 2, 3";
 
 /// A stored invoice row.
 pub(crate) type InvoiceRow = (String, String, i64, i64, String, String, String, i64);
@@ -931,6 +955,22 @@ impl Store for SqliteStore {
             out.insert(account, parse_budget(&period, &amount)?);
         }
         Ok(out)
+    }
+
+    fn quotas(&self, account: &str, now_ms: u64) -> Result<Vec<QuotaState>> {
+        let conn = self.conn()?;
+        let mut statement = conn.prepare_cached(QUOTAS_SQL_SQLITE)?;
+        let rows = statement.query_map(params![account, to_i64("now_ms", now_ms)?], |r| {
+            Ok(QuotaState {
+                license: r.get(0)?,
+                meter: r.get(1)?,
+                period_start_ms: u64_of(r.get(2)?),
+                period_end_ms: u64_of(r.get(3)?),
+                limit: u64_of(r.get(4)?),
+                allocated: u64_of(r.get(5)?),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     fn finalize_invoice(

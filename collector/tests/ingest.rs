@@ -22,8 +22,16 @@ fn start(backend: &Backend) -> Running {
         "k2=another-secret-for-rotation",
     ])
     .unwrap();
-    Running::start(0, open(&backend.url()).unwrap(), keys).unwrap()
+    let mut state = tollgate_collector::AppState::new(
+        std::sync::Arc::from(open(&backend.url()).unwrap()),
+        keys,
+    );
+    state.admin_token = Some(ADMIN.into());
+    Running::start_state(0, state).unwrap()
 }
+
+/// Usage queries need the admin token (or an account's own token).
+const ADMIN: &str = "ingest-test-admin-token-0123";
 
 fn batch(sequence: u64, calls: u64, at_ms: u64) -> UsageBatch {
     let source = Source {
@@ -73,6 +81,7 @@ fn post(c: &Running, key: &str, secret: &str, body: &[u8]) -> (u16, Value) {
 /// The rows of `GET /v1/usage?<query>`.
 fn usage_rows(c: &Running, query: &str) -> Vec<Value> {
     let body = ureq::get(&c.url(&format!("/v1/usage?{query}")))
+        .set("authorization", &format!("Bearer {ADMIN}"))
         .call()
         .unwrap()
         .into_string()
@@ -249,7 +258,9 @@ fn usage_is_summed_by_calendar_period_on(db: &Backend) {
             ("2026-07-01T00:00:00Z".into(), 4)
         ]
     );
-    let bad = ureq::get(&c.url("/v1/usage?granularity=fortnight")).call();
+    let bad = ureq::get(&c.url("/v1/usage?granularity=fortnight"))
+        .set("authorization", &format!("Bearer {ADMIN}"))
+        .call();
     assert!(matches!(bad, Err(ureq::Error::Status(400, _))));
     assert_eq!(ureq::get(&c.url("/readyz")).call().unwrap().status(), 200);
     assert_eq!(ureq::get(&c.url("/healthz")).call().unwrap().status(), 200);
@@ -262,12 +273,7 @@ fn usage_is_summed_by_calendar_period_on(db: &Backend) {
 #[test]
 fn the_collector_reconnects_after_postgres_restarts() {
     let pg = TestPostgres::start_durable("restart").unwrap();
-    let c = Running::start(
-        0,
-        open(&pg.url()).unwrap(),
-        IngestKeys::parse([format!("k1={SECRET}").as_str()]).unwrap(),
-    )
-    .unwrap();
+    let c = start(&Backend::Url(pg.url()));
     let first = batch(1, 3, T0).encode();
     assert_eq!(post(&c, "k1", SECRET, &first).0, 200);
     pg.restart().unwrap();

@@ -376,3 +376,61 @@ fn exports_on(db: &Backend) {
     let (status, _) = admin(&c, "GET", &format!("{query}&format=xml"), None);
     assert_eq!(status, 400);
 }
+
+#[test]
+fn an_account_token_reads_its_own_account_only() {
+    let db = backends("account-tokens").remove(0);
+    let c = start(&db, None);
+    let (status, minted) = admin(
+        &c,
+        "POST",
+        "/v1/admin/accounts/acme/tokens",
+        Some(json!({"valid_days": 7})),
+    );
+    assert_eq!(status, 201, "{minted}");
+    let token = minted["token"].as_str().unwrap();
+    let (_, license) = admin(
+        &c,
+        "POST",
+        "/v1/admin/licenses",
+        Some(json!({"account": "acme", "plan": "pro"})),
+    );
+    let license_token = license["token"].as_str().unwrap();
+    for path in [
+        "/v1/accounts/acme/usage",
+        "/v1/accounts/acme/cost",
+        "/v1/accounts/acme/quotas",
+        "/v1/usage?account=acme",
+    ] {
+        let (status, body) = call(&c, "GET", path, Some(token), None);
+        assert_eq!(status, 200, "{path}: {body}");
+        // The admin reads every account.
+        assert_eq!(call(&c, "GET", path, Some(ADMIN), None).0, 200, "{path}");
+        // A license is not an account token, and nothing passes without a token.
+        assert_eq!(
+            call(&c, "GET", path, Some(license_token), None).0,
+            401,
+            "{path}"
+        );
+        assert_eq!(call(&c, "GET", path, None, None).0, 401, "{path}");
+    }
+    for path in [
+        "/v1/accounts/other/usage",
+        "/v1/accounts/other/cost",
+        "/v1/usage?account=other",
+        "/v1/usage",
+        "/v1/admin/accounts/acme",
+        "/v1/admin/licenses",
+    ] {
+        let (status, body) = call(&c, "GET", path, Some(token), None);
+        assert_eq!(status, 401, "{path}: {body}");
+    }
+    // Retiring the key that signed it ends the token.
+    let kid = license["kid"].as_str().unwrap();
+    admin(&c, "POST", "/v1/admin/keys", Some(json!({"kid": "next"})));
+    admin(&c, "POST", &format!("/v1/admin/keys/{kid}/retire"), None);
+    assert_eq!(
+        call(&c, "GET", "/v1/accounts/acme/cost", Some(token), None).0,
+        401
+    );
+}

@@ -9,6 +9,8 @@ use tollgate_devkit::postgres::TestPostgres;
 pub enum Backend {
     Sqlite(PathBuf),
     Postgres(TestPostgres),
+    /// A database someone else owns.
+    Url(String),
 }
 
 impl Backend {
@@ -16,6 +18,7 @@ impl Backend {
         match self {
             Backend::Sqlite(path) => format!("sqlite://{}", path.display()),
             Backend::Postgres(pg) => pg.url(),
+            Backend::Url(url) => url.clone(),
         }
     }
 }

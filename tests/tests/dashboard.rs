@@ -1,0 +1,252 @@
+//! The dashboard in a real headless Chromium: the page loads from the collector, reads real
+//! collector data with an account token, draws its charts from it, and a screenshot is taken.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tollgate_collector::catalog::CatalogFileWatch;
+use tollgate_collector::control::ControlPlane;
+use tollgate_collector::store::Budget;
+use tollgate_collector::{open, AppState, IngestKeys, Running};
+use tollgate_devkit::envoy::workspace_root;
+use tollgate_wire::sync::{LeaseRequest, Period, SyncRequest};
+use tollgate_wire::{Meter, Source, UsageBatch, UsageRecord};
+
+const ADMIN: &str = "dashboard-admin-token-0123456789";
+
+fn chromium() -> PathBuf {
+    for name in ["chromium", "chromium-browser", "google-chrome"] {
+        for dir in ["/usr/bin", "/usr/local/bin", "/snap/bin"] {
+            let path = Path::new(dir).join(name);
+            if path.exists() {
+                return path;
+            }
+        }
+    }
+    panic!("no Chromium: `make test` installs it (apt-get install chromium)");
+}
+
+/// Run headless Chromium on `url` with `extra` arguments; its stdout.
+fn headless(url: &str, extra: &[&str], profile: &Path) -> String {
+    let mut command = Command::new(chromium());
+    command
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--hide-scrollbars",
+            // Let the page's fetches and scripts finish before the DOM is dumped.
+            "--virtual-time-budget=15000",
+            "--window-size=1400,1200",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url);
+    let output = command.output().expect("running chromium");
+    assert!(
+        output.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The value of `attribute` on the element with `id` in `dom`.
+fn attribute(dom: &str, id: &str, attribute: &str) -> Option<String> {
+    let at = dom.find(&format!("id=\"{id}\""))?;
+    let start = dom[..at].rfind('<')?;
+    let end = at + dom[at..].find('>')?;
+    let tag = &dom[start..end];
+    let key = format!("{attribute}=\"");
+    let from = tag.find(&key)? + key.len();
+    let to = from + tag[from..].find('"')?;
+    Some(tag[from..to].to_string())
+}
+
+fn record(feature: &str, outcome: &str, units: u64, at: u64) -> UsageRecord {
+    UsageRecord {
+        account: "acme".into(),
+        license: "lic-dash".into(),
+        feature: feature.into(),
+        outcome: outcome.into(),
+        meter: Meter::Calls,
+        units,
+        window_start_ms: at,
+        window_end_ms: at + 1000,
+    }
+}
+
+#[test]
+fn the_dashboard_draws_real_collector_data_in_chromium() {
+    let dir = std::env::temp_dir().join(format!("tollgate-dashboard-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let plans = dir.join("plans.json");
+    std::fs::write(
+        &plans,
+        r#"{"currency": "EUR", "plans": {"pro": {"subscription": {"fee": "49", "included": {"calls": 100}}, "prices": {"calls": "0.01"}}}}"#,
+    )
+    .unwrap();
+    let store = open(&format!("sqlite://{}", dir.join("c.db").display())).unwrap();
+    let mut state = AppState::new(Arc::from(store), IngestKeys::default());
+    state.admin_token = Some(ADMIN.into());
+    state.control = ControlPlane {
+        catalog: CatalogFileWatch::open(Some(&plans)).unwrap(),
+        ..ControlPlane::default()
+    };
+    let c = Running::start_state(0, state).unwrap();
+
+    let admin = |method: &str, path: &str, body: Value| -> Value {
+        let r = ureq::request(method, &c.url(path))
+            .set("authorization", &format!("Bearer {ADMIN}"))
+            .set("content-type", "application/json")
+            .send_string(&body.to_string())
+            .unwrap();
+        serde_json::from_str(&r.into_string().unwrap()).unwrap_or(Value::Null)
+    };
+    admin(
+        "POST",
+        "/v1/admin/licenses",
+        json!({"account": "acme", "plan": "pro", "license_id": "lic-dash", "features": ["search", "design"]}),
+    );
+    let now = u64::try_from(tollgate_collector::store::now_ms()).unwrap();
+    // Two hours of usage: this hour and two hours ago, two features, two refusal reasons.
+    let batch = UsageBatch {
+        version: 1,
+        batch_id: "dash-1".into(),
+        source: Source {
+            instance: "node".into(),
+            vm_started_ms: 1,
+        },
+        sequence: 1,
+        created_ms: now,
+        records: vec![
+            record("search", "allowed", 120, now - 1000),
+            record("design", "allowed", 30, now - 1000),
+            record("search", "allowed", 50, now - 2 * 3_600_000),
+            record("search", "rate_limited", 7, now - 1000),
+            record("design", "quota_exhausted", 3, now - 1000),
+        ],
+    };
+    c.state.store.ingest(&batch, now).unwrap();
+    c.state
+        .store
+        .set_budget(
+            "acme",
+            Some(&Budget {
+                period: Period::Month,
+                amount: "5".parse().unwrap(),
+            }),
+            now,
+        )
+        .unwrap();
+    // A quota lease, as a filter's sync would take it.
+    tollgate_collector::control::sync(
+        c.state.store.as_ref(),
+        &c.state.control,
+        &SyncRequest {
+            version: 1,
+            instance: "node".into(),
+            leases: vec![LeaseRequest {
+                lease_id: "lease-1".into(),
+                account: "acme".into(),
+                license: "lic-dash".into(),
+                plan: "pro".into(),
+                meter: Meter::Calls,
+                period: Period::Day,
+                limit: 1000,
+                want: 250,
+            }],
+            returns: vec![],
+            licenses: vec![],
+        },
+        now,
+    )
+    .unwrap();
+    let token = admin("POST", "/v1/admin/accounts/acme/tokens", json!({}))["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cost: Value = serde_json::from_str(
+        &ureq::get(&c.url("/v1/accounts/acme/cost"))
+            .set("authorization", &format!("Bearer {token}"))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap(),
+    )
+    .unwrap();
+
+    let url = c.url(&format!("/dashboard?account=acme#token={token}"));
+    let profile = dir.join("chromium-profile");
+    let dom = headless(&url, &["--dump-dom"], &profile);
+    assert!(
+        dom.contains("data-ready=\"true\""),
+        "the page did not finish: {dom}"
+    );
+    // The usage chart: 200 allowed calls in three bars (two features this hour, one earlier).
+    assert_eq!(
+        attribute(&dom, "usage-chart", "data-total").as_deref(),
+        Some("200")
+    );
+    assert_eq!(
+        attribute(&dom, "usage-chart", "data-bars").as_deref(),
+        Some("3")
+    );
+    assert_eq!(
+        attribute(&dom, "usage-chart", "data-features").as_deref(),
+        Some("2")
+    );
+    assert_eq!(dom.matches("data-feature=\"").count(), 3);
+    // Refusals by reason.
+    assert_eq!(
+        attribute(&dom, "refusals-chart", "data-total").as_deref(),
+        Some("10")
+    );
+    assert_eq!(
+        attribute(&dom, "refusals-chart", "data-reasons").as_deref(),
+        Some("2")
+    );
+    assert!(
+        dom.contains("data-reason=\"rate_limited\" data-units=\"7\""),
+        "{dom}"
+    );
+    // The invoice draft as the API has it: €49 + 100 billable calls at €0.01 = €50.
+    let total = cost["invoice"]["total"].as_str().unwrap();
+    assert_eq!(total, "50.00");
+    assert_eq!(
+        attribute(&dom, "invoice-total", "data-amount").as_deref(),
+        Some(total)
+    );
+    // Budget (€1 of usage charges of a €5 budget) and the quota lease (250 of 1,000).
+    assert_eq!(
+        attribute(&dom, "budget-bar", "data-percent").as_deref(),
+        Some("20.0")
+    );
+    assert!(
+        dom.contains("data-allocated=\"250\" data-limit=\"1000\""),
+        "{dom}"
+    );
+
+    let shot = workspace_root().join("target/dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    headless(
+        &url,
+        &[&format!("--screenshot={}", shot.display())],
+        &profile,
+    );
+    let png = std::fs::read(&shot).expect("a screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 20_000,
+        "{} bytes",
+        png.len()
+    );
+    std::thread::sleep(Duration::from_millis(10));
+    let _ = std::fs::remove_dir_all(&dir);
+}
