@@ -195,8 +195,12 @@ pub fn rate(
     licenses: &[IssuedLicense],
 ) -> Result<Invoice> {
     let digits = minor_units(&catalog.currency);
-    let round =
-        |d: Decimal| d.round_dp_with_strategy(digits, RoundingStrategy::MidpointAwayFromZero);
+    // Every amount has exactly the currency's minor digits: 49 is shown as 49.00.
+    let round = |d: Decimal| {
+        let mut rounded = d.round_dp_with_strategy(digits, RoundingStrategy::MidpointAwayFromZero);
+        rounded.rescale(digits);
+        rounded
+    };
     let mut by_license: BTreeMap<String, LicenseUsage> = BTreeMap::new();
     for l in licenses {
         if l.account == account && l.not_before_ms < end_ms && l.expires_ms > start_ms {
@@ -259,7 +263,7 @@ pub fn rate(
             }
         }
     }
-    let total = lines.iter().map(|l| l.amount).sum();
+    let total = round(lines.iter().map(|l| l.amount).sum());
     Ok(Invoice {
         invoice_id: format!("{account}/{}", utc(start_ms)),
         account: account.to_string(),

@@ -1,6 +1,7 @@
-//! The demo behind `make run`: an upstream API, the collector, a real Envoy with the Tollgate
-//! filter, demo licenses minted with the demo key, traffic that is allowed, refused and
-//! metered, and the usage the collector stored.
+//! The demo behind `make run`: an upstream API, the collector (usage store, license server,
+//! billing), a real Envoy with the Tollgate filter fetching the license keys from the
+//! collector, licenses issued by the collector, traffic that is allowed, refused and metered,
+//! the usage the collector stored and the invoice drafts it rates from it.
 //!
 //! `tollgate-demo` runs the script and exits; `tollgate-demo --keep-running` then keeps the
 //! stack up and prints curl commands to try.
@@ -9,7 +10,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
-use tollgate_collector::{open, IngestKeys, Running, UsageQuery};
+use tollgate_collector::catalog::CatalogFileWatch;
+use tollgate_collector::control::ControlPlane;
+use tollgate_collector::licensing::{Issuer, LicenseRequest};
+use tollgate_collector::signing::KeyAlg;
+use tollgate_collector::{open, AppState, IngestKeys, Running, UsageQuery};
 use tollgate_devkit::envoy::workspace_root;
 use tollgate_devkit::{unix_now, Bootstrap, Envoy, LicenseSpec, SigningKey, Upstream};
 
@@ -17,6 +22,8 @@ const ISSUER: &str = "https://licenses.tollgate.example";
 const AUDIENCE: &str = "api.example.com";
 /// The demo's batch signing secret (demo only).
 const INGEST_SECRET: &str = "demo-ingest-secret-0123456789";
+/// The demo collector's admin token (demo only).
+const ADMIN_TOKEN: &str = "demo-admin-token-0123456789";
 
 struct Answer {
     status: u16,
@@ -73,14 +80,47 @@ fn main() -> Result<()> {
     let database = format!("sqlite://{}", scratch.join("usage.db").display());
     let keys = IngestKeys::parse([format!("demo={INGEST_SECRET}").as_str()])?;
     tollgate_collector::server::set_info_logs(false);
-    let collector = Running::start(0, open(&database)?, keys)?;
-    println!("collector        http://{}   ({database})", collector.addr);
+    let mut state = AppState::new(std::sync::Arc::from(open(&database)?), keys);
+    state.admin_token = Some(ADMIN_TOKEN.into());
+    state.issuer = Issuer {
+        issuer: Some(ISSUER.into()),
+        audience: Some(AUDIENCE.into()),
+    };
+    state.control = ControlPlane {
+        catalog: CatalogFileWatch::open(Some(&root.join("envoy/plans.json")))?,
+        ..ControlPlane::default()
+    };
+    let collector = Running::start_state(0, state)?;
+    println!(
+        "collector        http://{}   ({database}, prices envoy/plans.json)",
+        collector.addr
+    );
+    let store = collector.state.store.as_ref();
+    let now_ms = || u64::try_from(tollgate_collector::store::now_ms()).unwrap_or(0);
+    // The license server signs with the demo key (kid demo-2026), and publishes it in its JWKS.
+    tollgate_collector::licensing::add_key(
+        store,
+        KeyAlg::EdDSA,
+        Some(&key.file.kid),
+        Some(&key.file.private_pem),
+        0,
+        now_ms(),
+    )?;
     config["collector"] = serde_json::json!({
         "instance": "demo/tollgate",
         "key_id": "demo",
         "secret": INGEST_SECRET,
         "flush_interval_ms": 500,
     });
+    // Keys from the collector's JWKS instead of the inline set: a key rotated there reaches
+    // Envoy without a configuration change.
+    if let Some(token) = config["token"].as_object_mut() {
+        token.remove("jwks");
+        token.insert(
+            "jwks_source".into(),
+            serde_json::json!({"cluster": "tollgate_collector", "refresh_seconds": 60}),
+        );
+    }
     // A trial plan with a period quota: the collector hands out leases of it.
     config["plans"]["trial"] =
         serde_json::json!({"quotas": {"calls": {"per": "day", "limit": 10}}});
@@ -89,31 +129,46 @@ fn main() -> Result<()> {
     let bootstrap = bootstrap.to_json();
     let envoy = Envoy::start("demo", &bootstrap, 2)?;
     println!(
-        "envoy listener   {}   (2 worker threads, plugin config envoy/tollgate.json)",
+        "envoy listener   {}   (2 worker threads, plugin config envoy/tollgate.json, keys from the collector's JWKS)",
         envoy.url("")
     );
     println!("envoy admin      http://{}", envoy.admin);
 
-    let acme = license(
+    let issue = |account: &str, id: &str, plan: &str, features: &[&str]| -> Result<String> {
+        let issued = tollgate_collector::licensing::issue(
+            store,
+            &collector.state.issuer,
+            &collector.state.control.catalog.current().plan_names(),
+            &LicenseRequest {
+                account: account.into(),
+                plan: plan.into(),
+                features: features.iter().map(|f| f.to_string()).collect(),
+                license_id: Some(id.into()),
+                valid_days: Some(30),
+                ..LicenseRequest::default()
+            },
+            now_ms(),
+        )?;
+        Ok(issued.token)
+    };
+    let acme = issue(
         "acme-corp",
         "lic-acme-001",
         "starter",
         &["search", "reports"],
-    )
-    .mint(&key)?;
-    let globex = license(
+    )?;
+    let globex = issue(
         "globex",
         "lic-globex-007",
         "pro",
         &["search", "generative-design"],
-    )
-    .mint(&key)?;
-    let umbrella = license("umbrella", "lic-umbrella-010", "trial", &["search"]).mint(&key)?;
+    )?;
+    let umbrella = issue("umbrella", "lic-umbrella-010", "trial", &["search"])?;
     let expired = {
         let spec = license("initech", "lic-initech-002", "starter", &["search"]);
         key.sign(&spec.claims_at(unix_now() - 7200))?
     };
-    println!("\nlicenses minted with the demo key (EdDSA, kid demo-2026):");
+    println!("\nlicenses issued by the collector's license server (EdDSA, kid demo-2026):");
     println!(
         "  acme-corp  lic-acme-001    plan starter (5 req/s, burst 10)   features search, reports"
     );
@@ -121,11 +176,36 @@ fn main() -> Result<()> {
     println!(
         "  umbrella   lic-umbrella-010 plan trial (10 calls a day)            features search"
     );
-    println!("  initech    lic-initech-002 expired an hour ago");
+    println!("  initech    lic-initech-002 expired an hour ago (minted with the same key)");
 
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(10))
         .build();
+    // Envoy fetches the keys on its first tick; until then requests get 503 keys_unavailable.
+    let mut warm_up = 0u64;
+    let keys_at = Instant::now();
+    loop {
+        let answer = send(&agent, "GET", &envoy.url("/healthz"), None)?;
+        warm_up += 1;
+        let probe = send(
+            &agent,
+            "GET",
+            &envoy.url("/v1/search?q=warm-up"),
+            Some("x.y.z"),
+        )?;
+        warm_up += 1;
+        if answer.status == 200 && probe.code != "keys_unavailable" {
+            break;
+        }
+        if keys_at.elapsed() > Duration::from_secs(10) {
+            anyhow::bail!("Envoy did not fetch the license keys from the collector in 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "envoy fetched the license keys from the collector in {:.0} ms",
+        keys_at.elapsed().as_secs_f64() * 1000.0
+    );
     let cases: Vec<(&str, &str, Option<&str>, &str)> = vec![
         ("GET", "/healthz", None, "(none)"),
         ("GET", "/v1/search?q=bolts", None, "(none)"),
@@ -222,11 +302,7 @@ fn main() -> Result<()> {
     );
 
     println!("\nrevocation: the operator revokes lic-globex-007 (tollgate-collector revoke --license lic-globex-007)");
-    collector.state.store.set_revoked(
-        "lic-globex-007",
-        Some("demo: contract ended"),
-        u64::try_from(tollgate_collector::store::now_ms()).unwrap_or(0),
-    )?;
+    store.set_revoked("lic-globex-007", Some("demo: contract ended"), now_ms())?;
     let revoked_at = Instant::now();
     let mut after_revocation = 0u64;
     let refused = loop {
@@ -265,7 +341,7 @@ fn main() -> Result<()> {
     println!("upstream received {} requests", upstream.requests());
 
     // Every call the clients made, as the collector stored it (batches arrive every 0.5 s).
-    let sent = (cases.len() + 20 + 12) as u64 + after_revocation;
+    let sent = (cases.len() + 20 + 12) as u64 + after_revocation + warm_up;
     let deadline = Instant::now() + Duration::from_secs(20);
     let rows = loop {
         let rows = collector.state.store.usage(&UsageQuery::default())?;
@@ -309,6 +385,30 @@ fn main() -> Result<()> {
         .sum();
     println!("  {stored} calls stored for {sent} sent");
 
+    println!("\ninvoice drafts for this month, rated from the stored usage with envoy/plans.json:");
+    let catalog = collector.state.control.catalog.current();
+    for account in ["acme-corp", "globex", "umbrella"] {
+        let draft =
+            tollgate_collector::billing::draft(store, &catalog, account, now_ms(), now_ms())?;
+        let invoice = &draft.invoice;
+        println!(
+            "  {account:<10} total {} {:>8}   (forecast for the month {})",
+            invoice.currency,
+            invoice.total,
+            draft
+                .forecast_total
+                .map(|f| format!("{} {f}", invoice.currency))
+                .unwrap_or_else(|| "-".into())
+        );
+        for line in &invoice.lines {
+            println!(
+                "    {:<58} {:>12} {:>10}",
+                line.description, line.quantity, line.amount
+            );
+        }
+    }
+    println!("  (tollgate-collector invoice --account globex --plans envoy/plans.json --database {database})");
+
     if keep_running {
         println!("\nThe stack stays up; Ctrl-C stops it. Try:");
         println!(
@@ -323,9 +423,22 @@ fn main() -> Result<()> {
             "  curl -s http://{}/stats/prometheus | grep tollgate",
             envoy.admin
         );
-        println!("Mint more: cargo run -q -p tollgate-devkit --bin tollgate-license -- mint --key envoy/demo-signing-key.json \\");
+        println!("Issue more licenses with the admin API:");
         println!(
-            "  --sub you --lid lic-you --plan pro --feature search --iss {ISSUER} --aud {AUDIENCE}"
+            "  curl -s -X POST {} -H 'authorization: Bearer {ADMIN_TOKEN}' -d '{{\"account\": \"you\", \"plan\": \"pro\", \"features\": [\"search\"]}}'",
+            collector.url("/v1/admin/licenses")
+        );
+        let (account_token, _) = tollgate_collector::customer::issue_account_token(
+            store,
+            &collector.state.issuer,
+            "globex",
+            7,
+            now_ms(),
+        )?;
+        println!("globex's dashboard (usage, invoice draft, budget, refusals):");
+        println!(
+            "  {}",
+            collector.url(&format!("/dashboard?account=globex#token={account_token}"))
         );
         loop {
             std::thread::sleep(Duration::from_secs(3600));
