@@ -49,6 +49,9 @@ async fn blocking(
     let worker = Arc::clone(state);
     match tokio::task::spawn_blocking(move || work(&worker, now())).await {
         Ok(Ok(response)) => response,
+        Ok(Err(e)) if e.downcast_ref::<crate::billing::FinalizeFirst>().is_some() => {
+            refusal(StatusCode::CONFLICT, "conflict", format!("{e:#}"))
+        }
         Ok(Err(e)) => match e.downcast_ref::<Invalid>() {
             Some(invalid) if invalid.conflict => {
                 refusal(StatusCode::CONFLICT, "conflict", invalid.message.clone())
@@ -372,11 +375,14 @@ async fn export_usage(
             )
         }
     };
-    blocking(&state, move |s, _| {
+    blocking(&state, move |s, now| {
         let limit = query.limit.unwrap_or(EXPORT_PAGE).clamp(1, EXPORT_PAGE);
-        let records = s
-            .store
-            .records(query.from_ms, query.to_ms, query.after_id, limit)?;
+        // Only batches stored a while ago: record ids are not handed out in commit order
+        // (PostgreSQL sequences), so a batch still committing could land behind the cursor.
+        let settled = now.saturating_sub(crate::billing::SETTLE_MS);
+        let records =
+            s.store
+                .records(query.from_ms, query.to_ms, query.after_id, limit, settled)?;
         // The page is full: there may be more after its last record.
         let next = (records.len() == limit as usize)
             .then(|| records.last().map(|r| r.id))
@@ -426,7 +432,8 @@ async fn list_invoices(
 }
 
 /// `POST /v1/admin/accounts/{account}/invoices`: finalise the invoice of the period containing
-/// `at_ms` (default: the last period that ended).
+/// `at_ms` (default: the last period that ended), after the earlier periods with usage and no
+/// invoice.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Finalize {
@@ -455,17 +462,17 @@ async fn finalize_invoice(
                 .0
                 .saturating_sub(1)
         });
-        let (invoice, new) = crate::billing::finalize(
-            s.store.as_ref(),
-            &catalog,
-            &account,
-            at,
-            now,
-            s.webhooks.is_some(),
-        )?;
-        if new {
-            log(json!({"level": "info", "msg": "invoice finalised", "invoice_id": invoice.invoice_id, "total": invoice.total, "currency": invoice.currency}));
+        // Earlier periods with usage and no invoice are finalised first, in order.
+        let finalized =
+            crate::billing::finalize_in_order(s.store.as_ref(), &catalog, &account, at, now)?;
+        for (invoice, new) in &finalized {
+            if *new {
+                log(json!({"level": "info", "msg": "invoice finalised", "invoice_id": invoice.invoice_id, "total": invoice.total, "currency": invoice.currency}));
+            }
         }
+        let Some((invoice, new)) = finalized.into_iter().last() else {
+            anyhow::bail!("nothing was finalised");
+        };
         let status = if new { StatusCode::CREATED } else { StatusCode::OK };
         Ok((status, Json(invoice)).into_response())
     })

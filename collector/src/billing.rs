@@ -68,6 +68,9 @@ pub struct Line {
     /// For usage lines, the tier (from 1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tier: Option<usize>,
+    /// Usage of earlier periods that arrived after their invoice was cut.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub late: bool,
     pub description: String,
     pub quantity: u64,
     #[serde(with = "rust_decimal::serde::str")]
@@ -180,18 +183,30 @@ fn utc(ms: u64) -> String {
 #[derive(Debug, Clone, Default)]
 struct LicenseUsage {
     plan: String,
-    /// (feature, meter) → units.
+    /// (feature, meter) → units of the period.
     units: BTreeMap<(String, Meter), u64>,
+    /// (feature, meter) → late units: usage of earlier periods that arrived after their
+    /// invoice was cut.
+    late: BTreeMap<(String, Meter), u64>,
+    /// Pays the plan's fee: issued and valid during the period, or used in it; not revoked
+    /// before the period began.
+    pays_fee: bool,
 }
 
-/// Rate `account`'s usage of the billing period `[start_ms, end_ms)`. `licenses` are the
-/// account's issued licenses: those valid during the period pay their plan's fee even
-/// without usage.
+/// Rate `account`'s usage of the billing period `[start_ms, end_ms)`.
+///
+/// - `usage`: allowed usage with windows in the period;
+/// - `late`: allowed usage of earlier periods that arrived after their invoice was cut (see
+///   [`late_usage_bounds`]): rated on its own lines, with the plan's prices, without included
+///   units, fees or minimums (those belonged to its period);
+/// - `licenses`: the account's issued licenses: those valid during the period pay their plan's
+///   fee even without usage, unless revoked before it began.
 pub fn rate(
     catalog: &Catalog,
     account: &str,
     (start_ms, end_ms): (u64, u64),
     usage: &[BillableUsage],
+    late: &[BillableUsage],
     licenses: &[IssuedLicense],
 ) -> Result<Invoice> {
     let digits = minor_units(&catalog.currency);
@@ -201,33 +216,50 @@ pub fn rate(
         rounded.rescale(digits);
         rounded
     };
+    let revoked_before: std::collections::BTreeSet<&str> = licenses
+        .iter()
+        .filter(|l| l.revoked_ms.is_some_and(|r| r < start_ms))
+        .map(|l| l.license.as_str())
+        .collect();
     let mut by_license: BTreeMap<String, LicenseUsage> = BTreeMap::new();
     for l in licenses {
         if l.account == account && l.not_before_ms < end_ms && l.expires_ms > start_ms {
-            by_license.entry(l.license.clone()).or_default().plan = l.plan.clone();
+            let entry = by_license.entry(l.license.clone()).or_default();
+            entry.plan = l.plan.clone();
+            entry.pays_fee = !revoked_before.contains(l.license.as_str());
         }
     }
     let mut unpriced = Vec::new();
-    for row in usage {
-        let entry = by_license.entry(row.license.clone()).or_default();
-        if entry.plan.is_empty() {
-            entry.plan = row.plan.clone();
+    for (rows, is_late) in [(usage, false), (late, true)] {
+        for row in rows {
+            let entry = by_license.entry(row.license.clone()).or_default();
+            if entry.plan.is_empty() {
+                entry.plan = row.plan.clone();
+            }
+            if !is_late && !revoked_before.contains(row.license.as_str()) {
+                entry.pays_fee = true;
+            }
+            let Some(meter) = meter_named(&row.meter) else {
+                continue;
+            };
+            if !catalog.plans.contains_key(&row.plan) {
+                unpriced.push(Unpriced {
+                    license: row.license.clone(),
+                    plan: row.plan.clone(),
+                    feature: row.feature.clone(),
+                    meter: row.meter.clone(),
+                    units: row.units,
+                });
+                continue;
+            }
+            let map = if is_late {
+                &mut entry.late
+            } else {
+                &mut entry.units
+            };
+            let units = map.entry((row.feature.clone(), meter)).or_insert(0);
+            *units = units.saturating_add(row.units);
         }
-        let Some(meter) = meter_named(&row.meter) else {
-            continue;
-        };
-        if !catalog.plans.contains_key(&row.plan) {
-            unpriced.push(Unpriced {
-                license: row.license.clone(),
-                plan: row.plan.clone(),
-                feature: row.feature.clone(),
-                meter: row.meter.clone(),
-                units: row.units,
-            });
-            continue;
-        }
-        let units = entry.units.entry((row.feature.clone(), meter)).or_insert(0);
-        *units = units.saturating_add(row.units);
     }
 
     let mut lines = Vec::new();
@@ -236,16 +268,35 @@ pub fn rate(
             continue;
         };
         let first_line = lines.len();
-        rate_license(
+        if usage.pays_fee {
+            if let Some(fee) = pricing.fee {
+                lines.push(Line {
+                    kind: LineKind::Subscription,
+                    license: license.clone(),
+                    plan: usage.plan.clone(),
+                    feature: None,
+                    meter: None,
+                    tier: None,
+                    late: false,
+                    description: format!("subscription to plan {}", usage.plan),
+                    quantity: 1,
+                    unit_price: round(fee),
+                    per: 1,
+                    amount: round(fee),
+                });
+            }
+        }
+        rate_usage(
             license,
             &usage.plan,
             pricing,
             &usage.units,
+            false,
             &round,
             &mut lines,
         )?;
         let subtotal: Decimal = lines[first_line..].iter().map(|l| l.amount).sum();
-        if let Some(minimum) = pricing.minimum {
+        if let Some(minimum) = pricing.minimum.filter(|_| usage.pays_fee) {
             if subtotal < minimum {
                 lines.push(Line {
                     kind: LineKind::Minimum,
@@ -254,6 +305,7 @@ pub fn rate(
                     feature: None,
                     meter: None,
                     tier: None,
+                    late: false,
                     description: format!("minimum charge of plan {}", usage.plan),
                     quantity: 1,
                     unit_price: round(minimum - subtotal),
@@ -262,6 +314,15 @@ pub fn rate(
                 });
             }
         }
+        rate_usage(
+            license,
+            &usage.plan,
+            pricing,
+            &usage.late,
+            true,
+            &round,
+            &mut lines,
+        )?;
     }
     let total = round(lines.iter().map(|l| l.amount).sum());
     Ok(Invoice {
@@ -278,30 +339,17 @@ pub fn rate(
     })
 }
 
-fn rate_license(
+/// The usage lines of one license: per meter, the plan's price after included units (not for
+/// late usage), and features with prices of their own apart.
+fn rate_usage(
     license: &str,
     plan: &str,
     pricing: &PlanPricing,
     units: &BTreeMap<(String, Meter), u64>,
+    late: bool,
     round: &dyn Fn(Decimal) -> Decimal,
     lines: &mut Vec<Line>,
 ) -> Result<()> {
-    if let Some(fee) = pricing.fee {
-        lines.push(Line {
-            kind: LineKind::Subscription,
-            license: license.to_string(),
-            plan: plan.to_string(),
-            feature: None,
-            meter: None,
-            tier: None,
-            description: format!("subscription to plan {plan}"),
-            quantity: 1,
-            unit_price: fee,
-            per: 1,
-            amount: round(fee),
-        });
-    }
-    // Usage priced by the plan, per meter; usage of features with prices of their own, apart.
     let mut plan_priced: BTreeMap<Meter, u64> = BTreeMap::new();
     let mut feature_priced: BTreeMap<(String, Meter), u64> = BTreeMap::new();
     for ((feature, meter), n) in units {
@@ -310,21 +358,33 @@ fn rate_license(
             .get(feature)
             .is_some_and(|p| p.contains_key(meter))
         {
-            *feature_priced.entry((feature.clone(), *meter)).or_insert(0) += n;
+            let units = feature_priced.entry((feature.clone(), *meter)).or_insert(0);
+            *units = units.saturating_add(*n);
         } else {
-            *plan_priced.entry(*meter).or_insert(0) += n;
+            let units = plan_priced.entry(*meter).or_insert(0);
+            *units = units.saturating_add(*n);
         }
     }
+    let prefix = if late {
+        "late usage of earlier periods: "
+    } else {
+        ""
+    };
+    let first = lines.len();
     for (meter, quantity) in plan_priced {
         let Some(price) = pricing.prices.get(&meter) else {
             continue;
         };
-        let included = pricing.included.get(&meter).copied().unwrap_or(0);
+        let included = if late {
+            0
+        } else {
+            pricing.included.get(&meter).copied().unwrap_or(0)
+        };
         let billable = quantity.saturating_sub(included);
         let what = if included > 0 {
             format!("{} ({quantity} used, {included} included)", meter.as_str())
         } else {
-            meter.as_str().to_string()
+            format!("{prefix}{}", meter.as_str())
         };
         rate_price(
             license, plan, None, meter, &what, billable, price, round, lines,
@@ -338,7 +398,7 @@ fn rate_license(
         else {
             continue;
         };
-        let what = format!("{} of feature {feature}", meter.as_str());
+        let what = format!("{prefix}{} of feature {feature}", meter.as_str());
         rate_price(
             license,
             plan,
@@ -350,6 +410,9 @@ fn rate_license(
             round,
             lines,
         )?;
+    }
+    for line in lines.iter_mut().skip(first) {
+        line.late = late;
     }
     Ok(())
 }
@@ -384,6 +447,7 @@ fn rate_price(
         feature: feature.map(str::to_string),
         meter: Some(meter.as_str().to_string()),
         tier: (price.tiers.len() > 1).then_some(tier + 1),
+        late: false,
         description: if price.tiers.len() > 1 {
             format!("{what}, tier {}", tier + 1)
         } else {
@@ -398,11 +462,14 @@ fn rate_price(
     match price.mode {
         TierMode::Graduated => {
             let mut below = 0u64;
+            let last = price.tiers.len().saturating_sub(1);
             for (i, tier) in price.tiers.iter().enumerate() {
                 if quantity <= below {
                     break;
                 }
-                let top = tier.up_to.unwrap_or(u64::MAX).min(quantity);
+                // The last tier is open-ended (the catalogue checks it has no bound).
+                let bound = if i == last { None } else { tier.up_to };
+                let top = bound.unwrap_or(u64::MAX).min(quantity);
                 let n = top - below;
                 let charged = charge(n, tier.amount, price.per)? + tier.flat;
                 lines.push(line(i, n, tier.amount, charged));
@@ -410,12 +477,13 @@ fn rate_price(
             }
         }
         TierMode::Volume => {
+            let last = price.tiers.len().saturating_sub(1);
             let (i, tier) = price
                 .tiers
                 .iter()
                 .enumerate()
-                .find(|(_, t)| t.up_to.is_none_or(|up| quantity <= up))
-                .context("a price has no tier for the quantity")?;
+                .find(|(i, t)| *i == last || t.up_to.is_none_or(|up| quantity <= up))
+                .context("a price has no tier")?;
             let charged = charge(quantity, tier.amount, price.per)? + tier.flat;
             lines.push(line(i, quantity, tier.amount, charged));
         }
@@ -431,6 +499,7 @@ fn rate_price(
                 feature: feature.map(str::to_string),
                 meter: Some(meter.as_str().to_string()),
                 tier: None,
+                late: false,
                 description: format!("{what}: capped at {cap}"),
                 quantity: 1,
                 unit_price: cap - charged,
@@ -450,6 +519,7 @@ pub fn forecast(
     account: &str,
     bounds: (u64, u64),
     usage: &[BillableUsage],
+    late: &[BillableUsage],
     licenses: &[IssuedLicense],
     now_ms: u64,
 ) -> Result<Option<Invoice>> {
@@ -467,7 +537,7 @@ pub fn forecast(
             ..u.clone()
         })
         .collect();
-    rate(catalog, account, bounds, &scaled, licenses).map(Some)
+    rate(catalog, account, bounds, &scaled, late, licenses).map(Some)
 }
 
 /// An invoice draft as the API shows it: the invoice so far, whether its period has ended,
@@ -488,6 +558,62 @@ pub struct Draft {
     pub forecast_total: Option<Decimal>,
 }
 
+/// Usage received within this long before an invoice is finalised is billed by the next
+/// invoice, as late usage: a batch still being stored while the invoice is finalised, or
+/// stamped by a replica whose clock is a little behind, is never missed.
+pub const SETTLE_MS: u64 = 60_000;
+
+/// An invoice's period must be finalised after the periods before it that have usage.
+#[derive(Debug)]
+pub struct FinalizeFirst {
+    /// A time in the earlier period.
+    pub at_ms: u64,
+}
+
+impl std::fmt::Display for FinalizeFirst {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "an earlier billing period (containing {}) has usage and no invoice: finalise it first",
+            utc(self.at_ms)
+        )
+    }
+}
+
+impl std::error::Error for FinalizeFirst {}
+
+/// The latest finalised invoice of `account` before the period starting at `start_ms`.
+fn previous_invoice(
+    store: &dyn crate::Store,
+    account: &str,
+    start_ms: u64,
+) -> Result<Option<crate::store::StoredInvoice>> {
+    Ok(store
+        .invoices(Some(account))?
+        .into_iter()
+        .filter(|i| i.period_start_ms < start_ms)
+        .max_by_key(|i| i.period_start_ms))
+}
+
+/// The late usage an invoice of the period starting at `start_ms` bills: usage of periods
+/// already invoiced (windows before the previous invoice's end) that arrived after that
+/// invoice's cut, up to `until_ms` (this invoice's cut; `None` for a draft). Every stored unit
+/// is billed once: by its period's invoice if it arrived before that invoice's cut, else by
+/// the first invoice cut after it arrived.
+fn late_usage(
+    store: &dyn crate::Store,
+    account: &str,
+    start_ms: u64,
+    until_ms: Option<u64>,
+) -> Result<Vec<BillableUsage>> {
+    match previous_invoice(store, account, start_ms)? {
+        Some(previous) => {
+            store.late_usage(account, previous.period_end_ms, previous.cut_ms, until_ms)
+        }
+        None => Ok(Vec::new()),
+    }
+}
+
 /// The invoice draft of `account` for the billing period containing `at_ms`, as of `now_ms`.
 pub fn draft(
     store: &dyn crate::Store,
@@ -497,14 +623,15 @@ pub fn draft(
     now_ms: u64,
 ) -> Result<Draft> {
     let bounds = catalog.period_bounds(catalog.billing_period, at_ms);
-    let usage = store.billable_usage(account, bounds.0, bounds.1)?;
+    let usage = store.billable_usage(account, bounds.0, bounds.1, None)?;
+    let late = late_usage(store, account, bounds.0, None)?;
     let licenses = store.issued_licenses(Some(account))?;
-    let invoice = rate(catalog, account, bounds, &usage, &licenses)?;
+    let invoice = rate(catalog, account, bounds, &usage, &late, &licenses)?;
     let ended = now_ms >= bounds.1;
     let forecast_total = if ended {
         None
     } else {
-        forecast(catalog, account, bounds, &usage, &licenses, now_ms)?.map(|f| f.total)
+        forecast(catalog, account, bounds, &usage, &late, &licenses, now_ms)?.map(|f| f.total)
     };
     Ok(Draft {
         invoice,
@@ -515,32 +642,70 @@ pub fn draft(
 }
 
 /// Finalise `account`'s invoice for the billing period containing `at_ms`: rate it once more
-/// and freeze it. Only a period that has ended can be finalised; a period finalised before
-/// gives the stored invoice. With `notify`, an `invoice.finalized` event is enqueued with it,
-/// in the same transaction.
+/// and freeze it, with an `invoice.finalized` event enqueued in the same transaction. The
+/// invoice bills the period's usage received up to its cut (`now_ms - SETTLE_MS`) and the late
+/// usage of earlier periods (see [`late_usage`]). A period finalised before gives the stored
+/// invoice. Refused (409) while the period runs, when a later period of the account is
+/// finalised, when the period overlaps another invoice (the catalogue's time zone or billing
+/// period changed), and ([`FinalizeFirst`]) while an earlier period with usage has no invoice.
 pub fn finalize(
     store: &dyn crate::Store,
     catalog: &Catalog,
     account: &str,
     at_ms: u64,
     now_ms: u64,
-    notify: bool,
 ) -> Result<(crate::store::StoredInvoice, bool)> {
     let bounds = catalog.period_bounds(catalog.billing_period, at_ms);
-    if now_ms < bounds.1 {
-        return Err(crate::licensing::Invalid {
-            message: format!(
-                "the billing period {} to {} has not ended: its invoice can only be a draft",
-                utc(bounds.0),
-                utc(bounds.1)
-            ),
+    let conflict = |message: String| -> anyhow::Error {
+        crate::licensing::Invalid {
+            message,
             conflict: true,
         }
-        .into());
+        .into()
+    };
+    if now_ms < bounds.1 {
+        return Err(conflict(format!(
+            "the billing period {} to {} has not ended: its invoice can only be a draft",
+            utc(bounds.0),
+            utc(bounds.1)
+        )));
     }
-    let usage = store.billable_usage(account, bounds.0, bounds.1)?;
+    let invoice_id = format!("{account}/{}", utc(bounds.0));
+    let existing = store.invoices(Some(account))?;
+    if let Some(same) = existing.iter().find(|i| i.invoice_id == invoice_id) {
+        return Ok((same.clone(), false));
+    }
+    if let Some(other) = existing
+        .iter()
+        .find(|i| i.period_start_ms < bounds.1 && i.period_end_ms > bounds.0)
+    {
+        return Err(conflict(format!(
+            "the period {} to {} overlaps invoice {}: the catalogue's time zone or billing period changed since",
+            utc(bounds.0),
+            utc(bounds.1),
+            other.invoice_id
+        )));
+    }
+    if let Some(later) = existing.iter().find(|i| i.period_start_ms >= bounds.1) {
+        return Err(conflict(format!(
+            "a later period is finalised ({}): periods are finalised in order",
+            later.invoice_id
+        )));
+    }
+    let previous_end = existing
+        .iter()
+        .filter(|i| i.period_start_ms < bounds.0)
+        .map(|i| i.period_end_ms)
+        .max()
+        .unwrap_or(0);
+    if let Some(at_ms) = store.first_usage_ms(account, previous_end, bounds.0)? {
+        return Err(FinalizeFirst { at_ms }.into());
+    }
+    let cut_ms = now_ms.saturating_sub(SETTLE_MS).max(bounds.1);
+    let usage = store.billable_usage(account, bounds.0, bounds.1, Some(cut_ms))?;
+    let late = late_usage(store, account, bounds.0, Some(cut_ms))?;
     let licenses = store.issued_licenses(Some(account))?;
-    let invoice = rate(catalog, account, bounds, &usage, &licenses)?;
+    let invoice = rate(catalog, account, bounds, &usage, &late, &licenses)?;
     let body = serde_json::to_value(&invoice)?;
     let stored = crate::store::StoredInvoice {
         invoice_id: invoice.invoice_id.clone(),
@@ -551,14 +716,40 @@ pub fn finalize(
         total: invoice.total.to_string(),
         body: body.clone(),
         finalized_ms: now_ms,
+        cut_ms,
     };
-    let event = notify.then(|| {
-        crate::webhooks::event(
-            format!("invoice.finalized:{}", invoice.invoice_id),
-            "invoice.finalized",
-            serde_json::json!({"invoice": body}),
-            now_ms,
-        )
-    });
-    store.finalize_invoice(&stored, event.as_ref())
+    // Enqueued whether or not webhooks are configured: a URL configured later delivers it.
+    let event = crate::webhooks::event(
+        format!("invoice.finalized:{}", invoice.invoice_id),
+        "invoice.finalized",
+        serde_json::json!({"invoice": body}),
+        now_ms,
+    );
+    store.finalize_invoice(&stored, Some(&event))
+}
+
+/// Finalise the period containing `at_ms`, and first every earlier period of the account
+/// that has usage and no invoice (at most 48 of them).
+pub fn finalize_in_order(
+    store: &dyn crate::Store,
+    catalog: &Catalog,
+    account: &str,
+    at_ms: u64,
+    now_ms: u64,
+) -> Result<Vec<(crate::store::StoredInvoice, bool)>> {
+    let mut pending = vec![at_ms];
+    let mut done = Vec::new();
+    while let Some(&next) = pending.last() {
+        match finalize(store, catalog, account, next, now_ms) {
+            Ok(finalized) => {
+                done.push(finalized);
+                pending.pop();
+            }
+            Err(e) => match e.downcast_ref::<FinalizeFirst>() {
+                Some(first) if pending.len() < 48 => pending.push(first.at_ms),
+                _ => return Err(e),
+            },
+        }
+    }
+    Ok(done)
 }

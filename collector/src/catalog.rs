@@ -246,6 +246,10 @@ fn compile_price(at: &str, spec: PriceSpec) -> Result<Price> {
                 let is_last = i + 1 == tiers.len();
                 match (tier.up_to, is_last) {
                     (None, false) => bail!("{at}.tiers[{i}]: only the last tier may omit `up_to`"),
+                    // Units above the last bound would have no price: free, or unratable.
+                    (Some(_), true) => bail!(
+                        "{at}.tiers[{i}]: the last tier has no `up_to` (it prices every unit above the others)"
+                    ),
                     (Some(up_to), _) if up_to <= last_up_to && i > 0 => {
                         bail!("{at}.tiers[{i}].up_to: tiers must go up")
                     }
@@ -650,8 +654,12 @@ mod tests {
                 "only the last tier",
             ),
             (
-                r#"{"plans": {"p": {"prices": {"calls": {"tiers": [{"up_to": 5, "amount": "1"}, {"up_to": 5, "amount": "1"}]}}}}}"#,
+                r#"{"plans": {"p": {"prices": {"calls": {"tiers": [{"up_to": 5, "amount": "1"}, {"up_to": 5, "amount": "1"}, {"amount": "1"}]}}}}}"#,
                 "must go up",
+            ),
+            (
+                r#"{"plans": {"p": {"prices": {"calls": {"tiers": [{"up_to": 5, "amount": "1"}, {"up_to": 9, "amount": "1"}]}}}}}"#,
+                "the last tier has no `up_to`",
             ),
             (
                 r#"{"plans": {"p": {"subscription": {"fee": "-3"}}}}"#,

@@ -482,17 +482,27 @@ pub fn main() -> Result<()> {
                 .transpose()?
                 .unwrap_or_else(now);
             if finalize {
-                let (invoice, new) =
-                    crate::billing::finalize(store.as_ref(), &catalog, &account, at, now(), false)?;
-                eprintln!(
-                    "{}",
-                    if new {
-                        "finalised"
-                    } else {
-                        "finalised before; unchanged"
-                    }
-                );
-                println!("{}", serde_json::to_string_pretty(&invoice)?);
+                let finalized = crate::billing::finalize_in_order(
+                    store.as_ref(),
+                    &catalog,
+                    &account,
+                    at,
+                    now(),
+                )?;
+                for (invoice, new) in &finalized {
+                    eprintln!(
+                        "{} {}",
+                        invoice.invoice_id,
+                        if *new {
+                            "finalised"
+                        } else {
+                            "finalised before; unchanged"
+                        }
+                    );
+                }
+                if let Some((invoice, _)) = finalized.last() {
+                    println!("{}", serde_json::to_string_pretty(invoice)?);
+                }
                 return Ok(());
             }
             let draft = crate::billing::draft(store.as_ref(), &catalog, &account, at, now())?;
@@ -520,7 +530,13 @@ pub fn main() -> Result<()> {
                 print!("{}", exports::CSV_HEADER);
             }
             loop {
-                let page = store.records(from, to, after, 10_000)?;
+                let page = store.records(
+                    from,
+                    to,
+                    after,
+                    10_000,
+                    now().saturating_sub(crate::billing::SETTLE_MS),
+                )?;
                 let Some(last) = page.last() else { break };
                 after = last.id;
                 match format {

@@ -51,10 +51,26 @@ pub struct AccountStatus {
     pub spend_cap_reached: bool,
 }
 
-/// What `account` spent in the calendar `period` containing `now_ms`: the usage charges of its
-/// allowed usage in that period, rated as an invoice of that period would rate them (included
-/// units, tiers, caps), without subscription fees or minimums, which are not spending. Usage of
-/// a license whose plan the catalogue does not price costs zero.
+/// How long a period is, in order.
+fn rank(period: Period) -> u8 {
+    match period {
+        Period::Hour => 0,
+        Period::Day => 1,
+        Period::Month => 2,
+    }
+}
+
+/// What `account` spent in the calendar `period` containing `now_ms`: the usage charges that
+/// its allowed usage in that window added to its invoices (included units, tiers and caps
+/// counted over the billing period, as the invoice counts them), without fees or minimums,
+/// which are not spending. Usage of a license whose plan the catalogue does not price costs
+/// zero.
+///
+/// - A budget period no longer than the billing period lies inside one billing period: its
+///   spend is the usage charges of that billing period up to the window's end, minus those up
+///   to its start (a daily budget under monthly billing with 100,000 calls included spends
+///   nothing until the month's included calls are used).
+/// - A longer budget period holds whole billing periods: their usage charges, summed.
 pub fn spend(
     store: &dyn Store,
     catalog: &Catalog,
@@ -62,16 +78,37 @@ pub fn spend(
     period: Period,
     now_ms: u64,
 ) -> Result<(Decimal, (u64, u64))> {
-    let bounds = catalog.period_bounds(period, now_ms);
-    let usage = store.billable_usage(account, bounds.0, bounds.1)?;
-    let invoice = crate::billing::rate(catalog, account, bounds, &usage, &[])?;
-    let total = invoice
-        .lines
-        .iter()
-        .filter(|l| matches!(l.kind, LineKind::Usage | LineKind::Cap))
-        .map(|l| l.amount)
-        .sum();
-    Ok((total, bounds))
+    let window = catalog.period_bounds(period, now_ms);
+    let billing = catalog.billing_period;
+    // The usage charges of the billing period starting at `start`, for windows up to `to`.
+    let charges = |start: u64, to: u64| -> Result<Decimal> {
+        if to <= start {
+            return Ok(Decimal::ZERO);
+        }
+        let bounds = catalog.period_bounds(billing, start);
+        let usage = store.billable_usage(account, start, to.min(bounds.1), None)?;
+        let invoice = crate::billing::rate(catalog, account, bounds, &usage, &[], &[])?;
+        Ok(invoice
+            .lines
+            .iter()
+            .filter(|l| matches!(l.kind, LineKind::Usage | LineKind::Cap))
+            .map(|l| l.amount)
+            .sum())
+    };
+    let total = if rank(period) <= rank(billing) {
+        let (start, _) = catalog.period_bounds(billing, window.0);
+        charges(start, window.1)? - charges(start, window.0)?
+    } else {
+        let mut total = Decimal::ZERO;
+        let mut start = window.0;
+        while start < window.1 && start <= now_ms {
+            let (from, to) = catalog.period_bounds(billing, start);
+            total += charges(from, to)?;
+            start = to;
+        }
+        total
+    };
+    Ok((total, window))
 }
 
 /// An account's standing now.

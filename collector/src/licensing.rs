@@ -301,6 +301,7 @@ pub fn issue(
         expires_ms: exp * 1000,
         kid: key.file.kid.clone(),
         issued_ms: now_ms,
+        revoked_ms: None,
     };
     if !store.add_license(&license)? {
         return Err(conflict(format!("a license with id `{license_id}` exists")));

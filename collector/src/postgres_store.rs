@@ -314,8 +314,9 @@ impl Store for PostgresStore {
     fn issued_licenses(&self, account: Option<&str>) -> Result<Vec<IssuedLicense>> {
         self.with_client(|client| {
             let rows = client.query(
-                "SELECT license, account, plan, features, limits, not_before_ms, expires_ms, kid, issued_ms
-                 FROM issued_licenses WHERE ($1::TEXT IS NULL OR account = $1) ORDER BY license",
+                "SELECT i.license, i.account, i.plan, i.features, i.limits, i.not_before_ms, i.expires_ms, i.kid, i.issued_ms, r.revoked_ms
+                 FROM issued_licenses i LEFT JOIN revoked_licenses r ON r.license = i.license
+                 WHERE ($1::TEXT IS NULL OR i.account = $1) ORDER BY i.license",
                 &[&account],
             )?;
             Ok(rows
@@ -331,6 +332,7 @@ impl Store for PostgresStore {
                         r.get(6),
                         r.get(7),
                         r.get(8),
+                        r.get(9),
                     ))
                 })
                 .collect())
@@ -342,26 +344,62 @@ impl Store for PostgresStore {
         account: &str,
         from_ms: u64,
         to_ms: u64,
+        received_until_ms: Option<u64>,
     ) -> Result<Vec<BillableUsage>> {
         let (from, to) = (to_i64("from_ms", from_ms)?, to_i64("to_ms", to_ms)?);
+        let until = received_until_ms
+            .map(|v| to_i64("received_until_ms", v))
+            .transpose()?;
         self.with_client(|client| {
             let rows = client.query(
                 "SELECT r.license, COALESCE(l.plan, ''), r.feature, r.meter, SUM(r.units)::BIGINT FROM usage_records r
+                 JOIN batches b ON b.batch_id = r.batch_id
                  LEFT JOIN licenses l ON l.license = r.license
                  WHERE r.account = $1 AND r.outcome = 'allowed' AND r.window_start_ms >= $2 AND r.window_start_ms < $3
+                   AND ($4::BIGINT IS NULL OR b.received_ms <= $4)
                  GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
+                &[&account, &from, &to, &until],
+            )?;
+            Ok(rows.iter().map(billable_row).collect())
+        })
+    }
+
+    fn late_usage(
+        &self,
+        account: &str,
+        before_ms: u64,
+        received_after_ms: u64,
+        received_until_ms: Option<u64>,
+    ) -> Result<Vec<BillableUsage>> {
+        let (before, after) = (
+            to_i64("before_ms", before_ms)?,
+            to_i64("received_after_ms", received_after_ms)?,
+        );
+        let until = received_until_ms
+            .map(|v| to_i64("received_until_ms", v))
+            .transpose()?;
+        self.with_client(|client| {
+            let rows = client.query(
+                "SELECT r.license, COALESCE(l.plan, ''), r.feature, r.meter, SUM(r.units)::BIGINT FROM batches b
+                 JOIN usage_records r ON r.batch_id = b.batch_id
+                 LEFT JOIN licenses l ON l.license = r.license
+                 WHERE b.received_ms > $3 AND ($4::BIGINT IS NULL OR b.received_ms <= $4)
+                   AND r.account = $1 AND r.outcome = 'allowed' AND r.window_start_ms < $2
+                 GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
+                &[&account, &before, &after, &until],
+            )?;
+            Ok(rows.iter().map(billable_row).collect())
+        })
+    }
+
+    fn first_usage_ms(&self, account: &str, from_ms: u64, to_ms: u64) -> Result<Option<u64>> {
+        let (from, to) = (to_i64("from_ms", from_ms)?, to_i64("to_ms", to_ms)?);
+        self.with_client(|client| {
+            let row = client.query_one(
+                "SELECT MIN(window_start_ms) FROM usage_records WHERE account = $1 AND window_start_ms >= $2 AND window_start_ms < $3",
                 &[&account, &from, &to],
             )?;
-            Ok(rows
-                .iter()
-                .map(|r| BillableUsage {
-                    license: r.get(0),
-                    plan: r.get(1),
-                    feature: r.get(2),
-                    meter: r.get(3),
-                    units: u64_of(r.get(4)),
-                })
-                .collect())
+            Ok(row.get::<_, Option<i64>>(0).map(u64_of))
         })
     }
 
@@ -371,15 +409,18 @@ impl Store for PostgresStore {
         to_ms: u64,
         after_id: i64,
         limit: u32,
+        received_until_ms: u64,
     ) -> Result<Vec<StoredRecord>> {
         let (from, to) = (to_i64("from_ms", from_ms)?, to_i64("to_ms", to_ms)?);
+        let until = to_i64("received_until_ms", received_until_ms)?;
         let limit = i64::from(limit);
         self.with_client(|client| {
             let rows = client.query(
-                "SELECT id, batch_id, account, license, feature, outcome, meter, units, window_start_ms, window_end_ms
-                 FROM usage_records WHERE window_start_ms >= $1 AND window_start_ms < $2 AND id > $3
-                 ORDER BY id LIMIT $4",
-                &[&from, &to, &after_id, &limit],
+                "SELECT r.id, r.batch_id, r.account, r.license, r.feature, r.outcome, r.meter, r.units, r.window_start_ms, r.window_end_ms
+                 FROM usage_records r JOIN batches b ON b.batch_id = r.batch_id
+                 WHERE r.window_start_ms >= $1 AND r.window_start_ms < $2 AND r.id > $3 AND b.received_ms <= $5
+                 ORDER BY r.id LIMIT $4",
+                &[&from, &to, &after_id, &limit, &until],
             )?;
             Ok(rows
                 .iter()
@@ -404,7 +445,8 @@ impl Store for PostgresStore {
         self.with_client(|client| {
             let rows = client.query(
                 "SELECT account FROM usage_records WHERE window_start_ms >= $1 AND window_start_ms < $2
-                 UNION SELECT account FROM issued_licenses ORDER BY 1",
+                 UNION SELECT account FROM issued_licenses WHERE not_before_ms < $2 AND expires_ms > $1
+                 ORDER BY 1",
                 &[&from, &to],
             )?;
             Ok(rows.iter().map(|r| r.get(0)).collect())
@@ -428,7 +470,8 @@ impl Store for PostgresStore {
             let rows = client.query(
                 "SELECT a.license, a.meter, a.period_start_ms, a.period_end_ms,
                         (SELECT l.limit_units FROM leases l WHERE l.license = a.license AND l.meter = a.meter
-                           AND l.period_start_ms = a.period_start_ms ORDER BY l.created_ms DESC LIMIT 1),
+                           AND l.period_start_ms = a.period_start_ms AND l.period_end_ms = a.period_end_ms
+                         ORDER BY l.created_ms DESC LIMIT 1),
                         a.allocated
                  FROM quota_allocations a
                  WHERE a.period_end_ms > $2
@@ -460,13 +503,14 @@ impl Store for PostgresStore {
             to_i64("period_end_ms", invoice.period_end_ms)?,
             to_i64("finalized_ms", invoice.finalized_ms)?,
         );
+        let cut = to_i64("cut_ms", invoice.cut_ms)?;
         let body = invoice.body.to_string();
         self.with_client(|client| {
             let mut tx = client.transaction()?;
             let added = tx.execute(
-                "INSERT INTO invoices (invoice_id, account, period_start_ms, period_end_ms, currency, total, body, finalized_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (invoice_id) DO NOTHING",
-                &[&invoice.invoice_id, &invoice.account, &start, &end, &invoice.currency, &invoice.total, &body, &finalized],
+                "INSERT INTO invoices (invoice_id, account, period_start_ms, period_end_ms, currency, total, body, finalized_ms, cut_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (invoice_id) DO NOTHING",
+                &[&invoice.invoice_id, &invoice.account, &start, &end, &invoice.currency, &invoice.total, &body, &finalized, &cut],
             )? == 1;
             if added {
                 if let Some(event) = event {
@@ -544,11 +588,11 @@ impl Store for PostgresStore {
                     &[&d.event_id, &attempt, &at],
                 )?,
                 DeliveryOutcome::RetryAt(next) => tx.execute(
-                    "UPDATE webhook_events SET attempts = $2, next_attempt_ms = $3 WHERE event_id = $1",
+                    "UPDATE webhook_events SET attempts = $2, next_attempt_ms = $3 WHERE event_id = $1 AND delivered_ms IS NULL",
                     &[&d.event_id, &attempt, &to_i64("next_attempt_ms", next)?],
                 )?,
                 DeliveryOutcome::GaveUp => tx.execute(
-                    "UPDATE webhook_events SET attempts = $2, failed_ms = $3 WHERE event_id = $1",
+                    "UPDATE webhook_events SET attempts = $2, failed_ms = $3 WHERE event_id = $1 AND delivered_ms IS NULL",
                     &[&d.event_id, &attempt, &at],
                 )?,
             };
@@ -589,6 +633,16 @@ impl Store for PostgresStore {
     }
 }
 
+fn billable_row(r: &postgres::Row) -> BillableUsage {
+    BillableUsage {
+        license: r.get(0),
+        plan: r.get(1),
+        feature: r.get(2),
+        meter: r.get(3),
+        units: u64_of(r.get(4)),
+    }
+}
+
 fn invoice_row(r: &postgres::Row) -> StoredInvoice {
     invoice_of((
         r.get(0),
@@ -599,6 +653,7 @@ fn invoice_row(r: &postgres::Row) -> StoredInvoice {
         r.get(5),
         r.get(6),
         r.get(7),
+        r.get(8),
     ))
 }
 

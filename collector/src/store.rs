@@ -123,6 +123,9 @@ pub struct IssuedLicense {
     /// The key that signed it.
     pub kid: String,
     pub issued_ms: u64,
+    /// When it was revoked, if it is: from the next billing period on it pays no fee.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoked_ms: Option<u64>,
 }
 
 /// Allowed usage of one license, feature and meter: what is billed.
@@ -165,6 +168,8 @@ pub struct StoredInvoice {
     /// The whole invoice (lines, unpriced usage) as rated when finalised.
     pub body: serde_json::Value,
     pub finalized_ms: u64,
+    /// Usage received up to this instant is billed in this invoice or an earlier one.
+    pub cut_ms: u64,
 }
 
 /// An event for the payment system's webhook. The id is stable (the same event is never
@@ -253,16 +258,34 @@ pub trait Store: Send + Sync + 'static {
     fn issued_licenses(&self, account: Option<&str>) -> Result<Vec<IssuedLicense>>;
     /// Allowed usage of `account` in windows starting in `[from_ms, to_ms)`, by license,
     /// feature and meter, with each license's plan.
-    fn billable_usage(&self, account: &str, from_ms: u64, to_ms: u64)
-        -> Result<Vec<BillableUsage>>;
-    /// Usage records with windows starting in `[from_ms, to_ms)` and `id > after_id`, in id
-    /// order, at most `limit`.
+    fn billable_usage(
+        &self,
+        account: &str,
+        from_ms: u64,
+        to_ms: u64,
+        received_until_ms: Option<u64>,
+    ) -> Result<Vec<BillableUsage>>;
+    /// Allowed usage of `account` in windows starting before `before_ms`, in batches
+    /// received in `(received_after_ms, received_until_ms]` (no upper bound if `None`): the late
+    /// usage an invoice bills (see [`crate::billing`]).
+    fn late_usage(
+        &self,
+        account: &str,
+        before_ms: u64,
+        received_after_ms: u64,
+        received_until_ms: Option<u64>,
+    ) -> Result<Vec<BillableUsage>>;
+    /// The earliest window start of `account`'s usage in `[from_ms, to_ms)`, if any.
+    fn first_usage_ms(&self, account: &str, from_ms: u64, to_ms: u64) -> Result<Option<u64>>;
+    /// Usage records with windows starting in `[from_ms, to_ms)`, `id > after_id` and
+    /// received up to `received_until_ms`, in id order, at most `limit`.
     fn records(
         &self,
         from_ms: u64,
         to_ms: u64,
         after_id: i64,
         limit: u32,
+        received_until_ms: u64,
     ) -> Result<Vec<StoredRecord>>;
     /// Accounts with usage in windows starting in `[from_ms, to_ms)`, or an issued license.
     fn accounts(&self, from_ms: u64, to_ms: u64) -> Result<Vec<String>>;
@@ -296,7 +319,8 @@ pub trait Store: Send + Sync + 'static {
 /// The limit in force is the latest lease's (a catalogue change applies to the next lease).
 const QUOTAS_SQL_SQLITE: &str = "SELECT a.license, a.meter, a.period_start_ms, a.period_end_ms,
             (SELECT l.limit_units FROM leases l WHERE l.license = a.license AND l.meter = a.meter
-               AND l.period_start_ms = a.period_start_ms ORDER BY l.created_ms DESC LIMIT 1),
+               AND l.period_start_ms = a.period_start_ms AND l.period_end_ms = a.period_end_ms
+             ORDER BY l.created_ms DESC LIMIT 1),
             a.allocated
      FROM quota_allocations a
      WHERE a.period_end_ms > ?2
@@ -304,10 +328,10 @@ const QUOTAS_SQL_SQLITE: &str = "SELECT a.license, a.meter, a.period_start_ms, a
      ORDER BY 1, 2, 3";
 
 /// A stored invoice row.
-pub(crate) type InvoiceRow = (String, String, i64, i64, String, String, String, i64);
+pub(crate) type InvoiceRow = (String, String, i64, i64, String, String, String, i64, i64);
 
 pub(crate) fn invoice_of(row: InvoiceRow) -> StoredInvoice {
-    let (invoice_id, account, start, end, currency, total, body, finalized) = row;
+    let (invoice_id, account, start, end, currency, total, body, finalized, cut) = row;
     StoredInvoice {
         invoice_id,
         account,
@@ -317,6 +341,7 @@ pub(crate) fn invoice_of(row: InvoiceRow) -> StoredInvoice {
         total,
         body: serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
         finalized_ms: u64_of(finalized),
+        cut_ms: u64_of(cut),
     }
 }
 
@@ -351,7 +376,7 @@ pub(crate) const EVENT_COLUMNS: &str =
     "event_id, type, payload, created_ms, next_attempt_ms, attempts, delivered_ms, failed_ms";
 /// The columns of an invoice: what [`invoice_of`] takes.
 pub(crate) const INVOICE_COLUMNS: &str =
-    "invoice_id, account, period_start_ms, period_end_ms, currency, total, body, finalized_ms";
+    "invoice_id, account, period_start_ms, period_end_ms, currency, total, body, finalized_ms, cut_ms";
 
 pub(crate) fn u64_of(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
@@ -368,11 +393,12 @@ pub(crate) type LicenseRow = (
     i64,
     String,
     i64,
+    Option<i64>,
 );
 
 /// A license row's features and limits, stored as JSON text.
 pub(crate) fn license_of(row: LicenseRow) -> IssuedLicense {
-    let (license, account, plan, features, limits, nbf, exp, kid, issued) = row;
+    let (license, account, plan, features, limits, nbf, exp, kid, issued, revoked) = row;
     IssuedLicense {
         license,
         account,
@@ -383,6 +409,7 @@ pub(crate) fn license_of(row: LicenseRow) -> IssuedLicense {
         expires_ms: u64_of(exp),
         kid,
         issued_ms: u64_of(issued),
+        revoked_ms: revoked.map(u64_of),
     }
 }
 
@@ -838,8 +865,9 @@ impl Store for SqliteStore {
     fn issued_licenses(&self, account: Option<&str>) -> Result<Vec<IssuedLicense>> {
         let conn = self.conn()?;
         let mut statement = conn.prepare_cached(
-            "SELECT license, account, plan, features, limits, not_before_ms, expires_ms, kid, issued_ms
-             FROM issued_licenses WHERE (?1 IS NULL OR account = ?1) ORDER BY license",
+            "SELECT i.license, i.account, i.plan, i.features, i.limits, i.not_before_ms, i.expires_ms, i.kid, i.issued_ms, r.revoked_ms
+             FROM issued_licenses i LEFT JOIN revoked_licenses r ON r.license = i.license
+             WHERE (?1 IS NULL OR i.account = ?1) ORDER BY i.license",
         )?;
         let rows = statement.query_map(params![account], |r| {
             Ok(license_of((
@@ -852,6 +880,7 @@ impl Store for SqliteStore {
                 r.get(6)?,
                 r.get(7)?,
                 r.get(8)?,
+                r.get(9)?,
             )))
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -862,31 +891,71 @@ impl Store for SqliteStore {
         account: &str,
         from_ms: u64,
         to_ms: u64,
+        received_until_ms: Option<u64>,
     ) -> Result<Vec<BillableUsage>> {
         let conn = self.conn()?;
         let mut statement = conn.prepare_cached(
             "SELECT r.license, COALESCE(l.plan, ''), r.feature, r.meter, SUM(r.units) FROM usage_records r
+             JOIN batches b ON b.batch_id = r.batch_id
              LEFT JOIN licenses l ON l.license = r.license
              WHERE r.account = ?1 AND r.outcome = 'allowed' AND r.window_start_ms >= ?2 AND r.window_start_ms < ?3
+               AND (?4 IS NULL OR b.received_ms <= ?4)
              GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
         )?;
+        let until = received_until_ms
+            .map(|v| to_i64("received_until_ms", v))
+            .transpose()?;
         let rows = statement.query_map(
             params![
                 account,
                 to_i64("from_ms", from_ms)?,
-                to_i64("to_ms", to_ms)?
+                to_i64("to_ms", to_ms)?,
+                until
             ],
-            |r| {
-                Ok(BillableUsage {
-                    license: r.get(0)?,
-                    plan: r.get(1)?,
-                    feature: r.get(2)?,
-                    meter: r.get(3)?,
-                    units: u64_of(r.get(4)?),
-                })
-            },
+            billable_row,
         )?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn late_usage(
+        &self,
+        account: &str,
+        before_ms: u64,
+        received_after_ms: u64,
+        received_until_ms: Option<u64>,
+    ) -> Result<Vec<BillableUsage>> {
+        let conn = self.conn()?;
+        let mut statement = conn.prepare_cached(
+            "SELECT r.license, COALESCE(l.plan, ''), r.feature, r.meter, SUM(r.units) FROM batches b
+             JOIN usage_records r ON r.batch_id = b.batch_id
+             LEFT JOIN licenses l ON l.license = r.license
+             WHERE b.received_ms > ?3 AND (?4 IS NULL OR b.received_ms <= ?4)
+               AND r.account = ?1 AND r.outcome = 'allowed' AND r.window_start_ms < ?2
+             GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
+        )?;
+        let until = received_until_ms
+            .map(|v| to_i64("received_until_ms", v))
+            .transpose()?;
+        let rows = statement.query_map(
+            params![
+                account,
+                to_i64("before_ms", before_ms)?,
+                to_i64("received_after_ms", received_after_ms)?,
+                until
+            ],
+            billable_row,
+        )?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn first_usage_ms(&self, account: &str, from_ms: u64, to_ms: u64) -> Result<Option<u64>> {
+        let conn = self.conn()?;
+        let first: Option<i64> = conn.query_row(
+            "SELECT MIN(window_start_ms) FROM usage_records WHERE account = ?1 AND window_start_ms >= ?2 AND window_start_ms < ?3",
+            params![account, to_i64("from_ms", from_ms)?, to_i64("to_ms", to_ms)?],
+            |r| r.get(0),
+        )?;
+        Ok(first.map(u64_of))
     }
 
     fn records(
@@ -895,19 +964,22 @@ impl Store for SqliteStore {
         to_ms: u64,
         after_id: i64,
         limit: u32,
+        received_until_ms: u64,
     ) -> Result<Vec<StoredRecord>> {
         let conn = self.conn()?;
         let mut statement = conn.prepare_cached(
-            "SELECT id, batch_id, account, license, feature, outcome, meter, units, window_start_ms, window_end_ms
-             FROM usage_records WHERE window_start_ms >= ?1 AND window_start_ms < ?2 AND id > ?3
-             ORDER BY id LIMIT ?4",
+            "SELECT r.id, r.batch_id, r.account, r.license, r.feature, r.outcome, r.meter, r.units, r.window_start_ms, r.window_end_ms
+             FROM usage_records r JOIN batches b ON b.batch_id = r.batch_id
+             WHERE r.window_start_ms >= ?1 AND r.window_start_ms < ?2 AND r.id > ?3 AND b.received_ms <= ?5
+             ORDER BY r.id LIMIT ?4",
         )?;
         let rows = statement.query_map(
             params![
                 to_i64("from_ms", from_ms)?,
                 to_i64("to_ms", to_ms)?,
                 after_id,
-                limit
+                limit,
+                to_i64("received_until_ms", received_until_ms)?
             ],
             |r| {
                 Ok(StoredRecord {
@@ -931,7 +1003,8 @@ impl Store for SqliteStore {
         let conn = self.conn()?;
         let mut statement = conn.prepare_cached(
             "SELECT account FROM usage_records WHERE window_start_ms >= ?1 AND window_start_ms < ?2
-             UNION SELECT account FROM issued_licenses ORDER BY 1",
+             UNION SELECT account FROM issued_licenses WHERE not_before_ms < ?2 AND expires_ms > ?1
+             ORDER BY 1",
         )?;
         let rows = statement.query_map(
             params![to_i64("from_ms", from_ms)?, to_i64("to_ms", to_ms)?],
@@ -966,7 +1039,7 @@ impl Store for SqliteStore {
                 meter: r.get(1)?,
                 period_start_ms: u64_of(r.get(2)?),
                 period_end_ms: u64_of(r.get(3)?),
-                limit: u64_of(r.get(4)?),
+                limit: r.get::<_, Option<i64>>(4)?.map_or(0, u64_of),
                 allocated: u64_of(r.get(5)?),
             })
         })?;
@@ -981,8 +1054,8 @@ impl Store for SqliteStore {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let added = tx.execute(
-            "INSERT INTO invoices (invoice_id, account, period_start_ms, period_end_ms, currency, total, body, finalized_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (invoice_id) DO NOTHING",
+            "INSERT INTO invoices (invoice_id, account, period_start_ms, period_end_ms, currency, total, body, finalized_ms, cut_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (invoice_id) DO NOTHING",
             params![
                 invoice.invoice_id,
                 invoice.account,
@@ -992,6 +1065,7 @@ impl Store for SqliteStore {
                 invoice.total,
                 invoice.body.to_string(),
                 to_i64("finalized_ms", invoice.finalized_ms)?,
+                to_i64("cut_ms", invoice.cut_ms)?,
             ],
         )? == 1;
         if added {
@@ -1012,6 +1086,7 @@ impl Store for SqliteStore {
                     r.get(5)?,
                     r.get(6)?,
                     r.get(7)?,
+                    r.get(8)?,
                 )))
             },
         )?;
@@ -1034,6 +1109,7 @@ impl Store for SqliteStore {
                 r.get(5)?,
                 r.get(6)?,
                 r.get(7)?,
+                r.get(8)?,
             )))
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -1080,11 +1156,11 @@ impl Store for SqliteStore {
                 params![d.event_id, d.attempt, at],
             )?,
             DeliveryOutcome::RetryAt(next) => tx.execute(
-                "UPDATE webhook_events SET attempts = ?2, next_attempt_ms = ?3 WHERE event_id = ?1",
+                "UPDATE webhook_events SET attempts = ?2, next_attempt_ms = ?3 WHERE event_id = ?1 AND delivered_ms IS NULL",
                 params![d.event_id, d.attempt, to_i64("next_attempt_ms", next)?],
             )?,
             DeliveryOutcome::GaveUp => tx.execute(
-                "UPDATE webhook_events SET attempts = ?2, failed_ms = ?3 WHERE event_id = ?1",
+                "UPDATE webhook_events SET attempts = ?2, failed_ms = ?3 WHERE event_id = ?1 AND delivered_ms IS NULL",
                 params![d.event_id, d.attempt, at],
             )?,
         };
@@ -1118,6 +1194,16 @@ impl Store for SqliteStore {
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
+}
+
+fn billable_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BillableUsage> {
+    Ok(BillableUsage {
+        license: r.get(0)?,
+        plan: r.get(1)?,
+        feature: r.get(2)?,
+        meter: r.get(3)?,
+        units: u64_of(r.get(4)?),
+    })
 }
 
 fn event_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WebhookEvent> {

@@ -145,14 +145,23 @@ pub fn envelope(event: &WebhookEvent) -> String {
 
 /// Deliver the events due at `now_ms`, one after the other; how many were attempted.
 pub fn deliver_due(store: &dyn Store, settings: &WebhookSettings, now_ms: u64) -> Result<usize> {
-    // Claimed for longer than a delivery can take, so no other replica sends them meanwhile.
+    // One event is claimed at a time, for longer than its delivery can take, so no other
+    // replica sends it meanwhile.
     let lease = settings.timeout_ms.saturating_mul(2).saturating_add(5_000);
-    let events = store.claim_events(now_ms, lease, 20)?;
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_millis(settings.timeout_ms))
         .redirects(0)
         .build();
-    for event in &events {
+    let mut attempted = 0;
+    while attempted < MAX_PER_ROUND {
+        let now = u64::try_from(crate::store::now_ms())
+            .unwrap_or(now_ms)
+            .max(now_ms);
+        let Some(event) = store.claim_events(now, lease, 1)?.pop() else {
+            break;
+        };
+        attempted += 1;
+        let event = &event;
         let attempt = event.attempts.saturating_add(1);
         let body = envelope(event);
         let sent_at = crate::store::now_ms();
@@ -213,8 +222,11 @@ pub fn deliver_due(store: &dyn Store, settings: &WebhookSettings, now_ms: u64) -
             outcome,
         )?;
     }
-    Ok(events.len())
+    Ok(attempted)
 }
+
+/// Events delivered per round at most: the worker's other work is not held up for long.
+const MAX_PER_ROUND: usize = 20;
 
 #[cfg(test)]
 mod tests {

@@ -40,50 +40,71 @@ impl Default for BillingSettings {
 }
 
 /// The worker's memory of what it already did (its writes are idempotent; this only saves
-/// repeating them).
+/// repeating them, and repeating the same error every round).
 #[derive(Default)]
 pub struct Worker {
     thresholds_raised: HashSet<String>,
-    finalized: HashSet<(String, u64)>,
+    /// Billing periods (by start) whose every account was finalised, or failed once.
+    periods_done: HashSet<u64>,
     next_budget_check_ms: u64,
 }
 
+/// Billing periods looked at behind the last one that ended, after a worker was down.
+const CATCH_UP_PERIODS: usize = 3;
+
 impl Worker {
-    /// One round at `now_ms`.
+    /// One round at `now_ms`. An account that fails is logged and skipped; the others go on.
     pub fn step(&mut self, state: &AppState, now_ms: u64) -> Result<()> {
         let store = state.store.as_ref();
         let catalog = state.control.catalog.current();
         if let Some(webhooks) = &state.webhooks {
-            crate::webhooks::deliver_due(store, webhooks, now_ms)?;
+            if let Err(e) = crate::webhooks::deliver_due(store, webhooks, now_ms) {
+                log(
+                    json!({"level": "error", "msg": "webhook delivery round failed", "error": format!("{e:#}")}),
+                );
+            }
             if now_ms >= self.next_budget_check_ms {
                 self.next_budget_check_ms = now_ms.saturating_add(state.billing.budget_check_ms);
                 self.check_budgets(state, now_ms)?;
             }
         }
         if let Some(grace) = state.billing.finalize_grace_ms {
-            let (current_start, _) = catalog.period_bounds(catalog.billing_period, now_ms);
-            let last_ms = current_start.saturating_sub(1);
-            let (start, end) = catalog.period_bounds(catalog.billing_period, last_ms);
-            if now_ms >= end.saturating_add(grace) {
-                for account in store.accounts(start, end)? {
-                    if self.finalized.contains(&(account.clone(), start)) {
-                        continue;
-                    }
-                    let (invoice, new) = crate::billing::finalize(
-                        store,
-                        &catalog,
-                        &account,
-                        last_ms,
-                        now_ms,
-                        state.webhooks.is_some(),
-                    )?;
-                    if new {
-                        log(
-                            json!({"level": "info", "msg": "invoice finalised", "invoice_id": invoice.invoice_id, "total": invoice.total, "currency": invoice.currency}),
-                        );
-                    }
-                    self.finalized.insert((account, start));
+            // The periods that ended at least `grace` ago: the last of them, and a few before
+            // it, oldest first (periods are finalised in order).
+            let cutoff = now_ms.saturating_sub(grace);
+            let mut periods = Vec::new();
+            let mut next_end = catalog.period_bounds(catalog.billing_period, cutoff).0;
+            for _ in 0..=CATCH_UP_PERIODS {
+                if next_end == 0 {
+                    break;
                 }
+                let bounds = catalog.period_bounds(catalog.billing_period, next_end - 1);
+                periods.push(bounds);
+                next_end = bounds.0;
+            }
+            for (start, end) in periods.into_iter().rev() {
+                if self.periods_done.contains(&start) {
+                    continue;
+                }
+                for account in store.accounts(start, end)? {
+                    match crate::billing::finalize_in_order(
+                        store, &catalog, &account, start, now_ms,
+                    ) {
+                        Ok(finalized) => {
+                            for (invoice, new) in finalized {
+                                if new {
+                                    log(
+                                        json!({"level": "info", "msg": "invoice finalised", "invoice_id": invoice.invoice_id, "total": invoice.total, "currency": invoice.currency}),
+                                    );
+                                }
+                            }
+                        }
+                        Err(e) => log(
+                            json!({"level": "error", "msg": "invoice not finalised", "account": account, "period_start_ms": start, "error": format!("{e:#}")}),
+                        ),
+                    }
+                }
+                self.periods_done.insert(start);
             }
         }
         Ok(())
@@ -96,8 +117,21 @@ impl Worker {
             if budget.amount <= Decimal::ZERO {
                 continue;
             }
-            let (spent, (start, end)) =
-                crate::control::spend(store, &catalog, &account, budget.period, now_ms)?;
+            let (spent, (start, end)) = match crate::control::spend(
+                store,
+                &catalog,
+                &account,
+                budget.period,
+                now_ms,
+            ) {
+                Ok(spent) => spent,
+                Err(e) => {
+                    log(
+                        json!({"level": "error", "msg": "spend not computed", "account": account, "error": format!("{e:#}")}),
+                    );
+                    continue;
+                }
+            };
             for percent in &state.billing.thresholds {
                 let threshold = budget.amount * Decimal::from(*percent) / Decimal::from(100);
                 if spent < threshold {

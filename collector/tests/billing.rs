@@ -47,6 +47,7 @@ fn issued(license: &str, account: &str, plan: &str) -> IssuedLicense {
         expires_ms: NOV_END + 86_400_000,
         kid: "k1".into(),
         issued_ms: NOV_START - 86_400_000,
+        revoked_ms: None,
     }
 }
 
@@ -71,7 +72,7 @@ fn dec(text: &str) -> Decimal {
 fn per_call() {
     // 12,345 calls at $0.002.
     let rows = [usage("lic-m", "metered", "search", Meter::Calls, 12_345)];
-    let invoice = billing::rate(&catalog(), "acme", (NOV_START, NOV_END), &rows, &[]).unwrap();
+    let invoice = billing::rate(&catalog(), "acme", (NOV_START, NOV_END), &rows, &[], &[]).unwrap();
     assert_eq!(invoice.total, dec("24.69"));
     assert_eq!(invoice.lines.len(), 1);
     assert_eq!(invoice.period_start, "2026-11-01T00:00:00+01:00");
@@ -99,7 +100,8 @@ fn per_hour_of_a_premium_feature() {
         ),
         usage("lic-d", "design", "generative_design", Meter::Calls, 40),
     ];
-    let invoice = billing::rate(&catalog(), "studio", (NOV_START, NOV_END), &rows, &[]).unwrap();
+    let invoice =
+        billing::rate(&catalog(), "studio", (NOV_START, NOV_END), &rows, &[], &[]).unwrap();
     assert_eq!(invoice.total, dec("22.50"));
     assert_eq!(invoice.lines.len(), 1);
     assert_eq!(
@@ -129,8 +131,15 @@ fn hybrid_subscription_with_overage() {
         issued("lic-p1", "acme", "pro"),
         issued("lic-p2", "acme", "pro"),
     ];
-    let invoice =
-        billing::rate(&catalog(), "acme", (NOV_START, NOV_END), &rows, &licenses).unwrap();
+    let invoice = billing::rate(
+        &catalog(),
+        "acme",
+        (NOV_START, NOV_END),
+        &rows,
+        &[],
+        &licenses,
+    )
+    .unwrap();
     let amounts: Vec<(LineKind, String, Decimal)> = invoice
         .lines
         .iter()
@@ -156,20 +165,21 @@ fn volume_tiers_and_a_minimum() {
     // Volume pricing: 2,500 calls all at the second tier's $0.008 = $20, topped up to the
     // plan's $25 minimum. 20,000 calls reach the last tier: 20,000 × $0.005 + $2 flat = $102.
     let small = [usage("lic-v", "volume", "api", Meter::Calls, 2_500)];
-    let invoice = billing::rate(&catalog(), "small", (NOV_START, NOV_END), &small, &[]).unwrap();
+    let invoice =
+        billing::rate(&catalog(), "small", (NOV_START, NOV_END), &small, &[], &[]).unwrap();
     assert_eq!(invoice.total, dec("25.00"));
     assert_eq!(invoice.lines[1].kind, LineKind::Minimum);
     assert_eq!(invoice.lines[1].amount, dec("5.00"));
     assert_golden("volume_minimum", &invoice);
     let big = [usage("lic-v", "volume", "api", Meter::Calls, 20_000)];
-    let invoice = billing::rate(&catalog(), "big", (NOV_START, NOV_END), &big, &[]).unwrap();
+    let invoice = billing::rate(&catalog(), "big", (NOV_START, NOV_END), &big, &[], &[]).unwrap();
     assert_eq!(invoice.total, dec("102.00"));
 }
 
 #[test]
 fn usage_of_a_plan_without_prices_is_listed_not_charged() {
     let rows = [usage("lic-x", "", "api", Meter::Calls, 7)];
-    let invoice = billing::rate(&catalog(), "acme", (NOV_START, NOV_END), &rows, &[]).unwrap();
+    let invoice = billing::rate(&catalog(), "acme", (NOV_START, NOV_END), &rows, &[], &[]).unwrap();
     assert_eq!(invoice.total, Decimal::ZERO);
     assert_eq!(invoice.unpriced.len(), 1);
     assert_eq!(invoice.unpriced[0].units, 7);
@@ -181,15 +191,24 @@ fn a_forecast_extrapolates_usage_and_rates_it() {
     // included, 50,000 at $0.001, plus the fee: $99.
     let rows = [usage("lic-p1", "pro", "search", Meter::Calls, 20_000)];
     let third = NOV_START + (NOV_END - NOV_START) / 3;
-    let forecast = billing::forecast(&catalog(), "acme", (NOV_START, NOV_END), &rows, &[], third)
-        .unwrap()
-        .unwrap();
+    let forecast = billing::forecast(
+        &catalog(),
+        "acme",
+        (NOV_START, NOV_END),
+        &rows,
+        &[],
+        &[],
+        third,
+    )
+    .unwrap()
+    .unwrap();
     assert_eq!(forecast.total, dec("99.00"));
     assert!(billing::forecast(
         &catalog(),
         "acme",
         (NOV_START, NOV_END),
         &rows,
+        &[],
         &[],
         NOV_START
     )
@@ -337,15 +356,25 @@ fn the_worker_finalises_the_last_period_once_its_grace_has_passed() {
         )
         .unwrap();
     let mut worker = tollgate_collector::worker::Worker::default();
-    // Within the hour after November ended: nothing yet (late usage may still come in).
+    let november = |store: &dyn tollgate_collector::Store| {
+        store
+            .invoices(Some("acme"))
+            .unwrap()
+            .into_iter()
+            .find(|i| i.period_start_ms == NOV_START)
+    };
+    // Within the hour after November ended: not yet (late usage may still come in). October
+    // is finalised: the license was valid on its last day, so it pays October's fee.
     worker.step(&state, NOV_END + 1000).unwrap();
-    assert!(state.store.invoices(Some("acme")).unwrap().is_empty());
-    worker.step(&state, NOV_END + 3_600_000).unwrap();
+    assert!(november(state.store.as_ref()).is_none());
     let invoices = state.store.invoices(Some("acme")).unwrap();
     assert_eq!(invoices.len(), 1);
-    assert_eq!(invoices[0].total, "169.00");
-    assert_eq!(invoices[0].period_start_ms, NOV_START);
-    // Frozen: usage arriving later changes the draft, not the finalised invoice.
+    assert_eq!(invoices[0].total, "49.00");
+    worker.step(&state, NOV_END + 3_600_000).unwrap();
+    let finalized = november(state.store.as_ref()).expect("November finalised");
+    assert_eq!(finalized.total, "169.00");
+    assert_eq!(finalized.cut_ms, NOV_END + 3_600_000 - 60_000);
+    // Frozen: usage of November arriving after the cut does not change it...
     state
         .store
         .ingest(
@@ -360,13 +389,103 @@ fn the_worker_finalises_the_last_period_once_its_grace_has_passed() {
                     NOV_START + 9000,
                 )],
             ),
-            NOV_END,
+            NOV_END + 3_700_000,
         )
         .unwrap();
     let mut fresh = tollgate_collector::worker::Worker::default();
     fresh.step(&state, NOV_END + 7_200_000).unwrap();
-    let invoices = state.store.invoices(Some("acme")).unwrap();
-    assert_eq!(invoices.len(), 1);
-    assert_eq!(invoices[0].total, "169.00");
+    assert_eq!(november(state.store.as_ref()).unwrap().total, "169.00");
+    // ...it is billed once, as late usage, by December's invoice: 1,000 calls at the first
+    // tier's $0.001, no included calls (those were November's), and the fee.
+    let december = billing::draft(
+        state.store.as_ref(),
+        &state.control.catalog.current(),
+        "acme",
+        NOV_END + 86_400_000,
+        NOV_END + 86_400_000,
+    )
+    .unwrap();
+    let late: Vec<_> = december.invoice.lines.iter().filter(|l| l.late).collect();
+    assert_eq!(late.len(), 1, "{:?}", december.invoice.lines);
+    assert_eq!((late[0].quantity, late[0].amount), (1000, dec("1.00")));
+    assert_eq!(december.invoice.total, dec("50.00"));
+    // A period cannot be finalised while it runs, nor out of order.
+    let catalog = state.control.catalog.current();
+    let running = billing::finalize(
+        state.store.as_ref(),
+        &catalog,
+        "acme",
+        NOV_END + 1,
+        NOV_END + 2,
+    );
+    assert!(format!("{:#}", running.unwrap_err()).contains("has not ended"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_daily_budget_counts_what_the_days_usage_adds_to_the_monthly_invoice() {
+    let dir = std::env::temp_dir().join(format!("tollgate-spend-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let store =
+        tollgate_collector::open(&format!("sqlite://{}", dir.join("c.db").display())).unwrap();
+    store.add_license(&issued("lic-p1", "acme", "pro")).unwrap();
+    let now = NOV_START + 10 * 86_400_000 + 12 * 3_600_000;
+    store
+        .ingest(
+            &batch(
+                "b1",
+                vec![
+                    // Yesterday: 9,000 of the month's 10,000 included calls.
+                    record(
+                        "lic-p1",
+                        "search",
+                        "allowed",
+                        Meter::Calls,
+                        9_000,
+                        now - 86_400_000,
+                    ),
+                    // Today: 2,000 calls, of which 1,000 are beyond the included ones.
+                    record(
+                        "lic-p1",
+                        "search",
+                        "allowed",
+                        Meter::Calls,
+                        2_000,
+                        now - 1000,
+                    ),
+                ],
+            ),
+            now,
+        )
+        .unwrap();
+    let catalog = catalog();
+    let (today, _) = tollgate_collector::control::spend(
+        store.as_ref(),
+        &catalog,
+        "acme",
+        tollgate_wire::sync::Period::Day,
+        now,
+    )
+    .unwrap();
+    assert_eq!(today, dec("1.00"));
+    let (yesterday, _) = tollgate_collector::control::spend(
+        store.as_ref(),
+        &catalog,
+        "acme",
+        tollgate_wire::sync::Period::Day,
+        now - 86_400_000,
+    )
+    .unwrap();
+    assert_eq!(yesterday, Decimal::ZERO);
+    let (month, _) = tollgate_collector::control::spend(
+        store.as_ref(),
+        &catalog,
+        "acme",
+        tollgate_wire::sync::Period::Month,
+        now,
+    )
+    .unwrap();
+    assert_eq!(month, dec("1.00"), "usage charges only, not the fee");
     let _ = std::fs::remove_dir_all(&dir);
 }

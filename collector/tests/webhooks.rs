@@ -192,6 +192,7 @@ fn webhooks_on(db: &Backend) {
             expires_ms: now + 86_400_000 * 400,
             kid: "k".into(),
             issued_ms: 0,
+            revoked_ms: None,
         })
         .unwrap();
     store
@@ -241,8 +242,9 @@ fn webhooks_on(db: &Backend) {
 
     // Last month's invoice: finalised once (a second request returns it unchanged).
     let last_month = month_start - 1;
+    // Received two minutes ago: before the invoice's cut (finalisation minus a minute).
     store
-        .ingest(&batch("b0", 1234, last_month - 5000), now)
+        .ingest(&batch("b0", 1234, last_month - 5000), now - 120_000)
         .unwrap();
     let (status, invoice) = admin(
         &c,

@@ -899,10 +899,10 @@ fn compile_token(token: TokenConfig) -> Result<TokenPolicy, ConfigError> {
                     "must start with `/`",
                 ));
             }
-            if s.refresh_seconds == 0 || s.timeout_ms == 0 {
+            if s.refresh_seconds == 0 || s.timeout_ms == 0 || s.min_refetch_seconds == 0 {
                 return Err(ConfigError::new(
                     "token.jwks_source",
-                    "refresh_seconds and timeout_ms must be at least 1",
+                    "refresh_seconds, min_refetch_seconds and timeout_ms must be at least 1 (a refetch per unknown kid, unbounded, would let made-up kids flood the endpoint)",
                 ));
             }
             Ok(JwksSource {

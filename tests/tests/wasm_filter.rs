@@ -1566,6 +1566,10 @@ fn the_istio_plugin_configuration_is_accepted_by_the_filter() {
         config["collector"].get("instance").is_none(),
         "one configuration for every sidecar: no fixed instance"
     );
+    assert_eq!(
+        config["token"]["jwks_source"]["cluster"], config["collector"]["cluster"],
+        "keys come from the collector the usage goes to"
+    );
     let vm = start(&config);
     assert!(vm.configured());
 }

@@ -9,10 +9,17 @@ CREATE TABLE invoices (
     currency        TEXT NOT NULL,
     total           TEXT NOT NULL,
     body            TEXT NOT NULL,
-    finalized_ms    BIGINT NOT NULL
+    finalized_ms    BIGINT NOT NULL,
+    -- Usage received up to this instant is billed in this invoice or an earlier one; usage
+    -- received later for this period is late, and billed in the next invoice.
+    cut_ms          BIGINT NOT NULL
 );
 
 CREATE INDEX invoices_by_account ON invoices (account, period_start_ms);
+
+-- Late usage is found through the batches received after an invoice's cut.
+CREATE INDEX batches_by_received ON batches (received_ms);
+CREATE INDEX usage_records_by_batch ON usage_records (batch_id);
 
 CREATE TABLE webhook_events (
     event_id        TEXT PRIMARY KEY,
