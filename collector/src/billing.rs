@@ -624,7 +624,19 @@ pub fn draft(
 ) -> Result<Draft> {
     let bounds = catalog.period_bounds(catalog.billing_period, at_ms);
     let usage = store.billable_usage(account, bounds.0, bounds.1, None)?;
-    let late = late_usage(store, account, bounds.0, None)?;
+    // While an earlier period with usage waits for its invoice (its grace period), late usage
+    // goes to that invoice, not to this draft.
+    let waiting = match previous_invoice(store, account, bounds.0)? {
+        Some(previous) => store
+            .first_usage_ms(account, previous.period_end_ms, bounds.0)?
+            .is_some(),
+        None => true,
+    };
+    let late = if waiting {
+        Vec::new()
+    } else {
+        late_usage(store, account, bounds.0, None)?
+    };
     let licenses = store.issued_licenses(Some(account))?;
     let invoice = rate(catalog, account, bounds, &usage, &late, &licenses)?;
     let ended = now_ms >= bounds.1;

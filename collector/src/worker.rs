@@ -44,8 +44,11 @@ impl Default for BillingSettings {
 #[derive(Default)]
 pub struct Worker {
     thresholds_raised: HashSet<String>,
-    /// Billing periods (by start) whose every account was finalised, or failed once.
+    /// Billing periods (by start) whose every account was finalised, or failed once. Emptied
+    /// every hour: an account whose only usage of a period arrived after the period was done
+    /// gets its invoice then.
     periods_done: HashSet<u64>,
+    periods_done_until_ms: u64,
     next_budget_check_ms: u64,
 }
 
@@ -71,6 +74,10 @@ impl Worker {
         if let Some(grace) = state.billing.finalize_grace_ms {
             // The periods that ended at least `grace` ago: the last of them, and a few before
             // it, oldest first (periods are finalised in order).
+            if now_ms >= self.periods_done_until_ms {
+                self.periods_done.clear();
+                self.periods_done_until_ms = now_ms.saturating_add(3_600_000);
+            }
             let cutoff = now_ms.saturating_sub(grace);
             let mut periods = Vec::new();
             let mut next_end = catalog.period_bounds(catalog.billing_period, cutoff).0;
