@@ -5,7 +5,7 @@ ENVOY := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
 WASM := target/wasm32-wasip1/release/tollgate_filter.wasm
 
-.PHONY: run up test test-only wasm envoy postgres chromium lint fmt clean
+.PHONY: run up test test-only wasm envoy postgres chromium wrk bench lint fmt clean
 
 ## run: build, start an upstream and Envoy with the filter, mint demo licenses, send traffic, exit
 run: wasm envoy
@@ -46,6 +46,15 @@ chromium:
 	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "Chromium is missing: run 'sudo apt-get install -y chromium'"; exit 1; fi
+
+## bench: the filter against its baselines (Envoy on CPU 0, wrk on CPU 1); see BENCHMARKS.md
+bench: wasm envoy wrk
+	cargo run --release -q -p tollgate-bench --bin filter-bench -- $(BENCH_ARGS)
+
+wrk:
+	@if command -v wrk >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+	else echo "wrk is missing: run 'sudo apt-get install -y wrk'"; exit 1; fi
 
 lint:
 	cargo fmt --all -- --check

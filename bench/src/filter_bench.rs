@@ -1,0 +1,773 @@
+//! The filter's cost, side by side with its baselines, in one run: Envoy with one worker
+//! pinned to CPU 0 answering directly (no upstream), the load generator pinned to CPU 1, and
+//! the same load for every variant, interleaved over several rounds.
+//!
+//! ```sh
+//! cargo run --release -p tollgate-bench --bin filter-bench -- [--seconds 10] [--rounds 3] [--rate 2000] [--variants a,b,...]
+//! ```
+//!
+//! Variants:
+//! - `none`: Envoy with no filter (the floor);
+//! - `native`: Envoy's C++ `jwt_authn` (with its token cache) and `local_ratelimit`;
+//! - `tollgate`: the filter with a warm token cache, metering and shipping to a live collector;
+//! - `cold-eddsa`, `cold-es256`, `cold-rs256`: every request's signature is checked (a token
+//!   cache of one entry and 64 tokens in turn: each request misses, as a new token would);
+//! - `native-cold-eddsa`, `native-cold-es256`, `native-cold-rs256`: the same for `jwt_authn`
+//!   (its cache off);
+//! - `licenses-1k`, `licenses-100k`: warm tokens of 1,000 or 100,000 distinct licenses;
+//! - `tollgate-no-collector`, `tollgate-no-rate-limit`, `tollgate-no-headers`, `tollgate-bare`
+//!   (all three off): where the warm filter's time goes, feature by feature.
+//!
+//! Per variant: requests per second at saturation (wrk, 1 thread, 64 connections) with its
+//! p50/p99/p99.9 latency; latency at a fixed moderate rate (an open-loop client: latency counts
+//! from when a request was due, so a stall is not hidden); Envoy's CPU time per 1,000
+//! requests; Envoy's resident memory after the run. The median of the rounds is reported, and
+//! each figure as a ratio to `none`. Raw lines go to `bench/results/`.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tollgate_bench::{percentile, rss_kib, INGEST_SECRET};
+use tollgate_collector::{open, IngestKeys, Running};
+use tollgate_devkit::envoy::{filter_wasm_path, stats_config, workspace_root};
+use tollgate_devkit::{jwks, Envoy, KeyAlg, LicenseSpec, SigningKey};
+
+const ISSUER: &str = "https://licenses.tollgate.example";
+const AUDIENCE: &str = "api.example.com";
+const PATH: &str = "/v1/search?q=bench";
+const CONNECTIONS: u32 = 64;
+
+struct Options {
+    seconds: u64,
+    rounds: usize,
+    rate: u64,
+    variants: Vec<String>,
+}
+
+fn options() -> Result<Options> {
+    let mut o = Options {
+        seconds: 10,
+        rounds: 3,
+        rate: 2000,
+        variants: ALL.iter().map(|v| v.to_string()).collect(),
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let value = args.get(i + 1).context("every option takes a value")?;
+        match args[i].as_str() {
+            "--seconds" => o.seconds = value.parse()?,
+            "--rounds" => o.rounds = value.parse()?,
+            "--rate" => o.rate = value.parse()?,
+            "--variants" => o.variants = value.split(',').map(String::from).collect(),
+            other => bail!("unknown option {other}; see the top of bench/src/filter_bench.rs"),
+        }
+        i += 2;
+    }
+    for v in &o.variants {
+        if !ALL.contains(&v.as_str()) {
+            bail!("unknown variant {v}: one of {}", ALL.join(", "));
+        }
+    }
+    Ok(o)
+}
+
+const ALL: [&str; 15] = [
+    "none",
+    "native",
+    "tollgate",
+    "tollgate-no-collector",
+    "tollgate-no-rate-limit",
+    "tollgate-no-headers",
+    "tollgate-bare",
+    "cold-eddsa",
+    "native-cold-eddsa",
+    "cold-es256",
+    "native-cold-es256",
+    "cold-rs256",
+    "native-cold-rs256",
+    "licenses-1k",
+    "licenses-100k",
+];
+
+/// The signing keys: the demo key (EdDSA, in `envoy/tollgate.json`) and one of each other kind.
+struct Keys {
+    ed: SigningKey,
+    es: SigningKey,
+    rs: SigningKey,
+}
+
+impl Keys {
+    fn jwks(&self) -> Value {
+        jwks([&self.ed, &self.es, &self.rs])
+    }
+
+    fn key(&self, alg: KeyAlg) -> &SigningKey {
+        match alg {
+            KeyAlg::EdDSA => &self.ed,
+            KeyAlg::ES256 => &self.es,
+            KeyAlg::RS256 => &self.rs,
+        }
+    }
+}
+
+/// `count` tokens of distinct licenses signed with `alg`, one per line, in `path`.
+fn mint(keys: &Keys, alg: KeyAlg, count: usize, path: &Path) -> Result<()> {
+    let key = keys.key(alg);
+    let now = tollgate_devkit::unix_now();
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for i in 0..count {
+        let mut spec = LicenseSpec::new(
+            &format!("acct-{}", i % 1000),
+            &format!("lic-{}-{i}", alg.name()),
+            "pro",
+            &["search"],
+        );
+        spec.issuer = Some(ISSUER.into());
+        spec.audience = Some(AUDIENCE.into());
+        spec.ttl_seconds = 24 * 3600;
+        writeln!(out, "{}", key.sign(&spec.claims_at(now))?)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// The plugin configuration: `envoy/tollgate.json` with every bench key, a collector, and a
+/// token cache of `cache_entries`.
+fn tollgate_config(keys: &Keys, cache_entries: usize) -> Result<Value> {
+    let mut config: Value = serde_json::from_slice(&std::fs::read(
+        workspace_root().join("envoy/tollgate.json"),
+    )?)?;
+    config["token"]["jwks"] = keys.jwks();
+    config["token"]["cache_entries"] = json!(cache_entries);
+    // Generous limits: the benchmark measures the checks, not refusals.
+    config["plans"]["pro"] =
+        json!({"rate_limit": {"requests_per_second": 1_000_000_000, "burst": 1_000_000_000}});
+    config["collector"] = json!({
+        "key_id": "bench",
+        "secret": INGEST_SECRET,
+        "flush_interval_ms": 1000,
+    });
+    Ok(config)
+}
+
+/// Envoy's native chain doing the comparable job: JWT checks with the same keys, issuer and
+/// audience (its cache on), and a local rate limit that never refuses.
+fn native_filters(keys: &Keys, cache: bool) -> Vec<Value> {
+    let mut provider = json!({
+        "issuer": ISSUER,
+        "audiences": [AUDIENCE],
+        "local_jwks": {"inline_string": keys.jwks().to_string()},
+        "forward": true,
+    });
+    if cache {
+        provider["jwt_cache_config"] = json!({"jwt_cache_size": 10000});
+    }
+    vec![
+        json!({
+            "name": "envoy.filters.http.jwt_authn",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+                "providers": {"tollgate": provider},
+                "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "tollgate"}}],
+            }
+        }),
+        json!({
+            "name": "envoy.filters.http.local_ratelimit",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+                "stat_prefix": "bench_rl",
+                "token_bucket": {"max_tokens": 1_000_000_000, "tokens_per_fill": 1_000_000_000, "fill_interval": "1s"},
+                "filter_enabled": {"runtime_key": "rl_enabled", "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+                "filter_enforced": {"runtime_key": "rl_enforced", "default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+            }
+        }),
+    ]
+}
+
+fn tollgate_filter(config: &Value) -> Value {
+    json!({
+        "name": "tollgate",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "tollgate",
+                "root_id": "tollgate",
+                "vm_config": {
+                    "vm_id": "tollgate",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": filter_wasm_path().to_string_lossy()}},
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": config.to_string(),
+                },
+                "failure_policy": "FAIL_CLOSED",
+            }
+        }
+    })
+}
+
+/// Envoy answering `200 ok` itself, after `filters`.
+fn bootstrap(filters: Vec<Value>, collector_port: Option<u16>) -> Value {
+    let mut http_filters = filters;
+    http_filters.push(json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+    }));
+    let mut clusters = Vec::new();
+    if let Some(port) = collector_port {
+        clusters.push(json!({
+            "name": "tollgate_collector",
+            "connect_timeout": "1s",
+            "type": "STATIC",
+            "load_assignment": {"cluster_name": "tollgate_collector", "endpoints": [{"lb_endpoints": [{
+                "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}
+            }]}]}
+        }));
+    }
+    json!({
+        "node": {"id": "tollgate-bench", "cluster": "tollgate"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "stats_config": stats_config(),
+        "static_resources": {
+            "listeners": [{
+                "name": "api",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "api",
+                        "normalize_path": true,
+                        "merge_slashes": true,
+                        "route_config": {"virtual_hosts": [{
+                            "name": "api",
+                            "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}]
+                        }]},
+                        "http_filters": http_filters,
+                    }
+                }]}]
+            }],
+            "clusters": clusters,
+        }
+    })
+}
+
+/// Pin every thread of `pid` to `cpus` (e.g. "0").
+fn pin(pid: u32, cpus: &str) -> Result<()> {
+    let status = Command::new("taskset")
+        .args(["-a", "-c", "-p", cpus, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("running taskset (util-linux)")?;
+    if !status.success() {
+        bail!("taskset failed for pid {pid}");
+    }
+    Ok(())
+}
+
+/// User plus system CPU time of a process, in clock ticks (/proc/<pid>/stat).
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11).context("utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+fn clock_ticks_per_second() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// The wrk script: each request carries the next token of the file (round robin), and the
+/// latency percentiles are printed as one JSON line at the end.
+const WRK_SCRIPT: &str = r#"
+local tokens = {}
+local path = os.getenv("BENCH_TOKENS")
+if path then
+  for line in io.lines(path) do tokens[#tokens + 1] = line end
+end
+local i = 0
+request = function()
+  if #tokens == 0 then
+    return wrk.format("GET", BENCH_PATH)
+  end
+  i = i + 1
+  if i > #tokens then i = 1 end
+  return wrk.format("GET", BENCH_PATH, {["authorization"] = "Bearer " .. tokens[i]})
+end
+done = function(summary, latency, requests)
+  local errors = summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout
+  io.write(string.format('BENCH {"requests": %d, "seconds": %f, "errors": %d, "p50_us": %d, "p99_us": %d, "p999_us": %d}\n',
+    summary.requests, summary.duration / 1e6, errors,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+end
+"#;
+
+/// What one saturation run measured.
+#[derive(Debug, Clone, Default)]
+struct Saturation {
+    rps: f64,
+    errors: u64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+}
+
+fn wrk(
+    url: &str,
+    tokens: Option<&Path>,
+    seconds: u64,
+    script: &Path,
+) -> Result<(Saturation, String)> {
+    let mut command = Command::new("taskset");
+    command
+        .args(["-c", "1", "wrk", "-t1"])
+        .arg(format!("-c{CONNECTIONS}"))
+        .arg(format!("-d{seconds}s"))
+        .arg("-s")
+        .arg(script)
+        .arg(url);
+    if let Some(tokens) = tokens {
+        command.env("BENCH_TOKENS", tokens);
+    }
+    let output = command
+        .output()
+        .context("running wrk (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("BENCH "))
+        .with_context(|| format!("wrk printed no result: {text}"))?;
+    let v: Value = serde_json::from_str(line)?;
+    let get = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    Ok((
+        Saturation {
+            rps: get("requests") / get("seconds").max(1e-9),
+            errors: v["errors"].as_u64().unwrap_or(0),
+            p50_us: get("p50_us"),
+            p99_us: get("p99_us"),
+            p999_us: get("p999_us"),
+        },
+        text,
+    ))
+}
+
+/// An open-loop client: `rate` requests per second for `seconds` over `connections`
+/// keep-alive connections, each request due at its scheduled time; latency is measured from
+/// that time. Returns sorted latencies in microseconds, and the count of non-200 answers.
+fn fixed_rate(
+    addr: SocketAddr,
+    token: Option<&str>,
+    rate: u64,
+    seconds: u64,
+    connections: u64,
+) -> Result<(Vec<f64>, u64)> {
+    let per_connection = Duration::from_secs_f64(connections as f64 / rate as f64);
+    let total = rate * seconds / connections;
+    let start = Instant::now() + Duration::from_millis(50);
+    let request = match token {
+        Some(t) => {
+            format!("GET {PATH} HTTP/1.1\r\nhost: bench\r\nauthorization: Bearer {t}\r\n\r\n")
+        }
+        None => format!("GET {PATH} HTTP/1.1\r\nhost: bench\r\n\r\n"),
+    };
+    let request = Arc::new(request.into_bytes());
+    let handles: Vec<_> = (0..connections)
+        .map(|c| {
+            let request = Arc::clone(&request);
+            std::thread::spawn(move || -> Result<(Vec<f64>, u64)> {
+                let stream = TcpStream::connect(addr)?;
+                stream.set_nodelay(true)?;
+                let mut reader = BufReader::new(stream.try_clone()?);
+                let mut writer = stream;
+                let mut latencies = Vec::with_capacity(total as usize);
+                let mut bad = 0;
+                // Connections start staggered, so requests are spread evenly.
+                let offset = per_connection.mul_f64(c as f64 / connections as f64);
+                for i in 0..total {
+                    let due = start + offset + per_connection.mul_f64(i as f64);
+                    let now = Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    }
+                    writer.write_all(&request)?;
+                    let status = read_response(&mut reader)?;
+                    if status != 200 {
+                        bad += 1;
+                    }
+                    latencies.push(due.elapsed().as_secs_f64() * 1e6);
+                }
+                Ok((latencies, bad))
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut bad = 0;
+    for handle in handles {
+        let (latencies, b) = handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))??;
+        all.extend(latencies);
+        bad += b;
+    }
+    all.sort_by(|a, b| a.total_cmp(b));
+    Ok((all, bad))
+}
+
+/// Read one HTTP/1.1 response with a content-length body; its status.
+fn read_response(reader: &mut BufReader<TcpStream>) -> Result<u16> {
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .context("no status line")?
+        .parse()?;
+    let mut length = 0usize;
+    loop {
+        line.clear();
+        reader.read_line(&mut line)?;
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse()?;
+            }
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    Ok(status)
+}
+
+/// One variant's figures in one round.
+#[derive(Debug, Clone, Default)]
+struct Figures {
+    saturation: Saturation,
+    fixed_p50_us: f64,
+    fixed_p99_us: f64,
+    fixed_p999_us: f64,
+    fixed_bad: u64,
+    cpu_ms_per_1000: f64,
+    rss_mib: f64,
+}
+
+struct Setup {
+    dir: PathBuf,
+    keys: Keys,
+    script: PathBuf,
+    collector_port: u16,
+}
+
+impl Setup {
+    fn tokens(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.tokens"))
+    }
+}
+
+/// What a variant loads into Envoy, and which tokens its clients send.
+fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
+    let keys = &setup.keys;
+    let collector = Some(setup.collector_port);
+    Ok(match name {
+        "none" => (bootstrap(vec![], None), None),
+        "native" => (
+            bootstrap(native_filters(keys, true), None),
+            Some(setup.tokens("warm")),
+        ),
+        "tollgate" => (
+            bootstrap(
+                vec![tollgate_filter(&tollgate_config(keys, 10_000)?)],
+                collector,
+            ),
+            Some(setup.tokens("warm")),
+        ),
+        ablation if ablation.starts_with("tollgate-") => {
+            let mut config = tollgate_config(keys, 10_000)?;
+            let bare = ablation == "tollgate-bare";
+            if bare || ablation == "tollgate-no-collector" {
+                if let Some(c) = config.as_object_mut() {
+                    c.remove("collector");
+                }
+            }
+            if bare || ablation == "tollgate-no-rate-limit" {
+                config["plans"]["pro"] = json!({});
+            }
+            if bare || ablation == "tollgate-no-headers" {
+                config["upstream_headers"] =
+                    json!({"account": null, "license": null, "plan": null, "feature": null});
+            }
+            let collector = config.get("collector").map(|_| setup.collector_port);
+            (
+                bootstrap(vec![tollgate_filter(&config)], collector),
+                Some(setup.tokens("warm")),
+            )
+        }
+        "licenses-1k" => (
+            bootstrap(
+                vec![tollgate_filter(&tollgate_config(keys, 10_000)?)],
+                collector,
+            ),
+            Some(setup.tokens("licenses-1k")),
+        ),
+        "licenses-100k" => (
+            bootstrap(
+                vec![tollgate_filter(&tollgate_config(keys, 200_000)?)],
+                collector,
+            ),
+            Some(setup.tokens("licenses-100k")),
+        ),
+        // A cache of one entry and 64 tokens in turn: every request misses the cache and its
+        // signature is checked, as if every token were new (verification does not depend on
+        // which token it is).
+        cold if cold.starts_with("cold-") => (
+            bootstrap(vec![tollgate_filter(&tollgate_config(keys, 1)?)], collector),
+            Some(setup.tokens(cold)),
+        ),
+        // jwt_authn without its cache verifies every request.
+        native_cold if native_cold.starts_with("native-cold-") => (
+            bootstrap(native_filters(keys, false), None),
+            Some(setup.tokens(native_cold.trim_start_matches("native-"))),
+        ),
+        other => bail!("unknown variant {other}"),
+    })
+}
+
+fn run_variant(setup: &Setup, name: &str, o: &Options, raw: &mut String) -> Result<Figures> {
+    let (config, tokens) = variant(setup, name)?;
+    let envoy = Envoy::start(&format!("bench-{name}"), &config, 1)?;
+    pin(envoy.pid(), "0")?;
+    let url = envoy.url(PATH);
+    let warm_tokens = tokens.as_deref();
+    // Warm up: connections, the VM, and (for the licenses variants) the token cache.
+    let warm_seconds = match name {
+        // Every token is verified once (cold) before the cache is warm.
+        "licenses-100k" => 45,
+        "licenses-1k" => 3,
+        _ => 2,
+    };
+    wrk(&url, warm_tokens, warm_seconds, &setup.script)?;
+    let ticks = clock_ticks_per_second();
+    let cpu_before = cpu_ticks(envoy.pid())?;
+    let (saturation, text) = wrk(&url, warm_tokens, o.seconds, &setup.script)?;
+    let cpu_after = cpu_ticks(envoy.pid())?;
+    raw.push_str(&format!("== {name} saturation\n{text}\n"));
+    let requests = saturation.rps * o.seconds as f64;
+    let cpu_ms = (cpu_after - cpu_before) as f64 * 1000.0 / ticks as f64;
+    let rss_mib = rss_kib(envoy.pid()).unwrap_or(0) as f64 / 1024.0;
+    // The fixed rate uses one token (cold variants: the cache now holds it; their cold cost
+    // shows in the saturation figures).
+    let one_token = match warm_tokens {
+        Some(path) => Some(
+            std::fs::read_to_string(path)?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let (latencies, bad) = fixed_rate(
+        envoy.listener,
+        one_token.as_deref(),
+        o.rate,
+        o.seconds.min(5),
+        8,
+    )?;
+    raw.push_str(&format!(
+        "== {name} fixed rate {} req/s: {} requests, {bad} not 200, p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us\n",
+        o.rate,
+        latencies.len(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 0.999)
+    ));
+    Ok(Figures {
+        cpu_ms_per_1000: cpu_ms / requests.max(1.0) * 1000.0,
+        rss_mib,
+        fixed_p50_us: percentile(&latencies, 0.5),
+        fixed_p99_us: percentile(&latencies, 0.99),
+        fixed_p999_us: percentile(&latencies, 0.999),
+        fixed_bad: bad,
+        saturation,
+    })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn main() -> Result<()> {
+    let o = options()?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        bail!("needs 2 CPUs: Envoy on CPU 0, the load generator on CPU 1");
+    }
+    // The orchestrator and the collector share CPU 1 with the load generator.
+    pin(std::process::id(), "1")?;
+    tollgate_collector::server::set_info_logs(false);
+    let dir = std::env::temp_dir().join(format!("tollgate-filter-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let keys = Keys {
+        ed: SigningKey::load(&workspace_root().join("envoy/demo-signing-key.json"))?,
+        es: SigningKey::generate(KeyAlg::ES256, "bench-es")?,
+        rs: SigningKey::generate(KeyAlg::RS256, "bench-rs")?,
+    };
+    let script = dir.join("bench.lua");
+    std::fs::write(&script, format!("BENCH_PATH = \"{PATH}\"\n{WRK_SCRIPT}"))?;
+    let collector = Running::start(
+        0,
+        open(&format!("sqlite://{}", dir.join("usage.db").display()))?,
+        IngestKeys::parse([format!("bench={INGEST_SECRET}").as_str()])?,
+    )?;
+    let setup = Setup {
+        dir: dir.clone(),
+        keys,
+        script,
+        collector_port: collector.addr.port(),
+    };
+    eprintln!("minting tokens...");
+    mint(&setup.keys, KeyAlg::EdDSA, 1, &setup.tokens("warm"))?;
+    mint(
+        &setup.keys,
+        KeyAlg::EdDSA,
+        1000,
+        &setup.tokens("licenses-1k"),
+    )?;
+    if o.variants.iter().any(|v| v == "licenses-100k") {
+        mint(
+            &setup.keys,
+            KeyAlg::EdDSA,
+            100_000,
+            &setup.tokens("licenses-100k"),
+        )?;
+    }
+    mint(&setup.keys, KeyAlg::EdDSA, 64, &setup.tokens("cold-eddsa"))?;
+    mint(&setup.keys, KeyAlg::ES256, 64, &setup.tokens("cold-es256"))?;
+    mint(&setup.keys, KeyAlg::RS256, 64, &setup.tokens("cold-rs256"))?;
+
+    let mut raw = String::new();
+    let mut results: BTreeMap<String, Vec<Figures>> = BTreeMap::new();
+    for round in 1..=o.rounds {
+        for name in &o.variants {
+            eprintln!("round {round}: {name}");
+            let figures = run_variant(&setup, name, &o, &mut raw)?;
+            eprintln!(
+                "  {:.0} req/s, p99 {:.0} us, fixed-rate p99 {:.0} us, {:.3} ms CPU per 1000, RSS {:.1} MiB",
+                figures.saturation.rps,
+                figures.saturation.p99_us,
+                figures.fixed_p99_us,
+                figures.cpu_ms_per_1000,
+                figures.rss_mib
+            );
+            results.entry(name.clone()).or_default().push(figures);
+        }
+    }
+
+    let summary = |name: &str| -> Option<Figures> {
+        let runs = results.get(name)?;
+        let m = |f: &dyn Fn(&Figures) -> f64| median(runs.iter().map(f).collect());
+        Some(Figures {
+            saturation: Saturation {
+                rps: m(&|f| f.saturation.rps),
+                errors: runs.iter().map(|f| f.saturation.errors).sum(),
+                p50_us: m(&|f| f.saturation.p50_us),
+                p99_us: m(&|f| f.saturation.p99_us),
+                p999_us: m(&|f| f.saturation.p999_us),
+            },
+            fixed_p50_us: m(&|f| f.fixed_p50_us),
+            fixed_p99_us: m(&|f| f.fixed_p99_us),
+            fixed_p999_us: m(&|f| f.fixed_p999_us),
+            fixed_bad: runs.iter().map(|f| f.fixed_bad).sum(),
+            cpu_ms_per_1000: m(&|f| f.cpu_ms_per_1000),
+            rss_mib: m(&|f| f.rss_mib),
+        })
+    };
+    let base = summary("none");
+    let mut table = format!(
+        "Median of {} rounds, {} s each; fixed rate {} req/s over 8 connections; Envoy 1 worker on CPU 0, load on CPU 1.\n\n\
+         | variant | req/s | vs none | p50 / p99 / p99.9 at saturation (µs) | fixed-rate p50 / p99 / p99.9 (µs) | p99 added at fixed rate (µs) | CPU ms per 1,000 req | vs none | Envoy RSS (MiB) | errors |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+        o.rounds, o.seconds, o.rate
+    );
+    for name in &o.variants {
+        let Some(f) = summary(name) else { continue };
+        let ratio = |v: f64, b: Option<f64>| {
+            b.filter(|b| *b > 0.0)
+                .map_or("-".to_string(), |b| format!("{:.2}", v / b))
+        };
+        table.push_str(&format!(
+            "| {name} | {:.0} | {} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {} | {:.3} | {} | {:.1} | {} |\n",
+            f.saturation.rps,
+            ratio(f.saturation.rps, base.as_ref().map(|b| b.saturation.rps)),
+            f.saturation.p50_us,
+            f.saturation.p99_us,
+            f.saturation.p999_us,
+            f.fixed_p50_us,
+            f.fixed_p99_us,
+            f.fixed_p999_us,
+            base.as_ref()
+                .map_or("-".into(), |b| format!("{:.0}", f.fixed_p99_us - b.fixed_p99_us)),
+            f.cpu_ms_per_1000,
+            ratio(f.cpu_ms_per_1000, base.as_ref().map(|b| b.cpu_ms_per_1000)),
+            f.rss_mib,
+            f.saturation.errors + f.fixed_bad,
+        ));
+    }
+    println!("{table}");
+    let root = workspace_root();
+    let results_dir = root.canonicalize().unwrap_or(root).join("bench/results");
+    std::fs::create_dir_all(&results_dir)?;
+    let stamp = chrono_stamp();
+    let raw_path = results_dir.join(format!("filter-bench-{stamp}.txt"));
+    std::fs::write(
+        &raw_path,
+        format!(
+            "filter-bench {}\n\n{table}\n{raw}",
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        ),
+    )?;
+    eprintln!("raw output: {}", raw_path.display());
+    drop(collector);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// `YYYYMMDD-HHMMSS` (UTC) for file names.
+fn chrono_stamp() -> String {
+    let secs = tollgate_devkit::unix_now();
+    let days = secs / 86_400;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}{month:02}{d:02}-{h:02}{m:02}{s:02}")
+}
