@@ -2,7 +2,8 @@
 //!
 //! Two generations approximate LRU without per-hit bookkeeping: inserts go to `young`; when
 //! `young` is full it becomes `old` and the previous `old` is dropped; a hit in `old` moves the
-//! entry back to `young`. At most `2 * capacity / 2 = capacity` entries are held.
+//! entry back to `young` while `young` has room. At most `2 * capacity / 2 = capacity` entries
+//! are held, and a working set of up to `capacity` tokens stays cached.
 
 use std::sync::Arc;
 
@@ -41,11 +42,20 @@ impl TokenCache {
             self.young.remove(token);
             return None;
         }
-        let (key, license) = self.old.remove_entry(token)?;
+        let license = Arc::clone(self.old.get(token)?);
         if !self.is_live(&license, now) {
+            self.old.remove(token);
             return None;
         }
-        self.insert_boxed(key, Arc::clone(&license));
+        // Promoted only while the young generation has room: a promotion that swapped the
+        // generations would drop the old generation's other live entries, and a working set
+        // as large as the cache would then be verified again and again. Only a new token
+        // swaps generations.
+        if self.young.len() < self.generation_size {
+            if let Some((key, license)) = self.old.remove_entry(token) {
+                self.young.insert(key, license);
+            }
+        }
         Some(license)
     }
 

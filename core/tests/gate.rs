@@ -509,6 +509,36 @@ fn token_cache_is_bounded() {
 }
 
 #[test]
+fn a_working_set_as_large_as_the_cache_stays_cached() {
+    let k = keys();
+    let mut small = config();
+    small["token"]["cache_entries"] = json!(4);
+    let mut gate = gate_with(&small);
+    let tokens: Vec<String> = (0..4)
+        .map(|i| {
+            let mut s = spec("pro", &["search"]);
+            s.license_id = format!("lic-{i}");
+            format!("Bearer {}", token(&k.ed, &s))
+        })
+        .collect();
+    for _ in 0..10 {
+        for b in &tokens {
+            assert_eq!(
+                ask(&mut gate, "GET", "/v1/search", Some(b), NOW),
+                Verdict::Allow
+            );
+        }
+    }
+    let counters = gate.take_counters();
+    // Each token verified once; before, promotions swapped generations and 4 tokens in a
+    // cache of 4 were verified again on most requests.
+    assert_eq!(
+        (counters.token_cache_misses, counters.token_cache_hits),
+        (4, 36)
+    );
+}
+
+#[test]
 fn usage_is_aggregated_by_license_feature_and_outcome() {
     let k = keys();
     let mut gate = gate();

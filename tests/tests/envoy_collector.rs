@@ -291,8 +291,7 @@ fn two_collector_replicas_on_postgres_one_killed_mid_load_totals_exact() {
     let pg = TestPostgres::start("replicas").unwrap();
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_collector-replica"));
     let key = format!("k1={SECRET}");
-    let mut a =
-        CollectorProcess::start(bin, 0, &pg.url(), &key, &dir.join("replica-a.log")).unwrap();
+    let a = CollectorProcess::start(bin, 0, &pg.url(), &key, &dir.join("replica-a.log")).unwrap();
     let b = CollectorProcess::start(bin, 0, &pg.url(), &key, &dir.join("replica-b.log")).unwrap();
     let upstream = Upstream::start(0).unwrap();
     // No instance configured, as in Istio where every sidecar shares one configuration: each
@@ -309,12 +308,25 @@ fn two_collector_replicas_on_postgres_one_killed_mid_load_totals_exact() {
     let mut seen = Seen::default();
     let took_batches = |log: String| log.contains(r#""msg":"batch""#);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !(took_batches(a.log_text()) && took_batches(b.log_text())) {
-        assert!(Instant::now() < deadline, "both replicas take batches");
+    while !(took_batches(a.log_text()) || took_batches(b.log_text())) {
+        assert!(
+            Instant::now() < deadline,
+            "no replica takes batches\nreplica a:\n{}\nreplica b:\n{}",
+            a.log_text(),
+            b.log_text()
+        );
         traffic(&envoy, 5, &mut seen);
     }
     traffic(&envoy, 10, &mut seen);
-    a.kill();
+    // Kill a replica that is taking batches. Both usually are, but not always: the sync calls
+    // share the cluster's round robin with the batches, and with a health check failing (seen
+    // here as a timeout on one replica now and then) the same replica can get every batch.
+    let (mut victim, survivor) = if took_batches(a.log_text()) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    victim.kill();
     let after_kill = Instant::now();
     while after_kill.elapsed() < Duration::from_secs(3) {
         traffic(&envoy, 5, &mut seen);
@@ -323,7 +335,7 @@ fn two_collector_replicas_on_postgres_one_killed_mid_load_totals_exact() {
     wait_for(store.as_ref(), &seen);
     assert_eq!(upstream.requests(), seen.calls_with("allowed"));
     let mut instances = std::collections::BTreeSet::new();
-    for line in a.log_text().lines().chain(b.log_text().lines()) {
+    for line in victim.log_text().lines().chain(survivor.log_text().lines()) {
         let Ok(entry) = serde_json::from_str::<Value>(line) else {
             continue;
         };
@@ -337,7 +349,7 @@ fn two_collector_replicas_on_postgres_one_killed_mid_load_totals_exact() {
         "one instance per worker VM: {instances:?}"
     );
     eprintln!("stored exactly, one replica killed: {seen:?}; instances {instances:?}");
-    drop(b);
+    drop(survivor);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
