@@ -118,7 +118,7 @@ struct AddKey {
 }
 
 /// An optional JSON body (empty: the defaults), or the 400 to answer.
-fn json_body<T: serde::de::DeserializeOwned + Default>(
+pub(crate) fn json_body<T: serde::de::DeserializeOwned + Default>(
     body: &[u8],
     shape: &str,
 ) -> Result<T, Box<Response>> {

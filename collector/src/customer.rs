@@ -169,19 +169,9 @@ async fn new_token(
     if let Some(refused) = admin_refusal(&state, &headers) {
         return refused;
     }
-    let ask: NewToken = if body.iter().all(u8::is_ascii_whitespace) {
-        NewToken::default()
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(ask) => ask,
-            Err(e) => {
-                return refusal(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("expected {{\"valid_days\": 1-366}}: {e}"),
-                )
-            }
-        }
+    let ask: NewToken = match crate::admin::json_body(&body, r#"{"valid_days": 1-366}"#) {
+        Ok(ask) => ask,
+        Err(refused) => return *refused,
     };
     let worker = Arc::clone(&state);
     let done = tokio::task::spawn_blocking(move || {
