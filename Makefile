@@ -49,6 +49,7 @@ chromium:
 
 ## bench: the filter against its baselines (Envoy on CPU 0, wrk on CPU 1); see BENCHMARKS.md
 bench: wasm envoy wrk
+	cargo build -p tollgate-wasm-floor --target wasm32-wasip1 --release
 	cargo run --release -q -p tollgate-bench --bin filter-bench -- $(BENCH_ARGS)
 
 wrk:
@@ -59,7 +60,7 @@ wrk:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	cargo clippy -p tollgate-core -p tollgate-wire -p tollgate-filter --target wasm32-wasip1 -- -D warnings
+	cargo clippy -p tollgate-core -p tollgate-wire -p tollgate-filter -p tollgate-wasm-floor --target wasm32-wasip1 -- -D warnings
 
 fmt:
 	cargo fmt --all

@@ -15,8 +15,14 @@
 //! - `native-cold-eddsa`, `native-cold-es256`, `native-cold-rs256`: the same for `jwt_authn`
 //!   (its cache off);
 //! - `licenses-1k`, `licenses-100k`: warm tokens of 1,000 or 100,000 distinct licenses;
+//! - `wasm-empty`, `wasm-calls`, `wasm-calls-writes`: the floor of any proxy-wasm filter (the
+//!   `tollgate-wasm-floor` crate, same SDK and runtime): no host call; the clock and header
+//!   reads of Tollgate's warm path; and those plus four request headers written;
 //! - `tollgate-no-collector`, `tollgate-no-rate-limit`, `tollgate-no-headers`, `tollgate-bare`
 //!   (all three off): where the warm filter's time goes, feature by feature.
+//!
+//! `--before <filter.wasm>` adds `<variant>@before` variants (e.g. `tollgate@before`): the same
+//! load against an earlier build of the filter, in the same run, for before/after figures.
 //!
 //! Per variant: requests per second at saturation (wrk, 1 thread, 64 connections) with its
 //! p50/p99/p99.9 latency; latency at a fixed moderate rate (an open-loop client: latency counts
@@ -45,6 +51,7 @@ const PATH: &str = "/v1/search?q=bench";
 const CONNECTIONS: u32 = 64;
 
 struct Options {
+    before: Option<PathBuf>,
     seconds: u64,
     rounds: usize,
     rate: u64,
@@ -53,6 +60,7 @@ struct Options {
 
 fn options() -> Result<Options> {
     let mut o = Options {
+        before: None,
         seconds: 10,
         rounds: 3,
         rate: 2000,
@@ -67,20 +75,26 @@ fn options() -> Result<Options> {
             "--rounds" => o.rounds = value.parse()?,
             "--rate" => o.rate = value.parse()?,
             "--variants" => o.variants = value.split(',').map(String::from).collect(),
+            "--before" => o.before = Some(PathBuf::from(value)),
             other => bail!("unknown option {other}; see the top of bench/src/filter_bench.rs"),
         }
         i += 2;
     }
     for v in &o.variants {
-        if !ALL.contains(&v.as_str()) {
+        if !ALL.contains(&v.trim_end_matches("@before")) {
             bail!("unknown variant {v}: one of {}", ALL.join(", "));
         }
     }
     Ok(o)
 }
 
-const ALL: [&str; 15] = [
+const ALL: [&str; 20] = [
     "none",
+    "wasm-empty",
+    "wasm-calls",
+    "wasm-calls-writes",
+    "wasm-pairs",
+    "wasm-props",
     "native",
     "tollgate",
     "tollgate-no-collector",
@@ -192,7 +206,19 @@ fn native_filters(keys: &Keys, cache: bool) -> Vec<Value> {
     ]
 }
 
-fn tollgate_filter(config: &Value) -> Value {
+fn tollgate_filter(module: &Path, config: &Value) -> Value {
+    wasm_filter(module, &config.to_string())
+}
+
+/// The floor filter (`bench/wasm-floor`), making the host calls `calls` names per request.
+fn floor_filter(calls: &str) -> Value {
+    wasm_filter(
+        &workspace_root().join("target/wasm32-wasip1/release/tollgate_wasm_floor.wasm"),
+        calls,
+    )
+}
+
+fn wasm_filter(module: &Path, configuration: &str) -> Value {
     json!({
         "name": "tollgate",
         "typed_config": {
@@ -203,11 +229,11 @@ fn tollgate_filter(config: &Value) -> Value {
                 "vm_config": {
                     "vm_id": "tollgate",
                     "runtime": "envoy.wasm.runtime.v8",
-                    "code": {"local": {"filename": filter_wasm_path().to_string_lossy()}},
+                    "code": {"local": {"filename": module.to_string_lossy()}},
                 },
                 "configuration": {
                     "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": config.to_string(),
+                    "value": configuration,
                 },
                 "failure_policy": "FAIL_CLOSED",
             }
@@ -404,10 +430,7 @@ fn fixed_rate(
                 let offset = per_connection.mul_f64(c as f64 / connections as f64);
                 for i in 0..total {
                     let due = start + offset + per_connection.mul_f64(i as f64);
-                    let now = Instant::now();
-                    if due > now {
-                        std::thread::sleep(due - now);
-                    }
+                    wait_until(due);
                     writer.write_all(&request)?;
                     let status = read_response(&mut reader)?;
                     if status != 200 {
@@ -430,6 +453,19 @@ fn fixed_rate(
     }
     all.sort_by(|a, b| a.total_cmp(b));
     Ok((all, bad))
+}
+
+/// Sleep until shortly before `due`, then spin: a sleep alone wakes up tens to hundreds of
+/// microseconds late, which would show as latency of the server under test.
+fn wait_until(due: Instant) {
+    const SPIN: Duration = Duration::from_micros(300);
+    let now = Instant::now();
+    if due > now + SPIN {
+        std::thread::sleep(due - now - SPIN);
+    }
+    while Instant::now() < due {
+        std::hint::spin_loop();
+    }
 }
 
 /// Read one HTTP/1.1 response with a content-length body; its status.
@@ -474,6 +510,8 @@ struct Figures {
 
 struct Setup {
     dir: PathBuf,
+    /// An earlier build of the filter, for the `@before` variants.
+    before: Option<PathBuf>,
     keys: Keys,
     script: PathBuf,
     collector_port: u16,
@@ -487,17 +525,50 @@ impl Setup {
 
 /// What a variant loads into Envoy, and which tokens its clients send.
 fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
+    // `<variant>@before`: the same with the `--before` module.
+    let (name, module) = match name.strip_suffix("@before") {
+        Some(base) => (
+            base,
+            setup
+                .before
+                .clone()
+                .context("a variant @before needs --before <filter.wasm>")?,
+        ),
+        None => (name, filter_wasm_path()),
+    };
+    let module = module.as_path();
     let keys = &setup.keys;
     let collector = Some(setup.collector_port);
     Ok(match name {
         "none" => (bootstrap(vec![], None), None),
+        // The same token as the warm variants, so header reads copy the same bytes.
+        "wasm-empty" => (
+            bootstrap(vec![floor_filter("")], None),
+            Some(setup.tokens("warm")),
+        ),
+        "wasm-calls" => (
+            bootstrap(vec![floor_filter("clock=2,reads=3")], None),
+            Some(setup.tokens("warm")),
+        ),
+        "wasm-pairs" => (
+            bootstrap(vec![floor_filter("clock=2,pairs=1")], None),
+            Some(setup.tokens("warm")),
+        ),
+        "wasm-props" => (
+            bootstrap(vec![floor_filter("props=3")], None),
+            Some(setup.tokens("warm")),
+        ),
+        "wasm-calls-writes" => (
+            bootstrap(vec![floor_filter("clock=2,reads=3,writes=4")], None),
+            Some(setup.tokens("warm")),
+        ),
         "native" => (
             bootstrap(native_filters(keys, true), None),
             Some(setup.tokens("warm")),
         ),
         "tollgate" => (
             bootstrap(
-                vec![tollgate_filter(&tollgate_config(keys, 10_000)?)],
+                vec![tollgate_filter(module, &tollgate_config(keys, 10_000)?)],
                 collector,
             ),
             Some(setup.tokens("warm")),
@@ -519,20 +590,20 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
             }
             let collector = config.get("collector").map(|_| setup.collector_port);
             (
-                bootstrap(vec![tollgate_filter(&config)], collector),
+                bootstrap(vec![tollgate_filter(module, &config)], collector),
                 Some(setup.tokens("warm")),
             )
         }
         "licenses-1k" => (
             bootstrap(
-                vec![tollgate_filter(&tollgate_config(keys, 10_000)?)],
+                vec![tollgate_filter(module, &tollgate_config(keys, 10_000)?)],
                 collector,
             ),
             Some(setup.tokens("licenses-1k")),
         ),
         "licenses-100k" => (
             bootstrap(
-                vec![tollgate_filter(&tollgate_config(keys, 200_000)?)],
+                vec![tollgate_filter(module, &tollgate_config(keys, 200_000)?)],
                 collector,
             ),
             Some(setup.tokens("licenses-100k")),
@@ -541,7 +612,10 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
         // signature is checked, as if every token were new (verification does not depend on
         // which token it is).
         cold if cold.starts_with("cold-") => (
-            bootstrap(vec![tollgate_filter(&tollgate_config(keys, 1)?)], collector),
+            bootstrap(
+                vec![tollgate_filter(module, &tollgate_config(keys, 1)?)],
+                collector,
+            ),
             Some(setup.tokens(cold)),
         ),
         // jwt_authn without its cache verifies every request.
@@ -560,7 +634,7 @@ fn run_variant(setup: &Setup, name: &str, o: &Options, raw: &mut String) -> Resu
     let url = envoy.url(PATH);
     let warm_tokens = tokens.as_deref();
     // Warm up: connections, the VM, and (for the licenses variants) the token cache.
-    let warm_seconds = match name {
+    let warm_seconds = match name.trim_end_matches("@before") {
         // Every token is verified once (cold) before the cache is warm.
         "licenses-100k" => 45,
         "licenses-1k" => 3,
@@ -587,12 +661,14 @@ fn run_variant(setup: &Setup, name: &str, o: &Options, raw: &mut String) -> Resu
         ),
         None => None,
     };
+    // One connection and one client thread: on the shared CPU 1, more threads would mostly
+    // measure each other's scheduling.
     let (latencies, bad) = fixed_rate(
         envoy.listener,
         one_token.as_deref(),
         o.rate,
         o.seconds.min(5),
-        8,
+        1,
     )?;
     raw.push_str(&format!(
         "== {name} fixed rate {} req/s: {} requests, {bad} not 200, p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us\n",
@@ -642,6 +718,7 @@ fn main() -> Result<()> {
         IngestKeys::parse([format!("bench={INGEST_SECRET}").as_str()])?,
     )?;
     let setup = Setup {
+        before: o.before.clone(),
         dir: dir.clone(),
         keys,
         script,
@@ -655,7 +732,7 @@ fn main() -> Result<()> {
         1000,
         &setup.tokens("licenses-1k"),
     )?;
-    if o.variants.iter().any(|v| v == "licenses-100k") {
+    if o.variants.iter().any(|v| v.starts_with("licenses-100k")) {
         mint(
             &setup.keys,
             KeyAlg::EdDSA,
@@ -706,7 +783,7 @@ fn main() -> Result<()> {
     };
     let base = summary("none");
     let mut table = format!(
-        "Median of {} rounds, {} s each; fixed rate {} req/s over 8 connections; Envoy 1 worker on CPU 0, load on CPU 1.\n\n\
+        "Median of {} rounds, {} s each; fixed rate {} req/s over 1 connection (sleep, then spin until each request is due); Envoy 1 worker on CPU 0, load on CPU 1.\n\n\
          | variant | req/s | vs none | p50 / p99 / p99.9 at saturation (µs) | fixed-rate p50 / p99 / p99.9 (µs) | p99 added at fixed rate (µs) | CPU ms per 1,000 req | vs none | Envoy RSS (MiB) | errors |\n\
          |---|---|---|---|---|---|---|---|---|---|\n",
         o.rounds, o.seconds, o.rate

@@ -24,6 +24,10 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../migrations/postgres/0002_control.sql")),
     (3, include_str!("../migrations/postgres/0003_licensing.sql")),
     (4, include_str!("../migrations/postgres/0004_billing.sql")),
+    (
+        5,
+        include_str!("../migrations/postgres/0005_ingest_record_range.sql"),
+    ),
 ];
 
 /// Any number to serialise migrations of replicas starting together.

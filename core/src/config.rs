@@ -694,7 +694,8 @@ impl CompiledLimits {
 #[derive(Debug)]
 pub struct Plan {
     pub name: Arc<str>,
-    pub limits: CompiledLimits,
+    /// Shared by every license of the plan that does not override its limits.
+    pub limits: Arc<CompiledLimits>,
 }
 
 /// Token checks, compiled.
@@ -800,7 +801,7 @@ impl Policy {
                 name.clone(),
                 Arc::new(Plan {
                     name: name.as_str().into(),
-                    limits,
+                    limits: Arc::new(limits),
                 }),
             );
         }

@@ -202,7 +202,7 @@ pub struct Gate<S: SharedCells + SharedBlobs + Clone> {
     /// Quotas used lately, by pool key: synced with the collector.
     quotas: HashMap<String, QuotaTarget>,
     /// Licenses served since the last sync (license → seen).
-    licenses_seen: BTreeMap<Arc<str>, LicenseSeen>,
+    licenses_seen: BTreeMap<Arc<str>, Seen>,
     /// Lease requests in flight: lease id → pool key.
     lease_requests: HashMap<String, String>,
     /// Returns sent but not confirmed closed yet.
@@ -224,6 +224,14 @@ pub struct Gate<S: SharedCells + SharedBlobs + Clone> {
 }
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
+
+/// A license served since the last sync, by reference: noting one is a request's work, so it
+/// copies no strings (the sync's [`LicenseSeen`] is made when a sync takes it).
+#[derive(Debug)]
+struct Seen {
+    account: Arc<str>,
+    plan: Arc<str>,
+}
 
 impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
     pub fn new(policy: Arc<Policy>, cells: S) -> Self {
@@ -361,10 +369,9 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
         if syncs && !self.licenses_seen.contains_key(&license.license_id) {
             self.licenses_seen.insert(
                 Arc::clone(&license.license_id),
-                LicenseSeen {
-                    account: license.account.to_string(),
-                    license: license.license_id.to_string(),
-                    plan: license.plan.name.to_string(),
+                Seen {
+                    account: Arc::clone(&license.account),
+                    plan: Arc::clone(&license.plan.name),
                 },
             );
         }
@@ -651,10 +658,14 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
         self.returns.append(&mut work.returns);
         work.returns = self.returns.iter().take(SYNC_ITEMS).cloned().collect();
         while work.licenses.len() < SYNC_ITEMS {
-            let Some((_, seen)) = self.licenses_seen.pop_first() else {
+            let Some((license, seen)) = self.licenses_seen.pop_first() else {
                 break;
             };
-            work.licenses.push(seen);
+            work.licenses.push(LicenseSeen {
+                account: seen.account.to_string(),
+                license: license.to_string(),
+                plan: seen.plan.to_string(),
+            });
         }
         work
     }
@@ -666,7 +677,10 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
         self.lease_requests_unanswered(&work.leases);
         for seen in work.licenses {
             let license: Arc<str> = Arc::from(seen.license.as_str());
-            self.licenses_seen.entry(license).or_insert(seen);
+            self.licenses_seen.entry(license).or_insert_with(|| Seen {
+                account: Arc::from(seen.account.as_str()),
+                plan: Arc::from(seen.plan.as_str()),
+            });
         }
     }
 

@@ -122,9 +122,9 @@ impl<S: SharedCells> CellStore<S> {
 }
 
 impl<S: SharedCells> StateStore for CellStore<S> {
-    type Key = String;
+    type Key = Box<str>;
 
-    fn measure_and_replace<T, F, E>(&self, key: &String, f: F) -> Result<T, E>
+    fn measure_and_replace<T, F, E>(&self, key: &Box<str>, f: F) -> Result<T, E>
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
@@ -169,7 +169,7 @@ impl Clock for SetClock {
     }
 }
 
-type Limiter<S> = RateLimiter<String, CellStore<S>, SetClock, NoOpMiddleware<Nanos>>;
+type Limiter<S> = RateLimiter<Box<str>, CellStore<S>, SetClock, NoOpMiddleware<Nanos>>;
 
 /// Rate limits for every quota in use, all over one shared store.
 pub struct RateLimits<S: SharedCells + Clone> {
@@ -191,7 +191,9 @@ impl<S: SharedCells + Clone> RateLimits<S> {
 
     /// Take one request from `key`'s bucket at `now` (Unix nanoseconds); on refusal, the
     /// nanoseconds until a request would conform.
-    pub fn check(&mut self, key: &String, quota: RateQuota, now_nanos: u64) -> Result<(), u64> {
+    // governor's keyed limiter takes `&K`; the key is the `Box<str>` a license holds.
+    #[allow(clippy::borrowed_box)]
+    pub fn check(&mut self, key: &Box<str>, quota: RateQuota, now_nanos: u64) -> Result<(), u64> {
         let limiter = match self.limiters.entry(quota) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -247,7 +249,7 @@ mod tests {
     #[test]
     fn burst_then_sustained_rate() {
         let mut limits = RateLimits::new(Rc::new(MemoryCells::default()));
-        let key = "lic".to_string();
+        let key: Box<str> = "lic".into();
         let q = quota(10, 5);
         for _ in 0..5 {
             assert_eq!(limits.check(&key, q, T0), Ok(()));
@@ -268,7 +270,7 @@ mod tests {
         let cells = Rc::new(MemoryCells::default());
         let mut worker_a = RateLimits::new(Rc::clone(&cells));
         let mut worker_b = RateLimits::new(Rc::clone(&cells));
-        let key = "lic".to_string();
+        let key: Box<str> = "lic".into();
         let q = quota(10, 10);
         let mut admitted = 0;
         // 3 seconds of requests alternating between workers, 100 per second each.
@@ -290,7 +292,7 @@ mod tests {
     #[test]
     fn limiter_created_later_reads_the_same_state() {
         let cells = Rc::new(MemoryCells::default());
-        let key = "lic".to_string();
+        let key: Box<str> = "lic".into();
         let q = quota(1, 1);
         let mut first = RateLimits::new(Rc::clone(&cells));
         assert_eq!(first.check(&key, q, T0), Ok(()));
@@ -335,7 +337,7 @@ mod tests {
             lose_next: Cell::new(false),
         });
         let mut limits = RateLimits::new(Rc::clone(&cells));
-        let key = "lic".to_string();
+        let key: Box<str> = "lic".into();
         let q = quota(1, 2);
         assert_eq!(limits.check(&key, q, T0), Ok(()));
         // This check's first write loses: the other worker's request took the last unit.

@@ -7,7 +7,8 @@
 
 use std::collections::VecDeque;
 
-use tollgate_wire::{BatchAck, Meter, Source, UsageBatch, UsageRecord, VERSION};
+use serde::Serialize;
+use tollgate_wire::{BatchAck, Meter, Source, UsageBatch, VERSION};
 
 use crate::meter::{UsageKey, UsageTotals};
 
@@ -44,6 +45,39 @@ pub fn default_instance(node_id: &str, random: u64) -> String {
         node.as_str()
     };
     format!("{node}/{random:016x}")
+}
+
+/// A [`UsageRecord`] borrowing its names from the meters' keys: sealing a window makes no
+/// string copies (a window of many licenses makes thousands of records a second).
+/// Serialises to exactly the bytes of `UsageRecord` (same fields, same order; a test checks).
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    account: &'a str,
+    license: &'a str,
+    feature: &'a str,
+    outcome: &'a str,
+    meter: Meter,
+    units: u64,
+    window_start_ms: u64,
+    window_end_ms: u64,
+}
+
+/// A [`UsageBatch`] over borrowed records; the same bytes as `UsageBatch::encode`.
+#[derive(Serialize)]
+struct BatchRef<'a> {
+    version: u32,
+    batch_id: &'a str,
+    source: &'a Source,
+    sequence: u64,
+    created_ms: u64,
+    records: &'a [RecordRef<'a>],
+}
+
+impl BatchRef<'_> {
+    fn encode(&self) -> Vec<u8> {
+        // Serialising plain structs of strings and integers cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
 }
 
 /// Batching and retry settings.
@@ -195,7 +229,8 @@ impl Shipper {
             return Vec::new();
         }
         let mut records = Vec::with_capacity(usage.len() * 2);
-        for (key, totals) in usage {
+        let window_end_ms = now_ms.max(window_start_ms);
+        for (key, totals) in &usage {
             let feature = key.feature.map_or("", &feature_name);
             for (meter, units) in [
                 (Meter::Calls, totals.calls),
@@ -206,38 +241,37 @@ impl Shipper {
                 if units == 0 {
                     continue;
                 }
-                records.push(UsageRecord {
-                    account: key.account.to_string(),
-                    license: key.license.to_string(),
-                    feature: feature.to_string(),
-                    outcome: key.outcome.as_str().to_string(),
+                records.push(RecordRef {
+                    account: &key.account,
+                    license: &key.license,
+                    feature,
+                    outcome: key.outcome.as_str(),
                     meter,
                     units,
                     window_start_ms,
-                    window_end_ms: now_ms.max(window_start_ms),
+                    window_end_ms,
                 });
             }
         }
         let per_batch = self.config.max_batch_records.max(1);
         let mut ids = Vec::with_capacity(records.len().div_ceil(per_batch));
-        let mut rest = records.into_iter().peekable();
-        while rest.peek().is_some() {
-            let chunk: Vec<UsageRecord> = rest.by_ref().take(per_batch).collect();
+        for chunk in records.chunks(per_batch) {
             let sequence = self.next_sequence;
             self.next_sequence += 1;
-            let batch = UsageBatch {
+            let batch_id = UsageBatch::id_for(&self.source, sequence);
+            let body = BatchRef {
                 version: VERSION,
-                batch_id: UsageBatch::id_for(&self.source, sequence),
-                source: self.source.clone(),
+                batch_id: &batch_id,
+                source: &self.source,
                 sequence,
                 created_ms: now_ms,
                 records: chunk,
-            };
-            let body = batch.encode();
-            ids.push(batch.batch_id.clone());
+            }
+            .encode();
+            ids.push(batch_id.clone());
             self.queue.push_back(Sealed {
-                records: batch.records.len(),
-                batch_id: batch.batch_id,
+                records: chunk.len(),
+                batch_id,
                 body,
                 attempts: 0,
                 not_before_ms: now_ms,
@@ -455,6 +489,18 @@ mod tests {
 
     fn shipper(config: ShipperConfig) -> Shipper {
         Shipper::new(config, source(), T0)
+    }
+
+    #[test]
+    fn sealed_bodies_are_the_bytes_of_the_wire_crates_encoding() {
+        // Sealing serialises borrowed records; the collector decodes `UsageBatch`, whose
+        // encoding the wire crate's golden files pin. Both must give the same bytes.
+        let mut s = shipper(ShipperConfig::default());
+        s.seal(usage(3), |_| "search \"quoted\" é", T0 + 1000);
+        let out = s.next_send(T0 + 1000).unwrap();
+        let batch = UsageBatch::decode(&out.body).unwrap();
+        assert_eq!(batch.records.len(), 4);
+        assert_eq!(batch.encode(), out.body);
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub struct VerifyingKey {
     pub alg: Algorithm,
     decoding: DecodingKey,
     validation: Validation,
+    /// Ed25519 keys, decompressed once: the library would decompress the point on every
+    /// verification (a square root in the field, a large share of a verification's cost).
+    ed25519: Option<ed25519_dalek::VerifyingKey>,
 }
 
 impl std::fmt::Debug for VerifyingKey {
@@ -212,14 +215,25 @@ fn compile_jwk(at: &str, jwk: &JwkConfig) -> Result<VerifyingKey, ConfigError> {
             ));
         }
     }
+    let mut ed25519 = None;
     let decoding = match implied {
         Algorithm::EdDSA => {
-            if b64_len(&format!("{at}.x"), &jwk.x)? != 32 {
+            let x = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(jwk.x.as_deref().unwrap_or_default().trim_end_matches('='))
+                .ok()
+                .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+                .ok_or_else(|| {
+                    ConfigError::new(format!("{at}.x"), "an Ed25519 key is 32 bytes of base64url")
+                })?;
+            let key = ed25519_dalek::VerifyingKey::from_bytes(&x)
+                .map_err(|_| ConfigError::new(format!("{at}.x"), "not a point of Ed25519"))?;
+            if key.is_weak() {
                 return Err(ConfigError::new(
                     format!("{at}.x"),
-                    "an Ed25519 key is 32 bytes",
+                    "a weak (small-order) Ed25519 key verifies forged signatures",
                 ));
             }
+            ed25519 = Some(key);
             DecodingKey::from_ed_components(jwk.x.as_deref().unwrap_or_default())
         }
         Algorithm::ES256 => {
@@ -266,6 +280,56 @@ fn compile_jwk(at: &str, jwk: &JwkConfig) -> Result<VerifyingKey, ConfigError> {
         alg: implied,
         decoding,
         validation,
+        ed25519,
+    })
+}
+
+/// Check an ES256 or RS256 token with `jsonwebtoken` and decode its claims.
+fn decode_with_library(key: &VerifyingKey, token: &str) -> Result<LicenseClaims, TokenError> {
+    jsonwebtoken::decode::<LicenseClaims>(token, &key.decoding, &key.validation)
+        .map(|data| data.claims)
+        .map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::Json(_) => TokenError::new(
+                Code::InvalidLicense,
+                "the token's claims are not a valid license (need sub, lid, plan, exp)",
+            ),
+            jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                TokenError::new(Code::InvalidToken, "the token's signature does not verify")
+            }
+            _ => TokenError::new(Code::InvalidToken, "the token is not a well-formed JWT"),
+        })
+}
+
+/// Check an EdDSA token against a decompressed key and decode its claims: what
+/// `jsonwebtoken::decode` does, minus decompressing the key and parsing the header again.
+/// Strict verification (RFC 8032 with canonical encodings, no small-order points).
+fn decode_eddsa(
+    key: &ed25519_dalek::VerifyingKey,
+    token: &str,
+) -> Result<LicenseClaims, TokenError> {
+    let malformed = || TokenError::new(Code::InvalidToken, "the token is not a well-formed JWT");
+    let (signed, signature) = token.rsplit_once('.').ok_or_else(malformed)?;
+    let (_header, payload) = signed.split_once('.').ok_or_else(malformed)?;
+    if payload.contains('.') {
+        return Err(malformed());
+    }
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let signature = b64
+        .decode(signature)
+        .ok()
+        .and_then(|bytes| <[u8; 64]>::try_from(bytes).ok())
+        .ok_or_else(malformed)?;
+    key.verify_strict(
+        signed.as_bytes(),
+        &ed25519_dalek::Signature::from_bytes(&signature),
+    )
+    .map_err(|_| TokenError::new(Code::InvalidToken, "the token's signature does not verify"))?;
+    let payload = b64.decode(payload).map_err(|_| malformed())?;
+    serde_json::from_slice(&payload).map_err(|_| {
+        TokenError::new(
+            Code::InvalidLicense,
+            "the token's claims are not a valid license (need sub, lid, plan, exp)",
+        )
     })
 }
 
@@ -296,41 +360,56 @@ struct LicenseClaims {
     limits: Option<LimitsConfig>,
 }
 
-/// Features a license entitles, as a bit set over [`Policy::features`].
+/// Features a license entitles, as a bit set over [`Policy::features`]: the first 64 inline
+/// (no allocation per license), any further ones in `more`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FeatureSet(Vec<u64>);
+pub struct FeatureSet {
+    first: u64,
+    more: Vec<u64>,
+}
 
 impl FeatureSet {
     pub fn insert(&mut self, feature: FeatureId) {
         let (word, bit) = (usize::from(feature) / 64, feature % 64);
-        if self.0.len() <= word {
-            self.0.resize(word + 1, 0);
+        let Some(more) = word.checked_sub(1) else {
+            self.first |= 1 << bit;
+            return;
+        };
+        if self.more.len() <= more {
+            self.more.resize(more + 1, 0);
         }
-        if let Some(w) = self.0.get_mut(word) {
+        if let Some(w) = self.more.get_mut(more) {
             *w |= 1 << bit;
         }
     }
 
     pub fn contains(&self, feature: FeatureId) -> bool {
         let (word, bit) = (usize::from(feature) / 64, feature % 64);
-        self.0.get(word).is_some_and(|w| w & (1 << bit) != 0)
+        let w = match word.checked_sub(1) {
+            None => self.first,
+            Some(more) => self.more.get(more).copied().unwrap_or(0),
+        };
+        w & (1 << bit) != 0
     }
 }
 
-/// A verified license: who it is for and what it allows.
+/// A verified license: who it is for and what it allows. One is cached per license a worker
+/// serves, so it is kept small: the plan's limits are shared unless the license overrides
+/// them, and per-feature keys exist only for licenses with per-feature limits.
 #[derive(Debug)]
 pub struct License {
     pub account: Arc<str>,
     pub license_id: Arc<str>,
     pub plan: Arc<Plan>,
     pub features: FeatureSet,
-    pub limits: CompiledLimits,
+    pub limits: Arc<CompiledLimits>,
     /// `exp`, seconds since the Unix epoch.
     pub expires_at: u64,
     /// Shared-data key of the license-wide rate state.
-    pub rate_key: String,
-    /// Shared-data keys of per-feature rate states, indexed by [`FeatureId`].
-    pub feature_rate_keys: Vec<Option<String>>,
+    pub rate_key: Box<str>,
+    /// Shared-data keys of per-feature rate states, indexed by [`FeatureId`]; empty when the
+    /// license has no per-feature limit.
+    pub feature_rate_keys: Box<[Option<Box<str>>]>,
 }
 
 /// Why a token was refused: the refusal code and a message for the caller.
@@ -395,18 +474,10 @@ pub fn verify(
             "the token's algorithm is not the one its key is pinned to",
         ));
     }
-    let data = jsonwebtoken::decode::<LicenseClaims>(token, &key.decoding, &key.validation)
-        .map_err(|e| match e.kind() {
-            jsonwebtoken::errors::ErrorKind::Json(_) => TokenError::new(
-                Code::InvalidLicense,
-                "the token's claims are not a valid license (need sub, lid, plan, exp)",
-            ),
-            jsonwebtoken::errors::ErrorKind::InvalidSignature => {
-                TokenError::new(Code::InvalidToken, "the token's signature does not verify")
-            }
-            _ => TokenError::new(Code::InvalidToken, "the token is not a well-formed JWT"),
-        })?;
-    let claims = data.claims;
+    let claims = match &key.ed25519 {
+        Some(ed25519) => decode_eddsa(ed25519, token)?,
+        None => decode_with_library(key, token)?,
+    };
 
     if claims.exp.saturating_add(tp.leeway_seconds) < now {
         return Err(TokenError::new(
@@ -470,24 +541,32 @@ pub fn verify(
         }
     }
     let limits = match &claims.limits {
-        None => plan.limits.clone(),
-        Some(overrides) => plan
-            .limits
-            .overridden("limits", overrides, &policy.features)
-            .map_err(|e| TokenError::new(Code::InvalidLicense, format!("the license's {e}")))?,
+        None => Arc::clone(&plan.limits),
+        Some(overrides) => Arc::new(
+            plan.limits
+                .overridden("limits", overrides, &policy.features)
+                .map_err(|e| TokenError::new(Code::InvalidLicense, format!("the license's {e}")))?,
+        ),
     };
     // Length-prefixed so no license id can spell another license's feature key
     // (`lic-a/design` vs `lic-a` + feature `design`); feature names cannot contain `/`.
     let rate_key = format!("tollgate/rl/{}:{}", claims.lid.len(), claims.lid);
-    let feature_rate_keys = limits
-        .per_feature
-        .iter()
-        .enumerate()
-        // Named by feature, not index: indexes change when routes are reordered on a reload.
-        .map(|(id, quota)| {
-            quota.map(|_| format!("{rate_key}/{}", policy.features.get(id).map_or("", |f| f)))
-        })
-        .collect();
+    let feature_rate_keys = if limits.per_feature.iter().any(Option::is_some) {
+        limits
+            .per_feature
+            .iter()
+            .enumerate()
+            // Named by feature, not index: indexes change when routes are reordered on a reload.
+            .map(|(id, quota)| {
+                quota.map(|_| {
+                    format!("{rate_key}/{}", policy.features.get(id).map_or("", |f| f))
+                        .into_boxed_str()
+                })
+            })
+            .collect()
+    } else {
+        Box::default()
+    };
     Ok(License {
         account: claims.sub.into(),
         license_id: claims.lid.into(),
@@ -495,7 +574,26 @@ pub fn verify(
         features,
         limits,
         expires_at: claims.exp,
-        rate_key,
+        rate_key: rate_key.into_boxed_str(),
         feature_rate_keys,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feature_sets_hold_features_beyond_the_first_word() {
+        let mut set = FeatureSet::default();
+        for feature in [0, 63, 64, 200] {
+            set.insert(feature);
+        }
+        for feature in [0, 63, 64, 200] {
+            assert!(set.contains(feature), "{feature}");
+        }
+        for feature in [1, 62, 65, 199, 201, FeatureId::MAX] {
+            assert!(!set.contains(feature), "{feature}");
+        }
+    }
 }

@@ -539,6 +539,82 @@ fn a_working_set_as_large_as_the_cache_stays_cached() {
 }
 
 #[test]
+fn a_token_altered_after_it_was_cached_is_verified_not_served_from_the_cache() {
+    // The cache keeps a digest of each token, not its text: a token differing in one byte of
+    // its signature (or payload) must miss and fail verification.
+    let k = keys();
+    let mut gate = gate();
+    let good = token(&k.ed, &spec("pro", &["search"]));
+    let b = format!("Bearer {good}");
+    assert_eq!(
+        ask(&mut gate, "GET", "/v1/search", Some(&b), NOW),
+        Verdict::Allow
+    );
+    let mut altered = good.into_bytes();
+    if let Some(last) = altered.last_mut() {
+        *last = if *last == b'A' { b'B' } else { b'A' };
+    }
+    let altered = format!("Bearer {}", String::from_utf8(altered).unwrap());
+    assert!(matches!(
+        ask(&mut gate, "GET", "/v1/search", Some(&altered), NOW),
+        Verdict::Refuse(_)
+    ));
+    let counters = gate.take_counters();
+    assert_eq!(
+        (counters.token_cache_misses, counters.token_cache_hits),
+        (2, 0)
+    );
+}
+
+#[test]
+fn malformed_eddsa_tokens_are_refused_as_invalid_tokens() {
+    // EdDSA tokens are checked by Tollgate's own decoder (a key decompressed once), not the
+    // library's: it must refuse every shape the library refuses.
+    let k = keys();
+    let good = token(&k.ed, &spec("pro", &["search"]));
+    let (signed, signature) = good.rsplit_once('.').unwrap();
+    let (header, payload) = signed.split_once('.').unwrap();
+    let mut flipped = signature.as_bytes().to_vec();
+    flipped[10] = if flipped[10] == b'A' { b'B' } else { b'A' };
+    let flipped = String::from_utf8(flipped).unwrap();
+    let cases = [
+        format!("{signed}.{signature}.{signature}"),
+        format!("{header}.{payload}.{payload}.{signature}"),
+        format!("{signed}."),
+        format!("{signed}.{}", &signature[..signature.len() - 4]),
+        format!("{signed}.{signature}AAAA"),
+        format!("{signed}.{flipped}"),
+        format!("{header}.e30.{signature}"),
+        format!("{signed}.{}", "!".repeat(86)),
+    ];
+    for case in cases {
+        let mut gate = gate();
+        assert_eq!(
+            code(ask(
+                &mut gate,
+                "GET",
+                "/v1/search",
+                Some(&format!("Bearer {case}")),
+                NOW
+            )),
+            Some(Code::InvalidToken),
+            "{case}"
+        );
+    }
+    let mut gate = gate();
+    assert_eq!(
+        ask(
+            &mut gate,
+            "GET",
+            "/v1/search",
+            Some(&format!("Bearer {good}")),
+            NOW
+        ),
+        Verdict::Allow
+    );
+}
+
+#[test]
 fn usage_is_aggregated_by_license_feature_and_outcome() {
     let k = keys();
     let mut gate = gate();
