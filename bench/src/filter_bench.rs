@@ -15,6 +15,8 @@
 //! - `native-cold-eddsa`, `native-cold-es256`, `native-cold-rs256`: the same for `jwt_authn`
 //!   (its cache off);
 //! - `licenses-1k`, `licenses-100k`: warm tokens of 1,000 or 100,000 distinct licenses;
+//!   `licenses-100k-bare` the same with no collector, rate limit or headers (the token cache's
+//!   share of the memory); `native-licenses-100k`: `jwt_authn` caching the same 100,000 tokens;
 //! - `wasm-empty`, `wasm-calls`, `wasm-calls-writes`: the floor of any proxy-wasm filter (the
 //!   `tollgate-wasm-floor` crate, same SDK and runtime): no host call; the clock and header
 //!   reads of Tollgate's warm path; and those plus four request headers written;
@@ -88,7 +90,7 @@ fn options() -> Result<Options> {
     Ok(o)
 }
 
-const ALL: [&str; 20] = [
+const ALL: [&str; 22] = [
     "none",
     "wasm-empty",
     "wasm-calls",
@@ -109,6 +111,8 @@ const ALL: [&str; 20] = [
     "native-cold-rs256",
     "licenses-1k",
     "licenses-100k",
+    "licenses-100k-bare",
+    "native-licenses-100k",
 ];
 
 /// The signing keys: the demo key (EdDSA, in `envoy/tollgate.json`) and one of each other kind.
@@ -175,14 +179,19 @@ fn tollgate_config(keys: &Keys, cache_entries: usize) -> Result<Value> {
 /// Envoy's native chain doing the comparable job: JWT checks with the same keys, issuer and
 /// audience (its cache on), and a local rate limit that never refuses.
 fn native_filters(keys: &Keys, cache: bool) -> Vec<Value> {
+    native_filters_cached(keys, cache.then_some(10_000))
+}
+
+/// `jwt_authn` with a token cache of `cache` entries (none: every request verified).
+fn native_filters_cached(keys: &Keys, cache: Option<usize>) -> Vec<Value> {
     let mut provider = json!({
         "issuer": ISSUER,
         "audiences": [AUDIENCE],
         "local_jwks": {"inline_string": keys.jwks().to_string()},
         "forward": true,
     });
-    if cache {
-        provider["jwt_cache_config"] = json!({"jwt_cache_size": 10000});
+    if let Some(entries) = cache {
+        provider["jwt_cache_config"] = json!({"jwt_cache_size": entries});
     }
     vec![
         json!({
@@ -608,6 +617,26 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
             ),
             Some(setup.tokens("licenses-100k")),
         ),
+        // Where the memory of 100k licenses goes: the token cache alone (no rate cells in
+        // shared data, no usage records, no headers).
+        "licenses-100k-bare" => {
+            let mut config = tollgate_config(keys, 200_000)?;
+            if let Some(c) = config.as_object_mut() {
+                c.remove("collector");
+            }
+            config["plans"]["pro"] = json!({});
+            config["upstream_headers"] =
+                json!({"account": null, "license": null, "plan": null, "feature": null});
+            (
+                bootstrap(vec![tollgate_filter(module, &config)], None),
+                Some(setup.tokens("licenses-100k")),
+            )
+        }
+        // jwt_authn holding 100k tokens in its cache: the native chain's memory per license.
+        "native-licenses-100k" => (
+            bootstrap(native_filters_cached(keys, Some(200_000)), None),
+            Some(setup.tokens("licenses-100k")),
+        ),
         // A cache of one entry and 64 tokens in turn: every request misses the cache and its
         // signature is checked, as if every token were new (verification does not depend on
         // which token it is).
@@ -636,7 +665,7 @@ fn run_variant(setup: &Setup, name: &str, o: &Options, raw: &mut String) -> Resu
     // Warm up: connections, the VM, and (for the licenses variants) the token cache.
     let warm_seconds = match name.trim_end_matches("@before") {
         // Every token is verified once (cold) before the cache is warm.
-        "licenses-100k" => 45,
+        "licenses-100k" | "licenses-100k-bare" | "native-licenses-100k" => 45,
         "licenses-1k" => 3,
         _ => 2,
     };
@@ -732,7 +761,7 @@ fn main() -> Result<()> {
         1000,
         &setup.tokens("licenses-1k"),
     )?;
-    if o.variants.iter().any(|v| v.starts_with("licenses-100k")) {
+    if o.variants.iter().any(|v| v.contains("licenses-100k")) {
         mint(
             &setup.keys,
             KeyAlg::EdDSA,
@@ -750,14 +779,19 @@ fn main() -> Result<()> {
         for name in &o.variants {
             eprintln!("round {round}: {name}");
             let figures = run_variant(&setup, name, &o, &mut raw)?;
-            eprintln!(
-                "  {:.0} req/s, p99 {:.0} us, fixed-rate p99 {:.0} us, {:.3} ms CPU per 1000, RSS {:.1} MiB",
+            let line = format!(
+                "round {round}: {name}: {:.0} req/s, p50 {:.0} us, p99 {:.0} us, fixed-rate p50 {:.0} us, p99 {:.0} us, {:.3} ms CPU per 1000, RSS {:.1} MiB",
                 figures.saturation.rps,
+                figures.saturation.p50_us,
                 figures.saturation.p99_us,
+                figures.fixed_p50_us,
                 figures.fixed_p99_us,
                 figures.cpu_ms_per_1000,
                 figures.rss_mib
             );
+            eprintln!("  {line}");
+            // Every round's figures go to the raw output too, not only the medians.
+            raw.push_str(&format!("== {line}\n"));
             results.entry(name.clone()).or_default().push(figures);
         }
     }

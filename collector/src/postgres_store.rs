@@ -26,7 +26,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../migrations/postgres/0004_billing.sql")),
     (
         5,
-        include_str!("../migrations/postgres/0005_ingest_record_range.sql"),
+        include_str!("../migrations/postgres/0005_ingest_drop_batch_index.sql"),
     ),
 ];
 

@@ -22,7 +22,7 @@ type Map = foldhash::HashMap<Digest, Arc<License>>;
 /// Verified tokens by a keyed digest of their full text.
 ///
 /// The digest is SipHash-2-4 with 128-bit output under a secret key drawn from the host's
-/// random source when the cache is made. SipHash is a pseudo-random function: without the
+/// random source when the cache is made (each configuration of each VM). SipHash is a pseudo-random function: without the
 /// key, nobody can make a token whose digest equals a cached one's (a forged token would need
 /// about 2^128 tries, each a request), and two real tokens meet by chance with a probability
 /// of about n^2 / 2^129 for n cached tokens. An unkeyed fast hash would let an attacker
@@ -45,13 +45,20 @@ impl std::fmt::Debug for TokenCache {
     }
 }
 
-/// A fresh secret key: std's `RandomState` is seeded from the host's random source
-/// (`random_get` under WASI); hashing two constants with it yields 128 random bits.
+/// A fresh secret key from the host's random source (WASI `random_get` in the filter). Should
+/// the host refuse, std's `RandomState` (seeded from the same source) is the fallback.
 fn random_key() -> (u64, u64) {
+    let mut bytes = [0u8; 16];
+    if getrandom::getrandom(&mut bytes).is_ok() {
+        let (k0, k1) = bytes.split_at(8);
+        if let (Ok(k0), Ok(k1)) = (<[u8; 8]>::try_from(k0), <[u8; 8]>::try_from(k1)) {
+            return (u64::from_le_bytes(k0), u64::from_le_bytes(k1));
+        }
+    }
     let seed = RandomState::new();
     (
-        seed.hash_one(0x746f_6c6c_u64),
-        seed.hash_one(0x6761_7465_u64),
+        seed.hash_one("tollgate token cache key 0"),
+        seed.hash_one("tollgate token cache key 1"),
     )
 }
 

@@ -615,6 +615,31 @@ fn malformed_eddsa_tokens_are_refused_as_invalid_tokens() {
 }
 
 #[test]
+fn weak_and_off_curve_ed25519_keys_are_refused_in_the_configuration() {
+    use base64::Engine as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    // The identity point (y = 1) has small order: it would verify forged signatures.
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    // y = 2 is not on the curve (no x satisfies the equation).
+    let mut off_curve = [0u8; 32];
+    off_curve[0] = 2;
+    for (x, expected) in [
+        (b64(&identity), "weak"),
+        (b64(&off_curve), "not a point"),
+        (b64(&[7u8; 31]), "32 bytes"),
+    ] {
+        let mut c = config();
+        c["token"]["jwks"] = json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x}]});
+        let err = Policy::from_json(c.to_string().as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("token.jwks.keys[0].x"), "{err}");
+        assert!(err.contains(expected), "expected `{expected}` in: {err}");
+    }
+}
+
+#[test]
 fn usage_is_aggregated_by_license_feature_and_outcome() {
     let k = keys();
     let mut gate = gate();
