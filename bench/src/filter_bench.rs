@@ -44,7 +44,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tollgate_bench::{percentile, rss_kib, INGEST_SECRET};
 use tollgate_collector::{open, IngestKeys, Running};
-use tollgate_devkit::envoy::{filter_wasm_path, stats_config, workspace_root};
+use tollgate_devkit::envoy::{filter_wasm_path, stats_config, wasm_http_filter, workspace_root};
 use tollgate_devkit::{jwks, Envoy, KeyAlg, LicenseSpec, SigningKey};
 
 const ISSUER: &str = "https://licenses.tollgate.example";
@@ -216,38 +216,15 @@ fn native_filters_cached(keys: &Keys, cache: Option<usize>) -> Vec<Value> {
 }
 
 fn tollgate_filter(module: &Path, config: &Value) -> Value {
-    wasm_filter(module, &config.to_string())
+    wasm_http_filter(module, &config.to_string())
 }
 
 /// The floor filter (`bench/wasm-floor`), making the host calls `calls` names per request.
 fn floor_filter(calls: &str) -> Value {
-    wasm_filter(
+    wasm_http_filter(
         &workspace_root().join("target/wasm32-wasip1/release/tollgate_wasm_floor.wasm"),
         calls,
     )
-}
-
-fn wasm_filter(module: &Path, configuration: &str) -> Value {
-    json!({
-        "name": "tollgate",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": "tollgate",
-                "root_id": "tollgate",
-                "vm_config": {
-                    "vm_id": "tollgate",
-                    "runtime": "envoy.wasm.runtime.v8",
-                    "code": {"local": {"filename": module.to_string_lossy()}},
-                },
-                "configuration": {
-                    "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": configuration,
-                },
-                "failure_policy": "FAIL_CLOSED",
-            }
-        }
-    })
 }
 
 /// Envoy answering `200 ok` itself, after `filters`.

@@ -36,6 +36,33 @@ pub fn filter_wasm_path() -> PathBuf {
     workspace_root().join("target/wasm32-wasip1/release/tollgate_filter.wasm")
 }
 
+/// An Envoy wasm HTTP filter entry (named `tollgate`, V8) loading `module` with the plugin
+/// `configuration`.
+pub fn wasm_http_filter(module: &Path, configuration: &str) -> Value {
+    json!({
+        "name": "tollgate",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "tollgate",
+                "root_id": "tollgate",
+                "vm_config": {
+                    "vm_id": "tollgate",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": module.to_string_lossy()}},
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": configuration,
+                },
+                // If the VM cannot be created or crashes, refuse traffic: unlicensed use
+                // must not pass silently.
+                "failure_policy": "FAIL_CLOSED",
+            }
+        }
+    })
+}
+
 /// What goes into a generated bootstrap.
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
@@ -107,28 +134,7 @@ impl Bootstrap {
 
     /// The Tollgate HTTP filter entry for an HTTP connection manager.
     pub fn tollgate_filter(&self, plugin_config: &Value) -> Value {
-        json!({
-            "name": "tollgate",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                "config": {
-                    "name": "tollgate",
-                    "root_id": "tollgate",
-                    "vm_config": {
-                        "vm_id": "tollgate",
-                        "runtime": "envoy.wasm.runtime.v8",
-                        "code": {"local": {"filename": self.wasm_path.to_string_lossy()}},
-                    },
-                    "configuration": {
-                        "@type": "type.googleapis.com/google.protobuf.StringValue",
-                        "value": plugin_config.to_string(),
-                    },
-                    // If the VM cannot be created or crashes, refuse traffic: unlicensed use
-                    // must not pass silently.
-                    "failure_policy": "FAIL_CLOSED",
-                }
-            }
-        })
+        wasm_http_filter(&self.wasm_path, &plugin_config.to_string())
     }
 
     /// The bootstrap as JSON (Envoy reads JSON as YAML).
