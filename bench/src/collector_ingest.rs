@@ -35,6 +35,7 @@ fn batch(client: usize, sequence: u64, records: usize) -> UsageBatch {
                 license: format!("lic-{}", i % 1000),
                 feature: "search".into(),
                 outcome: "allowed".into(),
+                user: String::new(),
                 meter: meters[i % meters.len()],
                 units: 1 + i as u64,
                 window_start_ms: 1_780_000_000_000,

@@ -348,6 +348,7 @@ pub fn main() -> Result<()> {
             let control = ControlPlane {
                 catalog: CatalogFileWatch::open(plans.as_deref())?,
                 lease_ttl_ms: lease_ttl_ms.max(1),
+                ..ControlPlane::default()
             };
             if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
                 anyhow::bail!("--admin-token needs at least 16 characters");
@@ -623,6 +624,7 @@ pub fn main() -> Result<()> {
             let control = ControlPlane {
                 catalog: CatalogFileWatch::open(plans.as_deref())?,
                 lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
+                ..ControlPlane::default()
             };
             let status = account_status(store.as_ref(), &control, &account, now())?;
             println!("{}", serde_json::to_string_pretty(&status)?);

@@ -3,25 +3,34 @@
 //! the transactional parts are the [`Store`]'s.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Result;
 use rust_decimal::Decimal;
 use serde::Serialize;
-use tollgate_wire::sync::{Denial, DenialCode, Period, SyncRequest, SyncResponse};
+use serde_json::json;
+use tollgate_wire::sync::{Denial, DenialCode, Period, SeatRule, SyncRequest, SyncResponse};
 use tollgate_wire::VERSION;
 
 use crate::billing::LineKind;
 use crate::catalog::{Catalog, CatalogFileWatch};
-use crate::store::{Budget, LeaseAsk, Store};
+use crate::store::{Budget, LeaseAsk, SeatAsk, SharingDetection, Store};
 
 /// Default lease time to live: a filter comes back at least this often while it uses a lease,
 /// which bounds how long stale limits and unreturned units stay with it.
 pub const DEFAULT_LEASE_TTL_MS: u64 = 10_000;
+/// Default seat grant time to live: a filter renews an active user's seat this often (in the
+/// second half of a grant), which bounds how long a revoked seat or a changed limit takes to
+/// reach it, and, for floating seats, is at most the window.
+pub const DEFAULT_SEAT_TTL_MS: u64 = 30_000;
 
 /// The control plane's settings.
 pub struct ControlPlane {
     pub catalog: CatalogFileWatch,
     pub lease_ttl_ms: u64,
+    pub seat_ttl_ms: u64,
+    /// Sharing detections raised since the start (for `/metrics`).
+    pub sharing_alerts: AtomicU64,
 }
 
 impl Default for ControlPlane {
@@ -29,6 +38,8 @@ impl Default for ControlPlane {
         ControlPlane {
             catalog: CatalogFileWatch::empty(),
             lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
+            seat_ttl_ms: DEFAULT_SEAT_TTL_MS,
+            sharing_alerts: AtomicU64::new(0),
         }
     }
 }
@@ -151,6 +162,13 @@ pub fn sync(
         }
     }
     store.record_licenses(&request.licenses, now_ms)?;
+    // Clients first: a block found now refuses the license in this very answer.
+    for seen in &request.clients {
+        let clients = store.note_clients(seen, now_ms)?;
+        if clients > seen.max_clients {
+            detect_sharing(store, control, seen, clients, now_ms)?;
+        }
+    }
 
     // Every (account, license) the request names.
     let mut named: BTreeSet<(String, String)> = request
@@ -198,6 +216,10 @@ pub fn sync(
     let mut denials = Vec::new();
     let mut denied: BTreeSet<(String, String)> = BTreeSet::new();
     for (account, license) in &named {
+        let sharing = restrictions
+            .sharing_blocks
+            .get(license)
+            .and_then(|d| d.blocked_until_ms.filter(|until| *until > now_ms).map(|until| (d, until)));
         let denial = if let Some(reason) = restrictions.revoked.get(license) {
             Some(Denial {
                 account: account.clone(),
@@ -213,6 +235,19 @@ pub fn sync(
                 code: DenialCode::AccountSuspended,
                 message: format!("account {account} is suspended: {reason}"),
                 until_ms: None,
+            })
+        } else if let Some((detection, until)) = sharing {
+            Some(Denial {
+                account: account.clone(),
+                license: license.clone(),
+                code: DenialCode::LicenseSharingDetected,
+                message: format!(
+                    "license {license} was used from {} distinct clients within {} s; its plan allows {}",
+                    detection.clients,
+                    detection.window_ms / 1000,
+                    detection.max_clients
+                ),
+                until_ms: Some(until),
             })
         } else {
             capped.get(account).map(|d| Denial {
@@ -250,10 +285,80 @@ pub fn sync(
             now_ms,
         )?);
     }
+    let mut seats = Vec::with_capacity(request.seats.len());
+    for seat in &request.seats {
+        // A refused license gets no seat answer: the denial refuses its requests already.
+        if denied.contains(&(seat.account.clone(), seat.license.clone())) {
+            continue;
+        }
+        let (period_start_ms, period_end_ms) = match seat.rule {
+            SeatRule::Named { per, .. } => catalog.period_bounds(per, now_ms),
+            SeatRule::Floating { .. } => (0, u64::MAX),
+        };
+        seats.push(store.take_seat(
+            &SeatAsk {
+                request: seat,
+                period_start_ms,
+                period_end_ms,
+                ttl_ms: control.seat_ttl_ms.max(1),
+            },
+            now_ms,
+        )?);
+    }
     Ok(SyncResponse {
         version: VERSION,
         grants,
         closed,
         denials,
+        seats,
     })
+}
+
+/// A license was used from more clients than its plan allows: record it, and for a new
+/// episode (none within the window) raise the alert, a webhook event and a metric.
+fn detect_sharing(
+    store: &dyn Store,
+    control: &ControlPlane,
+    seen: &tollgate_wire::sync::ClientsSeen,
+    clients: u32,
+    now_ms: u64,
+) -> Result<()> {
+    let detection = SharingDetection {
+        license: seen.license.clone(),
+        account: seen.account.clone(),
+        clients,
+        max_clients: seen.max_clients,
+        window_ms: seen.window_ms,
+        detected_ms: now_ms,
+        blocked_until_ms: seen.block.then(|| now_ms.saturating_add(seen.window_ms)),
+    };
+    if !store.detect_sharing(&detection)? {
+        return Ok(());
+    }
+    control.sharing_alerts.fetch_add(1, Ordering::Relaxed);
+    let event = crate::webhooks::event(
+        format!("license.sharing_detected:{}:{now_ms}", seen.license),
+        "license.sharing_detected",
+        json!({
+            "account": seen.account,
+            "license": seen.license,
+            "clients": clients,
+            "max_clients": seen.max_clients,
+            "window_seconds": seen.window_ms / 1000,
+            "blocked_until_ms": detection.blocked_until_ms,
+            "detected_ms": now_ms,
+        }),
+        now_ms,
+    );
+    store.enqueue_event(&event)?;
+    crate::server::log(json!({
+        "level": "warn",
+        "msg": "license sharing detected",
+        "account": seen.account,
+        "license": seen.license,
+        "clients": clients,
+        "max_clients": seen.max_clients,
+        "blocked": seen.block,
+    }));
+    Ok(())
 }

@@ -16,7 +16,8 @@ use crate::store::{
     Granularity, Ingested, IssuedLicense, LeaseAsk, Restrictions, Store, StoredKey, StoredRecord,
     UsageQuery, UsageRow,
 };
-use tollgate_wire::sync::{LeaseGrant, LicenseSeen};
+use crate::store::{ActiveUsers, SeatAsk, SeatUse, SharingDetection};
+use tollgate_wire::sync::{ClientsSeen, LeaseGrant, LicenseSeen, SeatAnswer};
 
 /// Migrations, in order; each runs once, recorded in `schema_migrations`.
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
@@ -27,6 +28,10 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (
         5,
         include_str!("../migrations/postgres/0005_ingest_drop_batch_index.sql"),
+    ),
+    (
+        6,
+        include_str!("../migrations/postgres/0006_users_seats_sharing.sql"),
     ),
 ];
 
@@ -143,6 +148,162 @@ impl Store for PostgresStore {
         self.with_client(|client| grant_lease(client, ask, now_ms))
     }
 
+    fn take_seat(&self, ask: &SeatAsk<'_>, now_ms: u64) -> Result<SeatAnswer> {
+        let r = ask.request;
+        let key = crate::seats::key_id(&r.user);
+        let (kind, start, now) = (
+            ask.kind(),
+            to_i64("period_start_ms", ask.period_start_ms)?,
+            to_i64("now_ms", now_ms)?,
+        );
+        let limit = i64::from(r.rule.limit());
+        self.with_client(|client| {
+            let mut tx = client.transaction()?;
+            // One decision per license at a time, across every replica.
+            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('tollgate-seats:' || $1, 0))", &[&r.license])?;
+            let held: Vec<crate::seats::SeatHolder> = tx
+                .query(
+                    "SELECT user_ref, until_ms FROM seats
+                     WHERE license = $1 AND kind = $2 AND period_start_ms = $3 AND key_id = $4 AND until_ms > $5",
+                    &[&r.license, &kind, &start, &key, &now],
+                )?
+                .iter()
+                .map(|row| crate::seats::SeatHolder {
+                    user_ref: row.get(0),
+                    until_ms: u64_of(row.get(1)),
+                })
+                .collect();
+            let decision = crate::seats::decide(r, &held, now_ms, ask.ttl_ms, ask.period_end_ms);
+            if let Some(until) = decision.seat_until_ms {
+                let until = to_i64("until_ms", until)?;
+                tx.execute(
+                    "INSERT INTO seats (license, account, kind, period_start_ms, user_ref, key_id, seat_limit, first_ms, last_ms, until_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9)
+                     ON CONFLICT (license, kind, period_start_ms, user_ref)
+                     DO UPDATE SET seat_limit = excluded.seat_limit, last_ms = excluded.last_ms, until_ms = GREATEST(seats.until_ms, excluded.until_ms)",
+                    &[&r.license, &r.account, &kind, &start, &r.user, &key, &limit, &now, &until],
+                )?;
+            }
+            tx.commit()?;
+            Ok(decision.answer.clone())
+        })
+    }
+
+    fn note_clients(&self, seen: &ClientsSeen, now_ms: u64) -> Result<u32> {
+        let now = to_i64("now_ms", now_ms)?;
+        let since = to_i64("since", now_ms.saturating_sub(seen.window_ms))?;
+        self.with_client(|client| {
+            let mut tx = client.transaction()?;
+            tx.execute(
+                "INSERT INTO license_clients (license, account, client_ref, last_seen_ms)
+                 SELECT $1, $2, c, $4 FROM UNNEST($3::TEXT[]) AS c
+                 ON CONFLICT (license, client_ref) DO UPDATE SET last_seen_ms = GREATEST(license_clients.last_seen_ms, excluded.last_seen_ms)",
+                &[&seen.license, &seen.account, &seen.clients, &now],
+            )?;
+            tx.execute(
+                "DELETE FROM license_clients WHERE license = $1 AND last_seen_ms <= $2",
+                &[&seen.license, &since],
+            )?;
+            let n: i64 = tx
+                .query_one("SELECT COUNT(*) FROM license_clients WHERE license = $1", &[&seen.license])?
+                .get(0);
+            tx.commit()?;
+            Ok(u32::try_from(n).unwrap_or(u32::MAX))
+        })
+    }
+
+    fn detect_sharing(&self, d: &SharingDetection) -> Result<bool> {
+        let clients = i64::from(d.clients);
+        let max_clients = i64::from(d.max_clients);
+        let window = to_i64("window_ms", d.window_ms)?;
+        let at = to_i64("detected_ms", d.detected_ms)?;
+        let until = d.blocked_until_ms.map(|v| to_i64("blocked_until_ms", v)).transpose()?;
+        self.with_client(|client| {
+            let mut tx = client.transaction()?;
+            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('tollgate-sharing:' || $1, 0))", &[&d.license])?;
+            let last = tx.query_opt(
+                "SELECT detected_ms, window_ms FROM sharing_detections WHERE license = $1",
+                &[&d.license],
+            )?;
+            let new = last.is_none_or(|row| {
+                u64_of(row.get(0)).saturating_add(u64_of(row.get(1))) <= d.detected_ms
+            });
+            if new {
+                tx.execute(
+                    "INSERT INTO sharing_detections (license, account, clients, max_clients, window_ms, detected_ms, blocked_until_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (license) DO UPDATE SET account = excluded.account, clients = excluded.clients, max_clients = excluded.max_clients,
+                       window_ms = excluded.window_ms, detected_ms = excluded.detected_ms, blocked_until_ms = excluded.blocked_until_ms",
+                    &[&d.license, &d.account, &clients, &max_clients, &window, &at, &until],
+                )?;
+            } else {
+                tx.execute(
+                    "UPDATE sharing_detections SET clients = GREATEST(clients, $2) WHERE license = $1",
+                    &[&d.license, &clients],
+                )?;
+            }
+            tx.commit()?;
+            Ok(new)
+        })
+    }
+
+    fn sharing_detections(&self, account: Option<&str>) -> Result<Vec<SharingDetection>> {
+        self.with_client(|client| {
+            Ok(client
+                .query(
+                    &format!("SELECT {SHARING_COLUMNS} FROM sharing_detections WHERE $1::TEXT IS NULL OR account = $1 ORDER BY detected_ms DESC, license"),
+                    &[&account],
+                )?
+                .iter()
+                .map(sharing_row)
+                .collect())
+        })
+    }
+
+    fn active_users(&self, account: &str, from_ms: u64, to_ms: u64) -> Result<ActiveUsers> {
+        let (from, to) = (to_i64("from_ms", from_ms)?, to_i64("to_ms", to_ms)?);
+        let filter = "FROM usage_records WHERE account = $1 AND window_start_ms >= $2 AND window_start_ms < $3
+                      AND user_ref <> '' AND outcome = 'allowed' AND meter = 'calls'";
+        self.with_client(|client| {
+            let users: i64 = client
+                .query_one(&format!("SELECT COUNT(DISTINCT user_ref) {filter}"), &[&account, &from, &to])?
+                .get(0);
+            let mut out = ActiveUsers {
+                users: u64_of(users),
+                ..ActiveUsers::default()
+            };
+            for (column, into) in [("license", &mut out.by_license), ("feature", &mut out.by_feature)] {
+                for row in client.query(
+                    &format!("SELECT {column}, COUNT(DISTINCT user_ref) {filter} GROUP BY {column}"),
+                    &[&account, &from, &to],
+                )? {
+                    into.insert(row.get(0), u64_of(row.get(1)));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn seat_use(&self, account: &str, now_ms: u64) -> Result<Vec<SeatUse>> {
+        let now = to_i64("now_ms", now_ms)?;
+        self.with_client(|client| {
+            Ok(client
+                .query(
+                    "SELECT license, kind, MAX(seat_limit), COUNT(*) FROM seats
+                     WHERE account = $1 AND until_ms > $2 GROUP BY license, kind ORDER BY license, kind",
+                    &[&account, &now],
+                )?
+                .iter()
+                .map(|r| SeatUse {
+                    license: r.get(0),
+                    kind: r.get(1),
+                    limit: u32::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+                    in_use: u32::try_from(r.get::<_, i64>(3)).unwrap_or(0),
+                })
+                .collect())
+        })
+    }
+
     fn close_lease(&self, lease_id: &str, used: u64, now_ms: u64) -> Result<bool> {
         self.with_client(|client| close_lease(client, lease_id, used, now_ms))
     }
@@ -214,6 +375,13 @@ impl Store for PostgresStore {
                 let (account, period, amount): (String, String, String) =
                     (row.get(0), row.get(1), row.get(2));
                 out.budgets.insert(account, parse_budget(&period, &amount)?);
+            }
+            for row in client.query(
+                &format!("SELECT {SHARING_COLUMNS} FROM sharing_detections WHERE license = ANY($1) AND blocked_until_ms IS NOT NULL"),
+                &[&licenses],
+            )? {
+                let detection = sharing_row(&row);
+                out.sharing_blocks.insert(detection.license.clone(), detection);
             }
             Ok(out)
         })
@@ -661,6 +829,21 @@ fn invoice_row(r: &postgres::Row) -> StoredInvoice {
     ))
 }
 
+const SHARING_COLUMNS: &str =
+    "license, account, clients, max_clients, window_ms, detected_ms, blocked_until_ms";
+
+fn sharing_row(r: &postgres::Row) -> SharingDetection {
+    SharingDetection {
+        license: r.get(0),
+        account: r.get(1),
+        clients: u32::try_from(r.get::<_, i64>(2)).unwrap_or(u32::MAX),
+        max_clients: u32::try_from(r.get::<_, i64>(3)).unwrap_or(u32::MAX),
+        window_ms: u64_of(r.get(4)),
+        detected_ms: u64_of(r.get(5)),
+        blocked_until_ms: r.get::<_, Option<i64>>(6).map(u64_of),
+    }
+}
+
 fn event_row(r: &postgres::Row) -> WebhookEvent {
     event_of((
         r.get(0),
@@ -795,7 +978,8 @@ fn ingest(client: &mut Client, batch: &UsageBatch, received_ms: u64) -> Result<I
     // One statement for the whole batch (columns as arrays, UNNEST into rows): one round
     // trip instead of one per record.
     let n = batch.records.len();
-    let (mut account, mut license, mut feature, mut outcome, mut meter) = (
+    let (mut account, mut license, mut feature, mut outcome, mut meter, mut user) = (
+        Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -813,13 +997,14 @@ fn ingest(client: &mut Client, batch: &UsageBatch, received_ms: u64) -> Result<I
         feature.push(r.feature.as_str());
         outcome.push(r.outcome.as_str());
         meter.push(r.meter.as_str());
+        user.push(r.user.as_str());
         units.push(to_i64("units", r.units)?);
         start.push(to_i64("window_start_ms", r.window_start_ms)?);
         end.push(to_i64("window_end_ms", r.window_end_ms)?);
     }
     tx.execute(
-            "INSERT INTO usage_records (batch_id, account, license, feature, outcome, meter, units, window_start_ms, window_end_ms)
-             SELECT $1, * FROM UNNEST($2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[], $8::BIGINT[], $9::BIGINT[])",
+            "INSERT INTO usage_records (batch_id, account, license, feature, outcome, meter, units, window_start_ms, window_end_ms, user_ref)
+             SELECT $1, * FROM UNNEST($2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[], $8::BIGINT[], $9::BIGINT[], $10::TEXT[])",
             &[
                 &batch.batch_id,
                 &account,
@@ -830,6 +1015,7 @@ fn ingest(client: &mut Client, batch: &UsageBatch, received_ms: u64) -> Result<I
                 &units,
                 &start,
                 &end,
+                &user,
             ],
         )?;
     tx.commit()?;

@@ -738,7 +738,11 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
         [("content-type", "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        format!(
+            "{}# HELP tollgate_collector_sharing_alerts_total Licenses detected used from more clients than their plan allows (one per episode).\n# TYPE tollgate_collector_sharing_alerts_total counter\ntollgate_collector_sharing_alerts_total {}\n",
+            state.metrics.render(),
+            state.control.sharing_alerts.load(Ordering::Relaxed)
+        ),
     )
         .into_response()
 }

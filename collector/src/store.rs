@@ -10,7 +10,9 @@ use anyhow::{bail, Context, Result};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use rust_decimal::Decimal;
 use serde::Serialize;
-use tollgate_wire::sync::{LeaseGrant, LeaseRequest, LicenseSeen, Period};
+use tollgate_wire::sync::{
+    ClientsSeen, LeaseGrant, LeaseRequest, LicenseSeen, Period, SeatAnswer, SeatRequest, SeatRule,
+};
 use tollgate_wire::UsageBatch;
 
 /// How a batch was taken.
@@ -91,6 +93,60 @@ pub struct Restrictions {
     pub suspended: BTreeMap<String, String>,
     /// Account → its budget.
     pub budgets: BTreeMap<String, Budget>,
+    /// License → its latest sharing detection that blocks (the caller checks the time).
+    pub sharing_blocks: BTreeMap<String, SharingDetection>,
+}
+
+/// A seat to decide: the request, and the period its named seats count in (`0, u64::MAX`
+/// for floating seats).
+#[derive(Debug, Clone, Copy)]
+pub struct SeatAsk<'a> {
+    pub request: &'a SeatRequest,
+    pub period_start_ms: u64,
+    pub period_end_ms: u64,
+    /// How long a filter uses a grant before it renews it.
+    pub ttl_ms: u64,
+}
+
+impl SeatAsk<'_> {
+    pub(crate) fn kind(&self) -> &'static str {
+        match self.request.rule {
+            SeatRule::Named { .. } => "named",
+            SeatRule::Floating { .. } => "floating",
+        }
+    }
+}
+
+/// A license seen used from more distinct clients than its plan allows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SharingDetection {
+    pub license: String,
+    pub account: String,
+    /// Distinct clients within the window when it was detected (or since, at most).
+    pub clients: u32,
+    pub max_clients: u32,
+    pub window_ms: u64,
+    pub detected_ms: u64,
+    /// Requests of the license are refused until then (`None`: an alert only).
+    pub blocked_until_ms: Option<u64>,
+}
+
+/// Distinct end users of an account's allowed usage in a time range.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ActiveUsers {
+    pub users: u64,
+    pub by_license: BTreeMap<String, u64>,
+    pub by_feature: BTreeMap<String, u64>,
+}
+
+/// The seats of one license taken now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SeatUse {
+    pub license: String,
+    /// `named` or `floating`.
+    pub kind: String,
+    pub limit: u32,
+    pub in_use: u32,
 }
 
 /// A license signing key as stored. The private key never leaves the collector's API.
@@ -228,6 +284,22 @@ pub trait Store: Send + Sync + 'static {
     fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>>;
     /// The store answers.
     fn ping(&self) -> Result<()>;
+
+    /// Decide a seat request (see [`crate::seats::decide`]) and record a grant, atomically per
+    /// license: two collectors deciding at once cannot hand out one seat twice.
+    fn take_seat(&self, ask: &SeatAsk<'_>, now_ms: u64) -> Result<SeatAnswer>;
+    /// Note the clients a license was used from; the distinct clients within the window
+    /// (older ones are forgotten).
+    fn note_clients(&self, seen: &ClientsSeen, now_ms: u64) -> Result<u32>;
+    /// Record a sharing detection; true when it is new (none for the license within its
+    /// window), so that one episode raises one alert.
+    fn detect_sharing(&self, detection: &SharingDetection) -> Result<bool>;
+    /// Sharing detections, newest first, of one account or all.
+    fn sharing_detections(&self, account: Option<&str>) -> Result<Vec<SharingDetection>>;
+    /// Distinct end users in an account's allowed usage in `[from_ms, to_ms)`.
+    fn active_users(&self, account: &str, from_ms: u64, to_ms: u64) -> Result<ActiveUsers>;
+    /// Seats of an account's licenses taken at `now_ms`.
+    fn seat_use(&self, account: &str, now_ms: u64) -> Result<Vec<SeatUse>>;
 
     /// Grant up to `want` units of the quota, at most what is left of `limit` for the period,
     /// atomically with the allocation. A lease id seen before gets its stored grant.
@@ -437,6 +509,10 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
         5,
         include_str!("../migrations/sqlite/0005_ingest_drop_batch_index.sql"),
     ),
+    (
+        6,
+        include_str!("../migrations/sqlite/0006_users_seats_sharing.sql"),
+    ),
 ];
 
 /// SQLite in a file, WAL mode: the embedded default.
@@ -553,8 +629,8 @@ impl Store for SqliteStore {
         }
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO usage_records (batch_id, account, license, feature, outcome, meter, units, window_start_ms, window_end_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO usage_records (batch_id, account, license, feature, outcome, meter, units, window_start_ms, window_end_ms, user_ref)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?;
             for r in &batch.records {
                 insert.execute(params![
@@ -567,6 +643,7 @@ impl Store for SqliteStore {
                     to_i64("units", r.units)?,
                     to_i64("window_start_ms", r.window_start_ms)?,
                     to_i64("window_end_ms", r.window_end_ms)?,
+                    r.user,
                 ])?;
             }
         }
@@ -618,6 +695,157 @@ impl Store for SqliteStore {
     fn ping(&self) -> Result<()> {
         self.conn()?.query_row("SELECT 1", [], |_| Ok(()))?;
         Ok(())
+    }
+
+    fn take_seat(&self, ask: &SeatAsk<'_>, now_ms: u64) -> Result<SeatAnswer> {
+        let r = ask.request;
+        let key = crate::seats::key_id(&r.user);
+        let (kind, start, now) = (
+            ask.kind(),
+            to_i64("period_start_ms", ask.period_start_ms)?,
+            to_i64("now_ms", now_ms)?,
+        );
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let held = {
+            let mut query = tx.prepare_cached(
+                "SELECT user_ref, until_ms FROM seats
+                 WHERE license = ?1 AND kind = ?2 AND period_start_ms = ?3 AND key_id = ?4 AND until_ms > ?5",
+            )?;
+            let rows = query.query_map(params![r.license, kind, start, key, now], |row| {
+                Ok(crate::seats::SeatHolder {
+                    user_ref: row.get(0)?,
+                    until_ms: u64_of(row.get(1)?),
+                })
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        let decision =
+            crate::seats::decide(r, &held, now_ms, ask.ttl_ms, ask.period_end_ms);
+        if let Some(until) = decision.seat_until_ms {
+            tx.execute(
+                "INSERT INTO seats (license, account, kind, period_start_ms, user_ref, key_id, seat_limit, first_ms, last_ms, until_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)
+                 ON CONFLICT (license, kind, period_start_ms, user_ref)
+                 DO UPDATE SET seat_limit = excluded.seat_limit, last_ms = excluded.last_ms, until_ms = MAX(seats.until_ms, excluded.until_ms)",
+                params![r.license, r.account, kind, start, r.user, key, r.rule.limit(), now, to_i64("until_ms", until)?],
+            )?;
+        }
+        tx.commit()?;
+        Ok(decision.answer)
+    }
+
+    fn note_clients(&self, seen: &ClientsSeen, now_ms: u64) -> Result<u32> {
+        let now = to_i64("now_ms", now_ms)?;
+        let since = to_i64("since", now_ms.saturating_sub(seen.window_ms))?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO license_clients (license, account, client_ref, last_seen_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (license, client_ref) DO UPDATE SET last_seen_ms = MAX(license_clients.last_seen_ms, excluded.last_seen_ms)",
+            )?;
+            for client in &seen.clients {
+                upsert.execute(params![seen.license, seen.account, client, now])?;
+            }
+        }
+        tx.execute(
+            "DELETE FROM license_clients WHERE license = ?1 AND last_seen_ms <= ?2",
+            params![seen.license, since],
+        )?;
+        let n: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM license_clients WHERE license = ?1",
+            [&seen.license],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    fn detect_sharing(&self, d: &SharingDetection) -> Result<bool> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let last: Option<(i64, i64)> = tx
+            .query_row(
+                "SELECT detected_ms, window_ms FROM sharing_detections WHERE license = ?1",
+                [&d.license],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let new = last.is_none_or(|(at, window)| u64_of(at).saturating_add(u64_of(window)) <= d.detected_ms);
+        if new {
+            tx.execute(
+                "INSERT INTO sharing_detections (license, account, clients, max_clients, window_ms, detected_ms, blocked_until_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (license) DO UPDATE SET account = excluded.account, clients = excluded.clients, max_clients = excluded.max_clients,
+                   window_ms = excluded.window_ms, detected_ms = excluded.detected_ms, blocked_until_ms = excluded.blocked_until_ms",
+                params![d.license, d.account, d.clients, d.max_clients, to_i64("window_ms", d.window_ms)?, to_i64("detected_ms", d.detected_ms)?,
+                        d.blocked_until_ms.map(|v| to_i64("blocked_until_ms", v)).transpose()?],
+            )?;
+        } else {
+            tx.execute(
+                "UPDATE sharing_detections SET clients = MAX(clients, ?2) WHERE license = ?1",
+                params![d.license, d.clients],
+            )?;
+        }
+        tx.commit()?;
+        Ok(new)
+    }
+
+    fn sharing_detections(&self, account: Option<&str>) -> Result<Vec<SharingDetection>> {
+        let conn = self.conn()?;
+        let mut query = conn.prepare_cached(
+            "SELECT license, account, clients, max_clients, window_ms, detected_ms, blocked_until_ms FROM sharing_detections
+             WHERE ?1 IS NULL OR account = ?1 ORDER BY detected_ms DESC, license",
+        )?;
+        let rows = query.query_map([account], sharing_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn active_users(&self, account: &str, from_ms: u64, to_ms: u64) -> Result<ActiveUsers> {
+        let conn = self.conn()?;
+        let (from, to) = (to_i64("from_ms", from_ms)?, to_i64("to_ms", to_ms)?);
+        let filter = "FROM usage_records WHERE account = ?1 AND window_start_ms >= ?2 AND window_start_ms < ?3
+                      AND user_ref <> '' AND outcome = 'allowed' AND meter = 'calls'";
+        let users: i64 = conn.query_row(
+            &format!("SELECT COUNT(DISTINCT user_ref) {filter}"),
+            params![account, from, to],
+            |r| r.get(0),
+        )?;
+        let mut out = ActiveUsers {
+            users: u64_of(users),
+            ..ActiveUsers::default()
+        };
+        for (column, into) in [("license", &mut out.by_license), ("feature", &mut out.by_feature)] {
+            let mut query = conn.prepare_cached(&format!(
+                "SELECT {column}, COUNT(DISTINCT user_ref) {filter} GROUP BY {column}"
+            ))?;
+            let rows = query.query_map(params![account, from, to], |r| {
+                Ok((r.get::<_, String>(0)?, u64_of(r.get(1)?)))
+            })?;
+            for row in rows {
+                let (name, n) = row?;
+                into.insert(name, n);
+            }
+        }
+        Ok(out)
+    }
+
+    fn seat_use(&self, account: &str, now_ms: u64) -> Result<Vec<SeatUse>> {
+        let conn = self.conn()?;
+        let mut query = conn.prepare_cached(
+            "SELECT license, kind, MAX(seat_limit), COUNT(*) FROM seats
+             WHERE account = ?1 AND until_ms > ?2 GROUP BY license, kind ORDER BY license, kind",
+        )?;
+        let rows = query.query_map(params![account, to_i64("now_ms", now_ms)?], |r| {
+            Ok(SeatUse {
+                license: r.get(0)?,
+                kind: r.get(1)?,
+                limit: u32::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                in_use: u32::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     fn grant_lease(&self, ask: &LeaseAsk<'_>, now_ms: u64) -> Result<LeaseGrant> {
@@ -760,6 +988,19 @@ impl Store for SqliteStore {
                 .optional()?
             {
                 out.revoked.insert(license.clone(), reason);
+            }
+        }
+        for license in licenses {
+            let detection = conn
+                .query_row(
+                    "SELECT license, account, clients, max_clients, window_ms, detected_ms, blocked_until_ms FROM sharing_detections
+                     WHERE license = ?1 AND blocked_until_ms IS NOT NULL",
+                    [license],
+                    sharing_row,
+                )
+                .optional()?;
+            if let Some(detection) = detection {
+                out.sharing_blocks.insert(license.clone(), detection);
             }
         }
         for account in accounts {
@@ -1209,6 +1450,18 @@ impl Store for SqliteStore {
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
+}
+
+fn sharing_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SharingDetection> {
+    Ok(SharingDetection {
+        license: r.get(0)?,
+        account: r.get(1)?,
+        clients: u32::try_from(r.get::<_, i64>(2)?).unwrap_or(u32::MAX),
+        max_clients: u32::try_from(r.get::<_, i64>(3)?).unwrap_or(u32::MAX),
+        window_ms: u64_of(r.get(4)?),
+        detected_ms: u64_of(r.get(5)?),
+        blocked_until_ms: r.get::<_, Option<i64>>(6)?.map(u64_of),
+    })
 }
 
 fn billable_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BillableUsage> {

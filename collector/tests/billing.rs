@@ -243,6 +243,7 @@ fn record(
         license: license.into(),
         feature: feature.into(),
         outcome: outcome.into(),
+        user: String::new(),
         meter,
         units,
         window_start_ms: at,

@@ -218,6 +218,7 @@ fn usage_batch(id: &str, account: &str, license: &str, calls: u64, at_ms: u64) -
             license: license.into(),
             feature: "search".into(),
             outcome: "allowed".into(),
+            user: String::new(),
             meter: Meter::Calls,
             units: calls,
             window_start_ms: at_ms,
@@ -232,6 +233,7 @@ fn denials_on(db: &Backend) {
     let c = ControlPlane {
         catalog: CatalogFileWatch::empty(),
         lease_ttl_ms: 10_000,
+        ..ControlPlane::default()
     };
     let now = NOON_ISH;
     let seen = |account: &str, license: &str| LicenseSeen {
@@ -279,6 +281,7 @@ fn denials_on(db: &Backend) {
     let c = ControlPlane {
         catalog: CatalogFileWatch::open(Some(&write_catalog())).unwrap(),
         lease_ttl_ms: 10_000,
+        ..ControlPlane::default()
     };
     store
         .set_budget(
@@ -516,6 +519,7 @@ fn the_catalogue_sets_quota_limits_and_a_change_applies_to_the_next_grant() {
         let c = ControlPlane {
             catalog: CatalogFileWatch::open(Some(&path)).unwrap(),
             lease_ttl_ms: 10_000,
+            ..ControlPlane::default()
         };
         // The filter says 100; the operator's catalogue says 50 for the plan.
         let grants: Vec<u64> = (1..=3)

@@ -43,6 +43,7 @@ fn batch(sequence: u64, calls: u64, at_ms: u64) -> UsageBatch {
         license: license.into(),
         feature: "search".into(),
         outcome: "allowed".into(),
+        user: String::new(),
         meter,
         units,
         window_start_ms: at_ms,

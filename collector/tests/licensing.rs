@@ -288,6 +288,7 @@ fn record(license: &str, outcome: &str, units: u64, at: u64) -> UsageRecord {
         license: license.into(),
         feature: "search".into(),
         outcome: outcome.into(),
+        user: String::new(),
         meter: Meter::Calls,
         units,
         window_start_ms: at,

@@ -116,6 +116,7 @@ fn batch(id: &str, calls: u64, at_ms: u64) -> UsageBatch {
             license: "lic-1".into(),
             feature: "search".into(),
             outcome: "allowed".into(),
+            user: String::new(),
             meter: Meter::Calls,
             units: calls,
             window_start_ms: at_ms,

@@ -6,9 +6,10 @@ use std::fmt;
 use std::sync::Arc;
 
 use serde::Deserialize;
-use tollgate_wire::sync::Period;
+use tollgate_wire::sync::{Period, SeatRule};
 use tollgate_wire::Meter;
 
+use crate::pseudonym::Pseudonymizer;
 use crate::routes::{Methods, PathMatch, Route, RouteTable, RouteTarget};
 use crate::shipper::{Overflow, ShipperConfig};
 use crate::token::{Jwks, KeySet};
@@ -70,6 +71,44 @@ pub struct FilterConfig {
     /// How period quotas are enforced (leases from the collector).
     #[serde(default)]
     pub quota: QuotaSettingsConfig,
+    /// The key end users and client addresses are pseudonymised with (HMAC) before they leave
+    /// the filter; needed by `users` and by a plan's `sharing`.
+    #[serde(default)]
+    pub pseudonyms: Option<PseudonymsConfig>,
+    /// Who the end user of a request is: a claim of the license token, or a request header
+    /// set by an authentication layer in front. Usage is then metered per user, and seats can
+    /// be counted.
+    #[serde(default)]
+    pub users: Option<UsersConfig>,
+}
+
+/// The pseudonymisation key. Rotating it (a new `key_id` and `secret`) gives every user a new
+/// pseudonym from then on: rotate at the start of a billing period.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PseudonymsConfig {
+    pub key_id: String,
+    /// At least 32 bytes.
+    pub secret: String,
+}
+
+/// Where the end user's identifier is read: exactly one of `claim` and `header`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsersConfig {
+    #[serde(default)]
+    pub claim: Option<String>,
+    #[serde(default)]
+    pub header: Option<String>,
+}
+
+/// Where the end user's identifier comes from, compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserSource {
+    /// A claim of the license token (a string or a number), read when the token is verified.
+    Claim(String),
+    /// A request header (lower case), set by a trusted layer in front of Envoy.
+    Header(String),
 }
 
 /// How period quotas are enforced: leases of the quota from the collector, shared by the
@@ -521,6 +560,128 @@ pub struct LimitsConfig {
     /// `processing_ns`), counted by the collector over calendar periods.
     #[serde(default)]
     pub quotas: BTreeMap<String, QuotaConfig>,
+    /// Seats: how many distinct users may use the license (`users` must be configured).
+    #[serde(default)]
+    pub seats: Option<SeatsConfig>,
+    /// Sharing detection: how many distinct client addresses may use one license within a
+    /// window. Plans only (a license cannot loosen it).
+    #[serde(default)]
+    pub sharing: Option<SharingConfig>,
+}
+
+/// Named seats (`named`: distinct users per calendar period `per`, default month) or floating
+/// seats (`floating`: users active within `window_seconds`, default 900).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeatsConfig {
+    #[serde(default)]
+    pub named: Option<u32>,
+    #[serde(default)]
+    pub per: Option<Period>,
+    #[serde(default)]
+    pub floating: Option<u32>,
+    #[serde(default)]
+    pub window_seconds: Option<u64>,
+}
+
+/// More than `max_clients` distinct client addresses within `window_seconds` (default 3600)
+/// is sharing: an alert, and with `block`, 403 `license_sharing_detected` for a window.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharingConfig {
+    pub max_clients: u32,
+    #[serde(default = "default_sharing_window_seconds")]
+    pub window_seconds: u64,
+    #[serde(default)]
+    pub block: bool,
+}
+
+fn default_sharing_window_seconds() -> u64 {
+    3_600
+}
+
+/// A plan's sharing rule, compiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharingRule {
+    pub max_clients: u32,
+    pub window_ms: u64,
+    pub block: bool,
+}
+
+/// The longest seat or sharing window: 31 days.
+const MAX_WINDOW_SECONDS: u64 = 31 * 86_400;
+
+impl SeatsConfig {
+    fn compile(&self, field: &str) -> Result<SeatRule, ConfigError> {
+        match (self.named, self.floating) {
+            (Some(limit), None) => {
+                if self.window_seconds.is_some() {
+                    return Err(ConfigError::new(
+                        format!("{field}.window_seconds"),
+                        "named seats count per calendar period: use `per`",
+                    ));
+                }
+                if limit == 0 {
+                    return Err(ConfigError::new(format!("{field}.named"), "must be at least 1"));
+                }
+                Ok(SeatRule::Named {
+                    limit,
+                    per: self.per.unwrap_or(Period::Month),
+                })
+            }
+            (None, Some(limit)) => {
+                if self.per.is_some() {
+                    return Err(ConfigError::new(
+                        format!("{field}.per"),
+                        "floating seats count over a sliding window: use `window_seconds`",
+                    ));
+                }
+                let window = self.window_seconds.unwrap_or(900);
+                if limit == 0 {
+                    return Err(ConfigError::new(
+                        format!("{field}.floating"),
+                        "must be at least 1",
+                    ));
+                }
+                if !(1..=MAX_WINDOW_SECONDS).contains(&window) {
+                    return Err(ConfigError::new(
+                        format!("{field}.window_seconds"),
+                        format!("must be between 1 and {MAX_WINDOW_SECONDS}"),
+                    ));
+                }
+                Ok(SeatRule::Floating {
+                    limit,
+                    window_ms: window * 1000,
+                })
+            }
+            _ => Err(ConfigError::new(
+                field,
+                "give exactly one of `named` and `floating`",
+            )),
+        }
+    }
+}
+
+impl SharingConfig {
+    fn compile(&self, field: &str) -> Result<SharingRule, ConfigError> {
+        if self.max_clients == 0 {
+            return Err(ConfigError::new(
+                format!("{field}.max_clients"),
+                "must be at least 1",
+            ));
+        }
+        if !(1..=MAX_WINDOW_SECONDS).contains(&self.window_seconds) {
+            return Err(ConfigError::new(
+                format!("{field}.window_seconds"),
+                format!("must be between 1 and {MAX_WINDOW_SECONDS}"),
+            ));
+        }
+        Ok(SharingRule {
+            max_clients: self.max_clients,
+            window_ms: self.window_seconds * 1000,
+            block: self.block,
+        })
+    }
 }
 
 /// At most `limit` units of a meter per calendar period (`hour`, `day` or `month`, in the
@@ -641,6 +802,8 @@ pub struct CompiledLimits {
     pub per_feature: Vec<Option<RateQuota>>,
     /// Period quotas by meter.
     pub quotas: BTreeMap<Meter, QuotaConfig>,
+    pub seats: Option<SeatRule>,
+    pub sharing: Option<SharingRule>,
 }
 
 impl CompiledLimits {
@@ -669,6 +832,12 @@ impl CompiledLimits {
                 ));
             }
             out.quotas.insert(meter, *quota);
+        }
+        if let Some(seats) = &overrides.seats {
+            out.seats = Some(seats.compile(&format!("{field}.seats"))?);
+        }
+        if let Some(sharing) = &overrides.sharing {
+            out.sharing = Some(sharing.compile(&format!("{field}.sharing"))?);
         }
         for (name, rate) in &overrides.feature_rate_limits {
             let at = format!("{field}.feature_rate_limits.{name}");
@@ -746,6 +915,10 @@ pub struct Policy {
     /// Where usage is shipped; `None`: only to Envoy stats.
     pub collector: Option<CollectorPolicy>,
     pub quota: QuotaSettings,
+    pub pseudonyms: Option<Pseudonymizer>,
+    pub users: Option<UserSource>,
+    /// Some plan detects sharing: the adapter reads each request's client address.
+    pub reads_client_address: bool,
 }
 
 impl Policy {
@@ -793,6 +966,8 @@ impl Policy {
             license: None,
             per_feature: vec![None; features.len()],
             quotas: BTreeMap::new(),
+            seats: None,
+            sharing: None,
         };
         let mut plans = BTreeMap::new();
         for (name, limits) in &config.plans {
@@ -820,6 +995,63 @@ impl Policy {
         }
         let quota = QuotaSettings::compile(config.quota)?;
 
+        let pseudonyms = config
+            .pseudonyms
+            .map(|p| Pseudonymizer::new("pseudonyms", &p.key_id, &p.secret))
+            .transpose()?;
+        let users = config
+            .users
+            .map(|u| match (u.claim, u.header) {
+                (Some(claim), None) if !claim.is_empty() => Ok(UserSource::Claim(claim)),
+                (None, Some(header)) => {
+                    let header = header.to_ascii_lowercase();
+                    if !is_header_name(&header) || header.starts_with(':') {
+                        return Err(ConfigError::new("users.header", "not a valid HTTP header name"));
+                    }
+                    if header == token.header {
+                        return Err(ConfigError::new(
+                            "users.header",
+                            "must not be the token header",
+                        ));
+                    }
+                    Ok(UserSource::Header(header))
+                }
+                _ => Err(ConfigError::new(
+                    "users",
+                    "give exactly one of `claim` (a token claim) and `header` (a request header)",
+                )),
+            })
+            .transpose()?;
+        if users.is_some() && pseudonyms.is_none() {
+            return Err(ConfigError::new(
+                "users",
+                "users leave the filter only pseudonymised: configure `pseudonyms`",
+            ));
+        }
+        for (name, plan) in &plans {
+            if plan.limits.seats.is_some() && users.is_none() {
+                return Err(ConfigError::new(
+                    format!("plans.{name}.seats"),
+                    "seats count users: configure `users`",
+                ));
+            }
+            if plan.limits.sharing.is_some() && pseudonyms.is_none() {
+                return Err(ConfigError::new(
+                    format!("plans.{name}.sharing"),
+                    "client addresses leave the filter only pseudonymised: configure `pseudonyms`",
+                ));
+            }
+            if (plan.limits.seats.is_some() || plan.limits.sharing.is_some())
+                && collector.is_none()
+            {
+                return Err(ConfigError::new(
+                    format!("plans.{name}"),
+                    "seats and sharing are counted by the collector: configure `collector`",
+                ));
+            }
+        }
+        let reads_client_address = plans.values().any(|p| p.limits.sharing.is_some());
+
         let headers = config.upstream_headers;
         let upstream_headers = UpstreamHeaders {
             account: header_name("upstream_headers.account", headers.account)?,
@@ -844,6 +1076,9 @@ impl Policy {
             stats_flush_interval_ms: config.stats_flush_interval_ms,
             collector,
             quota,
+            pseudonyms,
+            users,
+            reads_client_address,
         })
     }
 

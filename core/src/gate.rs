@@ -6,13 +6,16 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tollgate_wire::sync::{
-    DenialCode, LeaseRequest, LeaseReturn, LicenseSeen, Period, SyncResponse,
+    ClientsSeen, DenialCode, LeaseRequest, LeaseReturn, LicenseSeen, Period, SeatRequest,
+    SeatRule, SyncResponse,
 };
 use tollgate_wire::Meter;
 
 use crate::cache::TokenCache;
 use crate::config::JwksSource;
-use crate::config::{FeatureId, Policy, UnmatchedRoutes, WithoutCollector};
+use crate::config::{FeatureId, Policy, UnmatchedRoutes, UserSource, WithoutCollector};
+use crate::pseudonym::Subject;
+use crate::seats::{update_book, SeatCheck};
 use crate::jwks::{Fetched, RemoteKeys};
 use crate::meter::{Ledger, Outcome, UsageKey, UsageTotals};
 use crate::quota::{pool_key, update_pool, Reservation, SharedBlobs};
@@ -29,6 +32,10 @@ pub struct RequestHead<'a> {
     pub path: &'a str,
     /// The value of the configured token header, if present.
     pub credential: Option<&'a str>,
+    /// The value of `users.header`, if configured and present (raw: pseudonymised here).
+    pub user: Option<&'a str>,
+    /// The client's address (without the port), read when some plan detects sharing.
+    pub client_address: Option<&'a str>,
 }
 
 /// The decision on a request.
@@ -39,9 +46,10 @@ pub enum Verdict {
     /// A public route (or unmatched, with `unmatched_routes: allow`): forward, no license.
     Public,
     Refuse(Refusal),
-    /// Licensed so far, but a period quota has no lease in this Envoy: hold the request, sync
-    /// with the collector, and decide again with [`Gate::retry_quotas`].
-    AwaitQuota,
+    /// Licensed so far, but the user has no seat or a period quota has no lease in this Envoy
+    /// yet: hold the request, sync with the collector, and decide again with
+    /// [`Gate::retry_held`].
+    AwaitCollector,
 }
 
 /// Units of a quota reserved for an admitted request; the real amount is committed when the
@@ -89,13 +97,23 @@ pub struct SyncWork {
     pub leases: Vec<LeaseRequest>,
     pub returns: Vec<LeaseReturn>,
     pub licenses: Vec<LicenseSeen>,
+    pub seats: Vec<SeatRequest>,
+    pub clients: Vec<ClientsSeen>,
 }
 
 impl SyncWork {
     pub fn is_empty(&self) -> bool {
-        self.leases.is_empty() && self.returns.is_empty() && self.licenses.is_empty()
+        self.leases.is_empty()
+            && self.returns.is_empty()
+            && self.licenses.is_empty()
+            && self.seats.is_empty()
+            && self.clients.is_empty()
     }
 }
+
+/// Distinct clients of one license noted between two syncs (enough to tell sharing: a plan
+/// allowing more than this many clients is told apart by the collector over several syncs).
+const CLIENTS_PER_SYNC: usize = 256;
 
 /// Items of each list per sync: 2,000 of each, with ids of at most 256 bytes, keep a sync well
 /// under the collector's 4 MiB.
@@ -131,6 +149,10 @@ pub struct Admission {
     pub verdict: Verdict,
     pub license: Option<Arc<License>>,
     pub feature: Option<FeatureId>,
+    /// The end user, pseudonymised (when `users` is configured and the request names one).
+    pub user: Option<Arc<str>>,
+    /// The user holds a seat of the license (or the license has no seats).
+    pub seat_held: bool,
     /// Quota units reserved for the request (allowed requests only).
     pub holds: Vec<QuotaHold>,
 }
@@ -141,7 +163,7 @@ impl Admission {
             Verdict::Refuse(refusal) => Outcome::Refused(refusal.code),
             Verdict::Allow | Verdict::Public => Outcome::Allowed,
             // Never decided (the client left while it waited for a lease): never served.
-            Verdict::AwaitQuota => Outcome::Refused(Code::QuotaUnavailable),
+            Verdict::AwaitCollector => Outcome::Refused(Code::QuotaUnavailable),
         }
     }
 
@@ -221,6 +243,10 @@ pub struct Gate<S: SharedCells + SharedBlobs + Clone> {
     metering_blocked: bool,
     /// Keys fetched from `token.jwks_source`.
     remote_keys: Option<RemoteKeys>,
+    /// Seats to ask for (or renew) with the next sync, by (license, user).
+    seat_asks: BTreeMap<(Arc<str>, Arc<str>), SeatRequest>,
+    /// Clients of licenses whose plan detects sharing, since the last sync.
+    clients_seen: BTreeMap<Arc<str>, ClientsSeen>,
 }
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
@@ -259,6 +285,8 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             anonymous: Arc::from(""),
             metering_blocked: false,
             remote_keys,
+            seat_asks: BTreeMap::new(),
+            clients_seen: BTreeMap::new(),
         }
     }
 
@@ -350,6 +378,31 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             Ok(license) => license,
             Err(refusal) => return refuse(None, Some(feature), refusal),
         };
+        let user = match &self.policy.users {
+            Some(UserSource::Claim(_)) => license.user.clone(),
+            Some(UserSource::Header(_)) => request
+                .user
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .zip(self.policy.pseudonyms.as_ref())
+                .map(|(raw, p)| Arc::from(p.pseudonym(Subject::User, raw))),
+            None => None,
+        };
+        let mut admission = self.admit_license(request, feature, license, user.clone(), now_nanos);
+        admission.user = user;
+        admission
+    }
+
+    /// The rest of [`Gate::admit`] for a verified license: entitlement, the collector's
+    /// denials, rate limits, then seats and quotas.
+    fn admit_license(
+        &mut self,
+        request: &RequestHead<'_>,
+        feature: FeatureId,
+        license: Arc<License>,
+        user: Option<Arc<str>>,
+        now_nanos: u64,
+    ) -> Admission {
         if !license.features.contains(feature) {
             let message = format!(
                 "the license does not include the feature `{}`",
@@ -377,6 +430,39 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
         }
         if let Some(refusal) = syncs.then(|| self.denial(&license, now_ms)).flatten() {
             return refuse(Some(license), Some(feature), refusal);
+        }
+        if let (Some(rule), Some(address), Some(pseudonyms)) = (
+            license.limits.sharing,
+            request.client_address,
+            self.policy.pseudonyms.as_ref(),
+        ) {
+            let seen = self
+                .clients_seen
+                .entry(Arc::clone(&license.license_id))
+                .or_insert_with(|| ClientsSeen {
+                    account: license.account.to_string(),
+                    license: license.license_id.to_string(),
+                    clients: Vec::new(),
+                    max_clients: rule.max_clients,
+                    window_ms: rule.window_ms,
+                    block: rule.block,
+                });
+            if seen.clients.len() < CLIENTS_PER_SYNC {
+                let client = pseudonyms.pseudonym(Subject::Client, address);
+                if !seen.clients.contains(&client) {
+                    seen.clients.push(client);
+                }
+            }
+        }
+        if license.limits.seats.is_some() && user.is_none() {
+            return refuse(
+                Some(license),
+                Some(feature),
+                Refusal::new(
+                    Code::MissingUser,
+                    "the license counts seats per user, and the request names no user",
+                ),
+            );
         }
         let checks = [
             (
@@ -418,12 +504,14 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             }
         }
         let mut admission = Admission {
-            verdict: Verdict::AwaitQuota,
+            verdict: Verdict::AwaitCollector,
             license: Some(license),
             feature: Some(feature),
+            user,
+            seat_held: false,
             holds: Vec::new(),
         };
-        self.retry_quotas(&mut admission, now_ms, false);
+        self.retry_held(&mut admission, now_ms, false);
         admission
     }
 
@@ -442,6 +530,7 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             DenialCode::LicenseRevoked => Code::LicenseRevoked,
             DenialCode::AccountSuspended => Code::AccountSuspended,
             DenialCode::SpendCapReached => Code::SpendCapReached,
+            DenialCode::LicenseSharingDetected => Code::LicenseSharingDetected,
         };
         Some(Refusal {
             retry_after_seconds: denial
@@ -451,27 +540,37 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
         })
     }
 
-    /// Reserve the license's period quotas for `admission` (verdict [`Verdict::AwaitQuota`]):
+    /// Reserve the license's period quotas for `admission` (verdict [`Verdict::AwaitCollector`]):
     /// it becomes allowed with its holds, refused, or stays waiting for a lease. `timed_out`:
     /// it waited long enough, so without a lease `quota.without_collector` decides.
-    pub fn retry_quotas(&mut self, admission: &mut Admission, now_ms: u64, timed_out: bool) {
-        if admission.verdict != Verdict::AwaitQuota {
+    pub fn retry_held(&mut self, admission: &mut Admission, now_ms: u64, timed_out: bool) {
+        if admission.verdict != Verdict::AwaitCollector {
             return;
         }
         let Some(license) = admission.license.clone() else {
             return;
         };
-        let quotas = &license.limits.quotas;
-        if quotas.is_empty() {
-            admission.verdict = Verdict::Allow;
-            return;
-        }
         // The collector has not answered for a while: holding the request would only delay
         // the same decision.
         let timed_out = timed_out
             || self.sync_failing_since_ms.is_some_and(|since| {
                 now_ms.saturating_sub(since) >= self.policy.quota.lease_wait_ms
             });
+        if !admission.seat_held {
+            match self.seat(&license, admission.user.as_ref(), now_ms, timed_out) {
+                SeatStep::Held => admission.seat_held = true,
+                SeatStep::Wait => return,
+                SeatStep::Refuse(refusal) => {
+                    admission.verdict = Verdict::Refuse(refusal);
+                    return;
+                }
+            }
+        }
+        let quotas = &license.limits.quotas;
+        if quotas.is_empty() {
+            admission.verdict = Verdict::Allow;
+            return;
+        }
         let mut holds = Vec::with_capacity(quotas.len());
         let mut outcome = Verdict::Allow;
         for (meter, quota) in quotas {
@@ -543,7 +642,7 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
                     break;
                 }
                 Ok((Reservation::NoLease, _, _)) if !timed_out => {
-                    outcome = Verdict::AwaitQuota;
+                    outcome = Verdict::AwaitCollector;
                     break;
                 }
                 Ok((Reservation::NoLease, _, _)) => {
@@ -583,6 +682,87 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             }
         }
         admission.verdict = outcome;
+    }
+
+    /// The seat step of a held request: the user holds a seat, must wait for the collector, or
+    /// is refused. Licenses without seats always hold one.
+    fn seat(
+        &mut self,
+        license: &Arc<License>,
+        user: Option<&Arc<str>>,
+        now_ms: u64,
+        timed_out: bool,
+    ) -> SeatStep {
+        let Some(rule) = license.limits.seats else {
+            return SeatStep::Held;
+        };
+        let Some(user) = user else {
+            return SeatStep::Refuse(Refusal::new(
+                Code::MissingUser,
+                "the license counts seats per user, and the request names no user",
+            ));
+        };
+        let checked = update_book(&self.shared, &license.license_id, |book| {
+            book.check(user, now_ms)
+        });
+        let pending = match checked {
+            Ok(SeatCheck::Held { renew }) => {
+                if renew {
+                    self.ask_seat(license, user, rule);
+                }
+                return SeatStep::Held;
+            }
+            Ok(SeatCheck::Refused {
+                until_ms,
+                in_use,
+                limit,
+            }) => {
+                let over = match rule {
+                    SeatRule::Named { per, .. } => format!("this {}", per.as_str()),
+                    SeatRule::Floating { window_ms, .. } => {
+                        format!("within {} s", window_ms.div_ceil(1000))
+                    }
+                };
+                return SeatStep::Refuse(Refusal {
+                    retry_after_seconds: Some(until_ms.saturating_sub(now_ms).div_ceil(1000)),
+                    ..Refusal::new(
+                        Code::SeatLimitReached,
+                        format!(
+                            "all {limit} seats of the license are taken ({in_use} users {over}); users holding a seat keep working"
+                        ),
+                    )
+                });
+            }
+            Ok(SeatCheck::Ask) => {
+                self.ask_seat(license, user, rule);
+                true
+            }
+            Ok(SeatCheck::Waiting) => true,
+            Err(_) => false,
+        };
+        if pending && !timed_out {
+            return SeatStep::Wait;
+        }
+        if self.policy.quota.without_collector == WithoutCollector::Allow {
+            // Admitted unchecked, like quota units under the allowance; metered per user all
+            // the same, and the seat is asked for once the collector answers again.
+            return SeatStep::Held;
+        }
+        SeatStep::Refuse(Refusal::new(
+            Code::SeatUnavailable,
+            "the license's seats cannot be checked right now; try again shortly",
+        ))
+    }
+
+    fn ask_seat(&mut self, license: &License, user: &Arc<str>, rule: SeatRule) {
+        self.seat_asks
+            .entry((Arc::clone(&license.license_id), Arc::clone(user)))
+            .or_insert_with(|| SeatRequest {
+                account: license.account.to_string(),
+                license: license.license_id.to_string(),
+                user: user.to_string(),
+                rule,
+            });
     }
 
     /// Give back the quota units held for a request that will not be served after all.
@@ -667,6 +847,18 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
                 plan: seen.plan.to_string(),
             });
         }
+        while work.seats.len() < SYNC_ITEMS {
+            let Some((_, ask)) = self.seat_asks.pop_first() else {
+                break;
+            };
+            work.seats.push(ask);
+        }
+        while work.clients.len() < SYNC_ITEMS {
+            let Some((_, seen)) = self.clients_seen.pop_first() else {
+                break;
+            };
+            work.clients.push(seen);
+        }
         work
     }
 
@@ -675,12 +867,35 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
     pub fn sync_failed(&mut self, work: SyncWork, now_ms: u64) {
         self.sync_failing_since_ms.get_or_insert(now_ms);
         self.lease_requests_unanswered(&work.leases);
+        self.seat_asks_unanswered(&work.seats);
+        for seen in work.clients {
+            let license: Arc<str> = Arc::from(seen.license.as_str());
+            match self.clients_seen.get_mut(&license) {
+                Some(now) => {
+                    for client in seen.clients {
+                        if now.clients.len() < CLIENTS_PER_SYNC && !now.clients.contains(&client) {
+                            now.clients.push(client);
+                        }
+                    }
+                }
+                None => {
+                    self.clients_seen.insert(license, seen);
+                }
+            }
+        }
         for seen in work.licenses {
             let license: Arc<str> = Arc::from(seen.license.as_str());
             self.licenses_seen.entry(license).or_insert_with(|| Seen {
                 account: Arc::from(seen.account.as_str()),
                 plan: Arc::from(seen.plan.as_str()),
             });
+        }
+    }
+
+    /// Seat asks that got no answer: the next request of each user asks again.
+    fn seat_asks_unanswered(&mut self, seats: &[SeatRequest]) {
+        for seat in seats {
+            let _ = update_book(&self.shared, &seat.license, |book| book.unanswered(&seat.user));
         }
     }
 
@@ -703,6 +918,8 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
         self.next_lease = previous.next_lease;
         self.lease_requests = std::mem::take(&mut previous.lease_requests);
         self.quotas = std::mem::take(&mut previous.quotas);
+        self.seat_asks = std::mem::take(&mut previous.seat_asks);
+        self.clients_seen = std::mem::take(&mut previous.clients_seen);
     }
 
     /// The collector answered the sync that carried `work`: hold the granted leases, forget
@@ -722,6 +939,21 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             .cloned()
             .collect();
         self.lease_requests_unanswered(&unanswered);
+        for answer in &response.seats {
+            let _ = update_book(&self.shared, &answer.license, |book| book.apply(answer, now_ms));
+        }
+        let unanswered: Vec<SeatRequest> = work
+            .seats
+            .iter()
+            .filter(|ask| {
+                !response
+                    .seats
+                    .iter()
+                    .any(|a| a.license == ask.license && a.user == ask.user)
+            })
+            .cloned()
+            .collect();
+        self.seat_asks_unanswered(&unanswered);
         self.returns
             .retain(|r| !response.closed.iter().any(|id| id == &r.lease_id));
         let mut named: BTreeMap<&str, Option<StoredDenial>> = work
@@ -794,6 +1026,7 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             license,
             feature: admission.feature,
             outcome: admission.outcome(),
+            user: admission.user.clone(),
         };
         for hold in &admission.holds {
             let actual = match hold.meter {
@@ -828,11 +1061,20 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
     }
 }
 
+/// Where a held request stands with its seat.
+enum SeatStep {
+    Held,
+    Wait,
+    Refuse(Refusal),
+}
+
 fn public() -> Admission {
     Admission {
         verdict: Verdict::Public,
         license: None,
         feature: None,
+        user: None,
+        seat_held: true,
         holds: Vec::new(),
     }
 }
@@ -846,6 +1088,8 @@ fn refuse(
         verdict: Verdict::Refuse(refusal),
         license,
         feature,
+        user: None,
+        seat_held: false,
         holds: Vec::new(),
     }
 }

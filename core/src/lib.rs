@@ -10,10 +10,12 @@ pub mod gate;
 pub mod handover;
 pub mod jwks;
 pub mod meter;
+pub mod pseudonym;
 pub mod quota;
 pub mod ratelimit;
 pub mod refusal;
 pub mod routes;
+pub mod seats;
 pub mod shipper;
 pub mod token;
 

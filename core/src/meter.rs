@@ -30,6 +30,8 @@ pub struct UsageKey {
     pub license: Arc<str>,
     pub feature: Option<FeatureId>,
     pub outcome: Outcome,
+    /// The end user, pseudonymised; `None` when users are not told apart.
+    pub user: Option<Arc<str>>,
 }
 
 /// The meters of one aggregate.
@@ -90,6 +92,7 @@ mod tests {
             license: license.into(),
             feature: Some(0),
             outcome,
+            user: None,
         }
     }
 

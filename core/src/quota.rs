@@ -321,21 +321,32 @@ const CAS_ATTEMPTS: usize = 1024;
 pub fn update_pool<T>(
     shared: &impl SharedBlobs,
     key: &str,
-    mut change: impl FnMut(&mut Pool) -> T,
+    change: impl FnMut(&mut Pool) -> T,
+) -> Result<T, StoreError> {
+    update_blob(shared, key, Pool::decode, Pool::encode, change)
+}
+
+/// Read, change and write back one shared value with compare-and-swap, retried on conflicts.
+pub fn update_blob<B: Default + PartialEq, T>(
+    shared: &impl SharedBlobs,
+    key: &str,
+    decode: impl Fn(&[u8]) -> B,
+    encode: impl Fn(&B) -> Vec<u8>,
+    mut change: impl FnMut(&mut B) -> T,
 ) -> Result<T, StoreError> {
     for _ in 0..CAS_ATTEMPTS {
         let loaded = shared.load(key)?;
-        let (mut pool, version) = match &loaded {
-            Some((bytes, version)) => (Pool::decode(bytes), Some(*version)),
-            None => (Pool::default(), None),
+        let (mut value, version) = match &loaded {
+            Some((bytes, version)) => (decode(bytes), Some(*version)),
+            None => (B::default(), None),
         };
-        let out = change(&mut pool);
-        let encoded = pool.encode();
+        let out = change(&mut value);
+        let encoded = encode(&value);
         // Nothing changed (a refusal while exhausted, a request that finds no lease): no
         // write, which on the request path is a shared-data write saved.
         let unchanged = match &loaded {
             Some((bytes, _)) => *bytes == encoded,
-            None => pool == Pool::default(),
+            None => value == B::default(),
         };
         if unchanged || shared.compare_and_swap(key, &encoded, version)? {
             return Ok(out);

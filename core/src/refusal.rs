@@ -33,11 +33,20 @@ pub enum Code {
     /// Keys come from `token.jwks_source` and none has been fetched yet (just after Envoy
     /// started, or the endpoint has never answered).
     KeysUnavailable,
+    /// The license has seats and the request names no user (no user claim, or no user
+    /// header from the authentication layer in front).
+    MissingUser,
+    /// Every seat of the license is taken; users holding one keep working.
+    SeatLimitReached,
+    /// No seat could be checked with the collector in time (`quota.without_collector: deny`).
+    SeatUnavailable,
+    /// The license was used from more distinct clients than its plan allows.
+    LicenseSharingDetected,
 }
 
 impl Code {
     /// Every code, in a fixed order (used to define one counter each).
-    pub const ALL: [Code; 18] = [
+    pub const ALL: [Code; 22] = [
         Code::MissingToken,
         Code::InvalidToken,
         Code::TokenExpired,
@@ -56,6 +65,10 @@ impl Code {
         Code::AccountSuspended,
         Code::SpendCapReached,
         Code::KeysUnavailable,
+        Code::MissingUser,
+        Code::SeatLimitReached,
+        Code::SeatUnavailable,
+        Code::LicenseSharingDetected,
     ];
 
     /// The code as it appears in bodies, stats and usage records.
@@ -79,6 +92,10 @@ impl Code {
             Code::AccountSuspended => "account_suspended",
             Code::SpendCapReached => "spend_cap_reached",
             Code::KeysUnavailable => "keys_unavailable",
+            Code::MissingUser => "missing_user",
+            Code::SeatLimitReached => "seat_limit_reached",
+            Code::SeatUnavailable => "seat_unavailable",
+            Code::LicenseSharingDetected => "license_sharing_detected",
         }
     }
 
@@ -96,15 +113,21 @@ impl Code {
             | Code::TokenNotYetValid
             | Code::InvalidIssuer
             | Code::InvalidAudience
-            | Code::InvalidLicense => 401,
+            | Code::InvalidLicense
+            | Code::MissingUser => 401,
             Code::UnknownPlan
             | Code::FeatureNotLicensed
             | Code::RouteNotLicensed
             | Code::LicenseRevoked
-            | Code::AccountSuspended => 403,
+            | Code::AccountSuspended
+            | Code::SeatLimitReached
+            | Code::LicenseSharingDetected => 403,
             Code::RateLimited | Code::QuotaExhausted => 429,
             Code::SpendCapReached => 402,
-            Code::MeteringUnavailable | Code::QuotaUnavailable | Code::KeysUnavailable => 503,
+            Code::MeteringUnavailable
+            | Code::QuotaUnavailable
+            | Code::KeysUnavailable
+            | Code::SeatUnavailable => 503,
         }
     }
 }

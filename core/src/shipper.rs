@@ -56,6 +56,8 @@ struct RecordRef<'a> {
     license: &'a str,
     feature: &'a str,
     outcome: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    user: &'a str,
     meter: Meter,
     units: u64,
     window_start_ms: u64,
@@ -246,6 +248,7 @@ impl Shipper {
                     license: &key.license,
                     feature,
                     outcome: key.outcome.as_str(),
+                    user: key.user.as_deref().unwrap_or(""),
                     meter,
                     units,
                     window_start_ms,
@@ -455,6 +458,8 @@ mod tests {
             license: Arc::from("lic-1"),
             feature: Some(0),
             outcome,
+            // One aggregate per user: records carry the user when there is one.
+            user: (outcome == Outcome::Allowed).then(|| Arc::from("k1.00ff")),
         };
         vec![
             (

@@ -7,7 +7,10 @@ use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::config::{CompiledLimits, ConfigError, FeatureId, LimitsConfig, Plan, Policy};
+use crate::config::{
+    CompiledLimits, ConfigError, FeatureId, LimitsConfig, Plan, Policy, UserSource,
+};
+use crate::pseudonym::Subject;
 use crate::refusal::Code;
 
 /// A JSON Web Key Set as written in the configuration (RFC 7517).
@@ -410,6 +413,9 @@ pub struct License {
     /// Shared-data keys of per-feature rate states, indexed by [`FeatureId`]; empty when the
     /// license has no per-feature limit.
     pub feature_rate_keys: Box<[Option<Box<str>>]>,
+    /// The end user (`users.claim`), pseudonymised when the token is verified: the raw value
+    /// is not kept.
+    pub user: Option<Arc<str>>,
 }
 
 /// Why a token was refused: the refusal code and a message for the caller.
@@ -540,6 +546,17 @@ pub fn verify(
             features.insert(FeatureId::try_from(id).unwrap_or(FeatureId::MAX));
         }
     }
+    if claims.limits.as_ref().is_some_and(|l| l.sharing.is_some()) {
+        return Err(TokenError::new(
+            Code::InvalidLicense,
+            "the license's limits.sharing: sharing detection is set by the plan",
+        ));
+    }
+    let user = match (&policy.users, &policy.pseudonyms) {
+        (Some(UserSource::Claim(name)), Some(pseudonyms)) => user_claim(token, name)
+            .map(|raw| Arc::from(pseudonyms.pseudonym(Subject::User, &raw))),
+        _ => None,
+    };
     let limits = match &claims.limits {
         None => Arc::clone(&plan.limits),
         Some(overrides) => Arc::new(
@@ -576,7 +593,24 @@ pub fn verify(
         expires_at: claims.exp,
         rate_key: rate_key.into_boxed_str(),
         feature_rate_keys,
+        user,
     })
+}
+
+/// The user claim `name` of a verified token: a non-empty string (at most 256 bytes) or an
+/// integer. Read from the payload again, only when a user claim is configured.
+fn user_claim(token: &str, name: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes).ok()?;
+    match claims.get(name)? {
+        serde_json::Value::String(s) if !s.is_empty() && s.len() <= 256 => Some(s.clone()),
+        serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

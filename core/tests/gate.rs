@@ -69,6 +69,8 @@ fn ask(
             method,
             path,
             credential,
+            user: None,
+            client_address: None,
         },
         at * SECOND,
     )
@@ -93,6 +95,8 @@ fn each_algorithm_verifies_and_sets_upstream_headers() {
                 method: "GET",
                 path: "/v1/search?q=1",
                 credential: Some(&bearer),
+                user: None,
+                client_address: None,
             },
             NOW * SECOND,
         );
@@ -396,6 +400,8 @@ fn license_rate_limit_with_retry_after() {
             method: "GET",
             path: "/v1/search",
             credential: Some(&b),
+            user: None,
+            client_address: None,
         },
         half,
     );
@@ -648,6 +654,8 @@ fn usage_is_aggregated_by_license_feature_and_outcome() {
         method: "GET",
         path: "/v1/search",
         credential: Some(&b),
+        user: None,
+        client_address: None,
     };
     for _ in 0..5 {
         let admission = gate.admit(&head, NOW * SECOND);
@@ -761,6 +769,8 @@ fn a_blocked_gate_refuses_every_request_with_metering_unavailable() {
                 method,
                 path,
                 credential: credential.as_deref(),
+                user: None,
+                client_address: None,
             },
             NOW * SECOND,
         );
@@ -1145,6 +1155,8 @@ fn admit_at(gate: &mut Gate<Rc<MemoryCells>>, token: &str, at_ms: u64) -> tollga
             method: "GET",
             path: "/v1/search",
             credential: Some(&credential),
+            user: None,
+            client_address: None,
         },
         at_ms * 1_000_000,
     )
@@ -1158,6 +1170,7 @@ fn grant_sync(
     use tollgate_wire::sync::{LeaseGrant, SyncResponse};
     let work = gate.sync_work(now_ms);
     let response = SyncResponse {
+        seats: Vec::new(),
         version: 1,
         grants: work
             .leases
@@ -1185,13 +1198,13 @@ fn quota_admissions_wait_for_a_lease_then_take_from_it_and_commit_at_the_end() {
     let mut gate = quota_gate(100, json!({"lease_fraction": 0.03}));
     let now = NOW * 1000;
     let mut waiting = admit_at(&mut gate, &t, now);
-    assert_eq!(waiting.verdict, Verdict::AwaitQuota);
+    assert_eq!(waiting.verdict, Verdict::AwaitCollector);
     // Never decided (the client left): metered as refused, not as served.
     assert_eq!(waiting.outcome(), Outcome::Refused(Code::QuotaUnavailable));
     let work = grant_sync(&mut gate, 3, now);
     assert_eq!(work.leases.len(), 1);
     assert_eq!(work.leases[0].want, 3);
-    gate.retry_quotas(&mut waiting, now, false);
+    gate.retry_held(&mut waiting, now, false);
     assert_eq!(waiting.verdict, Verdict::Allow);
     assert_eq!(waiting.holds.len(), 1);
     gate.record(
@@ -1213,7 +1226,7 @@ fn quota_admissions_wait_for_a_lease_then_take_from_it_and_commit_at_the_end() {
         );
     }
     // Used up: the next waits; the lease goes back with all 3 used; nothing more: exhausted.
-    assert_eq!(admit_at(&mut gate, &t, now).verdict, Verdict::AwaitQuota);
+    assert_eq!(admit_at(&mut gate, &t, now).verdict, Verdict::AwaitCollector);
     let work = grant_sync(&mut gate, 0, now + 1);
     assert_eq!(work.returns.len(), 1);
     assert_eq!(work.returns[0].used, 3);
@@ -1235,7 +1248,7 @@ fn without_a_collector_quotas_deny_or_allow_a_fixed_allowance() {
     // deny (the default): a request that waited long enough gets 503 quota_unavailable.
     let mut gate = quota_gate(100, json!({}));
     let mut waiting = admit_at(&mut gate, &t, now);
-    gate.retry_quotas(&mut waiting, now + 2000, true);
+    gate.retry_held(&mut waiting, now + 2000, true);
     assert_eq!(code(waiting.verdict.clone()), Some(Code::QuotaUnavailable));
     // allow, with an allowance of 2: two admitted, then 503; the units are reported with the
     // next return once the collector grants a lease again.
@@ -1246,7 +1259,7 @@ fn without_a_collector_quotas_deny_or_allow_a_fixed_allowance() {
     let mut verdicts = Vec::new();
     for _ in 0..3 {
         let mut a = admit_at(&mut gate, &t, now);
-        gate.retry_quotas(&mut a, now + 2000, true);
+        gate.retry_held(&mut a, now + 2000, true);
         if a.verdict == Verdict::Allow {
             gate.record(
                 &a,

@@ -21,6 +21,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
+use tollgate_core::config::UserSource;
 use tollgate_core::{Admission, Gate, Policy, RequestHead, UsageTotals, Verdict};
 
 use crate::host::{Metrics, SharedDataCells};
@@ -254,8 +255,8 @@ impl TollgateRoot {
                     return false;
                 };
                 let timed_out = now.saturating_sub(waiter.since_ms) >= wait_ms;
-                gate.retry_quotas(admission, now, timed_out);
-                if admission.verdict == Verdict::AwaitQuota {
+                gate.retry_held(admission, now, timed_out);
+                if admission.verdict == Verdict::AwaitCollector {
                     return true;
                 }
                 decided.push((waiter.context_id, admission.clone()));
@@ -499,10 +500,22 @@ impl TollgateHttp {
             slot.try_borrow().map_or(true, |s| {
                 s.admission
                     .as_ref()
-                    .is_some_and(|a| a.verdict == Verdict::AwaitQuota)
+                    .is_some_and(|a| a.verdict == Verdict::AwaitCollector)
             })
         })
     }
+}
+
+/// The downstream client's IP address (Envoy's `source.address`, without the port).
+fn client_address() -> Option<String> {
+    let bytes = hostcalls::get_property(vec!["source", "address"]).ok()??;
+    let address = String::from_utf8(bytes).ok()?;
+    // `1.2.3.4:5678` or `[::1]:5678`: the port changes per connection, the client does not.
+    let host = match address.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => address.as_str(),
+    };
+    Some(host.trim_start_matches('[').trim_end_matches(']').to_string())
 }
 
 fn request_header(name: &str) -> Option<Vec<u8>> {
@@ -533,7 +546,7 @@ fn answer(admission: &Admission, policy: &Policy) {
             }
         }
         // Held: nothing to answer yet.
-        Verdict::AwaitQuota => {}
+        Verdict::AwaitCollector => {}
         Verdict::Refuse(refusal) => {
             let headers = refusal.headers();
             let headers: Vec<(&str, &str)> =
@@ -574,17 +587,29 @@ impl HttpContext for TollgateHttp {
             let credential = credential
                 .as_deref()
                 .map(|c| std::str::from_utf8(c).unwrap_or("\u{fffd}"));
+            // Read only when configured: each read is a host call.
+            let user = match &gate.policy().users {
+                Some(UserSource::Header(name)) => request_header(name),
+                _ => None,
+            };
+            let client_address = if gate.policy().reads_client_address {
+                client_address()
+            } else {
+                None
+            };
             let head = RequestHead {
                 method: std::str::from_utf8(&method).unwrap_or(""),
                 path: std::str::from_utf8(&path).unwrap_or(""),
                 credential,
+                user: user.as_deref().and_then(|u| std::str::from_utf8(u).ok()),
+                client_address: client_address.as_deref(),
             };
             (
                 gate.admit(&head, self.started_nanos),
                 Arc::clone(gate.policy()),
             )
         };
-        if admission.verdict == Verdict::AwaitQuota {
+        if admission.verdict == Verdict::AwaitCollector {
             let slot = Rc::new(RefCell::new(WaitSlot {
                 admission: Some(admission),
                 gone: false,
@@ -600,7 +625,7 @@ impl HttpContext for TollgateHttp {
         }
         answer(&admission, &policy);
         let action = match admission.verdict {
-            Verdict::Refuse(_) | Verdict::AwaitQuota => Action::Pause,
+            Verdict::Refuse(_) | Verdict::AwaitCollector => Action::Pause,
             Verdict::Allow | Verdict::Public => Action::Continue,
         };
         self.admission = Some(admission);

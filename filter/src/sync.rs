@@ -55,6 +55,8 @@ pub fn dispatch(settings: &CollectorPolicy, instance: &str, work: &SyncWork) -> 
         leases: work.leases.clone(),
         returns: work.returns.clone(),
         licenses: work.licenses.clone(),
+        seats: work.seats.clone(),
+        clients: work.clients.clone(),
     }
     .encode();
     let signature = tollgate_wire::sign(&settings.secret, &body);

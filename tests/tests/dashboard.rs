@@ -75,6 +75,7 @@ fn record(feature: &str, outcome: &str, units: u64, at: u64) -> UsageRecord {
         license: "lic-dash".into(),
         feature: feature.into(),
         outcome: outcome.into(),
+        user: String::new(),
         meter: Meter::Calls,
         units,
         window_start_ms: at,

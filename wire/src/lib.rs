@@ -75,6 +75,10 @@ pub struct UsageRecord {
     pub feature: String,
     /// `allowed`, or the refusal code.
     pub outcome: String,
+    /// The end user, pseudonymised at the edge (`<key id>.<keyed HMAC>`); empty when the
+    /// filter is not configured to tell users apart. Never a raw identifier.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
     pub meter: Meter,
     pub units: u64,
     pub window_start_ms: u64,
@@ -147,6 +151,7 @@ impl UsageBatch {
             check_id(&format!("records[{i}].license"), &r.license, true)?;
             check_id(&format!("records[{i}].feature"), &r.feature, true)?;
             check_id(&format!("records[{i}].outcome"), &r.outcome, false)?;
+            check_id(&format!("records[{i}].user"), &r.user, true)?;
             if r.window_end_ms < r.window_start_ms {
                 return Err(WireError::Invalid(format!(
                     "records[{i}]: window ends before it starts"
@@ -345,6 +350,7 @@ mod tests {
             license: "lic-acme-001".into(),
             feature: feature.into(),
             outcome: outcome.into(),
+            user: String::new(),
             meter,
             units,
             window_start_ms: 1_780_000_060_000,
@@ -362,6 +368,10 @@ mod tests {
                 record("search", "allowed", Meter::ResponseBytes, 12_288),
                 record("search", "allowed", Meter::ProcessingNs, 3_456_789),
                 record("search", "rate_limited", Meter::Calls, 3),
+                UsageRecord {
+                    user: "k2026.5c0e7a31d94b2f68a1c3e5079b8d4f26".into(),
+                    ..record("search", "allowed", Meter::Calls, 7)
+                },
             ],
         }
     }
@@ -432,7 +442,7 @@ mod tests {
         let batch = golden_batch();
         let decoded = UsageBatch::decode(&batch.encode()).unwrap();
         assert_eq!(decoded, batch);
-        assert_eq!(decoded.units(Meter::Calls), 15);
+        assert_eq!(decoded.units(Meter::Calls), 22);
     }
 
     #[test]

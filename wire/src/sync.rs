@@ -69,6 +69,68 @@ pub struct LicenseSeen {
     pub plan: String,
 }
 
+/// How a license's seats are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum SeatRule {
+    /// At most `limit` distinct users per calendar `per` period: a user who held a seat in the
+    /// period keeps it until the period ends.
+    Named { limit: u32, per: Period },
+    /// At most `limit` users active within any `window_ms`: a seat is free again once its
+    /// user has been inactive for the window.
+    Floating { limit: u32, window_ms: u64 },
+}
+
+impl SeatRule {
+    pub fn limit(self) -> u32 {
+        match self {
+            SeatRule::Named { limit, .. } | SeatRule::Floating { limit, .. } => limit,
+        }
+    }
+}
+
+/// A filter asks for (or renews) a seat of `license` for `user` (pseudonymised at the edge).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeatRequest {
+    pub account: String,
+    pub license: String,
+    pub user: String,
+    /// The seats as the filter's configuration and the license's claims set them now.
+    pub rule: SeatRule,
+}
+
+/// The collector's answer to a seat request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeatAnswer {
+    pub license: String,
+    pub user: String,
+    pub granted: bool,
+    /// A grant is used until this time, then renewed; a refusal is kept until this time (when
+    /// the earliest floating seat frees, or the named seats' period ends, at the latest).
+    pub until_ms: u64,
+    /// Seats taken (this one included when granted) and the limit, for the refusal message.
+    pub in_use: u32,
+    pub limit: u32,
+}
+
+/// The clients a license was used from since the last sync, for sharing detection. A client is
+/// an address pseudonymised at the edge; the collector counts distinct clients per window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientsSeen {
+    pub account: String,
+    pub license: String,
+    pub clients: Vec<String>,
+    /// More distinct clients than this within `window_ms` is sharing.
+    pub max_clients: u32,
+    pub window_ms: u64,
+    /// Refuse the license (403 `license_sharing_detected`) for a window once sharing is seen;
+    /// otherwise only alert.
+    pub block: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyncRequest {
@@ -81,6 +143,10 @@ pub struct SyncRequest {
     pub returns: Vec<LeaseReturn>,
     #[serde(default)]
     pub licenses: Vec<LicenseSeen>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seats: Vec<SeatRequest>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<ClientsSeen>,
 }
 
 /// The collector's answer to one lease request.
@@ -106,6 +172,8 @@ pub enum DenialCode {
     LicenseRevoked,
     AccountSuspended,
     SpendCapReached,
+    /// Used from more distinct clients than the plan allows within its window.
+    LicenseSharingDetected,
 }
 
 impl DenialCode {
@@ -114,6 +182,7 @@ impl DenialCode {
             DenialCode::LicenseRevoked => "license_revoked",
             DenialCode::AccountSuspended => "account_suspended",
             DenialCode::SpendCapReached => "spend_cap_reached",
+            DenialCode::LicenseSharingDetected => "license_sharing_detected",
         }
     }
 }
@@ -140,6 +209,9 @@ pub struct SyncResponse {
     pub closed: Vec<String>,
     /// For the licenses named in the request: the ones to refuse.
     pub denials: Vec<Denial>,
+    /// One answer per seat request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seats: Vec<SeatAnswer>,
 }
 
 impl SyncRequest {
@@ -167,6 +239,8 @@ impl SyncRequest {
             ("leases", self.leases.len()),
             ("returns", self.returns.len()),
             ("licenses", self.licenses.len()),
+            ("seats", self.seats.len()),
+            ("clients", self.clients.iter().map(|c| c.clients.len().max(1)).sum()),
         ] {
             if n > MAX_SYNC_ITEMS {
                 return Err(WireError::Invalid(format!(
@@ -190,6 +264,32 @@ impl SyncRequest {
             check_id("account", &l.account, false).map_err(at)?;
             check_id("license", &l.license, false).map_err(at)?;
             check_id("plan", &l.plan, false).map_err(at)?;
+        }
+        for (i, seat) in self.seats.iter().enumerate() {
+            let at = |e| within(&format!("seat {i}"), e);
+            check_id("account", &seat.account, false).map_err(at)?;
+            check_id("license", &seat.license, false).map_err(at)?;
+            check_id("user", &seat.user, false).map_err(at)?;
+            let sane = match seat.rule {
+                SeatRule::Named { limit, .. } => limit > 0,
+                SeatRule::Floating { limit, window_ms } => limit > 0 && window_ms > 0,
+            };
+            if !sane {
+                return Err(at(WireError::Invalid(
+                    "seat limit and window must be above 0".into(),
+                )));
+            }
+        }
+        for (i, seen) in self.clients.iter().enumerate() {
+            let at = |e| within(&format!("clients {i}"), e);
+            check_id("account", &seen.account, false).map_err(at)?;
+            check_id("license", &seen.license, false).map_err(at)?;
+            for client in &seen.clients {
+                check_id("client", client, false).map_err(at)?;
+            }
+            if seen.window_ms == 0 {
+                return Err(at(WireError::Invalid("window_ms must be above 0".into())));
+            }
         }
         Ok(())
     }
@@ -259,6 +359,23 @@ mod tests {
                 license: "lic-1".into(),
                 plan: "pro".into(),
             }],
+            seats: vec![SeatRequest {
+                account: "acme".into(),
+                license: "lic-1".into(),
+                user: "k2026.5c0e7a31d94b2f68a1c3e5079b8d4f26".into(),
+                rule: SeatRule::Floating {
+                    limit: 5,
+                    window_ms: 900_000,
+                },
+            }],
+            clients: vec![ClientsSeen {
+                account: "acme".into(),
+                license: "lic-1".into(),
+                clients: vec!["k2026.0b7d1f9e2c4a6385d7e9f1a3c5b70e42".into()],
+                max_clients: 3,
+                window_ms: 3_600_000,
+                block: true,
+            }],
         }
     }
 
@@ -297,6 +414,14 @@ mod tests {
                 code: DenialCode::SpendCapReached,
                 message: "account acme spent 100.00 EUR of its 100.00 EUR budget this month".into(),
                 until_ms: Some(1_782_864_000_000),
+            }],
+            seats: vec![SeatAnswer {
+                license: "lic-1".into(),
+                user: "k2026.5c0e7a31d94b2f68a1c3e5079b8d4f26".into(),
+                granted: true,
+                until_ms: 1_780_308_030_000,
+                in_use: 3,
+                limit: 5,
             }],
         };
         let text = golden("sync_response_v1.json.golden");
