@@ -216,10 +216,11 @@ pub fn sync(
     let mut denials = Vec::new();
     let mut denied: BTreeSet<(String, String)> = BTreeSet::new();
     for (account, license) in &named {
-        let sharing = restrictions
-            .sharing_blocks
-            .get(license)
-            .and_then(|d| d.blocked_until_ms.filter(|until| *until > now_ms).map(|until| (d, until)));
+        let sharing = restrictions.sharing_blocks.get(license).and_then(|d| {
+            d.blocked_until_ms
+                .filter(|until| *until > now_ms)
+                .map(|until| (d, until))
+        });
         let denial = if let Some(reason) = restrictions.revoked.get(license) {
             Some(Denial {
                 account: account.clone(),

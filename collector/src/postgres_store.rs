@@ -217,7 +217,10 @@ impl Store for PostgresStore {
         let max_clients = i64::from(d.max_clients);
         let window = to_i64("window_ms", d.window_ms)?;
         let at = to_i64("detected_ms", d.detected_ms)?;
-        let until = d.blocked_until_ms.map(|v| to_i64("blocked_until_ms", v)).transpose()?;
+        let until = d
+            .blocked_until_ms
+            .map(|v| to_i64("blocked_until_ms", v))
+            .transpose()?;
         self.with_client(|client| {
             let mut tx = client.transaction()?;
             tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('tollgate-sharing:' || $1, 0))", &[&d.license])?;
@@ -266,15 +269,23 @@ impl Store for PostgresStore {
                       AND user_ref <> '' AND outcome = 'allowed' AND meter = 'calls'";
         self.with_client(|client| {
             let users: i64 = client
-                .query_one(&format!("SELECT COUNT(DISTINCT user_ref) {filter}"), &[&account, &from, &to])?
+                .query_one(
+                    &format!("SELECT COUNT(DISTINCT user_ref) {filter}"),
+                    &[&account, &from, &to],
+                )?
                 .get(0);
             let mut out = ActiveUsers {
                 users: u64_of(users),
                 ..ActiveUsers::default()
             };
-            for (column, into) in [("license", &mut out.by_license), ("feature", &mut out.by_feature)] {
+            for (column, into) in [
+                ("license", &mut out.by_license),
+                ("feature", &mut out.by_feature),
+            ] {
                 for row in client.query(
-                    &format!("SELECT {column}, COUNT(DISTINCT user_ref) {filter} GROUP BY {column}"),
+                    &format!(
+                        "SELECT {column}, COUNT(DISTINCT user_ref) {filter} GROUP BY {column}"
+                    ),
                     &[&account, &from, &to],
                 )? {
                     into.insert(row.get(0), u64_of(row.get(1)));

@@ -41,7 +41,10 @@ pub fn decide(
 ) -> SeatDecision {
     let limit = request.rule.limit();
     let (seat_until, grant_until) = match request.rule {
-        SeatRule::Named { .. } => (period_end_ms, now_ms.saturating_add(ttl_ms).min(period_end_ms)),
+        SeatRule::Named { .. } => (
+            period_end_ms,
+            now_ms.saturating_add(ttl_ms).min(period_end_ms),
+        ),
         // A filter's grant never outlives the seat: the seat frees `window` after its last
         // grant, and a grant lasts at most the window.
         SeatRule::Floating { window_ms, .. } => (
@@ -58,7 +61,11 @@ pub fn decide(
                 user: request.user.clone(),
                 granted: true,
                 until_ms: grant_until,
-                in_use: if holds_one { in_use } else { in_use.saturating_add(1) },
+                in_use: if holds_one {
+                    in_use
+                } else {
+                    in_use.saturating_add(1)
+                },
                 limit,
             },
             seat_until_ms: Some(seat_until),
@@ -75,7 +82,9 @@ pub fn decide(
             license: request.license.clone(),
             user: request.user.clone(),
             granted: false,
-            until_ms: frees.min(now_ms.saturating_add(REFUSAL_RECHECK_MS)).max(now_ms.saturating_add(1)),
+            until_ms: frees
+                .min(now_ms.saturating_add(REFUSAL_RECHECK_MS))
+                .max(now_ms.saturating_add(1)),
             in_use,
             limit,
         },

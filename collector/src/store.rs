@@ -720,8 +720,7 @@ impl Store for SqliteStore {
             })?;
             rows.collect::<rusqlite::Result<Vec<_>>>()?
         };
-        let decision =
-            crate::seats::decide(r, &held, now_ms, ask.ttl_ms, ask.period_end_ms);
+        let decision = crate::seats::decide(r, &held, now_ms, ask.ttl_ms, ask.period_end_ms);
         if let Some(until) = decision.seat_until_ms {
             tx.execute(
                 "INSERT INTO seats (license, account, kind, period_start_ms, user_ref, key_id, seat_limit, first_ms, last_ms, until_ms)
@@ -772,7 +771,8 @@ impl Store for SqliteStore {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        let new = last.is_none_or(|(at, window)| u64_of(at).saturating_add(u64_of(window)) <= d.detected_ms);
+        let new = last
+            .is_none_or(|(at, window)| u64_of(at).saturating_add(u64_of(window)) <= d.detected_ms);
         if new {
             tx.execute(
                 "INSERT INTO sharing_detections (license, account, clients, max_clients, window_ms, detected_ms, blocked_until_ms)
@@ -816,7 +816,10 @@ impl Store for SqliteStore {
             users: u64_of(users),
             ..ActiveUsers::default()
         };
-        for (column, into) in [("license", &mut out.by_license), ("feature", &mut out.by_feature)] {
+        for (column, into) in [
+            ("license", &mut out.by_license),
+            ("feature", &mut out.by_feature),
+        ] {
             let mut query = conn.prepare_cached(&format!(
                 "SELECT {column}, COUNT(DISTINCT user_ref) {filter} GROUP BY {column}"
             ))?;

@@ -622,7 +622,10 @@ impl SeatsConfig {
                     ));
                 }
                 if limit == 0 {
-                    return Err(ConfigError::new(format!("{field}.named"), "must be at least 1"));
+                    return Err(ConfigError::new(
+                        format!("{field}.named"),
+                        "must be at least 1",
+                    ));
                 }
                 Ok(SeatRule::Named {
                     limit,
@@ -1006,7 +1009,10 @@ impl Policy {
                 (None, Some(header)) => {
                     let header = header.to_ascii_lowercase();
                     if !is_header_name(&header) || header.starts_with(':') {
-                        return Err(ConfigError::new("users.header", "not a valid HTTP header name"));
+                        return Err(ConfigError::new(
+                            "users.header",
+                            "not a valid HTTP header name",
+                        ));
                     }
                     if header == token.header {
                         return Err(ConfigError::new(
@@ -1041,8 +1047,7 @@ impl Policy {
                     "client addresses leave the filter only pseudonymised: configure `pseudonyms`",
                 ));
             }
-            if (plan.limits.seats.is_some() || plan.limits.sharing.is_some())
-                && collector.is_none()
+            if (plan.limits.seats.is_some() || plan.limits.sharing.is_some()) && collector.is_none()
             {
                 return Err(ConfigError::new(
                     format!("plans.{name}"),

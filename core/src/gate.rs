@@ -6,22 +6,22 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tollgate_wire::sync::{
-    ClientsSeen, DenialCode, LeaseRequest, LeaseReturn, LicenseSeen, Period, SeatRequest,
-    SeatRule, SyncResponse,
+    ClientsSeen, DenialCode, LeaseRequest, LeaseReturn, LicenseSeen, Period, SeatRequest, SeatRule,
+    SyncResponse,
 };
 use tollgate_wire::Meter;
 
 use crate::cache::TokenCache;
 use crate::config::JwksSource;
 use crate::config::{FeatureId, Policy, UnmatchedRoutes, UserSource, WithoutCollector};
-use crate::pseudonym::Subject;
-use crate::seats::{update_book, SeatCheck};
 use crate::jwks::{Fetched, RemoteKeys};
 use crate::meter::{Ledger, Outcome, UsageKey, UsageTotals};
+use crate::pseudonym::Subject;
 use crate::quota::{pool_key, update_pool, Reservation, SharedBlobs};
 use crate::ratelimit::{RateLimits, SharedCells, StoreHealth};
 use crate::refusal::{Code, LimitScope, QuotaDenial, RateLimitDenial, Refusal};
 use crate::routes::RouteTarget;
+use crate::seats::{update_book, SeatCheck};
 use crate::token::{self, License};
 
 /// What the adapter read from the request headers.
@@ -895,7 +895,9 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
     /// Seat asks that got no answer: the next request of each user asks again.
     fn seat_asks_unanswered(&mut self, seats: &[SeatRequest]) {
         for seat in seats {
-            let _ = update_book(&self.shared, &seat.license, |book| book.unanswered(&seat.user));
+            let _ = update_book(&self.shared, &seat.license, |book| {
+                book.unanswered(&seat.user)
+            });
         }
     }
 
@@ -940,7 +942,9 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             .collect();
         self.lease_requests_unanswered(&unanswered);
         for answer in &response.seats {
-            let _ = update_book(&self.shared, &answer.license, |book| book.apply(answer, now_ms));
+            let _ = update_book(&self.shared, &answer.license, |book| {
+                book.apply(answer, now_ms)
+            });
         }
         let unanswered: Vec<SeatRequest> = work
             .seats

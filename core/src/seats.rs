@@ -193,7 +193,13 @@ pub fn update_book<T>(
     license: &str,
     change: impl FnMut(&mut SeatBook) -> T,
 ) -> Result<T, StoreError> {
-    update_blob(shared, &book_key(license), SeatBook::decode, SeatBook::encode, change)
+    update_blob(
+        shared,
+        &book_key(license),
+        SeatBook::decode,
+        SeatBook::encode,
+        change,
+    )
 }
 
 #[cfg(test)]
@@ -221,13 +227,13 @@ mod tests {
         assert_eq!(book.check("u1", T0), SeatCheck::Ask);
         assert_eq!(book.check("u1", T0 + 10), SeatCheck::Waiting);
         // Unanswered past the timeout: the next request asks again.
-        assert_eq!(
-            book.check("u1", T0 + SEAT_ASK_TIMEOUT_MS),
-            SeatCheck::Ask
-        );
+        assert_eq!(book.check("u1", T0 + SEAT_ASK_TIMEOUT_MS), SeatCheck::Ask);
         // A failed sync: ask again at once.
         book.unanswered("u1");
-        assert_eq!(book.check("u1", T0 + SEAT_ASK_TIMEOUT_MS + 1), SeatCheck::Ask);
+        assert_eq!(
+            book.check("u1", T0 + SEAT_ASK_TIMEOUT_MS + 1),
+            SeatCheck::Ask
+        );
     }
 
     #[test]
@@ -236,13 +242,25 @@ mod tests {
         book.check("u1", T0);
         book.apply(&answer("u1", true, T0 + 10_000), T0);
         assert_eq!(book.check("u1", T0 + 1), SeatCheck::Held { renew: false });
-        assert_eq!(book.check("u1", T0 + 4_999), SeatCheck::Held { renew: false });
+        assert_eq!(
+            book.check("u1", T0 + 4_999),
+            SeatCheck::Held { renew: false }
+        );
         // Second half: one request renews, the others of this Envoy do not.
-        assert_eq!(book.check("u1", T0 + 5_000), SeatCheck::Held { renew: true });
-        assert_eq!(book.check("u1", T0 + 5_001), SeatCheck::Held { renew: false });
+        assert_eq!(
+            book.check("u1", T0 + 5_000),
+            SeatCheck::Held { renew: true }
+        );
+        assert_eq!(
+            book.check("u1", T0 + 5_001),
+            SeatCheck::Held { renew: false }
+        );
         // The renewal answered: a new life.
         book.apply(&answer("u1", true, T0 + 15_000), T0 + 5_010);
-        assert_eq!(book.check("u1", T0 + 9_000), SeatCheck::Held { renew: false });
+        assert_eq!(
+            book.check("u1", T0 + 9_000),
+            SeatCheck::Held { renew: false }
+        );
         // Expired without renewal (the user was idle): ask again, and wait meanwhile.
         assert_eq!(book.check("u1", T0 + 15_000), SeatCheck::Ask);
         assert_eq!(book.check("u1", T0 + 15_001), SeatCheck::Waiting);
@@ -265,7 +283,10 @@ mod tests {
         // A renewal refused (the seat was taken by then): refused from now on.
         book.apply(&answer("u3", true, T0 + 70_000), T0 + 60_001);
         book.apply(&answer("u3", false, T0 + 90_000), T0 + 65_000);
-        assert!(matches!(book.check("u3", T0 + 66_000), SeatCheck::Refused { .. }));
+        assert!(matches!(
+            book.check("u3", T0 + 66_000),
+            SeatCheck::Refused { .. }
+        ));
     }
 
     #[test]

@@ -553,8 +553,9 @@ pub fn verify(
         ));
     }
     let user = match (&policy.users, &policy.pseudonyms) {
-        (Some(UserSource::Claim(name)), Some(pseudonyms)) => user_claim(token, name)
-            .map(|raw| Arc::from(pseudonyms.pseudonym(Subject::User, &raw))),
+        (Some(UserSource::Claim(name)), Some(pseudonyms)) => {
+            user_claim(token, name).map(|raw| Arc::from(pseudonyms.pseudonym(Subject::User, &raw)))
+        }
         _ => None,
     };
     let limits = match &claims.limits {
@@ -604,8 +605,7 @@ fn user_claim(token: &str, name: &str) -> Option<String> {
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload)
         .ok()?;
-    let claims: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&bytes).ok()?;
+    let claims: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes).ok()?;
     match claims.get(name)? {
         serde_json::Value::String(s) if !s.is_empty() && s.len() <= 256 => Some(s.clone()),
         serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),

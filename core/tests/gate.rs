@@ -1226,7 +1226,10 @@ fn quota_admissions_wait_for_a_lease_then_take_from_it_and_commit_at_the_end() {
         );
     }
     // Used up: the next waits; the lease goes back with all 3 used; nothing more: exhausted.
-    assert_eq!(admit_at(&mut gate, &t, now).verdict, Verdict::AwaitCollector);
+    assert_eq!(
+        admit_at(&mut gate, &t, now).verdict,
+        Verdict::AwaitCollector
+    );
     let work = grant_sync(&mut gate, 0, now + 1);
     assert_eq!(work.returns.len(), 1);
     assert_eq!(work.returns[0].used, 3);
@@ -1382,5 +1385,336 @@ fn keys_fetched_from_a_jwks_endpoint_verify_tokens_and_a_changed_set_takes_effec
             NOW + 11
         ),
         Verdict::Allow
+    );
+}
+
+const PSEUDONYM_SECRET: &str = "pseudonym-secret-0123456789abcdef";
+
+/// A gate whose `pro` plan has `seats`, users named by the `x-end-user` header.
+fn seat_gate(seats: Value, quota: Value) -> Gate<Rc<MemoryCells>> {
+    let mut c = with_collector();
+    c["pseudonyms"] = json!({"key_id": "k2026", "secret": PSEUDONYM_SECRET});
+    c["users"] = json!({"header": "X-End-User"});
+    c["plans"]["pro"]["seats"] = seats;
+    c["quota"] = quota;
+    gate_with(&c)
+}
+
+fn admit_user(
+    gate: &mut Gate<Rc<MemoryCells>>,
+    token: &str,
+    user: Option<&str>,
+    client_address: Option<&str>,
+    at_ms: u64,
+) -> tollgate_core::Admission {
+    let credential = format!("Bearer {token}");
+    gate.admit(
+        &RequestHead {
+            method: "GET",
+            path: "/v1/search",
+            credential: Some(&credential),
+            user,
+            client_address,
+        },
+        at_ms * 1_000_000,
+    )
+}
+
+/// Answer a sync's seat asks: grant the users in `granted`, refuse the others.
+fn seat_sync(
+    gate: &mut Gate<Rc<MemoryCells>>,
+    granted: &[&str],
+    now_ms: u64,
+) -> tollgate_core::gate::SyncWork {
+    use tollgate_wire::sync::{SeatAnswer, SyncResponse};
+    let pseudonyms = Arc::clone(gate.policy());
+    let pseudonyms = pseudonyms.pseudonyms.as_ref().unwrap();
+    let work = gate.sync_work(now_ms);
+    let seats = work
+        .seats
+        .iter()
+        .map(|ask| {
+            let yes = granted.iter().any(|u| {
+                pseudonyms.pseudonym(tollgate_core::pseudonym::Subject::User, u) == ask.user
+            });
+            SeatAnswer {
+                license: ask.license.clone(),
+                user: ask.user.clone(),
+                granted: yes,
+                until_ms: now_ms + if yes { 10_000 } else { 60_000 },
+                in_use: 2,
+                limit: ask.rule.limit(),
+            }
+        })
+        .collect();
+    let response = SyncResponse {
+        version: 1,
+        grants: vec![],
+        closed: vec![],
+        denials: vec![],
+        seats,
+    };
+    gate.apply_sync(&work, &response, now_ms);
+    work
+}
+
+#[test]
+fn seats_hold_a_new_user_for_the_collector_then_admit_holders_and_refuse_the_rest() {
+    let k = keys();
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    let mut gate = seat_gate(json!({"floating": 2, "window_seconds": 60}), json!({}));
+    let now = NOW * 1000;
+
+    // A user without a seat waits for the collector; the ask carries only a pseudonym.
+    let mut alice = admit_user(&mut gate, &t, Some("alice@example.com"), None, now);
+    assert_eq!(alice.verdict, Verdict::AwaitCollector);
+    let mut carol = admit_user(&mut gate, &t, Some("carol@example.com"), None, now);
+    let work = seat_sync(&mut gate, &["alice@example.com"], now + 5);
+    assert_eq!(work.seats.len(), 2);
+    for ask in &work.seats {
+        assert!(
+            ask.user.starts_with("k2026.") && !ask.user.contains('@'),
+            "{}",
+            ask.user
+        );
+        assert_eq!(ask.license, "lic-1");
+        assert_eq!(
+            ask.rule,
+            tollgate_wire::sync::SeatRule::Floating {
+                limit: 2,
+                window_ms: 60_000
+            }
+        );
+    }
+    gate.retry_held(&mut alice, now + 5, false);
+    assert_eq!(alice.verdict, Verdict::Allow);
+    gate.retry_held(&mut carol, now + 5, false);
+    match &carol.verdict {
+        Verdict::Refuse(r) => {
+            assert_eq!(r.code, Code::SeatLimitReached);
+            assert_eq!(r.status(), 403);
+            assert_eq!(r.retry_after_seconds, Some(60));
+            assert!(r.message.contains("all 2 seats"), "{}", r.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Decided locally from now on: alice is served at once, carol refused at once, and
+    // neither asks the collector again.
+    assert_eq!(
+        admit_user(&mut gate, &t, Some("alice@example.com"), None, now + 10).verdict,
+        Verdict::Allow
+    );
+    assert_eq!(
+        code(admit_user(&mut gate, &t, Some("carol@example.com"), None, now + 10).verdict),
+        Some(Code::SeatLimitReached)
+    );
+    assert!(gate.sync_work(now + 20).seats.is_empty());
+    // In the grant's second half, one request renews alice's seat (and is served meanwhile).
+    assert_eq!(
+        admit_user(&mut gate, &t, Some("alice@example.com"), None, now + 6_000).verdict,
+        Verdict::Allow
+    );
+    assert_eq!(
+        admit_user(&mut gate, &t, Some("alice@example.com"), None, now + 6_001).verdict,
+        Verdict::Allow
+    );
+    let work = seat_sync(&mut gate, &["alice@example.com"], now + 6_010);
+    assert_eq!(work.seats.len(), 1);
+    // No user: 401 missing_user, before anything is asked.
+    let none = admit_user(&mut gate, &t, None, None, now + 6_020);
+    assert_eq!(code(none.verdict.clone()), Some(Code::MissingUser));
+    assert_eq!(Code::MissingUser.status(), 401);
+
+    // Usage is metered per user, pseudonymised.
+    gate.record(
+        &alice,
+        UsageTotals {
+            calls: 1,
+            ..Default::default()
+        },
+    );
+    let usage = gate.drain_usage();
+    let users: Vec<_> = usage.iter().map(|(k, _)| k.user.clone()).collect();
+    assert_eq!(users.len(), 1);
+    let user = users[0].clone().unwrap();
+    assert!(user.starts_with("k2026.") && !user.contains("alice"));
+}
+
+#[test]
+fn a_seat_ask_the_collector_never_answers_follows_without_collector() {
+    let k = keys();
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    let now = NOW * 1000;
+    let mut gate = seat_gate(json!({"named": 1, "per": "month"}), json!({}));
+    let mut waiting = admit_user(&mut gate, &t, Some("dan"), None, now);
+    // The sync fails: the ask is forgotten, so the next check asks again.
+    let work = gate.sync_work(now);
+    assert_eq!(work.seats.len(), 1);
+    gate.sync_failed(work, now);
+    gate.retry_held(&mut waiting, now + 10, false);
+    assert_eq!(waiting.verdict, Verdict::AwaitCollector);
+    assert_eq!(gate.sync_work(now + 10).seats.len(), 1);
+    // Waited long enough: deny (the default) is 503 seat_unavailable...
+    gate.retry_held(&mut waiting, now + 2_000, true);
+    assert_eq!(code(waiting.verdict.clone()), Some(Code::SeatUnavailable));
+    // ... and allow admits.
+    let mut gate = seat_gate(json!({"named": 1}), json!({"without_collector": "allow"}));
+    let mut waiting = admit_user(&mut gate, &t, Some("dan"), None, now);
+    gate.retry_held(&mut waiting, now + 2_000, true);
+    assert_eq!(waiting.verdict, Verdict::Allow);
+}
+
+#[test]
+fn a_user_claim_is_pseudonymised_when_the_token_is_verified() {
+    let k = keys();
+    let mut c = with_collector();
+    c["pseudonyms"] = json!({"key_id": "k2026", "secret": PSEUDONYM_SECRET});
+    c["users"] = json!({"claim": "uid"});
+    c["plans"]["pro"]["seats"] = json!({"named": 5});
+    let mut gate = gate_with(&c);
+    let mut claims = spec("pro", &["search"]).claims_at(NOW);
+    claims["uid"] = json!("u-1234");
+    let t = k.ed.sign(&claims).unwrap();
+    let a = admit_user(
+        &mut gate,
+        &t,
+        Some("ignored: users come from the claim"),
+        None,
+        NOW * 1000,
+    );
+    let expected = tollgate_core::pseudonym::Pseudonymizer::new("p", "k2026", PSEUDONYM_SECRET)
+        .unwrap()
+        .pseudonym(tollgate_core::pseudonym::Subject::User, "u-1234");
+    assert_eq!(a.user.as_deref(), Some(expected.as_str()));
+    assert_eq!(a.verdict, Verdict::AwaitCollector);
+    // A token without the claim names no user: seats need one.
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    let a = admit_user(&mut gate, &t, None, None, NOW * 1000);
+    assert_eq!(code(a.verdict), Some(Code::MissingUser));
+}
+
+#[test]
+fn clients_of_a_sharing_plan_go_to_the_collector_pseudonymised_and_a_block_refuses() {
+    use tollgate_wire::sync::{Denial, DenialCode, SyncResponse};
+    let k = keys();
+    let mut c = with_collector();
+    c["pseudonyms"] = json!({"key_id": "k2026", "secret": PSEUDONYM_SECRET});
+    c["plans"]["pro"]["sharing"] = json!({"max_clients": 2, "window_seconds": 600, "block": true});
+    let mut gate = gate_with(&c);
+    assert!(gate.policy().reads_client_address);
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    let now = NOW * 1000;
+    for address in ["10.0.0.1", "10.0.0.2", "10.0.0.1", "10.0.0.3"] {
+        let a = admit_user(&mut gate, &t, None, Some(address), now);
+        assert_eq!(a.verdict, Verdict::Allow);
+    }
+    let work = gate.sync_work(now);
+    assert_eq!(work.clients.len(), 1);
+    let seen = &work.clients[0];
+    assert_eq!(
+        (seen.max_clients, seen.window_ms, seen.block),
+        (2, 600_000, true)
+    );
+    assert_eq!(seen.clients.len(), 3);
+    assert!(seen
+        .clients
+        .iter()
+        .all(|c| c.starts_with("k2026.") && !c.contains("10.0")));
+    let response = SyncResponse {
+        version: 1,
+        grants: vec![],
+        closed: vec![],
+        seats: vec![],
+        denials: vec![Denial {
+            account: "acct-1".into(),
+            license: "lic-1".into(),
+            code: DenialCode::LicenseSharingDetected,
+            message: "license lic-1 was used from 3 distinct clients".into(),
+            until_ms: Some(now + 600_000),
+        }],
+    };
+    gate.apply_sync(&work, &response, now);
+    match admit_user(&mut gate, &t, None, Some("10.0.0.1"), now + 1).verdict {
+        Verdict::Refuse(r) => {
+            assert_eq!(r.code, Code::LicenseSharingDetected);
+            assert_eq!(r.status(), 403);
+            assert_eq!(r.retry_after_seconds, Some(600));
+        }
+        other => panic!("{other:?}"),
+    }
+    // A plan without sharing: no address is read.
+    assert!(!gate_with(&with_collector()).policy().reads_client_address);
+}
+
+#[test]
+fn user_seat_and_sharing_settings_are_checked() {
+    let mut errors: Vec<(Value, &str)> = Vec::new();
+    let base = || {
+        let mut c = with_collector();
+        c["pseudonyms"] = json!({"key_id": "k2026", "secret": PSEUDONYM_SECRET});
+        c["users"] = json!({"header": "x-end-user"});
+        c
+    };
+    let mut c = base();
+    c["users"] = json!({});
+    errors.push((c, "users"));
+    let mut c = base();
+    c["users"] = json!({"claim": "uid", "header": "x-user"});
+    errors.push((c, "users"));
+    let mut c = base();
+    c["users"] = json!({"header": "authorization"});
+    errors.push((c, "users.header"));
+    let mut c = base();
+    c.as_object_mut().unwrap().remove("pseudonyms");
+    errors.push((c, "users"));
+    let mut c = base();
+    c["pseudonyms"]["secret"] = json!("too short");
+    errors.push((c, "pseudonyms.secret"));
+    let mut c = base();
+    c["plans"]["pro"]["seats"] = json!({"named": 2, "floating": 2});
+    errors.push((c, "plans.pro.seats"));
+    let mut c = base();
+    c["plans"]["pro"]["seats"] = json!({"named": 0});
+    errors.push((c, "plans.pro.seats.named"));
+    let mut c = base();
+    c["plans"]["pro"]["seats"] = json!({"named": 2, "window_seconds": 60});
+    errors.push((c, "plans.pro.seats.window_seconds"));
+    let mut c = base();
+    c["plans"]["pro"]["seats"] = json!({"floating": 2, "window_seconds": 0});
+    errors.push((c, "plans.pro.seats.window_seconds"));
+    let mut c = base();
+    c.as_object_mut().unwrap().remove("users");
+    c["plans"]["pro"]["seats"] = json!({"named": 2});
+    errors.push((c, "plans.pro.seats"));
+    let mut c = base();
+    c["plans"]["pro"]["sharing"] = json!({"max_clients": 0});
+    errors.push((c, "plans.pro.sharing.max_clients"));
+    let mut c = config();
+    c["plans"]["pro"]["seats"] = json!({"named": 2});
+    c["pseudonyms"] = json!({"key_id": "k2026", "secret": PSEUDONYM_SECRET});
+    c["users"] = json!({"header": "x-end-user"});
+    errors.push((c, "plans.pro"));
+    for (config, field) in errors {
+        let e = Policy::from_json(config.to_string().as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("at `{field}`")), "{field}: {e}");
+    }
+    // A license may change its seats, not loosen its plan's sharing rule.
+    let k = keys();
+    let mut gate = gate_with(&base());
+    let mut s = spec("pro", &["search"]);
+    s.limits = Some(json!({"sharing": {"max_clients": 1000}}));
+    let a = admit_user(&mut gate, &token(&k.ed, &s), Some("u"), None, NOW * 1000);
+    assert_eq!(code(a.verdict), Some(Code::InvalidLicense));
+    s.limits = Some(json!({"seats": {"named": 9}}));
+    let a = admit_user(&mut gate, &token(&k.ed, &s), Some("u"), None, NOW * 1000);
+    assert_eq!(a.verdict, Verdict::AwaitCollector);
+    assert_eq!(
+        gate.sync_work(NOW * 1000).seats[0].rule,
+        tollgate_wire::sync::SeatRule::Named {
+            limit: 9,
+            per: tollgate_wire::sync::Period::Month
+        }
     );
 }

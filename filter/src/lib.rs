@@ -515,7 +515,11 @@ fn client_address() -> Option<String> {
         Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
         _ => address.as_str(),
     };
-    Some(host.trim_start_matches('[').trim_end_matches(']').to_string())
+    Some(
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+    )
 }
 
 fn request_header(name: &str) -> Option<Vec<u8>> {

@@ -240,7 +240,10 @@ impl SyncRequest {
             ("returns", self.returns.len()),
             ("licenses", self.licenses.len()),
             ("seats", self.seats.len()),
-            ("clients", self.clients.iter().map(|c| c.clients.len().max(1)).sum()),
+            (
+                "clients",
+                self.clients.iter().map(|c| c.clients.len().max(1)).sum(),
+            ),
         ] {
             if n > MAX_SYNC_ITEMS {
                 return Err(WireError::Invalid(format!(
