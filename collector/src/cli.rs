@@ -220,6 +220,21 @@ enum Command {
         #[arg(long, env = "TOLLGATE_PLANS")]
         plans: Option<PathBuf>,
     },
+    /// Show an account's users: distinct active users this billing period (by license and
+    /// feature), seats taken now, and sharing detections. Users are pseudonyms only.
+    Users {
+        #[arg(
+            long,
+            env = "TOLLGATE_DATABASE",
+            default_value = "sqlite://tollgate.db"
+        )]
+        database: String,
+        #[arg(long)]
+        account: String,
+        /// The plan catalogue, for the billing period and time zone.
+        #[arg(long, env = "TOLLGATE_PLANS")]
+        plans: Option<PathBuf>,
+    },
     /// Print stored usage, summed per calendar period (UTC), account, license, feature,
     /// outcome and meter.
     Usage {
@@ -628,6 +643,21 @@ pub fn main() -> Result<()> {
             };
             let status = account_status(store.as_ref(), &control, &account, now())?;
             println!("{}", serde_json::to_string_pretty(&status)?);
+            Ok(())
+        }
+        Command::Users {
+            database,
+            account,
+            plans,
+        } => {
+            let store = open(&database)?;
+            let control = ControlPlane {
+                catalog: CatalogFileWatch::open(plans.as_deref())?,
+                ..ControlPlane::default()
+            };
+            let report =
+                crate::control::users_report(store.as_ref(), &control, &account, now())?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
         Command::Usage {

@@ -122,6 +122,36 @@ pub fn spend(
     Ok((total, window))
 }
 
+/// An account's users: distinct active users in the current billing period (by license and
+/// feature), the seats taken now, and sharing detections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsersReport {
+    pub account: String,
+    pub period_start_ms: u64,
+    pub period_end_ms: u64,
+    pub active_users: crate::store::ActiveUsers,
+    pub seats: Vec<crate::store::SeatUse>,
+    pub sharing: Vec<SharingDetection>,
+}
+
+pub fn users_report(
+    store: &dyn Store,
+    control: &ControlPlane,
+    account: &str,
+    now_ms: u64,
+) -> Result<UsersReport> {
+    let catalog = control.catalog.current();
+    let (start, end) = catalog.period_bounds(catalog.billing_period, now_ms);
+    Ok(UsersReport {
+        account: account.to_string(),
+        period_start_ms: start,
+        period_end_ms: end,
+        active_users: store.active_users(account, start, end)?,
+        seats: store.seat_use(account, now_ms)?,
+        sharing: store.sharing_detections(Some(account))?,
+    })
+}
+
 /// An account's standing now.
 pub fn account_status(
     store: &dyn Store,

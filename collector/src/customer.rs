@@ -150,6 +150,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/accounts/{account}/usage", get(account_usage))
         .route("/v1/accounts/{account}/cost", get(account_cost))
         .route("/v1/accounts/{account}/quotas", get(account_quotas))
+        .route("/v1/accounts/{account}/users", get(account_users))
         .route("/dashboard", get(dashboard))
 }
 
@@ -271,6 +272,18 @@ async fn account_quotas(
 ) -> Response {
     for_account(state, headers, account, move |s, account, now| {
         Ok(Json(json!({"quotas": s.store.quotas(account, now)?})).into_response())
+    })
+    .await
+}
+
+async fn account_users(
+    State(state): State<Arc<AppState>>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    for_account(state, headers, account, move |s, account, now| {
+        let report = crate::control::users_report(s.store.as_ref(), &s.control, account, now)?;
+        Ok(Json(report).into_response())
     })
     .await
 }
