@@ -655,8 +655,7 @@ pub fn main() -> Result<()> {
                 catalog: CatalogFileWatch::open(plans.as_deref())?,
                 ..ControlPlane::default()
             };
-            let report =
-                crate::control::users_report(store.as_ref(), &control, &account, now())?;
+            let report = crate::control::users_report(store.as_ref(), &control, &account, now())?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }

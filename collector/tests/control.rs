@@ -52,6 +52,8 @@ fn request(leases: Vec<LeaseRequest>, returns: Vec<LeaseReturn>) -> SyncRequest 
         leases,
         returns,
         licenses: Vec::new(),
+        seats: Vec::new(),
+        clients: Vec::new(),
     }
 }
 

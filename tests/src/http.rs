@@ -44,7 +44,34 @@ pub fn request(
     path: &str,
     headers: &[(&str, &[u8])],
 ) -> Result<RawResponse> {
-    let mut stream = TcpStream::connect(addr)?;
+    send(TcpStream::connect(addr)?, method, path, headers)
+}
+
+/// [`request`] from the local address `from` (any of 127.0.0.0/8 on Linux's loopback): the
+/// proxy sees another client.
+pub fn request_from(
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &[u8])],
+) -> Result<RawResponse> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.bind(&SocketAddr::new(from, 0).into())?;
+    socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+    send(socket.into(), method, path, headers)
+}
+
+fn send(
+    mut stream: TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &[u8])],
+) -> Result<RawResponse> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut out =
         format!("{method} {path} HTTP/1.1\r\nhost: api.test\r\nconnection: close\r\n").into_bytes();

@@ -166,6 +166,20 @@ fn the_dashboard_draws_real_collector_data_in_chromium() {
             }],
             returns: vec![],
             licenses: vec![],
+            // Two users take named seats of the license.
+            seats: ["k1.0a", "k1.0b"]
+                .iter()
+                .map(|user| tollgate_wire::sync::SeatRequest {
+                    account: "acme".into(),
+                    license: "lic-dash".into(),
+                    user: (*user).into(),
+                    rule: tollgate_wire::sync::SeatRule::Named {
+                        limit: 5,
+                        per: Period::Month,
+                    },
+                })
+                .collect(),
+            clients: vec![],
         },
         now,
     )
@@ -232,6 +246,11 @@ fn the_dashboard_draws_real_collector_data_in_chromium() {
     );
     assert!(
         dom.contains("data-allocated=\"250\" data-limit=\"1000\""),
+        "{dom}"
+    );
+    // Seats: 2 of 5 taken.
+    assert!(
+        dom.contains("data-license=\"lic-dash\" data-in-use=\"2\" data-limit=\"5\""),
         "{dom}"
     );
 

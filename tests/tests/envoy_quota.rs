@@ -74,6 +74,7 @@ fn stack(name: &str, plugin: &Value, envoys: usize, catalog: Option<Value>) -> S
         catalog: CatalogFileWatch::open(catalog_path.as_deref()).unwrap(),
         // Short leases, so that units left in one Envoy's leases go back to the quota soon.
         lease_ttl_ms: 2_000,
+        ..ControlPlane::default()
     };
     let collector = Running::start_state(0, state).unwrap();
     let upstream = Upstream::start(0).unwrap();

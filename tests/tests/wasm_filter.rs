@@ -1614,6 +1614,7 @@ fn answer_sync(
     let request = SyncRequest::decode(&call.body).unwrap();
     let now_ms = vm.now() / 1_000_000;
     let response = SyncResponse {
+        seats: Vec::new(),
         version: 1,
         grants: request
             .leases

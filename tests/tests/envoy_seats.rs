@@ -1,0 +1,367 @@
+//! Seats and sharing detection through two real Envoy processes (two workers each) and a real
+//! collector: named seats admit exactly N distinct users across both Envoys and refuse user
+//! N+1 while the first N keep working; a floating seat frees once its user has been idle for
+//! the window; a token replayed from many client addresses raises the alert and is blocked;
+//! and no raw user id or address is anywhere in the collector's database.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tollgate_collector::catalog::CatalogFileWatch;
+use tollgate_collector::control::ControlPlane;
+use tollgate_collector::{open, AppState, IngestKeys, Running, UsageQuery};
+use tollgate_devkit::envoy::workspace_root;
+use tollgate_devkit::{Bootstrap, Envoy, LicenseSpec, SigningKey, Upstream};
+use tollgate_tests::http::{request, request_from, RawResponse};
+
+const SECRET: &str = "seats-e2e-secret-0123456789";
+const ADMIN: &str = "seats-e2e-admin-token-0123456789";
+const PSEUDONYM_SECRET: &str = "seats-e2e-pseudonym-key-0123456789abcdef";
+
+fn plugin() -> Value {
+    let mut config: Value = serde_json::from_slice(
+        &std::fs::read(workspace_root().join("envoy/tollgate.json")).unwrap(),
+    )
+    .unwrap();
+    config["pseudonyms"] = json!({"key_id": "e2e", "secret": PSEUDONYM_SECRET});
+    config["users"] = json!({"header": "x-end-user"});
+    config["plans"]["team"] = json!({"seats": {"named": 3, "per": "month"}});
+    config["plans"]["floating"] = json!({"seats": {"floating": 2, "window_seconds": 3}});
+    config["plans"]["shared"] =
+        json!({"sharing": {"max_clients": 3, "window_seconds": 600, "block": true}});
+    config["collector"] = json!({
+        "key_id": "k1",
+        "secret": SECRET,
+        "flush_interval_ms": 200,
+        "retry_initial_ms": 100,
+        "retry_max_ms": 1000,
+        "timeout_ms": 2000,
+    });
+    config
+}
+
+fn license(id: &str, plan: &str) -> String {
+    let key = SigningKey::load(&workspace_root().join("envoy/demo-signing-key.json")).unwrap();
+    let mut spec = LicenseSpec::new("acme", id, plan, &["search"]);
+    spec.issuer = Some("https://licenses.tollgate.example".into());
+    spec.audience = Some("api.example.com".into());
+    spec.mint(&key).unwrap()
+}
+
+struct Stack {
+    collector: Running,
+    _upstream: Upstream,
+    envoys: Vec<Envoy>,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn stack(name: &str) -> Stack {
+    let dir = std::env::temp_dir().join(format!("tollgate-seats-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = open(&format!("sqlite://{}", dir.join("c.db").display())).unwrap();
+    let mut state = AppState::new(
+        Arc::from(store),
+        IngestKeys::parse([format!("k1={SECRET}").as_str()]).unwrap(),
+    );
+    state.admin_token = Some(ADMIN.into());
+    state.control = ControlPlane {
+        catalog: CatalogFileWatch::empty(),
+        // Short grants: floating seats are renewed (and free) within seconds.
+        seat_ttl_ms: 2_000,
+        ..ControlPlane::default()
+    };
+    let collector = Running::start_state(0, state).unwrap();
+    let upstream = Upstream::start(0).unwrap();
+    let mut bootstrap = Bootstrap::new(plugin(), upstream.port());
+    bootstrap.collector_ports = vec![collector.addr.port()];
+    let envoys = (0..2)
+        .map(|i| Envoy::start(&format!("seats-{name}-{i}"), &bootstrap.to_json(), 2).unwrap())
+        .collect();
+    Stack {
+        collector,
+        _upstream: upstream,
+        envoys,
+        dir,
+    }
+}
+
+fn call(envoy: &Envoy, token: &str, user: &str) -> RawResponse {
+    let auth = format!("Bearer {token}");
+    request(
+        envoy.listener,
+        "GET",
+        "/v1/search",
+        &[
+            ("authorization", auth.as_bytes()),
+            ("x-end-user", user.as_bytes()),
+        ],
+    )
+    .unwrap()
+}
+
+fn outcome(r: &RawResponse) -> String {
+    if r.status == 200 {
+        "allowed".into()
+    } else {
+        format!("{} {}", r.status, r.code())
+    }
+}
+
+fn admin_get(c: &Running, path: &str) -> Value {
+    let auth = format!("Bearer {ADMIN}");
+    let r = request(c.addr, "GET", path, &[("authorization", auth.as_bytes())]).unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "{path}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    r.json().unwrap()
+}
+
+fn stored_allowed_calls(c: &Running, license: &str) -> u64 {
+    c.state
+        .store
+        .usage(&UsageQuery {
+            license: Some(license.into()),
+            meter: Some("calls".into()),
+            outcome: Some("allowed".into()),
+            ..Default::default()
+        })
+        .unwrap()
+        .iter()
+        .map(|r| r.units)
+        .sum()
+}
+
+/// Wait until the collector holds `want` allowed calls of `license` (usage is shipped every
+/// 200 ms); panic after 20 s.
+fn wait_for_usage(c: &Running, license: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stored = stored_allowed_calls(c, license);
+        if stored == want {
+            return;
+        }
+        assert!(stored < want, "stored {stored} > served {want}");
+        assert!(Instant::now() < deadline, "stored {stored} of {want} calls");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every byte of the collector's SQLite files (database and write-ahead log).
+fn database_bytes(stack: &Stack) -> Vec<u8> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(&stack.dir).unwrap() {
+        all.extend(std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    all
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[test]
+fn named_seats_admit_exactly_n_users_across_two_envoys_and_the_holders_keep_working() {
+    let s = stack("named");
+    let token = license("lic-team", "team");
+    let users = [
+        "alice@acme.example",
+        "bob@acme.example",
+        "carol@acme.example",
+    ];
+    let mut served = 0;
+    // Three users take the three seats, from both Envoys.
+    for (i, user) in users.iter().enumerate() {
+        let r = call(&s.envoys[i % 2], &token, user);
+        assert_eq!(outcome(&r), "allowed", "{user}");
+        served += 1;
+    }
+    // The fourth is refused on either Envoy, with the seats in the message.
+    for envoy in &s.envoys {
+        let r = call(envoy, &token, "mallory@acme.example");
+        assert_eq!(outcome(&r), "403 seat_limit_reached");
+        let message = r.json().unwrap()["message"].as_str().unwrap().to_string();
+        assert!(message.contains("all 3 seats"), "{message}");
+        assert!(r.header("retry-after").is_some());
+    }
+    // The three holders keep working on both Envoys, also on the Envoy they never used.
+    for round in 0..10 {
+        for user in users {
+            let r = call(&s.envoys[round % 2], &token, user);
+            assert_eq!(outcome(&r), "allowed", "{user}, round {round}");
+            served += 1;
+        }
+    }
+    // No user header: 401 missing_user.
+    let auth = format!("Bearer {token}");
+    let r = request(
+        s.envoys[0].listener,
+        "GET",
+        "/v1/search",
+        &[("authorization", auth.as_bytes())],
+    )
+    .unwrap();
+    assert_eq!(outcome(&r), "401 missing_user");
+
+    // Every served call is stored once, per (pseudonymised) user.
+    wait_for_usage(&s.collector, "lic-team", served);
+    let report = admin_get(&s.collector, "/v1/accounts/acme/users");
+    assert_eq!(report["active_users"]["users"], 3, "{report}");
+    assert_eq!(report["active_users"]["by_license"]["lic-team"], 3);
+    let seats = report["seats"].as_array().unwrap();
+    assert_eq!(seats.len(), 1, "{report}");
+    assert_eq!(
+        (seats[0]["in_use"].as_u64(), seats[0]["limit"].as_u64()),
+        (Some(3), Some(3))
+    );
+
+    // No raw user id anywhere in the database; the pseudonyms are there.
+    let db = database_bytes(&s);
+    for user in users.iter().chain(&["mallory@acme.example"]) {
+        assert!(!contains(&db, user), "{user} is stored raw");
+        assert!(
+            !contains(&db, user.split('@').next().unwrap()),
+            "{user} is stored raw"
+        );
+    }
+    assert!(contains(&db, "e2e."), "no pseudonym stored");
+}
+
+#[test]
+fn a_floating_seat_frees_once_its_user_is_idle_for_the_window() {
+    let s = stack("floating");
+    let token = license("lic-float", "floating");
+    // Ann's seat is granted after this instant, so it frees no sooner than the window after.
+    let taken = Instant::now();
+    assert_eq!(outcome(&call(&s.envoys[0], &token, "ann")), "allowed");
+    assert_eq!(outcome(&call(&s.envoys[1], &token, "ben")), "allowed");
+    assert_eq!(
+        outcome(&call(&s.envoys[0], &token, "cid")),
+        "403 seat_limit_reached"
+    );
+    // Ben keeps working on both Envoys; Ann stops. Cid tries every 250 ms until a seat frees.
+    let mut cid_in = None;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut i = 0;
+    while Instant::now() < deadline {
+        i += 1;
+        let ben = call(&s.envoys[i % 2], &token, "ben");
+        assert_eq!(outcome(&ben), "allowed", "ben after {:?}", taken.elapsed());
+        let cid = call(&s.envoys[(i + 1) % 2], &token, "cid");
+        match outcome(&cid).as_str() {
+            "allowed" => {
+                cid_in = Some(taken.elapsed());
+                break;
+            }
+            "403 seat_limit_reached" => {}
+            other => panic!("cid: {other}"),
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let cid_in = cid_in.expect("the idle user's seat never freed");
+    // Not before Ann's window (3 s) ran out; and soon after: the window, plus a refusal kept
+    // until then, plus a sync.
+    assert!(cid_in >= Duration::from_secs(3), "{cid_in:?}");
+    assert!(cid_in <= Duration::from_secs(8), "{cid_in:?}");
+    // Now Ann is the one without a seat.
+    assert_eq!(
+        outcome(&call(&s.envoys[0], &token, "ann")),
+        "403 seat_limit_reached"
+    );
+}
+
+#[test]
+fn a_token_replayed_from_many_clients_raises_the_alert_and_is_blocked() {
+    let s = stack("sharing");
+    let token = license("lic-shared", "shared");
+    let auth = format!("Bearer {token}");
+    let from = |ip: &str, envoy: &Envoy| {
+        request_from(
+            ip.parse::<IpAddr>().unwrap(),
+            envoy.listener,
+            "GET",
+            "/v1/search",
+            &[("authorization", auth.as_bytes())],
+        )
+        .unwrap()
+    };
+    // Three clients are within the plan.
+    for (i, ip) in ["127.0.0.11", "127.0.0.12", "127.0.0.13"]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(outcome(&from(ip, &s.envoys[i % 2])), "allowed");
+    }
+    std::thread::sleep(Duration::from_millis(1_000));
+    assert_eq!(
+        admin_get(&s.collector, "/v1/accounts/acme/users")["sharing"],
+        json!([])
+    );
+    // Five more, on both Envoys: the collector sees 8 > 3 and the license is blocked on both.
+    for (i, ip) in [
+        "127.0.0.14",
+        "127.0.0.15",
+        "127.0.0.16",
+        "127.0.0.17",
+        "127.0.0.18",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let _ = from(ip, &s.envoys[i % 2]);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut blocked = [false, false];
+    while blocked != [true, true] {
+        assert!(Instant::now() < deadline, "not blocked: {blocked:?}");
+        for (i, envoy) in s.envoys.iter().enumerate() {
+            let r = from("127.0.0.11", envoy);
+            if outcome(&r) == "403 license_sharing_detected" {
+                blocked[i] = true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The alert: one detection, one webhook event, one metric count.
+    let report = admin_get(&s.collector, "/v1/accounts/acme/users");
+    let sharing = report["sharing"].as_array().unwrap();
+    assert_eq!(sharing.len(), 1, "{report}");
+    assert_eq!(sharing[0]["license"], "lic-shared");
+    assert!(sharing[0]["clients"].as_u64().unwrap() > 3);
+    assert!(sharing[0]["blocked_until_ms"].as_u64().is_some());
+    let events = s.collector.state.store.webhook_events(100).unwrap();
+    let alerts: Vec<_> = events
+        .iter()
+        .filter(|e| e.event_type == "license.sharing_detected")
+        .collect();
+    assert_eq!(alerts.len(), 1, "{events:?}");
+    assert_eq!(alerts[0].payload["license"], "lic-shared");
+    let metrics = request(s.collector.addr, "GET", "/metrics", &[]).unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.body).to_string();
+    assert!(
+        metrics.contains("tollgate_collector_sharing_alerts_total 1"),
+        "{metrics}"
+    );
+    // No client address is stored raw.
+    let db = database_bytes(&s);
+    for i in 11..=18 {
+        assert!(
+            !contains(&db, &format!("127.0.0.{i}")),
+            "127.0.0.{i} is stored raw"
+        );
+    }
+}
