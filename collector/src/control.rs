@@ -212,6 +212,12 @@ pub fn sync(
             .iter()
             .map(|l| (l.account.clone(), l.license.clone())),
     );
+    named.extend(
+        request
+            .seats
+            .iter()
+            .map(|s| (s.account.clone(), s.license.clone())),
+    );
     let licenses: Vec<String> = named.iter().map(|(_, l)| l.clone()).collect();
     let accounts: Vec<String> = named
         .iter()

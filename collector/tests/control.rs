@@ -13,7 +13,8 @@ use tollgate_collector::control::{account_status, sync, ControlPlane};
 use tollgate_collector::store::Budget;
 use tollgate_collector::{open, AppState, IngestKeys, Running, Store};
 use tollgate_wire::sync::{
-    DenialCode, LeaseRequest, LeaseReturn, LicenseSeen, Period, SyncRequest, SyncResponse,
+    ClientsSeen, DenialCode, LeaseRequest, LeaseReturn, LicenseSeen, Period, SeatRequest, SeatRule,
+    SyncRequest, SyncResponse,
 };
 use tollgate_wire::{
     sign, Meter, Source, UsageBatch, UsageRecord, KEY_ID_HEADER, SIGNATURE_HEADER,
@@ -543,5 +544,228 @@ fn the_catalogue_sets_quota_limits_and_a_change_applies_to_the_next_grant() {
             30
         );
         let _ = std::fs::remove_file(&path);
+    }
+}
+
+fn seat(user: &str, rule: SeatRule) -> SeatRequest {
+    SeatRequest {
+        account: "acme".into(),
+        license: "lic-seats".into(),
+        user: format!("k1.{user}"),
+        rule,
+    }
+}
+
+fn seat_sync(store: &dyn Store, c: &ControlPlane, seats: Vec<SeatRequest>, now: u64) -> Vec<bool> {
+    let mut r = request(vec![], vec![]);
+    r.seats = seats;
+    sync(store, c, &r, now)
+        .unwrap()
+        .seats
+        .iter()
+        .map(|a| a.granted)
+        .collect()
+}
+
+#[test]
+fn seats_are_decided_by_the_store_on_every_backend() {
+    for db in backends("seats") {
+        let store = open(&db.url()).unwrap();
+        let store = store.as_ref();
+        let c = control();
+        let now = NOON_ISH;
+        let named = SeatRule::Named {
+            limit: 2,
+            per: Period::Month,
+        };
+        let asks = ["a", "b", "c"].iter().map(|u| seat(u, named)).collect();
+        assert_eq!(seat_sync(store, &c, asks, now), [true, true, false]);
+        // Holders renew; the third stays out all month; another key's users count apart.
+        assert_eq!(
+            seat_sync(store, &c, vec![seat("a", named)], now + 86_400_000),
+            [true]
+        );
+        assert_eq!(
+            seat_sync(store, &c, vec![seat("c", named)], now + 86_400_000),
+            [false]
+        );
+        let mut rotated = seat("c", named);
+        rotated.user = "k2.c".into();
+        assert_eq!(
+            seat_sync(store, &c, vec![rotated], now + 86_400_000),
+            [true]
+        );
+        let taken = store.seat_use("acme", now + 86_400_000).unwrap();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(
+            (taken[0].in_use, taken[0].limit),
+            (3, 2),
+            "both keys' seats are shown"
+        );
+
+        // Floating seats: free again a window after the last grant.
+        let floating = SeatRule::Floating {
+            limit: 1,
+            window_ms: 60_000,
+        };
+        let f = |user: &str, at: u64| {
+            let mut s = seat(user, floating);
+            s.license = "lic-float".into();
+            seat_sync(store, &c, vec![s], at)[0]
+        };
+        assert!(f("x", now));
+        assert!(!f("y", now + 59_999));
+        assert!(f("y", now + 60_000));
+        assert!(!f("x", now + 60_001));
+
+        // A revoked license gets no seat answer (its denial refuses it).
+        store.set_revoked("lic-seats", Some("fraud"), now).unwrap();
+        assert!(seat_sync(store, &c, vec![seat("a", named)], now).is_empty());
+    }
+}
+
+#[test]
+fn replicas_deciding_seats_at_once_never_hand_out_more_than_the_limit() {
+    for db in backends("seat-race") {
+        let url = db.url();
+        let stores: Vec<Arc<dyn Store>> = (0..4).map(|_| Arc::from(open(&url).unwrap())).collect();
+        let rule = SeatRule::Named {
+            limit: 5,
+            per: Period::Month,
+        };
+        let granted: Vec<String> = std::thread::scope(|scope| {
+            let handles: Vec<_> = stores
+                .iter()
+                .enumerate()
+                .map(|(replica, store)| {
+                    scope.spawn(move || {
+                        let c = control();
+                        (0..10)
+                            .filter_map(|i| {
+                                let ask = seat(&format!("r{replica}-{i}"), rule);
+                                let user = ask.user.clone();
+                                let answer = seat_sync(store.as_ref(), &c, vec![ask], NOON_ISH);
+                                answer[0].then_some(user)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        assert_eq!(granted.len(), 5, "{granted:?} ({})", db.url());
+        assert_eq!(stores[0].seat_use("acme", NOON_ISH).unwrap()[0].in_use, 5);
+    }
+}
+
+#[test]
+fn sharing_is_detected_once_per_window_alerted_and_blocks_when_asked() {
+    for db in backends("sharing") {
+        let store = open(&db.url()).unwrap();
+        let store = store.as_ref();
+        let c = control();
+        let now = NOON_ISH;
+        let seen = |clients: &[&str], block: bool| ClientsSeen {
+            account: "acme".into(),
+            license: "lic-shared".into(),
+            clients: clients.iter().map(|c| format!("k1.{c}")).collect(),
+            max_clients: 2,
+            window_ms: 60_000,
+            block,
+        };
+        let run = |clients: Vec<ClientsSeen>, at: u64| {
+            let mut r = request(vec![], vec![]);
+            r.clients = clients;
+            r.licenses = vec![LicenseSeen {
+                account: "acme".into(),
+                license: "lic-shared".into(),
+                plan: "pro".into(),
+            }];
+            sync(store, &c, &r, at).unwrap()
+        };
+        // Two clients: fine. A third within the window: detected, blocked for the window.
+        assert!(run(vec![seen(&["a", "b"], true)], now).denials.is_empty());
+        let answer = run(vec![seen(&["c"], true)], now + 1_000);
+        assert_eq!(answer.denials.len(), 1);
+        assert_eq!(answer.denials[0].code, DenialCode::LicenseSharingDetected);
+        assert_eq!(answer.denials[0].until_ms, Some(now + 61_000));
+        // More clients in the same episode: no second alert.
+        run(vec![seen(&["d", "e"], true)], now + 2_000);
+        let alerts = store
+            .webhook_events(100)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event_type == "license.sharing_detected")
+            .count();
+        assert_eq!(alerts, 1);
+        assert_eq!(
+            c.sharing_alerts.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        let detections = store.sharing_detections(Some("acme")).unwrap();
+        assert_eq!(detections.len(), 1);
+        assert_eq!(detections[0].clients, 5);
+        // The block lifts after the window; old clients are forgotten.
+        assert!(run(vec![], now + 61_000).denials.is_empty());
+        assert!(run(vec![seen(&["z"], true)], now + 200_000)
+            .denials
+            .is_empty());
+    }
+}
+
+#[test]
+fn active_users_are_counted_distinct_per_account_license_and_feature() {
+    for db in backends("active-users") {
+        let store = open(&db.url()).unwrap();
+        let record = |license: &str, feature: &str, user: &str, outcome: &str| UsageRecord {
+            account: "acme".into(),
+            license: license.into(),
+            feature: feature.into(),
+            outcome: outcome.into(),
+            user: user.into(),
+            meter: Meter::Calls,
+            units: 1,
+            window_start_ms: NOON_ISH,
+            window_end_ms: NOON_ISH + 1000,
+        };
+        let batch = UsageBatch {
+            version: 1,
+            batch_id: "users-1".into(),
+            source: Source {
+                instance: "node".into(),
+                vm_started_ms: 1,
+            },
+            sequence: 1,
+            created_ms: NOON_ISH,
+            records: vec![
+                record("lic-1", "search", "k1.u1", "allowed"),
+                record("lic-1", "search", "k1.u2", "allowed"),
+                record("lic-1", "design", "k1.u1", "allowed"),
+                record("lic-2", "search", "k1.u1", "allowed"),
+                record("lic-2", "search", "k1.u3", "rate_limited"),
+                record("lic-2", "search", "", "allowed"),
+            ],
+        };
+        store.ingest(&batch, NOON_ISH).unwrap();
+        let users = store
+            .active_users("acme", NOON_ISH - 1000, NOON_ISH + 1000)
+            .unwrap();
+        assert_eq!(
+            users.users, 2,
+            "u3 was refused, not active; the empty user is no user"
+        );
+        assert_eq!(users.by_license["lic-1"], 2);
+        assert_eq!(users.by_license["lic-2"], 1);
+        assert_eq!(users.by_feature["design"], 1);
+        assert_eq!(
+            store
+                .active_users("acme", NOON_ISH + 1000, NOON_ISH + 2000)
+                .unwrap()
+                .users,
+            0
+        );
     }
 }
