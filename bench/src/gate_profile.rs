@@ -33,6 +33,8 @@ fn head(token: &str) -> RequestHead<'_> {
         method: "GET",
         path: "/v1/search?q=bench",
         credential: Some(token),
+        user: None,
+        client_address: None,
     }
 }
 
