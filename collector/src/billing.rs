@@ -52,6 +52,8 @@ pub enum LineKind {
     Cap,
     /// Topping a license up to its plan's minimum.
     Minimum,
+    /// Distinct active end users of a license in the period, within one tier of the price.
+    ActiveUsers,
 }
 
 /// One line of an invoice: `quantity` units at `unit_price` per `per` units.
@@ -120,6 +122,7 @@ impl Invoice {
                 LineKind::Usage => "usage",
                 LineKind::Cap => "cap",
                 LineKind::Minimum => "minimum",
+                LineKind::ActiveUsers => "active_users",
             };
             let fields = [
                 self.invoice_id.clone(),
@@ -204,10 +207,32 @@ struct LicenseUsage {
 pub fn rate(
     catalog: &Catalog,
     account: &str,
+    bounds: (u64, u64),
+    usage: &[BillableUsage],
+    late: &[BillableUsage],
+    licenses: &[IssuedLicense],
+) -> Result<Invoice> {
+    rate_with_users(
+        catalog,
+        account,
+        bounds,
+        usage,
+        late,
+        licenses,
+        &BTreeMap::new(),
+    )
+}
+
+/// [`rate`], with the distinct active users of each license in the period (license → users),
+/// charged at the plan's `active_users` price.
+pub fn rate_with_users(
+    catalog: &Catalog,
+    account: &str,
     (start_ms, end_ms): (u64, u64),
     usage: &[BillableUsage],
     late: &[BillableUsage],
     licenses: &[IssuedLicense],
+    active_users: &BTreeMap<String, u64>,
 ) -> Result<Invoice> {
     let digits = minor_units(&catalog.currency);
     // Every amount has exactly the currency's minor digits: 49 is shown as 49.00.
@@ -228,6 +253,10 @@ pub fn rate(
             entry.plan = l.plan.clone();
             entry.pays_fee = !revoked_before.contains(l.license.as_str());
         }
+    }
+    for license in active_users.keys() {
+        // A license with users has allowed calls in the period: its usage rows name its plan.
+        by_license.entry(license.clone()).or_default();
     }
     let mut unpriced = Vec::new();
     for (rows, is_late) in [(usage, false), (late, true)] {
@@ -295,6 +324,20 @@ pub fn rate(
             &round,
             &mut lines,
         )?;
+        if let (Some(price), Some(users)) = (&pricing.active_users, active_users.get(license)) {
+            rate_price(
+                license,
+                &usage.plan,
+                None,
+                "active_users",
+                LineKind::ActiveUsers,
+                "distinct active users",
+                *users,
+                price,
+                &round,
+                &mut lines,
+            )?;
+        }
         let subtotal: Decimal = lines[first_line..].iter().map(|l| l.amount).sum();
         if let Some(minimum) = pricing.minimum.filter(|_| usage.pays_fee) {
             if subtotal < minimum {
@@ -387,7 +430,16 @@ fn rate_usage(
             format!("{prefix}{}", meter.as_str())
         };
         rate_price(
-            license, plan, None, meter, &what, billable, price, round, lines,
+            license,
+            plan,
+            None,
+            meter.as_str(),
+            LineKind::Usage,
+            &what,
+            billable,
+            price,
+            round,
+            lines,
         )?;
     }
     for ((feature, meter), quantity) in feature_priced {
@@ -403,7 +455,8 @@ fn rate_usage(
             license,
             plan,
             Some(&feature),
-            meter,
+            meter.as_str(),
+            LineKind::Usage,
             &what,
             quantity,
             price,
@@ -430,7 +483,8 @@ fn rate_price(
     license: &str,
     plan: &str,
     feature: Option<&str>,
-    meter: Meter,
+    meter: &str,
+    kind: LineKind,
     what: &str,
     quantity: u64,
     price: &Price,
@@ -441,11 +495,11 @@ fn rate_price(
         return Ok(());
     }
     let line = |tier: usize, n: u64, amount: Decimal, charged: Decimal| Line {
-        kind: LineKind::Usage,
+        kind,
         license: license.to_string(),
         plan: plan.to_string(),
         feature: feature.map(str::to_string),
-        meter: Some(meter.as_str().to_string()),
+        meter: Some(meter.to_string()),
         tier: (price.tiers.len() > 1).then_some(tier + 1),
         late: false,
         description: if price.tiers.len() > 1 {
@@ -497,7 +551,7 @@ fn rate_price(
                 license: license.to_string(),
                 plan: plan.to_string(),
                 feature: feature.map(str::to_string),
-                meter: Some(meter.as_str().to_string()),
+                meter: Some(meter.to_string()),
                 tier: None,
                 late: false,
                 description: format!("{what}: capped at {cap}"),
@@ -513,7 +567,10 @@ fn rate_price(
 
 /// The period's end forecast from its usage so far: each license's usage of each meter grows
 /// at the average rate of the elapsed part of the period, and is rated like the invoice. Fees
-/// and minimums are already certain. `None` before any of the period has elapsed.
+/// and minimums are already certain; distinct active users are taken as they are so far (a
+/// user count does not grow with time the way calls do). `None` before any of the period has
+/// elapsed.
+#[allow(clippy::too_many_arguments)]
 pub fn forecast(
     catalog: &Catalog,
     account: &str,
@@ -521,6 +578,7 @@ pub fn forecast(
     usage: &[BillableUsage],
     late: &[BillableUsage],
     licenses: &[IssuedLicense],
+    active_users: &BTreeMap<String, u64>,
     now_ms: u64,
 ) -> Result<Option<Invoice>> {
     let (start, end) = bounds;
@@ -537,7 +595,16 @@ pub fn forecast(
             ..u.clone()
         })
         .collect();
-    rate(catalog, account, bounds, &scaled, late, licenses).map(Some)
+    rate_with_users(
+        catalog,
+        account,
+        bounds,
+        &scaled,
+        late,
+        licenses,
+        active_users,
+    )
+    .map(Some)
 }
 
 /// An invoice draft as the API shows it: the invoice so far, whether its period has ended,
@@ -638,12 +705,18 @@ pub fn draft(
         late_usage(store, account, bounds.0, None)?
     };
     let licenses = store.issued_licenses(Some(account))?;
-    let invoice = rate(catalog, account, bounds, &usage, &late, &licenses)?;
+    let users = store
+        .active_users(account, bounds.0, bounds.1, None)?
+        .by_license;
+    let invoice = rate_with_users(catalog, account, bounds, &usage, &late, &licenses, &users)?;
     let ended = now_ms >= bounds.1;
     let forecast_total = if ended {
         None
     } else {
-        forecast(catalog, account, bounds, &usage, &late, &licenses, now_ms)?.map(|f| f.total)
+        forecast(
+            catalog, account, bounds, &usage, &late, &licenses, &users, now_ms,
+        )?
+        .map(|f| f.total)
     };
     Ok(Draft {
         invoice,
@@ -717,7 +790,12 @@ pub fn finalize(
     let usage = store.billable_usage(account, bounds.0, bounds.1, Some(cut_ms))?;
     let late = late_usage(store, account, bounds.0, Some(cut_ms))?;
     let licenses = store.issued_licenses(Some(account))?;
-    let invoice = rate(catalog, account, bounds, &usage, &late, &licenses)?;
+    // Users first seen in usage received after the cut are not charged (their calls are, as
+    // late usage of the next invoice).
+    let users = store
+        .active_users(account, bounds.0, bounds.1, Some(cut_ms))?
+        .by_license;
+    let invoice = rate_with_users(catalog, account, bounds, &usage, &late, &licenses, &users)?;
     let body = serde_json::to_value(&invoice)?;
     let stored = crate::store::StoredInvoice {
         invoice_id: invoice.invoice_id.clone(),

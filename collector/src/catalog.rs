@@ -105,6 +105,10 @@ struct PlanFile {
     /// Quota limits that override the filters' configuration for this plan.
     #[serde(default)]
     quotas: BTreeMap<Meter, QuotaSpec>,
+    /// The price of each distinct active end user of a license per billing period (tiers
+    /// allowed: a first tier at 0 includes users).
+    #[serde(default)]
+    active_users: Option<PriceSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -177,6 +181,8 @@ pub struct PlanPricing {
     /// Feature → meter → price, replacing the plan's price of that meter for the feature.
     pub feature_prices: BTreeMap<String, BTreeMap<Meter, Price>>,
     pub minimum: Option<Decimal>,
+    /// Per distinct active user of a license and billing period.
+    pub active_users: Option<Price>,
 }
 
 /// A checked catalogue.
@@ -330,6 +336,10 @@ impl Catalog {
                 None => (None, BTreeMap::new()),
             };
             let prices = compile_prices(&format!("plans.{plan}.prices"), spec.prices)?;
+            let active_users = spec
+                .active_users
+                .map(|p| compile_price(&format!("plans.{plan}.active_users"), p))
+                .transpose()?;
             let mut feature_prices = BTreeMap::new();
             for (feature, f) in spec.features {
                 feature_prices.insert(
@@ -349,6 +359,7 @@ impl Catalog {
                     prices,
                     feature_prices,
                     minimum,
+                    active_users,
                 },
             );
         }

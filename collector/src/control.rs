@@ -98,11 +98,20 @@ pub fn spend(
         }
         let bounds = catalog.period_bounds(billing, start);
         let usage = store.billable_usage(account, start, to.min(bounds.1), None)?;
-        let invoice = crate::billing::rate(catalog, account, bounds, &usage, &[], &[])?;
+        let users = store
+            .active_users(account, start, to.min(bounds.1), None)?
+            .by_license;
+        let invoice =
+            crate::billing::rate_with_users(catalog, account, bounds, &usage, &[], &[], &users)?;
         Ok(invoice
             .lines
             .iter()
-            .filter(|l| matches!(l.kind, LineKind::Usage | LineKind::Cap))
+            .filter(|l| {
+                matches!(
+                    l.kind,
+                    LineKind::Usage | LineKind::ActiveUsers | LineKind::Cap
+                )
+            })
             .map(|l| l.amount)
             .sum())
     };
@@ -146,7 +155,7 @@ pub fn users_report(
         account: account.to_string(),
         period_start_ms: start,
         period_end_ms: end,
-        active_users: store.active_users(account, start, end)?,
+        active_users: store.active_users(account, start, end, None)?,
         seats: store.seat_use(account, now_ms)?,
         sharing: store.sharing_detections(Some(account))?,
     })

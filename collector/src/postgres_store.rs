@@ -263,15 +263,25 @@ impl Store for PostgresStore {
         })
     }
 
-    fn active_users(&self, account: &str, from_ms: u64, to_ms: u64) -> Result<ActiveUsers> {
+    fn active_users(
+        &self,
+        account: &str,
+        from_ms: u64,
+        to_ms: u64,
+        received_until_ms: Option<u64>,
+    ) -> Result<ActiveUsers> {
         let (from, to) = (to_i64("from_ms", from_ms)?, to_i64("to_ms", to_ms)?);
+        let cut = received_until_ms
+            .map(|v| to_i64("received_until_ms", v))
+            .transpose()?;
         let filter = "FROM usage_records WHERE account = $1 AND window_start_ms >= $2 AND window_start_ms < $3
-                      AND user_ref <> '' AND outcome = 'allowed' AND meter = 'calls'";
+                      AND user_ref <> '' AND outcome = 'allowed' AND meter = 'calls'
+                      AND ($4::BIGINT IS NULL OR batch_id IN (SELECT batch_id FROM batches WHERE received_ms <= $4))";
         self.with_client(|client| {
             let users: i64 = client
                 .query_one(
                     &format!("SELECT COUNT(DISTINCT user_ref) {filter}"),
-                    &[&account, &from, &to],
+                    &[&account, &from, &to, &cut],
                 )?
                 .get(0);
             let mut out = ActiveUsers {
@@ -286,7 +296,7 @@ impl Store for PostgresStore {
                     &format!(
                         "SELECT {column}, COUNT(DISTINCT user_ref) {filter} GROUP BY {column}"
                     ),
-                    &[&account, &from, &to],
+                    &[&account, &from, &to, &cut],
                 )? {
                     into.insert(row.get(0), u64_of(row.get(1)));
                 }

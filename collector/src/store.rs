@@ -296,8 +296,15 @@ pub trait Store: Send + Sync + 'static {
     fn detect_sharing(&self, detection: &SharingDetection) -> Result<bool>;
     /// Sharing detections, newest first, of one account or all.
     fn sharing_detections(&self, account: Option<&str>) -> Result<Vec<SharingDetection>>;
-    /// Distinct end users in an account's allowed usage in `[from_ms, to_ms)`.
-    fn active_users(&self, account: &str, from_ms: u64, to_ms: u64) -> Result<ActiveUsers>;
+    /// Distinct end users in an account's allowed usage in `[from_ms, to_ms)`, in batches
+    /// received up to `received_until_ms` if given (an invoice's cut).
+    fn active_users(
+        &self,
+        account: &str,
+        from_ms: u64,
+        to_ms: u64,
+        received_until_ms: Option<u64>,
+    ) -> Result<ActiveUsers>;
     /// Seats of an account's licenses taken at `now_ms`.
     fn seat_use(&self, account: &str, now_ms: u64) -> Result<Vec<SeatUse>>;
 
@@ -802,14 +809,24 @@ impl Store for SqliteStore {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
-    fn active_users(&self, account: &str, from_ms: u64, to_ms: u64) -> Result<ActiveUsers> {
+    fn active_users(
+        &self,
+        account: &str,
+        from_ms: u64,
+        to_ms: u64,
+        received_until_ms: Option<u64>,
+    ) -> Result<ActiveUsers> {
         let conn = self.conn()?;
         let (from, to) = (to_i64("from_ms", from_ms)?, to_i64("to_ms", to_ms)?);
+        let cut = received_until_ms
+            .map(|v| to_i64("received_until_ms", v))
+            .transpose()?;
         let filter = "FROM usage_records WHERE account = ?1 AND window_start_ms >= ?2 AND window_start_ms < ?3
-                      AND user_ref <> '' AND outcome = 'allowed' AND meter = 'calls'";
+                      AND user_ref <> '' AND outcome = 'allowed' AND meter = 'calls'
+                      AND (?4 IS NULL OR batch_id IN (SELECT batch_id FROM batches WHERE received_ms <= ?4))";
         let users: i64 = conn.query_row(
             &format!("SELECT COUNT(DISTINCT user_ref) {filter}"),
-            params![account, from, to],
+            params![account, from, to, cut],
             |r| r.get(0),
         )?;
         let mut out = ActiveUsers {
@@ -823,7 +840,7 @@ impl Store for SqliteStore {
             let mut query = conn.prepare_cached(&format!(
                 "SELECT {column}, COUNT(DISTINCT user_ref) {filter} GROUP BY {column}"
             ))?;
-            let rows = query.query_map(params![account, from, to], |r| {
+            let rows = query.query_map(params![account, from, to, cut], |r| {
                 Ok((r.get::<_, String>(0)?, u64_of(r.get(1)?)))
             })?;
             for row in rows {

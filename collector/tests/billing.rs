@@ -198,6 +198,7 @@ fn a_forecast_extrapolates_usage_and_rates_it() {
         &rows,
         &[],
         &[],
+        &Default::default(),
         third,
     )
     .unwrap()
@@ -210,6 +211,7 @@ fn a_forecast_extrapolates_usage_and_rates_it() {
         &rows,
         &[],
         &[],
+        &Default::default(),
         NOV_START
     )
     .unwrap()
@@ -316,6 +318,66 @@ fn the_invoice_drafted_from_stored_usage_is_the_golden_one_on_every_backend() {
         assert_eq!(draft.status, "complete");
         assert_eq!(draft.invoice.total, dec("268.00"));
         assert_golden("hybrid_subscription_overage", &draft.invoice);
+    }
+}
+
+#[test]
+fn distinct_active_users_are_priced_per_license_with_tiers_and_a_cap() {
+    let users = |n: u64| std::collections::BTreeMap::from([("lic-t1".to_string(), n)]);
+    let rows = [usage("lic-t1", "team", "search", Meter::Calls, 1_000)];
+    let rate = |n| {
+        billing::rate_with_users(
+            &catalog(),
+            "acme",
+            (NOV_START, NOV_END),
+            &rows,
+            &[],
+            &[],
+            &users(n),
+        )
+        .unwrap()
+    };
+    // 5 users are included (a first tier at 0), the 3 others cost 8.00 each.
+    let invoice = rate(8);
+    let lines: Vec<_> = invoice
+        .lines
+        .iter()
+        .filter(|l| l.kind == LineKind::ActiveUsers)
+        .map(|l| (l.quantity, l.amount))
+        .collect();
+    assert_eq!(lines, [(5, dec("0.00")), (3, dec("24.00"))]);
+    assert_eq!(invoice.total, dec("44.00"));
+    // 20 users would be 120.00: the cap takes it back to 100.00.
+    assert_eq!(rate(20).total, dec("120.00"));
+    assert_eq!(rate(0).total, dec("20.00"));
+}
+
+#[test]
+fn active_users_drafted_from_stored_usage_are_the_golden_ones_on_every_backend() {
+    for db in backends("billing-users") {
+        let store = tollgate_collector::open(&db.url()).unwrap();
+        store
+            .add_license(&issued("lic-t1", "acme", "team"))
+            .unwrap();
+        let mid = NOV_START + 86_400_000;
+        let user = |name: &str, outcome: &str, at: u64| UsageRecord {
+            user: format!("k1.{name}"),
+            ..record("lic-t1", "search", outcome, Meter::Calls, 3, at)
+        };
+        // Seven users served (one of them twice, in two batches), one only refused, one only
+        // outside the period: seven active users, five included, two at 8.00.
+        let mut records: Vec<UsageRecord> = (1..=7)
+            .map(|i| user(&format!("u{i}"), "allowed", mid))
+            .collect();
+        records.push(user("refused", "seat_limit_reached", mid));
+        records.push(user("earlier", "allowed", NOV_START - 1000));
+        store.ingest(&batch("u1", records), mid).unwrap();
+        store
+            .ingest(&batch("u2", vec![user("u1", "allowed", mid + 5000)]), mid)
+            .unwrap();
+        let draft = billing::draft(store.as_ref(), &catalog(), "acme", mid, NOV_END + 1).unwrap();
+        assert_eq!(draft.invoice.total, dec("36.00"), "{}", db.url());
+        assert_golden("active_users", &draft.invoice);
     }
 }
 

@@ -751,7 +751,7 @@ fn active_users_are_counted_distinct_per_account_license_and_feature() {
         };
         store.ingest(&batch, NOON_ISH).unwrap();
         let users = store
-            .active_users("acme", NOON_ISH - 1000, NOON_ISH + 1000)
+            .active_users("acme", NOON_ISH - 1000, NOON_ISH + 1000, None)
             .unwrap();
         assert_eq!(
             users.users, 2,
@@ -762,7 +762,7 @@ fn active_users_are_counted_distinct_per_account_license_and_feature() {
         assert_eq!(users.by_feature["design"], 1);
         assert_eq!(
             store
-                .active_users("acme", NOON_ISH + 1000, NOON_ISH + 2000)
+                .active_users("acme", NOON_ISH + 1000, NOON_ISH + 2000, None)
                 .unwrap()
                 .users,
             0
