@@ -124,6 +124,12 @@ fn main() -> Result<()> {
     // A trial plan with a period quota: the collector hands out leases of it.
     config["plans"]["trial"] =
         serde_json::json!({"quotas": {"calls": {"per": "day", "limit": 10}}});
+    // A team plan with 2 named seats a month; the end user comes from a header an
+    // authentication layer would set, and leaves the filter only pseudonymised.
+    config["plans"]["team"] = serde_json::json!({"seats": {"named": 2, "per": "month"}});
+    config["users"] = serde_json::json!({"header": "x-end-user"});
+    config["pseudonyms"] =
+        serde_json::json!({"key_id": "demo", "secret": "demo-pseudonym-key-0123456789abcdef"});
     let mut bootstrap = Bootstrap::new(config, upstream.port());
     bootstrap.collector_ports = vec![collector.addr.port()];
     let bootstrap = bootstrap.to_json();
@@ -164,6 +170,7 @@ fn main() -> Result<()> {
         &["search", "generative-design"],
     )?;
     let umbrella = issue("umbrella", "lic-umbrella-010", "trial", &["search"])?;
+    let hooli = issue("hooli", "lic-hooli-020", "team", &["search"])?;
     let expired = {
         let spec = license("initech", "lic-initech-002", "starter", &["search"]);
         key.sign(&spec.claims_at(unix_now() - 7200))?
@@ -175,6 +182,9 @@ fn main() -> Result<()> {
     println!("  globex     lic-globex-007  plan pro (generative-design: 2 req/s, burst 4)  features search, generative-design");
     println!(
         "  umbrella   lic-umbrella-010 plan trial (10 calls a day)            features search"
+    );
+    println!(
+        "  hooli      lic-hooli-020   plan team (2 named seats a month)    features search"
     );
     println!("  initech    lic-initech-002 expired an hour ago (minted with the same key)");
 
@@ -301,6 +311,51 @@ fn main() -> Result<()> {
         "  {ok} allowed (last RateLimit: {left}), {exhausted} refused with 429 quota_exhausted"
     );
 
+    println!("\nseats: hooli's users (team: 2 named seats a month, the collector decides)");
+    let team_calls = [
+        "alice@hooli.example",
+        "bob@hooli.example",
+        "carol@hooli.example",
+        "alice@hooli.example",
+    ];
+    for user in team_calls {
+        let response = match agent
+            .get(&envoy.url("/v1/search?q=seats"))
+            .set("authorization", &format!("Bearer {hooli}"))
+            .set("x-end-user", user)
+            .call()
+        {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => return Err(e).context("seat request"),
+        };
+        let status = response.status();
+        let body = response.into_string()?;
+        let answer = if status == 200 {
+            "served".to_string()
+        } else {
+            let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            format!(
+                "{} ({})",
+                v["error"].as_str().unwrap_or("?"),
+                v["message"].as_str().unwrap_or("")
+            )
+        };
+        println!("  {user:<22} {status} {answer}");
+    }
+    let report = tollgate_collector::control::users_report(
+        store,
+        &collector.state.control,
+        "hooli",
+        now_ms(),
+    )?;
+    for seat in &report.seats {
+        println!(
+            "  {} {} seats taken: {} of {} (tollgate-collector users --account hooli)",
+            seat.license, seat.kind, seat.in_use, seat.limit
+        );
+    }
+
     println!("\nrevocation: the operator revokes lic-globex-007 (tollgate-collector revoke --license lic-globex-007)");
     store.set_revoked("lic-globex-007", Some("demo: contract ended"), now_ms())?;
     let revoked_at = Instant::now();
@@ -341,7 +396,7 @@ fn main() -> Result<()> {
     println!("upstream received {} requests", upstream.requests());
 
     // Every call the clients made, as the collector stored it (batches arrive every 0.5 s).
-    let sent = (cases.len() + 20 + 12) as u64 + after_revocation + warm_up;
+    let sent = (cases.len() + 20 + 12 + team_calls.len()) as u64 + after_revocation + warm_up;
     let deadline = Instant::now() + Duration::from_secs(20);
     let rows = loop {
         let rows = collector.state.store.usage(&UsageQuery::default())?;
@@ -387,7 +442,7 @@ fn main() -> Result<()> {
 
     println!("\ninvoice drafts for this month, rated from the stored usage with envoy/plans.json:");
     let catalog = collector.state.control.catalog.current();
-    for account in ["acme-corp", "globex", "umbrella"] {
+    for account in ["acme-corp", "globex", "umbrella", "hooli"] {
         let draft =
             tollgate_collector::billing::draft(store, &catalog, account, now_ms(), now_ms())?;
         let invoice = &draft.invoice;
