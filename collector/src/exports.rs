@@ -37,18 +37,25 @@ impl Format {
 }
 
 /// The stable identifier of a stored record: 128 bits of SHA-256 over the batch id and the
-/// record's key. A batch holds one record per key, so no two records share one.
+/// record's key (the user included, when there is one). A batch holds one record per key, so
+/// no two records share one; payment systems de-duplicate on it.
 pub fn record_identifier(r: &StoredRecord) -> String {
     let mut hash = Sha256::new();
-    for part in [
+    let window_start = r.window_start_ms.to_string();
+    let mut parts = vec![
         r.batch_id.as_str(),
         r.account.as_str(),
         r.license.as_str(),
         r.feature.as_str(),
         r.outcome.as_str(),
         r.meter.as_str(),
-        &r.window_start_ms.to_string(),
-    ] {
+        &window_start,
+    ];
+    // Only when set: records without a user keep the identifiers they always had.
+    if !r.user.is_empty() {
+        parts.push(&r.user);
+    }
+    for part in parts {
         // Length-prefixed: no two different keys hash the same parts.
         hash.update((part.len() as u64).to_be_bytes());
         hash.update(part.as_bytes());
@@ -114,6 +121,7 @@ pub fn cloud_events(catalog: &Catalog, records: &[StoredRecord]) -> Vec<Value> {
                     "license": r.license,
                     "feature": r.feature,
                     "outcome": r.outcome,
+                    "user": r.user,
                     "meter": r.meter,
                     "units": r.units,
                     "window_start": rfc3339_utc(r.window_start_ms),
@@ -140,7 +148,7 @@ pub fn json_records(records: &[StoredRecord]) -> Vec<Value> {
 
 /// The CSV header of [`csv_records`].
 pub const CSV_HEADER: &str =
-    "identifier,batch_id,account,license,feature,outcome,meter,units,window_start,window_end\n";
+    "identifier,batch_id,account,license,feature,outcome,meter,units,window_start,window_end,user\n";
 
 /// The records as CSV rows (no header).
 pub fn csv_records(records: &[StoredRecord]) -> String {
@@ -157,6 +165,7 @@ pub fn csv_records(records: &[StoredRecord]) -> String {
             r.units.to_string(),
             rfc3339_utc(r.window_start_ms),
             rfc3339_utc(r.window_end_ms),
+            r.user.clone(),
         ];
         let row: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
         out.push_str(&row.join(","));
@@ -182,6 +191,7 @@ mod tests {
             units,
             window_start_ms: 1_795_000_000_000,
             window_end_ms: 1_795_000_001_000,
+            user: String::new(),
         }
     }
 
@@ -205,6 +215,19 @@ mod tests {
         shifted.license = "ic-1".into();
         assert_ne!(record_identifier(&a), record_identifier(&shifted));
         assert_eq!(record_identifier(&a).len(), 3 + 32);
+        // Records of two users in one batch: two identifiers, and none is the user-less one
+        // (which stays what it was before users existed).
+        let user = |u: &str| StoredRecord {
+            user: u.into(),
+            ..a.clone()
+        };
+        assert_ne!(record_identifier(&user("k1.aa")), record_identifier(&user("k1.bb")));
+        assert_ne!(record_identifier(&user("k1.aa")), record_identifier(&a));
+        assert_eq!(
+            record_identifier(&a),
+            "tg_cc67a795a059f94be8b97e0de17ef7d9",
+            "identifiers of records without a user never change"
+        );
     }
 
     #[test]

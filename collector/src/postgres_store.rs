@@ -609,7 +609,7 @@ impl Store for PostgresStore {
         let limit = i64::from(limit);
         self.with_client(|client| {
             let rows = client.query(
-                "SELECT r.id, r.batch_id, r.account, r.license, r.feature, r.outcome, r.meter, r.units, r.window_start_ms, r.window_end_ms
+                "SELECT r.id, r.batch_id, r.account, r.license, r.feature, r.outcome, r.meter, r.units, r.window_start_ms, r.window_end_ms, r.user_ref
                  FROM usage_records r JOIN batches b ON b.batch_id = r.batch_id
                  WHERE r.window_start_ms >= $1 AND r.window_start_ms < $2 AND r.id > $3 AND b.received_ms <= $5
                  ORDER BY r.id LIMIT $4",
@@ -628,6 +628,7 @@ impl Store for PostgresStore {
                     units: u64_of(r.get(7)),
                     window_start_ms: u64_of(r.get(8)),
                     window_end_ms: u64_of(r.get(9)),
+                    user: r.get(10),
                 })
                 .collect())
         })

@@ -209,6 +209,9 @@ pub struct StoredRecord {
     pub units: u64,
     pub window_start_ms: u64,
     pub window_end_ms: u64,
+    /// The pseudonymised end user; empty when the filter does not tell users apart.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub user: String,
 }
 
 /// A finalised invoice: frozen as it was rated then.
@@ -1244,7 +1247,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<StoredRecord>> {
         let conn = self.conn()?;
         let mut statement = conn.prepare_cached(
-            "SELECT r.id, r.batch_id, r.account, r.license, r.feature, r.outcome, r.meter, r.units, r.window_start_ms, r.window_end_ms
+            "SELECT r.id, r.batch_id, r.account, r.license, r.feature, r.outcome, r.meter, r.units, r.window_start_ms, r.window_end_ms, r.user_ref
              FROM usage_records r JOIN batches b ON b.batch_id = r.batch_id
              WHERE r.window_start_ms >= ?1 AND r.window_start_ms < ?2 AND r.id > ?3 AND b.received_ms <= ?5
              ORDER BY r.id LIMIT ?4",
@@ -1269,6 +1272,7 @@ impl Store for SqliteStore {
                     units: u64_of(r.get(7)?),
                     window_start_ms: u64_of(r.get(8)?),
                     window_end_ms: u64_of(r.get(9)?),
+                    user: r.get(10)?,
                 })
             },
         )?;
