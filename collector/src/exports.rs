@@ -221,7 +221,10 @@ mod tests {
             user: u.into(),
             ..a.clone()
         };
-        assert_ne!(record_identifier(&user("k1.aa")), record_identifier(&user("k1.bb")));
+        assert_ne!(
+            record_identifier(&user("k1.aa")),
+            record_identifier(&user("k1.bb"))
+        );
         assert_ne!(record_identifier(&user("k1.aa")), record_identifier(&a));
         assert_eq!(
             record_identifier(&a),

@@ -158,7 +158,12 @@ impl Store for PostgresStore {
         );
         let limit = i64::from(r.rule.limit());
         self.with_client(|client| {
-            let mut tx = client.transaction()?;
+            // Read committed (whatever the server's default): rows committed by the replica that
+            // held the lock before are seen once the lock is ours.
+            let mut tx = client
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::ReadCommitted)
+                .start()?;
             // One decision per license at a time, across every replica.
             tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('tollgate-seats:' || $1, 0))", &[&r.license])?;
             let held: Vec<crate::seats::SeatHolder> = tx
@@ -205,7 +210,12 @@ impl Store for PostgresStore {
                 &[&seen.license, &since],
             )?;
             let n: i64 = tx
-                .query_one("SELECT COUNT(*) FROM license_clients WHERE license = $1", &[&seen.license])?
+                // Per pseudonym key (a key rotation would count every client twice): the busiest.
+                .query_one(
+                    "SELECT COALESCE(MAX(n), 0)::BIGINT FROM (SELECT COUNT(*) AS n FROM license_clients WHERE license = $1
+                     GROUP BY split_part(client_ref, '.', 1)) AS per_key",
+                    &[&seen.license],
+                )?
                 .get(0);
             tx.commit()?;
             Ok(u32::try_from(n).unwrap_or(u32::MAX))
@@ -222,7 +232,10 @@ impl Store for PostgresStore {
             .map(|v| to_i64("blocked_until_ms", v))
             .transpose()?;
         self.with_client(|client| {
-            let mut tx = client.transaction()?;
+            let mut tx = client
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::ReadCommitted)
+                .start()?;
             tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('tollgate-sharing:' || $1, 0))", &[&d.license])?;
             let last = tx.query_opt(
                 "SELECT detected_ms, window_ms FROM sharing_detections WHERE license = $1",
@@ -310,8 +323,10 @@ impl Store for PostgresStore {
         self.with_client(|client| {
             Ok(client
                 .query(
-                    "SELECT license, kind, MAX(seat_limit), COUNT(*) FROM seats
-                     WHERE account = $1 AND until_ms > $2 GROUP BY license, kind ORDER BY license, kind",
+                    "SELECT license, kind, MAX(seat_limit)::BIGINT, MAX(n)::BIGINT FROM (
+                       SELECT license, kind, key_id, MAX(seat_limit) AS seat_limit, COUNT(*) AS n FROM seats
+                       WHERE account = $1 AND until_ms > $2 GROUP BY license, kind, key_id) AS per_key
+                     GROUP BY license, kind ORDER BY license, kind",
                     &[&account, &now],
                 )?
                 .iter()

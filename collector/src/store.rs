@@ -762,8 +762,10 @@ impl Store for SqliteStore {
             "DELETE FROM license_clients WHERE license = ?1 AND last_seen_ms <= ?2",
             params![seen.license, since],
         )?;
+        // Per pseudonym key (a key rotation would count every client twice): the busiest.
         let n: i64 = tx.query_row(
-            "SELECT COUNT(*) FROM license_clients WHERE license = ?1",
+            "SELECT COALESCE(MAX(n), 0) FROM (SELECT COUNT(*) AS n FROM license_clients WHERE license = ?1
+             GROUP BY substr(client_ref, 1, instr(client_ref, '.')))",
             [&seen.license],
             |r| r.get(0),
         )?;
@@ -857,8 +859,10 @@ impl Store for SqliteStore {
     fn seat_use(&self, account: &str, now_ms: u64) -> Result<Vec<SeatUse>> {
         let conn = self.conn()?;
         let mut query = conn.prepare_cached(
-            "SELECT license, kind, MAX(seat_limit), COUNT(*) FROM seats
-             WHERE account = ?1 AND until_ms > ?2 GROUP BY license, kind ORDER BY license, kind",
+            "SELECT license, kind, MAX(seat_limit), MAX(n) FROM (
+               SELECT license, kind, key_id, MAX(seat_limit) AS seat_limit, COUNT(*) AS n FROM seats
+               WHERE account = ?1 AND until_ms > ?2 GROUP BY license, kind, key_id)
+             GROUP BY license, kind ORDER BY license, kind",
         )?;
         let rows = query.query_map(params![account, to_i64("now_ms", now_ms)?], |r| {
             Ok(SeatUse {

@@ -21,7 +21,7 @@ use crate::quota::{pool_key, update_pool, Reservation, SharedBlobs};
 use crate::ratelimit::{RateLimits, SharedCells, StoreHealth};
 use crate::refusal::{Code, LimitScope, QuotaDenial, RateLimitDenial, Refusal};
 use crate::routes::RouteTarget;
-use crate::seats::{update_book, SeatCheck};
+use crate::seats::{update_seat, SeatCheck};
 use crate::token::{self, License};
 
 /// What the adapter read from the request headers.
@@ -114,6 +114,11 @@ impl SyncWork {
 /// Distinct clients of one license noted between two syncs (enough to tell sharing: a plan
 /// allowing more than this many clients is told apart by the collector over several syncs).
 const CLIENTS_PER_SYNC: usize = 256;
+/// Client pseudonyms in one sync, all licenses together (the collector takes at most 10,000
+/// items of a kind per sync; about 50 bytes each).
+const CLIENT_IDS_PER_SYNC: usize = 8_000;
+/// Seat asks waiting for the next sync, at most.
+const MAX_SEAT_ASKS: usize = 10_000;
 
 /// Items of each list per sync: 2,000 of each, with ids of at most 256 bytes, keep a sync well
 /// under the collector's 4 MiB.
@@ -162,7 +167,9 @@ impl Admission {
         match &self.verdict {
             Verdict::Refuse(refusal) => Outcome::Refused(refusal.code),
             Verdict::Allow | Verdict::Public => Outcome::Allowed,
-            // Never decided (the client left while it waited for a lease): never served.
+            // Never decided (the client left while it waited for a seat or a lease): never
+            // served.
+            Verdict::AwaitCollector if !self.seat_held => Outcome::Refused(Code::SeatUnavailable),
             Verdict::AwaitCollector => Outcome::Refused(Code::QuotaUnavailable),
         }
     }
@@ -511,7 +518,7 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             seat_held: false,
             holds: Vec::new(),
         };
-        self.retry_held(&mut admission, now_ms, false);
+        self.decide_held(&mut admission, now_ms, false);
         admission
     }
 
@@ -544,6 +551,22 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
     /// it becomes allowed with its holds, refused, or stays waiting for a lease. `timed_out`:
     /// it waited long enough, so without a lease `quota.without_collector` decides.
     pub fn retry_held(&mut self, admission: &mut Admission, now_ms: u64, timed_out: bool) {
+        if admission.verdict != Verdict::AwaitCollector {
+            return;
+        }
+        // The sync it waited for may have brought a denial (revoked, suspended, over budget,
+        // shared): a held request obeys it like a new one.
+        if let Some(license) = admission.license.clone() {
+            if let Some(refusal) = self.denial(&license, now_ms) {
+                admission.verdict = Verdict::Refuse(refusal);
+                return;
+            }
+        }
+        self.decide_held(admission, now_ms, timed_out);
+    }
+
+    /// [`Gate::retry_held`] without the denial check ([`Gate::admit`] has just made it).
+    fn decide_held(&mut self, admission: &mut Admission, now_ms: u64, timed_out: bool) {
         if admission.verdict != Verdict::AwaitCollector {
             return;
         }
@@ -702,8 +725,8 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
                 "the license counts seats per user, and the request names no user",
             ));
         };
-        let checked = update_book(&self.shared, &license.license_id, |book| {
-            book.check(user, now_ms)
+        let checked = update_seat(&self.shared, &license.license_id, user, |seat| {
+            seat.check(now_ms)
         });
         let pending = match checked {
             Ok(SeatCheck::Held { renew }) => {
@@ -755,6 +778,11 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
     }
 
     fn ask_seat(&mut self, license: &License, user: &Arc<str>, rule: SeatRule) {
+        if self.seat_asks.len() >= MAX_SEAT_ASKS {
+            // More new users at once than syncs carry: this one is asked for when its ask
+            // times out (its request waits, then `without_collector` decides).
+            return;
+        }
         self.seat_asks
             .entry((Arc::clone(&license.license_id), Arc::clone(user)))
             .or_insert_with(|| SeatRequest {
@@ -853,7 +881,12 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             };
             work.seats.push(ask);
         }
-        while work.clients.len() < SYNC_ITEMS {
+        let mut client_ids = 0;
+        while let Some((_, next)) = self.clients_seen.first_key_value() {
+            client_ids += next.clients.len().max(1);
+            if client_ids > CLIENT_IDS_PER_SYNC {
+                break;
+            }
             let Some((_, seen)) = self.clients_seen.pop_first() else {
                 break;
             };
@@ -895,8 +928,8 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
     /// Seat asks that got no answer: the next request of each user asks again.
     fn seat_asks_unanswered(&mut self, seats: &[SeatRequest]) {
         for seat in seats {
-            let _ = update_book(&self.shared, &seat.license, |book| {
-                book.unanswered(&seat.user)
+            let _ = update_seat(&self.shared, &seat.license, &seat.user, |entry| {
+                entry.unanswered()
             });
         }
     }
@@ -942,8 +975,8 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             .collect();
         self.lease_requests_unanswered(&unanswered);
         for answer in &response.seats {
-            let _ = update_book(&self.shared, &answer.license, |book| {
-                book.apply(answer, now_ms)
+            let _ = update_seat(&self.shared, &answer.license, &answer.user, |entry| {
+                entry.apply(answer, now_ms)
             });
         }
         let unanswered: Vec<SeatRequest> = work

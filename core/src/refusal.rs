@@ -113,13 +113,13 @@ impl Code {
             | Code::TokenNotYetValid
             | Code::InvalidIssuer
             | Code::InvalidAudience
-            | Code::InvalidLicense
-            | Code::MissingUser => 401,
+            | Code::InvalidLicense => 401,
             Code::UnknownPlan
             | Code::FeatureNotLicensed
             | Code::RouteNotLicensed
             | Code::LicenseRevoked
             | Code::AccountSuspended
+            | Code::MissingUser
             | Code::SeatLimitReached
             | Code::LicenseSharingDetected => 403,
             Code::RateLimited | Code::QuotaExhausted => 429,

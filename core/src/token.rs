@@ -552,6 +552,14 @@ pub fn verify(
             "the license's limits.sharing: sharing detection is set by the plan",
         ));
     }
+    if claims.limits.as_ref().is_some_and(|l| l.seats.is_some())
+        && (policy.users.is_none() || policy.collector.is_none())
+    {
+        return Err(TokenError::new(
+            Code::InvalidLicense,
+            "the license's limits.seats: this API does not tell users apart (no `users` or no `collector` in the filter's configuration)",
+        ));
+    }
     let user = match (&policy.users, &policy.pseudonyms) {
         (Some(UserSource::Claim(name)), Some(pseudonyms)) => {
             user_claim(token, name).map(|raw| Arc::from(pseudonyms.pseudonym(Subject::User, &raw)))

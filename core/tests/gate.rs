@@ -1520,10 +1520,11 @@ fn seats_hold_a_new_user_for_the_collector_then_admit_holders_and_refuse_the_res
     );
     let work = seat_sync(&mut gate, &["alice@example.com"], now + 6_010);
     assert_eq!(work.seats.len(), 1);
-    // No user: 401 missing_user, before anything is asked.
+    // No user: 403 missing_user (the token is fine: no WWW-Authenticate), before anything
+    // is asked.
     let none = admit_user(&mut gate, &t, None, None, now + 6_020);
     assert_eq!(code(none.verdict.clone()), Some(Code::MissingUser));
-    assert_eq!(Code::MissingUser.status(), 401);
+    assert_eq!(Code::MissingUser.status(), 403);
 
     // Usage is metered per user, pseudonymised.
     gate.record(
@@ -1538,6 +1539,86 @@ fn seats_hold_a_new_user_for_the_collector_then_admit_holders_and_refuse_the_res
     assert_eq!(users.len(), 1);
     let user = users[0].clone().unwrap();
     assert!(user.starts_with("k2026.") && !user.contains("alice"));
+}
+
+#[test]
+fn a_request_held_for_a_seat_obeys_a_denial_the_sync_brings() {
+    use tollgate_wire::sync::{Denial, DenialCode, SyncResponse};
+    let k = keys();
+    let t = token(&k.ed, &spec("pro", &["search"]));
+    let now = NOW * 1000;
+    let mut gate = seat_gate(json!({"named": 2}), json!({"without_collector": "allow"}));
+    let mut waiting = admit_user(&mut gate, &t, Some("erin"), None, now);
+    assert_eq!(waiting.verdict, Verdict::AwaitCollector);
+    // Left before it was decided: metered as never served, for want of a seat.
+    assert_eq!(waiting.outcome(), Outcome::Refused(Code::SeatUnavailable));
+    // The collector revoked the license meanwhile: no seat answer, a denial.
+    let work = gate.sync_work(now);
+    let response = SyncResponse {
+        version: 1,
+        grants: vec![],
+        closed: vec![],
+        seats: vec![],
+        denials: vec![Denial {
+            account: "acct-1".into(),
+            license: "lic-1".into(),
+            code: DenialCode::LicenseRevoked,
+            message: "license lic-1 was revoked: fraud".into(),
+            until_ms: None,
+        }],
+    };
+    gate.apply_sync(&work, &response, now + 5);
+    // Refused with the denial, even under `without_collector: allow` once it waited long.
+    gate.retry_held(&mut waiting, now + 5_000, true);
+    assert_eq!(code(waiting.verdict), Some(Code::LicenseRevoked));
+}
+
+#[test]
+fn a_license_cannot_ask_for_seats_where_users_are_not_told_apart() {
+    let k = keys();
+    let mut gate = gate_with(&with_collector());
+    let mut s = spec("pro", &["search"]);
+    s.limits = Some(json!({"seats": {"named": 3}}));
+    let a = admit_user(&mut gate, &token(&k.ed, &s), Some("u"), None, NOW * 1000);
+    assert_eq!(code(a.verdict), Some(Code::InvalidLicense));
+}
+
+#[test]
+fn a_sync_carries_a_bounded_number_of_client_pseudonyms() {
+    let k = keys();
+    let mut c = with_collector();
+    c["pseudonyms"] = json!({"key_id": "k2026", "secret": PSEUDONYM_SECRET});
+    c["plans"]["pro"]["sharing"] = json!({"max_clients": 2});
+    let mut gate = gate_with(&c);
+    // 60 licenses, each used from 200 addresses: 12,000 pseudonyms noted.
+    for license in 0..60 {
+        let mut s = spec("pro", &["search"]);
+        s.license_id = format!("lic-{license}");
+        let t = token(&k.ed, &s);
+        for client in 0..200 {
+            let address = format!("10.0.{license}.{client}");
+            admit_user(&mut gate, &t, None, Some(&address), NOW * 1000);
+        }
+    }
+    let mut total = 0;
+    for round in 0..3 {
+        let work = gate.sync_work(NOW * 1000 + round);
+        let ids: usize = work.clients.iter().map(|c| c.clients.len()).sum();
+        assert!(ids <= 8_000, "{ids} client ids in one sync");
+        // And the collector takes it.
+        let request = tollgate_wire::sync::SyncRequest {
+            version: 1,
+            instance: "node".into(),
+            leases: work.leases,
+            returns: work.returns,
+            licenses: work.licenses,
+            seats: work.seats,
+            clients: work.clients,
+        };
+        assert!(tollgate_wire::sync::SyncRequest::decode(&request.encode()).is_ok());
+        total += ids;
+    }
+    assert_eq!(total, 12_000, "every pseudonym goes, over several syncs");
 }
 
 #[test]

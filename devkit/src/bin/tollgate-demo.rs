@@ -183,9 +183,7 @@ fn main() -> Result<()> {
     println!(
         "  umbrella   lic-umbrella-010 plan trial (10 calls a day)            features search"
     );
-    println!(
-        "  hooli      lic-hooli-020   plan team (2 named seats a month)    features search"
-    );
+    println!("  hooli      lic-hooli-020   plan team (2 named seats a month)    features search");
     println!("  initech    lic-initech-002 expired an hour ago (minted with the same key)");
 
     let agent = ureq::AgentBuilder::new()
