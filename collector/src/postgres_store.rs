@@ -166,6 +166,12 @@ impl Store for PostgresStore {
                 .start()?;
             // One decision per license at a time, across every replica.
             tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('tollgate-seats:' || $1, 0))", &[&r.license])?;
+            // Floating seats that freed are of no use: the table holds the live ones (named
+            // seats stay, as the record of who held one in each period).
+            tx.execute(
+                "DELETE FROM seats WHERE license = $1 AND kind = 'floating' AND until_ms <= $2",
+                &[&r.license, &now],
+            )?;
             let held: Vec<crate::seats::SeatHolder> = tx
                 .query(
                     "SELECT user_ref, until_ms FROM seats

@@ -717,6 +717,12 @@ impl Store for SqliteStore {
         );
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Floating seats that freed are of no use: the table holds the live ones (named seats
+        // stay, as the record of who held one in each period).
+        tx.execute(
+            "DELETE FROM seats WHERE license = ?1 AND kind = 'floating' AND until_ms <= ?2",
+            params![r.license, now],
+        )?;
         let held = {
             let mut query = tx.prepare_cached(
                 "SELECT user_ref, until_ms FROM seats
