@@ -206,7 +206,7 @@ fn named_seats_admit_exactly_n_users_across_two_envoys_and_the_holders_keep_work
             served += 1;
         }
     }
-    // No user header: 401 missing_user.
+    // No user header: 403 missing_user.
     let auth = format!("Bearer {token}");
     let r = request(
         s.envoys[0].listener,
@@ -215,7 +215,7 @@ fn named_seats_admit_exactly_n_users_across_two_envoys_and_the_holders_keep_work
         &[("authorization", auth.as_bytes())],
     )
     .unwrap();
-    assert_eq!(outcome(&r), "401 missing_user");
+    assert_eq!(outcome(&r), "403 missing_user");
 
     // Every served call is stored once, per (pseudonymised) user.
     wait_for_usage(&s.collector, "lic-team", served);
