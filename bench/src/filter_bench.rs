@@ -22,6 +22,10 @@
 //!   reads of Tollgate's warm path; and those plus four request headers written;
 //! - `tollgate-no-collector`, `tollgate-no-rate-limit`, `tollgate-no-headers`, `tollgate-bare`
 //!   (all three off): where the warm filter's time goes, feature by feature.
+//! - `tollgate-users`, `tollgate-seats`, `tollgate-sharing`: the warm filter with 100 end users
+//!   in turn in an `x-end-user` header (pseudonymised per request, metered per user); with a
+//!   floating seat held by each; with sharing detection (the client address read and
+//!   pseudonymised per request).
 //!
 //! `--before <filter.wasm>` adds `<variant>@before` variants (e.g. `tollgate@before`): the same
 //! load against an earlier build of the filter, in the same run, for before/after figures.
@@ -90,7 +94,7 @@ fn options() -> Result<Options> {
     Ok(o)
 }
 
-const ALL: [&str; 22] = [
+const ALL: &[&str] = &[
     "none",
     "wasm-empty",
     "wasm-calls",
@@ -103,6 +107,9 @@ const ALL: [&str; 22] = [
     "tollgate-no-rate-limit",
     "tollgate-no-headers",
     "tollgate-bare",
+    "tollgate-users",
+    "tollgate-seats",
+    "tollgate-sharing",
     "cold-eddsa",
     "native-cold-eddsa",
     "cold-es256",
@@ -114,6 +121,9 @@ const ALL: [&str; 22] = [
     "licenses-100k-bare",
     "native-licenses-100k",
 ];
+
+/// Distinct end users the `tollgate-users`, `-seats` and `-sharing` variants send, in turn.
+const BENCH_USERS: usize = 100;
 
 /// The signing keys: the demo key (EdDSA, in `envoy/tollgate.json`) and one of each other kind.
 struct Keys {
@@ -316,14 +326,21 @@ local path = os.getenv("BENCH_TOKENS")
 if path then
   for line in io.lines(path) do tokens[#tokens + 1] = line end
 end
+local users = tonumber(os.getenv("BENCH_USERS") or "0")
 local i = 0
+local u = 0
 request = function()
   if #tokens == 0 then
     return wrk.format("GET", BENCH_PATH)
   end
   i = i + 1
   if i > #tokens then i = 1 end
-  return wrk.format("GET", BENCH_PATH, {["authorization"] = "Bearer " .. tokens[i]})
+  local headers = {["authorization"] = "Bearer " .. tokens[i]}
+  if users > 0 then
+    u = u % users + 1
+    headers["x-end-user"] = "user-" .. u .. "@bench.example"
+  end
+  return wrk.format("GET", BENCH_PATH, headers)
 end
 done = function(summary, latency, requests)
   local errors = summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout
@@ -346,6 +363,7 @@ struct Saturation {
 fn wrk(
     url: &str,
     tokens: Option<&Path>,
+    users: usize,
     seconds: u64,
     script: &Path,
 ) -> Result<(Saturation, String)> {
@@ -360,6 +378,7 @@ fn wrk(
     if let Some(tokens) = tokens {
         command.env("BENCH_TOKENS", tokens);
     }
+    command.env("BENCH_USERS", users.to_string());
     let output = command
         .output()
         .context("running wrk (apt-get install wrk)")?;
@@ -388,6 +407,7 @@ fn wrk(
 fn fixed_rate(
     addr: SocketAddr,
     token: Option<&str>,
+    user: Option<&str>,
     rate: u64,
     seconds: u64,
     connections: u64,
@@ -395,11 +415,14 @@ fn fixed_rate(
     let per_connection = Duration::from_secs_f64(connections as f64 / rate as f64);
     let total = rate * seconds / connections;
     let start = Instant::now() + Duration::from_millis(50);
+    let user = user
+        .map(|u| format!("x-end-user: {u}\r\n"))
+        .unwrap_or_default();
     let request = match token {
         Some(t) => {
-            format!("GET {PATH} HTTP/1.1\r\nhost: bench\r\nauthorization: Bearer {t}\r\n\r\n")
+            format!("GET {PATH} HTTP/1.1\r\nhost: bench\r\nauthorization: Bearer {t}\r\n{user}\r\n")
         }
-        None => format!("GET {PATH} HTTP/1.1\r\nhost: bench\r\n\r\n"),
+        None => format!("GET {PATH} HTTP/1.1\r\nhost: bench\r\n{user}\r\n"),
     };
     let request = Arc::new(request.into_bytes());
     let handles: Vec<_> = (0..connections)
@@ -574,6 +597,24 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
                 config["upstream_headers"] =
                     json!({"account": null, "license": null, "plan": null, "feature": null});
             }
+            // Users told apart (a header, pseudonymised per request), seats held (every
+            // user holds one after the warm-up: a shared-data read per request), and
+            // sharing detection (the client address read and pseudonymised per request).
+            if matches!(
+                ablation,
+                "tollgate-users" | "tollgate-seats" | "tollgate-sharing"
+            ) {
+                config["pseudonyms"] =
+                    json!({"key_id": "bench", "secret": "bench-pseudonym-key-0123456789abcdef"});
+                config["users"] = json!({"header": "x-end-user"});
+            }
+            if ablation == "tollgate-seats" {
+                config["plans"]["pro"]["seats"] =
+                    json!({"floating": 100_000, "window_seconds": 900});
+            }
+            if ablation == "tollgate-sharing" {
+                config["plans"]["pro"]["sharing"] = json!({"max_clients": 100_000});
+            }
             let collector = config.get("collector").map(|_| setup.collector_port);
             (
                 bootstrap(vec![tollgate_filter(module, &config)], collector),
@@ -639,6 +680,10 @@ fn run_variant(setup: &Setup, name: &str, o: &Options, raw: &mut String) -> Resu
     pin(envoy.pid(), "0")?;
     let url = envoy.url(PATH);
     let warm_tokens = tokens.as_deref();
+    let users = match name.trim_end_matches("@before") {
+        "tollgate-users" | "tollgate-seats" | "tollgate-sharing" => BENCH_USERS,
+        _ => 0,
+    };
     // Warm up: connections, the VM, and (for the licenses variants) the token cache.
     let warm_seconds = match name.trim_end_matches("@before") {
         // Every token is verified once (cold) before the cache is warm.
@@ -646,10 +691,10 @@ fn run_variant(setup: &Setup, name: &str, o: &Options, raw: &mut String) -> Resu
         "licenses-1k" => 3,
         _ => 2,
     };
-    wrk(&url, warm_tokens, warm_seconds, &setup.script)?;
+    wrk(&url, warm_tokens, users, warm_seconds, &setup.script)?;
     let ticks = clock_ticks_per_second();
     let cpu_before = cpu_ticks(envoy.pid())?;
-    let (saturation, text) = wrk(&url, warm_tokens, o.seconds, &setup.script)?;
+    let (saturation, text) = wrk(&url, warm_tokens, users, o.seconds, &setup.script)?;
     let cpu_after = cpu_ticks(envoy.pid())?;
     raw.push_str(&format!("== {name} saturation\n{text}\n"));
     let requests = saturation.rps * o.seconds as f64;
@@ -672,6 +717,7 @@ fn run_variant(setup: &Setup, name: &str, o: &Options, raw: &mut String) -> Resu
     let (latencies, bad) = fixed_rate(
         envoy.listener,
         one_token.as_deref(),
+        (users > 0).then_some("user-1@bench.example"),
         o.rate,
         o.seconds.min(5),
         1,
