@@ -327,7 +327,7 @@ pub fn update_pool<T>(
 }
 
 /// Read, change and write back one shared value with compare-and-swap, retried on conflicts.
-pub fn update_blob<B: Default + PartialEq, T>(
+pub fn update_blob<B: Default + PartialEq + Clone, T>(
     shared: &impl SharedBlobs,
     key: &str,
     decode: impl Fn(&[u8]) -> B,
@@ -340,15 +340,15 @@ pub fn update_blob<B: Default + PartialEq, T>(
             Some((bytes, version)) => (decode(bytes), Some(*version)),
             None => (B::default(), None),
         };
+        let before = value.clone();
         let out = change(&mut value);
-        let encoded = encode(&value);
-        // Nothing changed (a refusal while exhausted, a request that finds no lease): no
-        // write, which on the request path is a shared-data write saved.
-        let unchanged = match &loaded {
-            Some((bytes, _)) => *bytes == encoded,
-            None => value == B::default(),
-        };
-        if unchanged || shared.compare_and_swap(key, &encoded, version)? {
+        // Nothing changed (a refusal while exhausted, a request that finds no lease, a user
+        // holding a seat): no encoding and no write, which on the request path is a
+        // shared-data write saved.
+        if value == before {
+            return Ok(out);
+        }
+        if shared.compare_and_swap(key, &encode(&value), version)? {
             return Ok(out);
         }
     }

@@ -10,7 +10,6 @@
 //!
 //! Pure logic with an injected clock; the gate carries the asks in its syncs.
 
-use serde::{Deserialize, Serialize};
 use tollgate_wire::sync::SeatAnswer;
 
 use crate::quota::{update_blob, SharedBlobs};
@@ -18,10 +17,11 @@ use crate::ratelimit::StoreError;
 
 /// How long an ask may stay unanswered before another request asks again.
 pub const SEAT_ASK_TIMEOUT_MS: u64 = 3_000;
+/// Bytes of an encoded [`SeatEntry`].
+const ENCODED_LEN: usize = 1 + 8 + 8 + 8 + 4 + 4;
 
 /// What an Envoy knows of one user's seat.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum SeatState {
     /// Nothing known (never asked, or the last answer expired).
     #[default]
@@ -32,7 +32,7 @@ pub enum SeatState {
 
 /// One user's seat of one license, as this Envoy holds it (one shared-data value per license
 /// and user: a request reads and writes a few dozen bytes, whatever the number of users).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SeatEntry {
     pub state: SeatState,
     /// The grant or refusal holds until this time.
@@ -117,13 +117,53 @@ impl SeatEntry {
         self.asked_ms = 0;
     }
 
+    /// 33 bytes, little-endian: state, until, renew from, asked, in use, limit. Fixed-size
+    /// binary, because every request of a seat-counted license decodes one.
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        let mut out = Vec::with_capacity(ENCODED_LEN);
+        out.push(match self.state {
+            SeatState::Unknown => 0,
+            SeatState::Granted => 1,
+            SeatState::Refused => 2,
+        });
+        out.extend_from_slice(&self.until_ms.to_le_bytes());
+        out.extend_from_slice(&self.renew_from_ms.to_le_bytes());
+        out.extend_from_slice(&self.asked_ms.to_le_bytes());
+        out.extend_from_slice(&self.in_use.to_le_bytes());
+        out.extend_from_slice(&self.limit.to_le_bytes());
+        out
     }
 
     /// A damaged value reads as nothing known: the user asks the collector again, which knows.
     pub fn decode(bytes: &[u8]) -> SeatEntry {
-        serde_json::from_slice(bytes).unwrap_or_default()
+        if bytes.len() != ENCODED_LEN {
+            return SeatEntry::default();
+        }
+        let u64_at = |at: usize| {
+            bytes
+                .get(at..at + 8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map_or(0, u64::from_le_bytes)
+        };
+        let u32_at = |at: usize| {
+            bytes
+                .get(at..at + 4)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map_or(0, u32::from_le_bytes)
+        };
+        let state = match bytes.first() {
+            Some(1) => SeatState::Granted,
+            Some(2) => SeatState::Refused,
+            _ => SeatState::Unknown,
+        };
+        SeatEntry {
+            state,
+            until_ms: u64_at(1),
+            renew_from_ms: u64_at(9),
+            asked_ms: u64_at(17),
+            in_use: u32_at(25),
+            limit: u32_at(29),
+        }
     }
 }
 
@@ -231,10 +271,16 @@ mod tests {
         let mut seat = SeatEntry::default();
         seat.check(T0);
         seat.apply(&answer(true, T0 + 10_000), T0);
+        seat.in_use = 7;
+        seat.limit = u32::MAX;
         let bytes = seat.encode();
-        assert!(bytes.len() < 120, "{} bytes", bytes.len());
+        assert_eq!(bytes.len(), 33);
         assert_eq!(SeatEntry::decode(&bytes), seat);
         assert_eq!(SeatEntry::decode(b"garbage"), SeatEntry::default());
+        assert_eq!(SeatEntry::decode(&[]), SeatEntry::default());
+        let mut refused = SeatEntry::default();
+        refused.apply(&answer(false, T0 + 1), T0);
+        assert_eq!(SeatEntry::decode(&refused.encode()), refused);
         assert_ne!(seat_key("a", "k1.b"), seat_key("a/k1", "b"));
     }
 }
