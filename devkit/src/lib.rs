@@ -5,6 +5,7 @@ pub mod keys;
 
 pub use keys::{jwks, unix_now, KeyAlg, KeyFile, LicenseSpec, SigningKey};
 pub mod envoy;
+pub mod oci;
 pub mod postgres;
 pub mod upstream;
 
