@@ -385,13 +385,15 @@ impl RootContext for TollgateRoot {
             outbox.set_tick_period(interval_ms);
         }
         self.fold_interval_ms = interval_ms;
-        // Quotas need a quick tick: a request waiting for a lease starts a sync on the next one.
-        let uses_quotas = self.outbox.is_some()
-            && policy
-                .plans
-                .values()
-                .any(|plan| !plan.limits.quotas.is_empty());
-        let tick_ms = if uses_quotas {
+        // Quotas and seats need a quick tick: a request waiting for a lease or a seat starts a
+        // sync on the next one. (Seats may come from a license's claims, which need `users`.)
+        let holds_requests = self.outbox.is_some()
+            && (policy.users.is_some()
+                || policy
+                    .plans
+                    .values()
+                    .any(|plan| !plan.limits.quotas.is_empty()));
+        let tick_ms = if holds_requests {
             interval_ms.min(QUOTA_TICK_MS)
         } else {
             interval_ms
