@@ -5,7 +5,7 @@ ENVOY := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
 WASM := target/wasm32-wasip1/release/tollgate_filter.wasm
 
-.PHONY: run up test test-only wasm oci envoy postgres chromium wrk bench lint fmt clean
+.PHONY: run up test test-only wasm oci envoy postgres chromium wrk bench lint deny fmt clean
 
 ## run: build, start an upstream and Envoy with the filter, mint demo licenses, send traffic, exit
 run: wasm envoy
@@ -16,7 +16,7 @@ up: wasm envoy
 	cargo run -q -p tollgate-devkit --bin tollgate-demo -- --keep-running
 
 ## test: lints (native and wasm32), unit tests, the .wasm under wasmtime, end to end through Envoy
-test: wasm envoy postgres chromium lint test-only
+test: wasm envoy postgres chromium lint deny test-only
 
 test-only:
 	cargo test --workspace --no-fail-fast
@@ -61,6 +61,12 @@ wrk:
 	@if command -v wrk >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
 	else echo "wrk is missing: run 'sudo apt-get install -y wrk'"; exit 1; fi
+
+## deny: licenses, banned crates and sources of the dependency tree (deny.toml); installs
+## cargo-deny if missing
+deny:
+	@command -v cargo-deny >/dev/null 2>&1 || cargo install --quiet --locked cargo-deny
+	cargo deny --log-level error check licenses bans sources
 
 lint:
 	cargo fmt --all -- --check
