@@ -462,14 +462,7 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             }
         }
         if license.limits.seats.is_some() && user.is_none() {
-            return refuse(
-                Some(license),
-                Some(feature),
-                Refusal::new(
-                    Code::MissingUser,
-                    "the license counts seats per user, and the request names no user",
-                ),
-            );
+            return refuse(Some(license), Some(feature), missing_user());
         }
         let checks = [
             (
@@ -720,10 +713,7 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             return SeatStep::Held;
         };
         let Some(user) = user else {
-            return SeatStep::Refuse(Refusal::new(
-                Code::MissingUser,
-                "the license counts seats per user, and the request names no user",
-            ));
+            return SeatStep::Refuse(missing_user());
         };
         let checked = update_seat(&self.shared, &license.license_id, user, |seat| {
             seat.check(now_ms)
@@ -1096,6 +1086,13 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
     pub fn cached_tokens(&self) -> usize {
         self.cache.len()
     }
+}
+
+fn missing_user() -> Refusal {
+    Refusal::new(
+        Code::MissingUser,
+        "the license counts seats per user, and the request names no user",
+    )
 }
 
 /// Where a held request stands with its seat.

@@ -84,3 +84,14 @@ fn listening_port(log: &str) -> Option<u16> {
         v["addr"].as_str()?.rsplit_once(':')?.1.parse().ok()
     })
 }
+
+/// Allowed calls of `license` stored by the collector `c` (what it will bill).
+pub fn stored_allowed_calls(c: &tollgate_collector::Running, license: &str) -> Result<u64> {
+    let rows = c.state.store.usage(&tollgate_collector::UsageQuery {
+        license: Some(license.into()),
+        meter: Some("calls".into()),
+        outcome: Some("allowed".into()),
+        ..Default::default()
+    })?;
+    Ok(rows.iter().map(|r| r.units).sum())
+}

@@ -14,6 +14,7 @@ use tollgate_collector::control::ControlPlane;
 use tollgate_collector::{open, AppState, IngestKeys, Running, UsageQuery};
 use tollgate_devkit::envoy::workspace_root;
 use tollgate_devkit::{Bootstrap, Envoy, LicenseSpec, SigningKey, Upstream};
+use tollgate_tests::collector::stored_allowed_calls;
 use tollgate_tests::http::request;
 
 const SECRET: &str = "quota-e2e-secret-0123456789";
@@ -168,21 +169,6 @@ fn settled(code: &'static str, quiet: Duration) -> impl Fn(&Tally) -> bool {
     }
 }
 
-fn stored_allowed_calls(c: &Running, license: &str) -> u64 {
-    c.state
-        .store
-        .usage(&UsageQuery {
-            license: Some(license.into()),
-            meter: Some("calls".into()),
-            outcome: Some("allowed".into()),
-            ..Default::default()
-        })
-        .unwrap()
-        .iter()
-        .map(|r| r.units)
-        .sum()
-}
-
 #[test]
 fn two_envoys_with_two_workers_each_admit_a_daily_quota_of_1000_calls_once() {
     let plugin = plugin(json!({"calls": {"per": "day", "limit": 1000}}));
@@ -216,11 +202,11 @@ fn two_envoys_with_two_workers_each_admit_a_daily_quota_of_1000_calls_once() {
     );
     // Every admitted call is also billed exactly once.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while stored_allowed_calls(&s.collector, "lic-quota") != allowed {
+    while stored_allowed_calls(&s.collector, "lic-quota").unwrap() != allowed {
         assert!(
             Instant::now() < deadline,
             "stored {} of {allowed}",
-            stored_allowed_calls(&s.collector, "lic-quota")
+            stored_allowed_calls(&s.collector, "lic-quota").unwrap()
         );
         std::thread::sleep(Duration::from_millis(100));
     }

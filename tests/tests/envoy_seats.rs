@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tollgate_collector::catalog::CatalogFileWatch;
 use tollgate_collector::control::ControlPlane;
-use tollgate_collector::{open, AppState, IngestKeys, Running, UsageQuery};
+use tollgate_collector::{open, AppState, IngestKeys, Running};
 use tollgate_devkit::envoy::workspace_root;
 use tollgate_devkit::{Bootstrap, Envoy, LicenseSpec, SigningKey, Upstream};
+use tollgate_tests::collector::stored_allowed_calls;
 use tollgate_tests::http::{request, request_from, RawResponse};
 
 const SECRET: &str = "seats-e2e-secret-0123456789";
@@ -129,27 +130,12 @@ fn admin_get(c: &Running, path: &str) -> Value {
     r.json().unwrap()
 }
 
-fn stored_allowed_calls(c: &Running, license: &str) -> u64 {
-    c.state
-        .store
-        .usage(&UsageQuery {
-            license: Some(license.into()),
-            meter: Some("calls".into()),
-            outcome: Some("allowed".into()),
-            ..Default::default()
-        })
-        .unwrap()
-        .iter()
-        .map(|r| r.units)
-        .sum()
-}
-
 /// Wait until the collector holds `want` allowed calls of `license` (usage is shipped every
 /// 200 ms); panic after 20 s.
 fn wait_for_usage(c: &Running, license: &str, want: u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let stored = stored_allowed_calls(c, license);
+        let stored = stored_allowed_calls(c, license).unwrap();
         if stored == want {
             return;
         }
