@@ -34,6 +34,14 @@ pub fn routes() -> Router<Arc<AppState>> {
         )
         .route("/v1/admin/webhooks/events", get(webhook_events))
         .route("/v1/admin/exports/usage", get(export_usage))
+        .route(
+            "/v1/admin/accounts/{account}/data",
+            get(export_account).delete(erase_account),
+        )
+        .route(
+            "/v1/admin/subjects/{subject}/data",
+            get(export_subject).delete(erase_subject),
+        )
 }
 
 fn now() -> u64 {
@@ -427,6 +435,76 @@ async fn list_invoices(
     }
     blocking(&state, move |s, _| {
         Ok(Json(json!({"invoices": s.store.invoices(Some(&account))?})).into_response())
+    })
+    .await
+}
+
+/// `GET /v1/admin/accounts/{account}/data`: everything stored about the account (GDPR access
+/// and portability), by table.
+async fn export_account(
+    State(state): State<Arc<AppState>>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    blocking(&state, move |s, now| {
+        let tables = s.store.export_account(&account)?;
+        Ok(Json(json!({"account": account, "exported_ms": now, "tables": tables})).into_response())
+    })
+    .await
+}
+
+/// `DELETE /v1/admin/accounts/{account}/data`: erase it (409 while a license is valid).
+async fn erase_account(
+    State(state): State<Arc<AppState>>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    blocking(&state, move |s, now| {
+        let erased = crate::privacy::erase_account(s.store.as_ref(), &account, now)?;
+        log(
+            json!({"level": "info", "msg": "account erased", "account": account, "erased": erased}),
+        );
+        Ok(Json(json!({"account": account, "erased": erased})).into_response())
+    })
+    .await
+}
+
+/// `GET /v1/admin/subjects/{subject}/data`: the rows holding an end user's pseudonym.
+async fn export_subject(
+    State(state): State<Arc<AppState>>,
+    Path(subject): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    blocking(&state, move |s, now| {
+        let tables = crate::privacy::export_subject(s.store.as_ref(), &subject)?;
+        Ok(Json(json!({"subject": subject, "exported_ms": now, "tables": tables})).into_response())
+    })
+    .await
+}
+
+/// `DELETE /v1/admin/subjects/{subject}/data`: unlink the pseudonym from usage, delete its seats
+/// and client entries.
+async fn erase_subject(
+    State(state): State<Arc<AppState>>,
+    Path(subject): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    blocking(&state, move |s, _| {
+        let erased = crate::privacy::erase_subject(s.store.as_ref(), &subject)?;
+        log(json!({"level": "info", "msg": "end user erased", "subject": subject, "erased": erased}));
+        Ok(Json(json!({"subject": subject, "erased": erased})).into_response())
     })
     .await
 }

@@ -43,6 +43,27 @@ fn now() -> u64 {
     u64::try_from(crate::store::now_ms()).unwrap_or(0)
 }
 
+/// An account, or an end user's (or client's) pseudonym.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Whose {
+    #[arg(long)]
+    account: Option<String>,
+    /// `<key id>.<32 hex digits>`, see `pseudonym`.
+    #[arg(long)]
+    subject: Option<String>,
+}
+
+fn retention_ms(days: u64, flag: &str) -> Result<u64> {
+    if days < crate::privacy::MIN_RETENTION_DAYS {
+        anyhow::bail!(
+            "--{flag} {days}: at least {} days, so that a billing period is invoiced before its raw usage goes",
+            crate::privacy::MIN_RETENTION_DAYS
+        );
+    }
+    Ok(days.saturating_mul(86_400_000))
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the collector's HTTP service (ingest, queries, health, metrics).
@@ -91,6 +112,10 @@ enum Command {
         /// Finalise each billing period's invoices this long after it ends; 0: only on request.
         #[arg(long, default_value_t = 3600)]
         finalize_grace_seconds: u64,
+        /// Roll raw usage older than this many days into hourly aggregates (no end users) and
+        /// delete it, every hour; at least 62. Without it raw usage is kept.
+        #[arg(long, env = "TOLLGATE_RETAIN_RAW_USAGE_DAYS")]
+        retain_raw_usage_days: Option<u64>,
     },
     /// License signing keys: list, generate, import, retire.
     Keys {
@@ -235,6 +260,60 @@ enum Command {
         #[arg(long, env = "TOLLGATE_PLANS")]
         plans: Option<PathBuf>,
     },
+    /// Roll raw usage older than --older-than-days into hourly aggregates and delete it, now
+    /// (what `serve --retain-raw-usage-days` does every hour).
+    Retention {
+        #[arg(
+            long,
+            env = "TOLLGATE_DATABASE",
+            default_value = "sqlite://tollgate.db"
+        )]
+        database: String,
+        /// At least 62.
+        #[arg(long)]
+        older_than_days: u64,
+    },
+    /// Print, as JSON, everything stored about an account (or one of its licenses), or about an
+    /// end user or client pseudonym.
+    ExportData {
+        #[arg(
+            long,
+            env = "TOLLGATE_DATABASE",
+            default_value = "sqlite://tollgate.db"
+        )]
+        database: String,
+        #[command(flatten)]
+        whose: Whose,
+    },
+    /// Erase everything stored about an account (refused while one of its licenses is valid),
+    /// or unlink an end-user or client pseudonym from usage and delete its seats and entries.
+    Erase {
+        #[arg(
+            long,
+            env = "TOLLGATE_DATABASE",
+            default_value = "sqlite://tollgate.db"
+        )]
+        database: String,
+        #[command(flatten)]
+        whose: Whose,
+        /// Required: erasure cannot be undone (export first).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// The pseudonym filters send for an end user (or a client address), to find or erase a
+    /// person's data: the same key id and secret as the filter's `pseudonyms`.
+    Pseudonym {
+        #[arg(long)]
+        key_id: String,
+        #[arg(long, env = "TOLLGATE_PSEUDONYM_SECRET")]
+        secret: String,
+        /// The end user's id, as the filter reads it (claim or header).
+        #[arg(long, conflicts_with = "client", required_unless_present = "client")]
+        user: Option<String>,
+        /// A client address, as Envoy's `source.address` gives it.
+        #[arg(long)]
+        client: Option<String>,
+    },
     /// Print stored usage, summed per calendar period (UTC), account, license, feature,
     /// outcome and meter.
     Usage {
@@ -351,7 +430,11 @@ pub fn main() -> Result<()> {
             webhook_url,
             webhook_secret,
             finalize_grace_seconds,
+            retain_raw_usage_days,
         } => {
+            let retention = retain_raw_usage_days
+                .map(|days| retention_ms(days, "retain-raw-usage-days"))
+                .transpose()?;
             let webhooks = match (webhook_url, webhook_secret) {
                 (Some(url), Some(secret)) => {
                     Some(crate::webhooks::WebhookSettings::new(&url, &secret)?)
@@ -381,6 +464,7 @@ pub fn main() -> Result<()> {
                 state.webhooks = webhooks;
                 state.billing.finalize_grace_ms =
                     (finalize_grace_seconds > 0).then(|| finalize_grace_seconds.saturating_mul(1000));
+                state.billing.raw_usage_retention_ms = retention;
                 let state = Arc::new(state);
                 crate::serve(listener, state, shutdown_signal()).await?;
                 eprintln!("{}", serde_json::json!({"level": "info", "msg": "collector stopped"}));
@@ -657,6 +741,70 @@ pub fn main() -> Result<()> {
             };
             let report = crate::control::users_report(store.as_ref(), &control, &account, now())?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Retention {
+            database,
+            older_than_days,
+        } => {
+            let age = retention_ms(older_than_days, "older-than-days")?;
+            let store = open(&database)?;
+            let done = crate::privacy::apply_retention(
+                store.as_ref(),
+                now().saturating_sub(age),
+                u32::MAX,
+            )?;
+            println!("{}", serde_json::to_string_pretty(&done)?);
+            Ok(())
+        }
+        Command::ExportData { database, whose } => {
+            let store = open(&database)?;
+            let export = match (&whose.account, &whose.subject) {
+                (Some(account), _) => store.export_account(account)?,
+                (None, Some(subject)) => crate::privacy::export_subject(store.as_ref(), subject)?,
+                (None, None) => anyhow::bail!("--account or --subject"),
+            };
+            println!("{}", serde_json::to_string_pretty(&export)?);
+            Ok(())
+        }
+        Command::Erase {
+            database,
+            whose,
+            yes,
+        } => {
+            if !yes {
+                anyhow::bail!("erasure cannot be undone: export first, then add --yes");
+            }
+            let store = open(&database)?;
+            let erased = match (&whose.account, &whose.subject) {
+                (Some(account), _) => {
+                    crate::privacy::erase_account(store.as_ref(), account, now())?
+                }
+                (None, Some(subject)) => crate::privacy::erase_subject(store.as_ref(), subject)?,
+                (None, None) => anyhow::bail!("--account or --subject"),
+            };
+            println!("{}", serde_json::to_string_pretty(&erased)?);
+            Ok(())
+        }
+        Command::Pseudonym {
+            key_id,
+            secret,
+            user,
+            client,
+        } => {
+            let pseudonyms =
+                tollgate_core::pseudonym::Pseudonymizer::new("--key-id", &key_id, &secret)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let made = match (user, client) {
+                (Some(user), _) => {
+                    pseudonyms.pseudonym(tollgate_core::pseudonym::Subject::User, &user)
+                }
+                (None, Some(client)) => {
+                    pseudonyms.pseudonym(tollgate_core::pseudonym::Subject::Client, &client)
+                }
+                (None, None) => anyhow::bail!("--user or --client"),
+            };
+            println!("{made}");
             Ok(())
         }
         Command::Usage {

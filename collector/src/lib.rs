@@ -10,6 +10,7 @@ pub mod customer;
 pub mod exports;
 pub mod licensing;
 pub mod postgres_store;
+pub mod privacy;
 pub mod seats;
 pub mod server;
 pub mod signing;

@@ -28,7 +28,7 @@ impl std::fmt::Display for Invalid {
 
 impl std::error::Error for Invalid {}
 
-fn invalid(message: impl Into<String>) -> anyhow::Error {
+pub(crate) fn invalid(message: impl Into<String>) -> anyhow::Error {
     Invalid {
         message: message.into(),
         conflict: false,
@@ -36,7 +36,7 @@ fn invalid(message: impl Into<String>) -> anyhow::Error {
     .into()
 }
 
-fn conflict(message: impl Into<String>) -> anyhow::Error {
+pub(crate) fn conflict(message: impl Into<String>) -> anyhow::Error {
     Invalid {
         message: message.into(),
         conflict: true,

@@ -26,6 +26,10 @@ pub struct BillingSettings {
     pub interval_ms: u64,
     /// How often budgets are checked (each check rates every budgeted account's period).
     pub budget_check_ms: u64,
+    /// Raw usage older than this is rolled up and deleted ([`crate::privacy`]); `None`: kept.
+    pub raw_usage_retention_ms: Option<u64>,
+    /// How often retention runs.
+    pub retention_every_ms: u64,
 }
 
 impl Default for BillingSettings {
@@ -35,6 +39,8 @@ impl Default for BillingSettings {
             thresholds: vec![50, 80, 100],
             interval_ms: 1000,
             budget_check_ms: 5000,
+            raw_usage_retention_ms: None,
+            retention_every_ms: 3_600_000,
         }
     }
 }
@@ -50,6 +56,7 @@ pub struct Worker {
     periods_done: HashSet<u64>,
     periods_done_until_ms: u64,
     next_budget_check_ms: u64,
+    next_retention_ms: u64,
 }
 
 /// Billing periods looked at behind the last one that ended, after a worker was down.
@@ -69,6 +76,12 @@ impl Worker {
             if now_ms >= self.next_budget_check_ms {
                 self.next_budget_check_ms = now_ms.saturating_add(state.billing.budget_check_ms);
                 self.check_budgets(state, now_ms)?;
+            }
+        }
+        if let Some(age) = state.billing.raw_usage_retention_ms {
+            if now_ms >= self.next_retention_ms {
+                self.next_retention_ms = now_ms.saturating_add(state.billing.retention_every_ms);
+                self.retain(store, now_ms.saturating_sub(age));
             }
         }
         if let Some(grace) = state.billing.finalize_grace_ms {
@@ -172,6 +185,22 @@ impl Worker {
             }
         }
         Ok(())
+    }
+}
+
+impl Worker {
+    /// Retention up to `before_ms`; a failure is logged, and tried again next time.
+    fn retain(&mut self, store: &dyn crate::Store, before_ms: u64) {
+        match crate::privacy::apply_retention(store, before_ms, 100) {
+            Ok(done) if done == crate::privacy::Retained::default() => {}
+            Ok(done) => log(json!({
+                "level": "info", "msg": "retention: raw usage rolled up and deleted",
+                "before_ms": before_ms, "retained": done,
+            })),
+            Err(e) => log(
+                json!({"level": "error", "msg": "retention round failed", "error": format!("{e:#}")}),
+            ),
+        }
     }
 }
 

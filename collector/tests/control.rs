@@ -407,6 +407,16 @@ fn over_http_the_sync_is_signed_and_the_admin_api_needs_its_token() {
         ("PUT", "/v1/admin/accounts/acme/budget"),
         ("DELETE", "/v1/admin/accounts/acme/budget"),
         ("GET", "/v1/admin/accounts/acme"),
+        ("GET", "/v1/admin/accounts/acme/data"),
+        ("DELETE", "/v1/admin/accounts/acme/data"),
+        (
+            "GET",
+            "/v1/admin/subjects/k1.0123456789abcdef0123456789abcdef/data",
+        ),
+        (
+            "DELETE",
+            "/v1/admin/subjects/k1.0123456789abcdef0123456789abcdef/data",
+        ),
     ];
     for (method, path) in routes {
         assert_eq!(

@@ -2,7 +2,7 @@
 //! collector: named seats admit exactly N distinct users across both Envoys and refuse user
 //! N+1 while the first N keep working; a floating seat frees once its user has been idle for
 //! the window; a token replayed from many client addresses raises the alert and is blocked;
-//! and no raw user id or address is anywhere in the collector's database.
+//! and no raw user id, address, token or request path is anywhere in the collector's database.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::IpAddr;
@@ -225,6 +225,14 @@ fn named_seats_admit_exactly_n_users_across_two_envoys_and_the_holders_keep_work
         );
     }
     assert!(contains(&db, "e2e."), "no pseudonym stored");
+    // Nor the token, the request path or the client's address: usage data holds none of them.
+    let signature = token.rsplit('.').next().unwrap();
+    for secret_or_personal in [signature, "/v1/search", "127.0.0.1"] {
+        assert!(
+            !contains(&db, secret_or_personal),
+            "`{secret_or_personal}` is stored"
+        );
+    }
 }
 
 #[test]

@@ -23,6 +23,16 @@ impl Backend {
     }
 }
 
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+            Backend::Url(_) => "url",
+        })
+    }
+}
+
 impl Drop for Backend {
     fn drop(&mut self) {
         if let Backend::Sqlite(path) = self {
