@@ -2,6 +2,7 @@
 //! ([`wasm_host`]), and helpers shared by the end-to-end tests through a real Envoy.
 
 pub mod collector;
+pub mod faults;
 pub mod http;
 pub mod wasm_host;
 
