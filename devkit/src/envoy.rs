@@ -266,6 +266,9 @@ pub struct Envoy {
     pub admin: SocketAddr,
     pub listener: SocketAddr,
     agent: ureq::Agent,
+    /// Hot restart: the shared-memory base id and this process's epoch (`None`: disabled).
+    hot: Option<(u32, u32)>,
+    concurrency: u32,
 }
 
 fn scratch_dir(name: &str) -> Result<PathBuf> {
@@ -315,15 +318,97 @@ impl Envoy {
 
     /// Start Envoy from a configuration file; `dir` receives its log and admin address.
     pub fn start_file(dir: &Path, config_path: &Path, concurrency: u32) -> Result<Envoy> {
+        Envoy::spawn(dir, config_path, concurrency, None)
+    }
+
+    /// Start Envoy able to hot restart (epoch 0, a base id of its own): see
+    /// [`Envoy::hot_restart`]. Its listener port must be fixed in `bootstrap`, since the next
+    /// epoch takes over the listening socket by address.
+    pub fn start_hot_restartable(name: &str, bootstrap: &Value, concurrency: u32) -> Result<Envoy> {
+        let dir = scratch_dir(name)?;
+        let config_path = dir.join("envoy.json");
+        std::fs::write(&config_path, serde_json::to_vec_pretty(bootstrap)?)?;
+        // A base id per test process and Envoy: Envoys on one machine must not share one.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let base_id = 10_000
+            + (std::process::id() % 50_000) * 8
+            + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 8;
+        Envoy::spawn(&dir, &config_path, concurrency, Some((base_id, 0)))
+    }
+
+    /// Hot restart (`--restart-epoch` + 1, same base id) with `bootstrap`: the new process
+    /// takes over the listener, this one drains for `drain` and then exits (Envoy's
+    /// `--parent-shutdown-time-s`, 1 s later). Returns the new process once it is ready; wait
+    /// for this one with [`Envoy::wait_exit`].
+    pub fn hot_restart(&self, bootstrap: &Value, drain: Duration) -> Result<Envoy> {
+        let Some((base_id, epoch)) = self.hot else {
+            bail!("this Envoy was started with hot restart disabled");
+        };
+        let dir = scratch_dir(&format!("epoch-{}", epoch + 1))?;
+        let config_path = dir.join("envoy.json");
+        std::fs::write(&config_path, serde_json::to_vec_pretty(bootstrap)?)?;
+        Envoy::spawn_with(
+            &dir,
+            &config_path,
+            self.concurrency,
+            Some((base_id, epoch + 1)),
+            drain,
+        )
+    }
+
+    /// Wait until the process exits (a parent after a hot restart), at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("envoy did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn spawn(
+        dir: &Path,
+        config_path: &Path,
+        concurrency: u32,
+        hot: Option<(u32, u32)>,
+    ) -> Result<Envoy> {
+        Envoy::spawn_with(dir, config_path, concurrency, hot, Duration::from_secs(2))
+    }
+
+    fn spawn_with(
+        dir: &Path,
+        config_path: &Path,
+        concurrency: u32,
+        hot: Option<(u32, u32)>,
+        drain: Duration,
+    ) -> Result<Envoy> {
         let admin_path = dir.join("admin.address");
         let log_path = dir.join("envoy.log");
         let _ = std::fs::remove_file(&admin_path);
-        let child = Command::new(envoy_binary())
+        let mut command = Command::new(envoy_binary());
+        command
             .arg("-c")
             .arg(config_path)
-            .args(["--concurrency", &concurrency.to_string()])
+            .args(["--concurrency", &concurrency.to_string()]);
+        match hot {
+            Some((base_id, epoch)) => {
+                let drain_s = drain.as_secs().max(1);
+                command
+                    .args(["--base-id", &base_id.to_string()])
+                    .args(["--restart-epoch", &epoch.to_string()])
+                    .args(["--drain-time-s", &drain_s.to_string()])
+                    .args(["--parent-shutdown-time-s", &(drain_s + 1).to_string()]);
+            }
             // Many Envoys run side by side in tests: no shared memory, so no base-id clashes.
-            .arg("--disable-hot-restart")
+            None => {
+                command.arg("--disable-hot-restart");
+            }
+        }
+        let child = command
             .arg("--admin-address-path")
             .arg(&admin_path)
             .arg("--log-path")
@@ -349,6 +434,8 @@ impl Envoy {
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
             listener: SocketAddr::from(([127, 0, 0, 1], 0)),
             agent,
+            hot,
+            concurrency,
         };
         envoy.wait_ready(Duration::from_secs(60))?;
         Ok(envoy)

@@ -258,7 +258,12 @@ fn a_collector_answering_slowly_or_with_500s_loses_nothing_and_counts_nothing_tw
     let c = collector(&dir.join("usage.db"), 0);
     let proxy = FaultyProxy::start(c.addr.port()).unwrap();
     let upstream = Upstream::start(0).unwrap();
-    let mut bootstrap = Bootstrap::new(config(), upstream.port());
+    // A daily quota on `pro`, spent in the middle of the faults: its leases come through the
+    // same faulty proxy.
+    const QUOTA: u64 = 300;
+    let mut plugin = config();
+    plugin["plans"]["pro"]["quotas"] = json!({"calls": {"per": "day", "limit": QUOTA}});
+    let mut bootstrap = Bootstrap::new(plugin, upstream.port());
     bootstrap.collector_ports = vec![proxy.port];
     let envoy = Envoy::start("faults", &bootstrap.to_json(), 2).unwrap();
 
@@ -292,6 +297,18 @@ fn a_collector_answering_slowly_or_with_500s_loses_nothing_and_counts_nothing_tw
         proxy.injected() > 0 && failed > 0,
         "faults were injected and seen"
     );
+    // The quota holds: one Envoy with two workers may over-admit by one (README, the bound).
+    let count = |outcome: &str| {
+        seen.calls
+            .get(&("lic-pro".to_string(), outcome.to_string()))
+            .copied()
+            .unwrap_or(0)
+    };
+    let (pro_allowed, exhausted) = (count("allowed"), count("quota_exhausted"));
+    assert!(
+        pro_allowed <= QUOTA + 1 && exhausted > 0,
+        "{pro_allowed} admitted, quota {QUOTA}, reached: {seen:?}"
+    );
     assert!(
         duplicates > 0,
         "batches stored but answered late or with a 500 came back, and counted zero more"
@@ -300,7 +317,7 @@ fn a_collector_answering_slowly_or_with_500s_loses_nothing_and_counts_nothing_tw
         "collector slow (1.5 s, timeout 1 s), then 500 after storing, then 500 before (5 s each)",
         &seen,
         &format!(
-            "{} requests faulted, {failed} sends failed, {duplicates} retried batches were duplicates; all stored {:.1} s after",
+            "{} requests faulted, {failed} sends failed, {duplicates} retried batches were duplicates; quota {QUOTA}: {pro_allowed} admitted, {exhausted} refused; all stored {:.1} s after",
             proxy.injected(),
             back.elapsed().as_secs_f64()
         ),
@@ -393,6 +410,15 @@ fn plugin_configuration_changes_mid_load_lose_nothing_and_count_nothing_twice() 
         "VMs replaced while the collector was down handed their batches over"
     );
     assert!(stat("usage_batches_adopted") > 0);
+    chaos(
+        "plugin configuration changed 3 times, twice while the collector was down",
+        &seen,
+        &format!(
+            "{} batches of replaced VMs handed over through shared data, {} adopted",
+            stat("usage_batches_handed_over"),
+            stat("usage_batches_adopted")
+        ),
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -456,6 +482,56 @@ fn plugin_configuration_changed_every_2_s_for_20_s_under_load_counts_exactly() {
         &format!(
             "{} reloads; all stored {:.1} s after the last",
             reloads(&envoy) - first,
+            back.elapsed().as_secs_f64()
+        ),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Envoy hot restart (a new binary or bootstrap, `--restart-epoch`): the new process takes the
+/// listener, the old one drains and exits. Usage metered in the old process's VMs must still
+/// arrive, once.
+#[test]
+fn envoy_hot_restarted_mid_load_loses_nothing() {
+    let dir = scratch("hot-restart");
+    let c = collector(&dir.join("usage.db"), 0);
+    let upstream = Upstream::start(0).unwrap();
+    let mut bootstrap = Bootstrap::new(config(), upstream.port());
+    bootstrap.collector_ports = vec![c.addr.port()];
+    bootstrap.listen_port = free_port();
+    let mut old = Envoy::start_hot_restartable("hot-restart", &bootstrap.to_json(), 2).unwrap();
+    let mut seen = Seen::default();
+    traffic(&old, 20, &mut seen);
+    // The new epoch comes with a changed plugin configuration, as a deploy would bring.
+    let mut plugin = config();
+    plugin["collector"]["flush_interval_ms"] = json!(300);
+    bootstrap.plugin_config = Some(plugin);
+    let new = old
+        .hot_restart(&bootstrap.to_json(), Duration::from_secs(2))
+        .unwrap();
+    let restarted = Instant::now();
+    // Traffic goes on through the same port while the old process drains and exits.
+    let exited = loop {
+        traffic(&new, 2, &mut seen);
+        if let Ok(status) = old.wait_exit(Duration::from_millis(1)) {
+            break status;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(30),
+            "the old epoch never exited"
+        );
+    };
+    let old_gone = restarted.elapsed();
+    traffic(&new, 10, &mut seen);
+    let back = Instant::now();
+    wait_for(c.state.store.as_ref(), &seen);
+    assert_eq!(upstream.requests(), seen.calls_with("allowed"));
+    chaos(
+        "Envoy hot restart (epoch 0 to 1, new plugin configuration, drain 2 s)",
+        &seen,
+        &format!(
+            "old epoch exited ({exited}) {:.1} s after the restart; all stored {:.1} s after",
+            old_gone.as_secs_f64(),
             back.elapsed().as_secs_f64()
         ),
     );
@@ -528,6 +604,11 @@ fn two_collector_replicas_on_postgres_one_killed_mid_load_totals_exact() {
         "one instance per worker VM: {instances:?}"
     );
     eprintln!("stored exactly, one replica killed: {seen:?}; instances {instances:?}");
+    chaos(
+        "collector replica (of 2, on PostgreSQL) killed with SIGKILL mid-load",
+        &seen,
+        "the other replica took every batch; nothing to do by hand",
+    );
     drop(survivor);
     let _ = std::fs::remove_dir_all(&dir);
 }
