@@ -528,6 +528,28 @@ fn shipped_envoy_configs_validate() {
     assert_eq!(collector["cluster"], "tollgate_collector");
     assert!(yaml.contains("- name: tollgate_collector"));
     assert_eq!(embedded, demo_config());
+
+    // The ECDS example delivers the same filter from a watched file.
+    // The YAML block scalar after `value: |`: the lines indented deeper than that key.
+    let plugin_config = |text: &str| -> Value {
+        let indent = |line: &str| line.len() - line.trim_start().len();
+        let mut lines = text
+            .lines()
+            .skip_while(|l| !l.trim_end().ends_with("value: |"));
+        let key = indent(lines.next().unwrap());
+        let block: Vec<&str> = lines
+            .take_while(|l| l.trim().is_empty() || indent(l) > key)
+            .collect();
+        serde_json::from_str(&block.join("\n")).unwrap()
+    };
+    let ecds = std::fs::read_to_string(dir.join("ecds/tollgate.yaml")).unwrap();
+    assert_eq!(plugin_config(&ecds), plugin_config(&yaml));
+    let ecds_bootstrap = std::fs::read_to_string(dir.join("envoy-ecds.yaml")).unwrap();
+    assert!(ecds_bootstrap.contains("path: envoy/ecds/tollgate.yaml"));
+    assert!(
+        !ecds_bootstrap.contains("value: |"),
+        "no inline plugin configuration"
+    );
 }
 
 #[test]
