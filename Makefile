@@ -5,7 +5,7 @@ ENVOY := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
 WASM := target/wasm32-wasip1/release/tollgate_filter.wasm
 
-.PHONY: run up test test-only wasm oci envoy postgres chromium wrk bench lint deny fmt clean
+.PHONY: run up test test-only wasm oci envoy postgres chromium wrk bench soak lint deny fmt clean
 
 ## run: build, start an upstream and Envoy with the filter, mint demo licenses, send traffic, exit
 run: wasm envoy
@@ -20,6 +20,12 @@ test: wasm envoy postgres chromium lint deny test-only
 
 test-only:
 	cargo test --workspace --no-fail-fast
+
+## soak: 10 minutes (SOAK_SECONDS) of steady load through Envoy to the collector program: memory
+## and open files flat, every call stored once (`make test` runs the same test for 60 s)
+SOAK_SECONDS ?= 600
+soak: wasm envoy
+	SOAK_SECONDS=$(SOAK_SECONDS) cargo test -p tollgate-tests --test envoy_collector -- soak --nocapture
 
 ## wasm: the filter, release, size-optimised
 wasm:

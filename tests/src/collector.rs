@@ -63,6 +63,10 @@ impl CollectorProcess {
         let _ = self.child.wait();
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -94,4 +98,19 @@ pub fn stored_allowed_calls(c: &tollgate_collector::Running, license: &str) -> R
         ..Default::default()
     })?;
     Ok(rows.iter().map(|r| r.units).sum())
+}
+
+/// A process's resident memory (KiB) and open file descriptors, from /proc.
+pub fn rss_kib_and_fds(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
+    Some((rss, fds))
 }
