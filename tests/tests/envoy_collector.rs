@@ -488,6 +488,8 @@ fn plugin_configuration_changed_every_2_s_for_20_s_under_load_counts_exactly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+type Sample = (u64, (u64, u64), (u64, u64));
+
 /// Soak: steady mixed load for `SOAK_SECONDS` (60 by default, as in `make test`; `make soak`
 /// runs 600) through Envoy (2 workers) to the real collector program on SQLite. Envoy's and the
 /// collector's resident memory and open files, sampled every 5 s, must stay flat once warm (the
@@ -510,7 +512,8 @@ fn soak_steady_load_keeps_memory_and_open_files_flat_and_loses_nothing() {
     let envoy = Envoy::start("soak", &bootstrap.to_json(), 2).unwrap();
 
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let mut samples: Vec<(u64, (u64, u64), (u64, u64))> = Vec::new();
+    // (seconds since the start, Envoy's (RSS KiB, open files), the collector's).
+    let mut samples: Vec<Sample> = Vec::new();
     let started = Instant::now();
     let seen = std::thread::scope(|scope| {
         let clients: Vec<_> = (0..2)
