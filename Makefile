@@ -4,8 +4,9 @@ VENV := .venv
 ENVOY := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
 WASM := target/wasm32-wasip1/release/tollgate_filter.wasm
+FUZZ_SECONDS ?= 20
 
-.PHONY: run up test test-only wasm oci envoy postgres chromium wrk bench soak lint deny fmt clean
+.PHONY: run up test test-only wasm oci envoy postgres chromium wrk bench soak lint deny fuzz fmt clean
 
 ## run: build, start an upstream and Envoy with the filter, mint demo licenses, send traffic, exit
 run: wasm envoy
@@ -16,7 +17,7 @@ up: wasm envoy
 	cargo run -q -p tollgate-devkit --bin tollgate-demo -- --keep-running
 
 ## test: lints (native and wasm32), unit tests, the .wasm under wasmtime, end to end through Envoy
-test: wasm envoy postgres chromium lint deny test-only
+test: wasm envoy postgres chromium lint deny fuzz test-only
 
 test-only:
 	cargo test --workspace --no-fail-fast
@@ -73,6 +74,11 @@ wrk:
 deny:
 	@command -v cargo-deny >/dev/null 2>&1 || cargo install --quiet --locked cargo-deny
 	cargo deny --log-level error check licenses bans sources
+
+## fuzz: libFuzzer (stable Rust, fuzz/run.sh) on the token verifier, the filter configuration,
+## the wire decoders and the collector's ingest, FUZZ_SECONDS (default 20) each; fails on a crash
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh
 
 lint:
 	cargo fmt --all -- --check
