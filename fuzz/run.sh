@@ -12,6 +12,9 @@
 # memory errors, and a panic, an overflow, a failed debug assertion or a hang is what we look
 # for). A target reproduces a finding with: target/fuzz/<host>/release/<target> <artifact>.
 #
+# FUZZ_ARGS adds libFuzzer flags (split on spaces; later flags win), e.g.
+# FUZZ_ARGS="-max_len=65536 -seed=1".
+#
 # Seeds are read from fuzz/corpus/<target>; inputs libFuzzer finds go to target/fuzz/corpus/
 # <target> (kept between runs, removed by `cargo clean`), and crash artifacts to
 # target/fuzz/artifacts/<target>.
@@ -73,13 +76,16 @@ for target in "${targets[@]}"; do
     status=0
     "$bin" "$found" "fuzz/corpus/$target" \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
-        -artifact_prefix="$artifacts/" -print_final_stats=1 >"$log" 2>&1 || status=$?
+        -artifact_prefix="$artifacts/" -print_final_stats=1 ${FUZZ_ARGS:-} >"$log" 2>&1 || status=$?
     stat() { sed -n "s/^stat::$1: *//p" "$log" | tail -n 1; }
     coverage=$(grep -Eo 'cov: [0-9]+ ft: [0-9]+' "$log" | tail -n 1 || true)
     echo "fuzz: $target: $(stat number_of_executed_units) runs, $(stat average_exec_per_sec) exec/s, ${coverage:-cov: ?}, corpus $(find "$found" "fuzz/corpus/$target" -type f | wc -l) files (log: $log)"
     if [[ $status -ne 0 ]]; then
         failed+=("$target")
-        echo "fuzz: $target FAILED (exit $status); the end of its log:"
+        # The next run overwrites the log: keep this one with the artifacts.
+        kept="$artifacts/failed-$(date +%Y%m%dT%H%M%S).log"
+        cp "$log" "$kept"
+        echo "fuzz: $target FAILED (exit $status); the end of its log ($kept):"
         tail -n 40 "$log" | sed 's/^/    /'
         artifact=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -n 1)
         echo "fuzz: $target: artifact: ${artifact:-none written}"

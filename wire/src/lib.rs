@@ -140,6 +140,8 @@ impl UsageBatch {
         }
         check_id("batch_id", &self.batch_id, false)?;
         check_id("source.instance", &self.source.instance, false)?;
+        check_storable("sequence", self.sequence)?;
+        check_storable("created_ms", self.created_ms)?;
         if self.records.len() > MAX_RECORDS {
             return Err(WireError::Invalid(format!(
                 "{} records; at most {MAX_RECORDS} per batch",
@@ -152,6 +154,9 @@ impl UsageBatch {
             check_id(&format!("records[{i}].feature"), &r.feature, true)?;
             check_id(&format!("records[{i}].outcome"), &r.outcome, false)?;
             check_id(&format!("records[{i}].user"), &r.user, true)?;
+            check_storable(&format!("records[{i}].units"), r.units)?;
+            check_storable(&format!("records[{i}].window_start_ms"), r.window_start_ms)?;
+            check_storable(&format!("records[{i}].window_end_ms"), r.window_end_ms)?;
             if r.window_end_ms < r.window_start_ms {
                 return Err(WireError::Invalid(format!(
                     "records[{i}]: window ends before it starts"
@@ -169,6 +174,19 @@ impl UsageBatch {
             .map(|r| r.units)
             .sum()
     }
+}
+
+/// Collectors store numbers as signed 64-bit integers (SQLite, PostgreSQL `BIGINT`): a larger
+/// value is malformed here, a permanent refusal, rather than a store error the sender would
+/// retry for ever (found by the `collector_ingest` fuzzer).
+fn check_storable(field: &str, value: u64) -> Result<(), WireError> {
+    if value > i64::MAX.unsigned_abs() {
+        return Err(WireError::Invalid(format!(
+            "{field} {value} is larger than {}",
+            i64::MAX
+        )));
+    }
+    Ok(())
 }
 
 fn check_id(field: &str, value: &str, may_be_empty: bool) -> Result<(), WireError> {
@@ -338,6 +356,23 @@ fn decode_hex(hex: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_a_collector_cannot_store_are_malformed() {
+        let mut batch = golden_batch();
+        assert!(batch.check().is_ok());
+        batch.records[0].units = i64::MAX.unsigned_abs();
+        assert!(batch.check().is_ok(), "the largest storable value passes");
+        batch.records[0].units = u64::MAX;
+        let err = batch.check().unwrap_err().to_string();
+        assert!(err.contains("records[0].units"), "{err}");
+        let mut batch = golden_batch();
+        batch.sequence = 1 << 63;
+        assert!(UsageBatch::decode(&batch.encode()).is_err());
+        let mut batch = golden_batch();
+        batch.records[0].window_end_ms = u64::MAX;
+        assert!(batch.check().is_err());
+    }
 
     /// The batch pinned by `golden/batch_v1.json`.
     fn golden_batch() -> UsageBatch {
