@@ -898,7 +898,7 @@ impl Store for PostgresStore {
         self.with_client(|client| {
             let licenses = pg_account_licenses(client, account)?;
             let mut export = Export::new();
-            for table in crate::privacy::ACCOUNT_TABLES {
+            for (table, _) in crate::privacy::ACCOUNT_TABLES {
                 let rows = pg_rows(client, table, "account", &[account.to_string()])?;
                 export.insert((*table).to_string(), rows);
             }
@@ -944,7 +944,7 @@ impl Store for PostgresStore {
                 )?;
                 erased.insert((*table).to_string(), n);
             }
-            for table in crate::privacy::ACCOUNT_TABLES {
+            for (table, _) in crate::privacy::ACCOUNT_TABLES {
                 let n = tx.execute(
                     &format!("DELETE FROM {table} WHERE account = $1"),
                     &[&account],
@@ -991,7 +991,7 @@ fn pg_account_licenses(
     account: &str,
 ) -> Result<std::collections::BTreeSet<String>> {
     let mut licenses = std::collections::BTreeSet::new();
-    for table in crate::privacy::LICENSE_SOURCES {
+    for table in crate::privacy::license_sources() {
         for row in client.query(
             &format!("SELECT DISTINCT license FROM {table} WHERE account = $1"),
             &[&account],

@@ -62,32 +62,29 @@ pub type Export = BTreeMap<String, Vec<Map<String, Value>>>;
 /// Rows deleted (or, for an end user's usage, unlinked), by table.
 pub type Erased = BTreeMap<String, u64>;
 
-/// Tables with an `account` column, in the order an account is erased.
-pub(crate) const ACCOUNT_TABLES: &[&str] = &[
-    "usage_records",
-    "usage_rollups",
-    "leases",
-    "seats",
-    "license_clients",
-    "sharing_detections",
-    "licenses",
-    "issued_licenses",
-    "invoices",
-    "budgets",
-    "suspended_accounts",
+/// Tables with an `account` column, in the order an account is erased, and whether they have
+/// a `license` column too (where an account's licenses are found).
+pub(crate) const ACCOUNT_TABLES: &[(&str, bool)] = &[
+    ("usage_records", true),
+    ("usage_rollups", true),
+    ("leases", true),
+    ("seats", true),
+    ("license_clients", true),
+    ("sharing_detections", true),
+    ("licenses", true),
+    ("issued_licenses", true),
+    ("invoices", false),
+    ("budgets", false),
+    ("suspended_accounts", false),
 ];
 
-/// Tables of [`ACCOUNT_TABLES`] with a `license` column: where an account's licenses are found.
-pub(crate) const LICENSE_SOURCES: &[&str] = &[
-    "usage_records",
-    "usage_rollups",
-    "leases",
-    "seats",
-    "license_clients",
-    "sharing_detections",
-    "licenses",
-    "issued_licenses",
-];
+/// The tables of [`ACCOUNT_TABLES`] with a `license` column.
+pub(crate) fn license_sources() -> impl Iterator<Item = &'static str> {
+    ACCOUNT_TABLES
+        .iter()
+        .filter(|(_, has_license)| *has_license)
+        .map(|(table, _)| *table)
+}
 
 /// Tables keyed by license alone.
 pub(crate) const LICENSE_TABLES: &[&str] = &["quota_allocations", "revoked_licenses"];

@@ -1559,7 +1559,7 @@ impl Store for SqliteStore {
         let conn = self.conn()?;
         let licenses = sqlite_account_licenses(&conn, account)?;
         let mut export = Export::new();
-        for table in crate::privacy::ACCOUNT_TABLES {
+        for (table, _) in crate::privacy::ACCOUNT_TABLES {
             let rows = sqlite_rows(
                 &conn,
                 &format!("SELECT * FROM {table} WHERE account = ?1"),
@@ -1622,7 +1622,7 @@ impl Store for SqliteStore {
             }
             erased.insert((*table).to_string(), deleted as u64);
         }
-        for table in crate::privacy::ACCOUNT_TABLES {
+        for (table, _) in crate::privacy::ACCOUNT_TABLES {
             let deleted = tx.execute(
                 &format!("DELETE FROM {table} WHERE account = ?1"),
                 [account],
@@ -1679,7 +1679,7 @@ fn scrub_wal(conn: &Connection) -> Result<()> {
 /// The licenses an account has anywhere in the store.
 fn sqlite_account_licenses(conn: &Connection, account: &str) -> Result<BTreeSet<String>> {
     let mut licenses = BTreeSet::new();
-    for table in crate::privacy::LICENSE_SOURCES {
+    for table in crate::privacy::license_sources() {
         let mut statement = conn.prepare(&format!(
             "SELECT DISTINCT license FROM {table} WHERE account = ?1"
         ))?;

@@ -463,6 +463,19 @@ fn in_sqlite_files(db: &Backend, needle: &str) -> Vec<String> {
     found
 }
 
+/// `needle` is in no cell of any table, nor anywhere in the SQLite files.
+fn assert_gone(db: &Backend, needle: &str) {
+    let left: Vec<String> = every_cell(db)
+        .into_iter()
+        .filter(|c| c.contains(needle))
+        .collect();
+    assert!(left.is_empty(), "{db:?}: `{needle}` is still in {left:?}");
+    assert!(
+        in_sqlite_files(db, needle).is_empty(),
+        "`{needle}` is still in the SQLite files"
+    );
+}
+
 #[test]
 fn an_account_is_exported_then_erased_and_nothing_of_it_remains() {
     for db in backends("privacy-erase") {
@@ -531,15 +544,7 @@ fn an_account_is_exported_then_erased_and_nothing_of_it_remains() {
             user(7).as_str(),
             "c0ffee00c0ffee00",
         ] {
-            let left: Vec<String> = every_cell(&db)
-                .into_iter()
-                .filter(|c| c.contains(needle))
-                .collect();
-            assert!(left.is_empty(), "{db:?}: `{needle}` is still in {left:?}");
-            assert!(
-                in_sqlite_files(&db, needle).is_empty(),
-                "`{needle}` is still in the SQLite files"
-            );
+            assert_gone(&db, needle);
         }
         assert_eq!(
             store.export_account("globex").unwrap(),
@@ -617,15 +622,7 @@ fn an_end_user_is_unlinked_from_usage_that_stays_billed() {
             "the other user still counts"
         );
         for needle in [alice.as_str(), client] {
-            let left: Vec<String> = every_cell(&db)
-                .into_iter()
-                .filter(|c| c.contains(needle))
-                .collect();
-            assert!(left.is_empty(), "{db:?}: `{needle}` is still in {left:?}");
-            assert!(
-                in_sqlite_files(&db, needle).is_empty(),
-                "`{needle}` is still in the SQLite files"
-            );
+            assert_gone(&db, needle);
         }
     }
 }
