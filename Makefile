@@ -6,7 +6,7 @@ ENVOY_VERSION := 1.40.0
 WASM := target/wasm32-wasip1/release/tollgate_filter.wasm
 FUZZ_SECONDS ?= 20
 
-.PHONY: run up test test-only wasm oci envoy postgres chromium wrk bench soak lint deny fuzz fmt clean
+.PHONY: run up test test-only wasm oci envoy postgres chromium curl wrk bench soak lint deny fuzz fmt clean
 
 ## run: build, start an upstream and Envoy with the filter, mint demo licenses, send traffic, exit
 run: wasm envoy
@@ -17,7 +17,7 @@ up: wasm envoy
 	cargo run -q -p tollgate-devkit --bin tollgate-demo -- --keep-running
 
 ## test: lints (native and wasm32), unit tests, the .wasm under wasmtime, end to end through Envoy
-test: wasm envoy postgres chromium lint deny fuzz test-only
+test: wasm envoy postgres chromium curl lint deny fuzz test-only
 
 test-only:
 	cargo test --workspace --no-fail-fast
@@ -58,6 +58,12 @@ chromium:
 	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "Chromium is missing: run 'sudo apt-get install -y chromium'"; exit 1; fi
+
+## curl: for envoy/drain-and-stop.sh, which the shutdown test runs (Debian's package)
+curl:
+	@if command -v curl >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null; \
+	else echo "curl is missing: run 'sudo apt-get install -y curl'"; exit 1; fi
 
 ## bench: the filter against its baselines (Envoy on CPU 0, wrk on CPU 1); see BENCHMARKS.md
 bench: wasm envoy wrk

@@ -55,7 +55,5 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// A free port on 127.0.0.1 with nothing listening.
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    tollgate_devkit::ports::unused_port()
 }

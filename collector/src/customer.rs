@@ -62,7 +62,9 @@ struct AccountClaims {
 /// The account a token is scoped to, if it is a valid account token signed with a key that is
 /// not retired.
 pub fn verify_account_token(store: &dyn Store, token: &str) -> Option<String> {
-    let header = jsonwebtoken::decode_header(token).ok()?;
+    // The filter's header check (`crit` refused, RFC 7515 section 4.1.11), so both verifiers
+    // refuse the same tokens.
+    let header = tollgate_core::token::jose_header(token).ok()?;
     let kid = header.kid?;
     let stored = store
         .signing_keys()

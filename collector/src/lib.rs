@@ -8,6 +8,7 @@ pub mod cli;
 pub mod control;
 pub mod customer;
 pub mod exports;
+pub mod health;
 pub mod licensing;
 pub mod postgres_store;
 pub mod privacy;
@@ -32,22 +33,43 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    serve_started(listener, state, shutdown, None).await
+}
+
+/// [`serve`], telling `started` once the store has been checked and requests are taken.
+async fn serve_started(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    started: Option<tokio::sync::oneshot::Sender<()>>,
+) -> Result<()> {
+    let probing = Arc::clone(&state);
+    let prober = tokio::task::spawn_blocking(move || {
+        health::Prober::start(probing.store.as_ref(), Arc::clone(&probing.readiness))
+    })
+    .await
+    .context("starting the readiness probe")?
+    .context("starting the readiness probe")?;
     let worker = tokio::spawn(worker::run(Arc::clone(&state)));
+    if let Some(started) = started {
+        let _ = started.send(());
+    }
     let served = axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown)
         .await
         .context("serving");
     worker.abort();
+    drop(prober);
     served
 }
 
 /// A collector running on its own runtime in a background thread, for tests and the demo;
-/// stops (gracefully) when dropped.
+/// stops (gracefully) when dropped, or with [`Running::stop`], which returns how serving ended.
 pub struct Running {
     pub addr: SocketAddr,
     pub state: Arc<AppState>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
 impl Running {
@@ -56,7 +78,8 @@ impl Running {
         Running::start_state(port, AppState::new(Arc::from(store), keys))
     }
 
-    /// Start on 127.0.0.1:`port` with a prepared state (control plane, admin token).
+    /// Start on 127.0.0.1:`port` with a prepared state (control plane, admin token); returns
+    /// once requests are taken, or with the error that kept the collector from serving.
     pub fn start_state(port: u16, state: AppState) -> Result<Running> {
         let listener =
             std::net::TcpListener::bind(("127.0.0.1", port)).context("binding the collector")?;
@@ -64,6 +87,7 @@ impl Running {
         let addr = listener.local_addr()?;
         let state = Arc::new(state);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (started, serving_now) = tokio::sync::oneshot::channel::<()>();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -71,35 +95,65 @@ impl Running {
         let serving = Arc::clone(&state);
         let thread = std::thread::spawn(move || {
             runtime.block_on(async move {
-                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                    return;
-                };
-                let _ = serve(listener, serving, async {
-                    let _ = stopped.await;
-                })
-                .await;
-            });
+                let listener = tokio::net::TcpListener::from_std(listener)
+                    .context("taking the collector's listener")?;
+                serve_started(
+                    listener,
+                    serving,
+                    async {
+                        let _ = stopped.await;
+                    },
+                    Some(started),
+                )
+                .await
+            })
         });
-        Ok(Running {
+        let mut running = Running {
             addr,
             state,
             stop: Some(stop),
             thread: Some(thread),
-        })
+        };
+        if serving_now.blocking_recv().is_err() {
+            // The serving thread ended before it took requests: its error says why.
+            return Err(running
+                .join()
+                .err()
+                .unwrap_or_else(|| anyhow::anyhow!("the collector stopped before serving")));
+        }
+        Ok(running)
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
+
+    /// Stop gracefully; the error serving ended with, if any.
+    pub fn stop(mut self) -> Result<()> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(_)) => Err(anyhow::anyhow!("the collector's thread panicked")),
+        }
+    }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        if let Err(e) = self.join() {
+            // Not silent: a test that drops a collector that failed sees why in its output
+            // (tests that must fail on it call `stop`).
+            eprintln!(
+                "{}",
+                serde_json::json!({"level": "error", "msg": format!("collector: {e:#}")})
+            );
         }
     }
 }

@@ -2,6 +2,7 @@
 //! can take any batch, and the batch id's primary key keeps each batch stored once.
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use postgres::{Client, NoTls};
@@ -17,7 +18,7 @@ use crate::store::{
     Granularity, Ingested, IssuedLicense, LeaseAsk, Restrictions, Store, StoredKey, StoredRecord,
     UsageQuery, UsageRow,
 };
-use crate::store::{ActiveUsers, SeatAsk, SeatUse, SharingDetection};
+use crate::store::{ActiveUsers, SeatAsk, SeatUse, SharingDetection, StoreProbe};
 use tollgate_wire::sync::{ClientsSeen, LeaseGrant, LicenseSeen, SeatAnswer};
 
 /// Migrations, in order; each runs once, recorded in `schema_migrations`.
@@ -77,6 +78,38 @@ impl PostgresStore {
         }
         let client = guard.as_mut().context("no database connection")?;
         work(client)
+    }
+}
+
+/// [`StoreProbe`] for PostgreSQL: a connection of its own, with timeouts short enough that a
+/// database that stopped answering fails the check instead of hanging it (the readiness state
+/// also goes stale when a check hangs).
+struct PostgresProbe {
+    url: String,
+    client: Option<Client>,
+}
+
+impl StoreProbe for PostgresProbe {
+    fn check(&mut self) -> Result<()> {
+        let client = match &mut self.client {
+            Some(client) if !client.is_closed() => client,
+            slot => {
+                let mut config: postgres::Config = self.url.parse().context("the database URL")?;
+                if config.get_connect_timeout().is_none() {
+                    config.connect_timeout(Duration::from_secs(1));
+                }
+                config.tcp_user_timeout(Duration::from_secs(2));
+                slot.insert(config.connect(NoTls).context("connecting to PostgreSQL")?)
+            }
+        };
+        let checked = client
+            .simple_query("SELECT count(*) FROM schema_migrations")
+            .map(drop)
+            .context("querying PostgreSQL");
+        if checked.is_err() {
+            self.client = None;
+        }
+        checked
     }
 }
 
@@ -143,6 +176,13 @@ impl Store for PostgresStore {
         self.with_client(|client| {
             client.simple_query("SELECT 1")?;
             Ok(())
+        })
+    }
+
+    fn probe(&self) -> Box<dyn StoreProbe> {
+        Box::new(PostgresProbe {
+            url: self.url.clone(),
+            client: None,
         })
     }
 

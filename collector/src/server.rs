@@ -67,6 +67,8 @@ pub struct Metrics {
     lease_units_granted: AtomicU64,
     leases_exhausted: AtomicU64,
     denials: AtomicU64,
+    /// Rounds of the background worker (webhooks, budgets, invoices, retention) completed.
+    pub worker_rounds: AtomicU64,
     ingest_micros_sum: AtomicU64,
     ingest_count: AtomicU64,
     /// Cumulative counts of ingest latency at or under each bound of [`LATENCY_BOUNDS_US`].
@@ -105,6 +107,11 @@ impl Metrics {
                     get(&self.batches_duplicate),
                 ),
             ],
+        );
+        counter(
+            "tollgate_collector_worker_rounds_total",
+            "Rounds of the background worker (webhooks, budgets, invoices, retention) completed.",
+            vec![(String::new(), get(&self.worker_rounds))],
         );
         counter(
             "tollgate_collector_records_total",
@@ -186,6 +193,8 @@ pub struct AppState {
     /// Where events go; `None`: no webhooks (and no spend-threshold events).
     pub webhooks: Option<crate::webhooks::WebhookSettings>,
     pub billing: crate::worker::BillingSettings,
+    /// What `/readyz` answers, kept by [`crate::health::Prober`] while [`crate::serve`] runs.
+    pub readiness: Arc<crate::health::Readiness>,
 }
 
 impl AppState {
@@ -200,6 +209,7 @@ impl AppState {
             issuer: crate::licensing::Issuer::default(),
             webhooks: None,
             billing: crate::worker::BillingSettings::default(),
+            readiness: Arc::default(),
         }
     }
 }
@@ -727,12 +737,15 @@ async fn usage(
     }
 }
 
+/// From memory: never waits for the store (see [`crate::health`]).
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    let store = Arc::clone(&state.store);
-    match tokio::task::spawn_blocking(move || store.ping()).await {
-        Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response(),
-    }
+    let answer = state.readiness.answer(Instant::now());
+    let status = if answer.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, [("content-type", "application/json")], answer.body).into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

@@ -281,6 +281,13 @@ pub enum DeliveryOutcome {
     GaveUp,
 }
 
+/// A readiness check of a store with a connection of its own.
+pub trait StoreProbe: Send {
+    /// One round trip to the store that reads from it (not just `SELECT 1`: a SQLite file that
+    /// was removed or a PostgreSQL that stopped fails it).
+    fn check(&mut self) -> Result<()>;
+}
+
 /// Where usage, and the state filters obey, are kept.
 pub trait Store: Send + Sync + 'static {
     /// Store `batch` unless its id was stored before, in one transaction.
@@ -289,6 +296,10 @@ pub trait Store: Send + Sync + 'static {
     fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>>;
     /// The store answers.
     fn ping(&self) -> Result<()>;
+    /// A check of the store on a connection of its own (opened on first use, again after a
+    /// failure): what `/readyz` reports, without waiting behind ingest for the store's
+    /// connection.
+    fn probe(&self) -> Box<dyn StoreProbe>;
 
     /// Decide a seat request (see [`crate::seats::decide`]) and record a grant, atomically per
     /// license: two collectors deciding at once cannot hand out one seat twice.
@@ -544,6 +555,40 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
 /// SQLite in a file, WAL mode: the embedded default.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    path: std::path::PathBuf,
+}
+
+/// [`StoreProbe`] for SQLite: a second connection to the file. In WAL mode a reader does not
+/// wait for the writer, so the check answers while ingest holds the store's connection.
+struct SqliteProbe {
+    path: std::path::PathBuf,
+    conn: Option<Connection>,
+}
+
+impl StoreProbe for SqliteProbe {
+    fn check(&mut self) -> Result<()> {
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            none => {
+                // Never created: a file that went away is a store that is not there.
+                let conn = Connection::open_with_flags(
+                    &self.path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+                        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+                .with_context(|| format!("opening {}", self.path.display()))?;
+                conn.busy_timeout(std::time::Duration::from_millis(500))?;
+                none.insert(conn)
+            }
+        };
+        let checked = conn
+            .query_row("SELECT count(*) FROM schema_migrations", [], |_| Ok(()))
+            .map_err(anyhow::Error::from);
+        if checked.is_err() {
+            self.conn = None;
+        }
+        checked
+    }
 }
 
 impl SqliteStore {
@@ -570,6 +615,7 @@ impl SqliteStore {
         migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            path: path.to_path_buf(),
         })
     }
 
@@ -723,6 +769,13 @@ impl Store for SqliteStore {
     fn ping(&self) -> Result<()> {
         self.conn()?.query_row("SELECT 1", [], |_| Ok(()))?;
         Ok(())
+    }
+
+    fn probe(&self) -> Box<dyn StoreProbe> {
+        Box::new(SqliteProbe {
+            path: self.path.clone(),
+            conn: None,
+        })
     }
 
     fn take_seat(&self, ask: &SeatAsk<'_>, now_ms: u64) -> Result<SeatAnswer> {

@@ -222,6 +222,10 @@ pub async fn run(state: Arc<AppState>) {
         match done {
             Ok((back, result)) => {
                 worker = back;
+                state
+                    .metrics
+                    .worker_rounds
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if let Err(e) = result {
                     log(
                         json!({"level": "error", "msg": "billing worker round failed", "error": format!("{e:#}")}),

@@ -51,16 +51,26 @@ fn issued(license: &str, account: &str, plan: &str) -> IssuedLicense {
     }
 }
 
-/// The invoice must equal its golden file, byte for byte. `UPDATE_GOLDEN=1` rewrites it (on
-/// purpose, and then reviewed like code).
+/// The invoice must equal its golden file, byte for byte. `UPDATE_GOLDEN=1` rewrites a file
+/// that differs (on purpose, and then reviewed like code), and still fails that run: a run
+/// that rewrites its golden files compares nothing.
 fn assert_golden(name: &str, invoice: &Invoice) {
     let path = golden_dir().join(format!("{name}.invoice.json"));
     let text = serde_json::to_string_pretty(invoice).unwrap() + "\n";
+    let golden = std::fs::read_to_string(&path).ok();
+    if golden.as_deref() == Some(text.as_str()) {
+        return;
+    }
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, &text).unwrap();
+        panic!(
+            "{} rewritten: review the diff, then run again without UPDATE_GOLDEN",
+            path.display()
+        );
     }
-    let golden = std::fs::read_to_string(&path)
-        .unwrap_or_else(|_| panic!("{} is missing: run with UPDATE_GOLDEN=1", path.display()));
+    let Some(golden) = golden else {
+        panic!("{} is missing: run with UPDATE_GOLDEN=1", path.display());
+    };
     assert_eq!(text, golden, "the invoice for {name} changed");
 }
 

@@ -415,6 +415,38 @@ fn an_account_token_reads_its_own_account_only() {
         );
         assert_eq!(call(&c, "GET", path, None, None).0, 401, "{path}");
     }
+    // The same claims signed by the same key, with a critical header extension the collector
+    // does not understand or a malformed `crit` (RFC 7515 section 4.1.11): refused, as the
+    // filter refuses such licenses.
+    {
+        use base64::Engine as _;
+        let now = u64::try_from(tollgate_collector::store::now_ms()).unwrap();
+        let signer = tollgate_collector::licensing::signer(c.state.store.as_ref(), now).unwrap();
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(1).unwrap())
+            .unwrap();
+        let claims = String::from_utf8(claims).unwrap();
+        let alg = signer.file.alg.name();
+        let kid = signer.file.kid.clone();
+        let plain = json!({"alg": alg, "kid": kid}).to_string();
+        let resigned = signer.sign_raw(&plain, &claims).unwrap();
+        assert_eq!(
+            call(&c, "GET", "/v1/accounts/acme/usage", Some(&resigned), None).0,
+            200,
+            "the same token re-signed without crit"
+        );
+        for header in [
+            json!({"alg": alg, "kid": kid, "crit": ["exp"], "exp": 1}),
+            json!({"alg": alg, "kid": kid, "crit": []}),
+        ] {
+            let forged = signer.sign_raw(&header.to_string(), &claims).unwrap();
+            assert_eq!(
+                call(&c, "GET", "/v1/accounts/acme/usage", Some(&forged), None).0,
+                401,
+                "{header}"
+            );
+        }
+    }
     for path in [
         "/v1/accounts/other/usage",
         "/v1/accounts/other/cost",

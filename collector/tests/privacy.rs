@@ -25,7 +25,7 @@ use tollgate_wire::sync::{
 use tollgate_wire::{Meter, Source, UsageBatch, UsageRecord};
 
 mod common;
-use common::{backends, Backend};
+use common::{backends, sqlite, Backend};
 
 // 2026-06-15T10:00:00Z
 const NOW: u64 = 1_781_517_600_000;
@@ -222,25 +222,28 @@ fn replicas_running_retention_at_once_count_every_unit_once() {
 
 #[test]
 fn the_worker_applies_retention_on_its_schedule() {
-    let db = &backends("privacy-worker")[0];
-    let store: Arc<dyn Store> = Arc::from(open(&db.url()).unwrap());
-    old_and_new_usage(store.as_ref());
-    let mut state = AppState::new(Arc::clone(&store), IngestKeys::default());
-    state.billing = BillingSettings {
-        finalize_grace_ms: None,
-        raw_usage_retention_ms: Some(62 * DAY),
-        ..BillingSettings::default()
-    };
-    let mut worker = Worker::default();
-    worker.step(&state, NOW).unwrap();
-    assert_eq!(raw_records(store.as_ref()), 240);
-    // Off: nothing happens.
-    let store_off: Arc<dyn Store> =
-        Arc::from(open(&backends("privacy-worker-off")[0].url()).unwrap());
-    old_and_new_usage(store_off.as_ref());
-    let off = AppState::new(Arc::clone(&store_off), IngestKeys::default());
-    Worker::default().step(&off, NOW).unwrap();
-    assert_eq!(raw_records(store_off.as_ref()), 480);
+    for (db, db_off) in backends("privacy-worker")
+        .into_iter()
+        .zip(backends("privacy-worker-off"))
+    {
+        let store: Arc<dyn Store> = Arc::from(open(&db.url()).unwrap());
+        old_and_new_usage(store.as_ref());
+        let mut state = AppState::new(Arc::clone(&store), IngestKeys::default());
+        state.billing = BillingSettings {
+            finalize_grace_ms: None,
+            raw_usage_retention_ms: Some(62 * DAY),
+            ..BillingSettings::default()
+        };
+        let mut worker = Worker::default();
+        worker.step(&state, NOW).unwrap();
+        assert_eq!(raw_records(store.as_ref()), 240, "{db:?}");
+        // Off: nothing happens.
+        let store_off: Arc<dyn Store> = Arc::from(open(&db_off.url()).unwrap());
+        old_and_new_usage(store_off.as_ref());
+        let off = AppState::new(Arc::clone(&store_off), IngestKeys::default());
+        Worker::default().step(&off, NOW).unwrap();
+        assert_eq!(raw_records(store_off.as_ref()), 480, "{db_off:?}");
+    }
 }
 
 /// Something of every kind the collector keeps about `account`, with `license`, used by the end
@@ -642,7 +645,7 @@ fn call(method: &str, url: &str, token: Option<&str>) -> (u16, Value) {
 
 #[test]
 fn over_http_export_and_erase_need_the_admin_token_and_a_valid_license_blocks_erasure() {
-    let db = &backends("privacy-http")[0];
+    let db = &sqlite("privacy-http");
     let store = open(&db.url()).unwrap();
     let now = u64::try_from(tollgate_collector::store::now_ms()).unwrap();
     // The license expires a day after NOW, long before the real now: erasable.
@@ -740,7 +743,7 @@ fn cli(args: &[&str]) -> (bool, String) {
 
 #[test]
 fn the_command_line_finds_a_person_by_pseudonym_exports_and_erases() {
-    let db = &backends("privacy-cli")[0];
+    let db = &sqlite("privacy-cli");
     let secret = "pseudonym-secret-0123456789abcdef0123";
     let pseudonyms =
         tollgate_core::pseudonym::Pseudonymizer::new("pseudonyms", "k1", secret).unwrap();

@@ -437,6 +437,67 @@ impl TokenError {
     }
 }
 
+/// Header parameters RFC 7515 and RFC 7518 define for a JWS, and RFC 7516's for a JWE: a
+/// `crit` list naming one of them is malformed (RFC 7515 section 4.1.11).
+const REGISTERED_HEADER_PARAMETERS: [&str; 13] = [
+    "alg", "jku", "jwk", "kid", "x5u", "x5c", "x5t", "x5t#S256", "typ", "cty", "crit", "enc", "zip",
+];
+
+/// Decode a compact JWS's protected header and refuse what a recipient must refuse before it
+/// looks at the signature: a header that is not one JSON object (duplicate registered members
+/// included), and any `crit` (RFC 7515 section 4.1.11). No extension is understood here, so a
+/// well-formed `crit` is refused too: the signer said the token means something this verifier
+/// cannot check. Shared by every verifier of tokens (the collector's account tokens too).
+pub fn jose_header(token: &str) -> Result<jsonwebtoken::Header, TokenError> {
+    let malformed = || TokenError::new(Code::InvalidToken, "the token is not a well-formed JWT");
+    let header = jsonwebtoken::decode_header(token).map_err(|_| malformed())?;
+    // The library reads `"crit": null` as no `crit`: look at the member as written.
+    let encoded = token.split('.').next().unwrap_or_default();
+    let probe: CritProbe = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(encoded)
+        .ok()
+        .and_then(|json| serde_json::from_slice(&json).ok())
+        .ok_or_else(malformed)?;
+    let Some(crit) = probe.crit else {
+        return Ok(header);
+    };
+    let names: Option<Vec<&str>> = match &crit {
+        serde_json::Value::Array(items) if !items.is_empty() => {
+            items.iter().map(serde_json::Value::as_str).collect()
+        }
+        _ => None,
+    };
+    let well_formed = names.is_some_and(|names| {
+        names.iter().enumerate().all(|(i, name)| {
+            !name.is_empty()
+                && !REGISTERED_HEADER_PARAMETERS.contains(name)
+                && header.extras.inner().contains_key(*name)
+                && !names.iter().skip(i + 1).any(|other| other == name)
+        })
+    });
+    Err(TokenError::new(
+        Code::InvalidToken,
+        if well_formed {
+            "the token names critical header extensions (`crit`) this verifier does not understand"
+        } else {
+            "the token's `crit` header is malformed (RFC 7515 section 4.1.11)"
+        },
+    ))
+}
+
+/// The `crit` member of a JOSE header as written: absent, or any JSON value (`null` included).
+#[derive(Deserialize)]
+struct CritProbe {
+    #[serde(default, deserialize_with = "present")]
+    crit: Option<serde_json::Value>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(deserializer).map(Some)
+}
+
 /// Verify a token's signature and claims at `now` (seconds since the Unix epoch), with the
 /// configuration's keys and the `fetched` ones.
 pub fn verify(
@@ -452,8 +513,7 @@ pub fn verify(
             "the token is too large",
         ));
     }
-    let header = jsonwebtoken::decode_header(token)
-        .map_err(|_| TokenError::new(Code::InvalidToken, "the token is not a well-formed JWT"))?;
+    let header = jose_header(token)?;
     let kid = header.kid.as_deref();
     let key = match kid {
         Some(_) => tp

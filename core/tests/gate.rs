@@ -289,6 +289,93 @@ fn forged_and_malformed_tokens_are_invalid() {
     }
 }
 
+/// RFC 7515 section 4.1.11: a `crit` naming an extension the verifier does not understand
+/// makes the JWS invalid, and `crit` naming a registered parameter, a parameter the header
+/// lacks, a duplicate, or empty is malformed. Each token here is correctly signed by a
+/// configured key, so only the header check can refuse it.
+#[test]
+fn critical_header_extensions_are_refused_for_every_algorithm() {
+    let k = keys();
+    let mut gate = gate();
+    let claims = spec("starter", &["search"]).claims_at(NOW).to_string();
+    for (key, alg, kid) in [
+        (&k.ed, "EdDSA", "ed-1"),
+        (&k.es, "ES256", "es-1"),
+        (&k.rs, "RS256", "rs-1"),
+    ] {
+        let plain = json!({"alg": alg, "kid": kid, "typ": "JWT"});
+        let b = format!(
+            "Bearer {}",
+            key.sign_raw(&plain.to_string(), &claims).unwrap()
+        );
+        assert_eq!(
+            ask(&mut gate, "GET", "/v1/search", Some(&b), NOW),
+            Verdict::Allow,
+            "{alg} without crit"
+        );
+        let with = |extra: Value| {
+            let mut h = plain.clone();
+            for (name, value) in extra.as_object().unwrap() {
+                h[name] = value.clone();
+            }
+            h.to_string()
+        };
+        for (header, expected) in [
+            (
+                with(json!({"crit": ["anything"], "anything": true})),
+                "understand",
+            ),
+            (
+                with(json!({"crit": ["exp"], "exp": NOW + 60})),
+                "understand",
+            ),
+            (with(json!({"crit": ["b64"], "b64": true})), "understand"),
+            (with(json!({"crit": ["anything"]})), "malformed"),
+            (with(json!({"crit": []})), "malformed"),
+            (with(json!({"crit": ["kid"]})), "malformed"),
+            (with(json!({"crit": ["alg"]})), "malformed"),
+            (with(json!({"crit": ["x", "x"], "x": 1})), "malformed"),
+            (with(json!({"crit": [""], "": 1})), "malformed"),
+            (
+                with(json!({"crit": "anything", "anything": 1})),
+                "well-formed",
+            ),
+            (with(json!({"crit": [1]})), "well-formed"),
+            (with(json!({"crit": null})), "malformed"),
+            // Duplicate members of the header: the last `crit` must not hide the first.
+            (
+                format!(r#"{{"alg":"{alg}","kid":"{kid}","crit":["x"],"x":1,"crit":[]}}"#),
+                "well-formed",
+            ),
+            (
+                format!(r#"{{"alg":"{alg}","kid":"{kid}","kid":"{kid}"}}"#),
+                "well-formed",
+            ),
+        ] {
+            let b = format!("Bearer {}", key.sign_raw(&header, &claims).unwrap());
+            let decision = gate.admit(
+                &RequestHead {
+                    method: "GET",
+                    path: "/v1/search",
+                    credential: Some(&b),
+                    user: None,
+                    client_address: None,
+                },
+                NOW * SECOND,
+            );
+            let Verdict::Refuse(refusal) = &decision.verdict else {
+                panic!("{alg} {header}: {:?}", decision.verdict);
+            };
+            assert_eq!(refusal.code, Code::InvalidToken, "{alg} {header}");
+            assert!(
+                refusal.message.contains(expected),
+                "{alg} {header}: {}",
+                refusal.message
+            );
+        }
+    }
+}
+
 #[test]
 fn claims_that_are_not_a_license_are_refused() {
     let k = keys();

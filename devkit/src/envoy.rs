@@ -236,6 +236,9 @@ fn collector_cluster(ports: &[u16]) -> Value {
         cluster["health_checks"] = json!([{
             "timeout": "1s",
             "interval": "1s",
+            // As in envoy/envoy.yaml: checked every second from the start, not every 60 s
+            // while no batch has been sent yet.
+            "no_traffic_interval": "1s",
             "unhealthy_threshold": 1,
             "healthy_threshold": 1,
             "http_health_check": {"path": "/readyz"},
@@ -404,8 +407,11 @@ impl Envoy {
                     .args(["--parent-shutdown-time-s", &(drain_s + 1).to_string()]);
             }
             // Many Envoys run side by side in tests: no shared memory, so no base-id clashes.
+            // `--drain-time-s` also paces `POST /drain_listeners?graceful` (600 s by default).
             None => {
-                command.arg("--disable-hot-restart");
+                command
+                    .arg("--disable-hot-restart")
+                    .args(["--drain-time-s", &drain.as_secs().max(1).to_string()]);
             }
         }
         let child = command
@@ -534,7 +540,7 @@ impl Envoy {
         text
     }
 
-    fn log_tail(&self, lines: usize) -> String {
+    pub fn log_tail(&self, lines: usize) -> String {
         let log = self.log();
         let all: Vec<&str> = log.lines().collect();
         let skip = all.len().saturating_sub(lines);

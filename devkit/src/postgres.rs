@@ -14,6 +14,8 @@ pub struct TestPostgres {
     bin: PathBuf,
     as_postgres: bool,
     pub port: u16,
+    /// The server's options (`pg_ctl -o`), for starting it again.
+    options: String,
 }
 
 /// The directory with `initdb` and `pg_ctl`: on `PATH`, else Debian's /usr/lib/postgresql/<v>/bin.
@@ -52,12 +54,6 @@ fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
-        .local_addr()?
-        .port())
-}
-
 impl TestPostgres {
     /// A server for tests: durability off (no fsync, asynchronous commit), since a test's
     /// data dies with it and the machine's disk is shared with everything else.
@@ -76,7 +72,7 @@ impl TestPostgres {
         let dir = std::env::temp_dir().join(format!(
             "tollgate-pg-{name}-{}-{}",
             std::process::id(),
-            free_port()?
+            crate::ports::unused_port()?
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -92,6 +88,7 @@ impl TestPostgres {
             bin,
             as_postgres,
             port: 0,
+            options: String::new(),
         };
         let data = pg.dir.join("data");
         pg.run_tool(
@@ -110,7 +107,7 @@ impl TestPostgres {
         )?;
         // A free port can be taken between our probe and the server's bind: retry a few times.
         for _ in 0..5 {
-            pg.port = free_port()?;
+            pg.port = crate::ports::unused_port()?;
             let mut options = format!(
                 "-p {} -k {} -c listen_addresses=127.0.0.1",
                 pg.port,
@@ -136,6 +133,7 @@ impl TestPostgres {
                 ],
             );
             if started.is_ok() {
+                pg.options = options;
                 return Ok(pg);
             }
         }
@@ -179,6 +177,28 @@ impl TestPostgres {
                 "-t",
                 "30",
                 "restart",
+            ],
+        )
+        .map(|_| ())
+    }
+
+    /// Start the server again after [`TestPostgres::stop`], with the same options and port.
+    pub fn start_again(&self) -> Result<()> {
+        let data = self.dir.join("data");
+        let log = self.dir.join("postgres.log");
+        self.run_tool(
+            "pg_ctl",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-o",
+                &self.options,
+                "-l",
+                &log.to_string_lossy(),
+                "-w",
+                "-t",
+                "30",
+                "start",
             ],
         )
         .map(|_| ())

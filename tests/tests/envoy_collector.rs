@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -70,6 +71,11 @@ struct Seen {
 /// Mixed traffic: allowed calls with bodies of several sizes, rate-limited calls, calls
 /// without a token, calls to a feature the license lacks.
 fn traffic(envoy: &Envoy, rounds: usize, seen: &mut Seen) {
+    try_traffic(envoy.listener, rounds, seen).unwrap();
+}
+
+/// [`traffic`] until a request fails (Envoy stopped listening): what was answered is counted.
+fn try_traffic(listener: SocketAddr, rounds: usize, seen: &mut Seen) -> anyhow::Result<()> {
     let pro = license("acme", "lic-pro", "pro", &["search"]);
     let tight = license("initech", "lic-tight", "tight", &["search"]);
     for i in 0..rounds {
@@ -89,7 +95,7 @@ fn traffic(envoy: &Envoy, rounds: usize, seen: &mut Seen) {
                 .as_deref()
                 .map(|a| vec![("authorization", a)])
                 .unwrap_or_default();
-            let r = request(envoy.listener, "GET", &path, &headers).unwrap();
+            let r = request(listener, "GET", &path, &headers)?;
             let outcome = if r.status == 200 {
                 "allowed".to_string()
             } else {
@@ -111,9 +117,19 @@ fn traffic(envoy: &Envoy, rounds: usize, seen: &mut Seen) {
             }
         }
     }
+    Ok(())
 }
 
 impl Seen {
+    fn add(&mut self, other: &Seen) {
+        for (key, n) in &other.calls {
+            *self.calls.entry(key.clone()).or_default() += n;
+        }
+        for (key, n) in &other.allowed_bytes {
+            *self.allowed_bytes.entry(key.clone()).or_default() += n;
+        }
+    }
+
     fn total_calls(&self) -> u64 {
         self.calls.values().sum()
     }
@@ -653,6 +669,105 @@ fn envoy_hot_restarted_mid_load_loses_nothing() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Load on its own thread until Envoy stops answering; what it saw.
+fn load_until_refused(envoy: &Envoy) -> std::thread::JoinHandle<Seen> {
+    let listener = envoy.listener;
+    std::thread::spawn(move || {
+        let mut seen = Seen::default();
+        while try_traffic(listener, 1, &mut seen).is_ok() {}
+        seen
+    })
+}
+
+/// Envoy stopped in the middle of the load the way the README says to stop it
+/// (`envoy/drain-and-stop.sh`: health check failed, listeners drained, Tollgate's buffer
+/// empty, then SIGTERM): every call served is stored, none twice.
+#[test]
+fn envoy_stopped_mid_load_by_drain_and_stop_loses_nothing() {
+    let dir = scratch("drain-and-stop");
+    let c = collector(&dir.join("usage.db"), 0);
+    let upstream = Upstream::start(0).unwrap();
+    let mut bootstrap = Bootstrap::new(config(), upstream.port());
+    bootstrap.collector_ports = vec![c.addr.port()];
+    let mut envoy = Envoy::start("drain-and-stop", &bootstrap.to_json(), 2).unwrap();
+    let mut seen = Seen::default();
+    traffic(&envoy, 5, &mut seen);
+    let load = load_until_refused(&envoy);
+    // Stop while requests are flowing and usage is buffered.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while upstream.requests() < 200 {
+        assert!(Instant::now() < deadline, "no load");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = std::process::Command::new(workspace_root().join("envoy/drain-and-stop.sh"))
+        .arg(format!("http://{}", envoy.admin))
+        .arg(envoy.pid().to_string())
+        .env("QUIET_SECONDS", "2")
+        .env("TIMEOUT_SECONDS", "20")
+        .status()
+        .unwrap();
+    assert!(status.success(), "drain-and-stop.sh: {status}");
+    let exited = envoy.wait_exit(Duration::from_secs(30)).unwrap();
+    seen.add(&load.join().unwrap());
+    // Envoy is gone: what the collector holds once its requests in flight finish is final.
+    let store = std::sync::Arc::clone(&c.state.store);
+    c.stop().unwrap();
+    assert_eq!(stored(store.as_ref()), seen, "stored after a drained stop");
+    assert_eq!(upstream.requests(), seen.calls_with("allowed"));
+    chaos(
+        "Envoy stopped by envoy/drain-and-stop.sh mid-load",
+        &seen,
+        &format!("Envoy exited ({exited}) after the drain"),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A plain SIGTERM exits at once (Envoy does not drain on it, and a batch sent while it exits
+/// gets no answer): what is lost is at most the usage the filter had not had acknowledged, and
+/// nothing is ever stored twice.
+#[test]
+fn envoy_sigterm_mid_load_loses_at_most_the_unacknowledged_usage() {
+    let dir = scratch("sigterm");
+    let c = collector(&dir.join("usage.db"), 0);
+    let upstream = Upstream::start(0).unwrap();
+    let mut bootstrap = Bootstrap::new(config(), upstream.port());
+    bootstrap.collector_ports = vec![c.addr.port()];
+    let mut envoy = Envoy::start("sigterm", &bootstrap.to_json(), 2).unwrap();
+    let load = load_until_refused(&envoy);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while upstream.requests() < 200 {
+        assert!(Instant::now() < deadline, "no load");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &envoy.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    envoy.wait_exit(Duration::from_secs(30)).unwrap();
+    let seen = load.join().unwrap();
+    let store = std::sync::Arc::clone(&c.state.store);
+    c.stop().unwrap();
+    let got = stored(store.as_ref());
+    // The one request in flight when Envoy exited may have been metered and forwarded without
+    // its client seeing an answer: the upstream's count bounds what can have been allowed.
+    let (served, stored_calls) = (seen.total_calls(), got.total_calls());
+    assert!(
+        got.calls_with("allowed") <= upstream.requests(),
+        "more allowed calls stored than the upstream served: {got:?}"
+    );
+    assert!(
+        stored_calls <= served + 1,
+        "stored {stored_calls} of {served} calls: counted twice\n got {got:?}\nseen {seen:?}"
+    );
+    let lost = served.saturating_sub(stored_calls);
+    eprintln!(
+        "chaos: | Envoy SIGTERM mid-load (no drain) | {served} | {} | {lost} calls not stored, none twice | the usage not yet acknowledged dies with Envoy: stop it with envoy/drain-and-stop.sh |",
+        seen.calls_with("allowed")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A collector cluster: two replicas of the real collector program sharing PostgreSQL behind
 /// one Envoy cluster; one is killed with SIGKILL in the middle of the load.
 #[test]
@@ -728,13 +843,10 @@ fn two_collector_replicas_on_postgres_one_killed_mid_load_totals_exact() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A free port on 127.0.0.1 with nothing listening (yet).
+/// A free port on 127.0.0.1 with nothing listening (yet), outside the range outgoing
+/// connections take ports from ([`tollgate_devkit::ports`]).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    tollgate_devkit::ports::unused_port().unwrap()
 }
 
 /// Envoy whose collector is down from the start, with a buffer of 8 records.

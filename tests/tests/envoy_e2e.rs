@@ -428,6 +428,27 @@ fn malformed_tokens_all_get_401_and_envoy_keeps_serving() {
         }
     }
     eprintln!("malformed credentials: {statuses:?}");
+    // Correctly signed by the configured key, with a critical header extension the filter
+    // does not understand, or a malformed `crit` (RFC 7515 section 4.1.11): refused, and never
+    // upstream.
+    let claims = license("acme", "lic-1", "starter", &["search"])
+        .claims_at(unix_now())
+        .to_string();
+    let alg = key.file.alg.name();
+    for header in [
+        json!({"alg": alg, "kid": "demo-2026", "crit": ["anything"], "anything": true}),
+        json!({"alg": alg, "kid": "demo-2026", "crit": ["b64"], "b64": false}),
+        json!({"alg": alg, "kid": "demo-2026", "crit": []}),
+        json!({"alg": alg, "kid": "demo-2026", "crit": ["kid"]}),
+    ] {
+        let token = key.sign_raw(&header.to_string(), &claims).unwrap();
+        let r = get(&s, "/v1/search", &[("authorization", &bearer(&token))]);
+        assert_eq!(
+            (r.status, r.code()),
+            (401, "invalid_token".into()),
+            "{header}"
+        );
+    }
     assert_eq!(
         get(&s, "/v1/search", &[("authorization", &bearer(&good))]).status,
         200

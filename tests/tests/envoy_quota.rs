@@ -331,11 +331,7 @@ fn revocation_and_spend_caps_stop_traffic_within_one_sync() {
 /// the lease wait; `allow` admits the fixed allowance, then 503.
 #[test]
 fn without_a_collector_quotas_deny_or_allow_the_allowance() {
-    let free_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let free_port = tollgate_devkit::ports::unused_port().unwrap();
     let upstream = Upstream::start(0).unwrap();
     let token = license("lic-offline", "metered");
     let auth = format!("Bearer {token}");

@@ -717,6 +717,22 @@ fn malformed_credentials_are_refused_without_ever_trapping() {
         ".".repeat(10_000),
         "A".repeat(100_000),
         format!("{good}.{}", "A".repeat(100_000)),
+        // Signed by configured keys, with a `crit` the filter must refuse (RFC 7515 4.1.11).
+        k.ed.sign_raw(
+            &json!({"alg": "EdDSA", "kid": "ed-1", "crit": ["x"], "x": 1}).to_string(),
+            &claims.to_string(),
+        )
+        .unwrap(),
+        k.es.sign_raw(
+            &json!({"alg": "ES256", "kid": "es-1", "crit": ["b64"], "b64": false}).to_string(),
+            &claims.to_string(),
+        )
+        .unwrap(),
+        k.rs.sign_raw(
+            &json!({"alg": "RS256", "kid": "rs-1", "crit": []}).to_string(),
+            &claims.to_string(),
+        )
+        .unwrap(),
     ]
     .into_iter()
     .map(|t| format!("Bearer {t}").into_bytes())

@@ -45,12 +45,19 @@ impl Drop for Backend {
 
 /// Every backend, fresh: the same test body runs against each.
 pub fn backends(name: &str) -> Vec<Backend> {
+    vec![
+        sqlite(name),
+        Backend::Postgres(TestPostgres::start(name).unwrap()),
+    ]
+}
+
+/// A fresh SQLite file only, for tests of what lies above the store (HTTP, the CLI): bind it
+/// for the whole test, since its folder goes when it is dropped.
+#[must_use = "the database's folder is removed when the backend is dropped"]
+pub fn sqlite(name: &str) -> Backend {
     let dir =
         std::env::temp_dir().join(format!("tollgate-collector-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    vec![
-        Backend::Sqlite(dir.join("usage.db")),
-        Backend::Postgres(TestPostgres::start(name).unwrap()),
-    ]
+    Backend::Sqlite(dir.join("usage.db"))
 }

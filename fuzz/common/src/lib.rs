@@ -288,6 +288,27 @@ pub mod seeds {
             "header-and-claims",
             with_mode(layout::TOKEN_SIGNED_HEADER_AND_CLAIMS, &both),
         );
+        // Critical header extensions (RFC 7515 section 4.1.11): one not understood, and
+        // malformed lists; all must be refused behind a good signature.
+        for (name, crit) in [
+            ("crit-unknown", json!({"crit": ["x-ext"], "x-ext": true})),
+            ("crit-empty", json!({"crit": []})),
+            ("crit-registered", json!({"crit": ["kid"]})),
+            ("crit-null", json!({"crit": null})),
+        ] {
+            let mut header: Value = serde_json::from_str(&header(&k.ed)).expect("JSON");
+            for (member, value) in crit.as_object().expect("object") {
+                header[member] = value.clone();
+            }
+            let mut both = header.to_string().into_bytes();
+            both.push(0);
+            both.extend(serde_json::to_vec(&starter).expect("JSON"));
+            add(
+                "token",
+                &format!("header-{name}"),
+                with_mode(layout::TOKEN_SIGNED_HEADER_AND_CLAIMS, &both),
+            );
+        }
         let jwks = super::jwks();
         add(
             "token",
