@@ -81,6 +81,14 @@ impl PostgresStore {
     }
 }
 
+/// True for PostgreSQL's `disk_full` (SQLSTATE 53100).
+pub(crate) fn is_disk_full(cause: &(dyn std::error::Error + 'static)) -> bool {
+    cause
+        .downcast_ref::<postgres::Error>()
+        .and_then(postgres::Error::code)
+        .is_some_and(|code| *code == postgres::error::SqlState::DISK_FULL)
+}
+
 /// [`StoreProbe`] for PostgreSQL: a connection of its own, with timeouts short enough that a
 /// database that stopped answering fails the check instead of hanging it (the readiness state
 /// also goes stale when a check hangs).

@@ -339,7 +339,10 @@ async fn ingest(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
             return refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",
-                "the batch was not stored; retry",
+                format!(
+                    "{}: the batch was not stored; retry",
+                    crate::store::failure_reason(&e)
+                ),
             );
         }
         Err(e) => {
@@ -442,7 +445,10 @@ async fn sync(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Byte
             refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",
-                "the sync was not answered; retry",
+                format!(
+                    "{}: the sync was not answered; retry",
+                    crate::store::failure_reason(&e)
+                ),
             )
         }
         Err(e) => refusal(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),

@@ -281,6 +281,23 @@ pub enum DeliveryOutcome {
     GaveUp,
 }
 
+/// Why a store operation failed, in words for the caller: a full disk is named (SQLite's
+/// `SQLITE_FULL`, PostgreSQL's `disk_full`), since the operator has to act on it; anything
+/// else is the store failing.
+pub fn failure_reason(e: &anyhow::Error) -> &'static str {
+    let disk_full = e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<rusqlite::Error>(),
+            Some(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::DiskFull
+        ) || crate::postgres_store::is_disk_full(cause)
+    });
+    if disk_full {
+        "the collector's disk is full"
+    } else {
+        "the collector's store failed"
+    }
+}
+
 /// A readiness check of a store with a connection of its own.
 pub trait StoreProbe: Send {
     /// One round trip to the store that reads from it (not just `SELECT 1`: a SQLite file that

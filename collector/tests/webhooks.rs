@@ -157,9 +157,16 @@ fn webhooks_on(db: &Backend) {
     let dir = std::env::temp_dir().join(format!("tollgate-hooks-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let plans = dir.join("plans.json");
+    // Monthly budgets and invoices on the real clock: in a zone where it is midday, so that
+    // the test never straddles a month's end.
     std::fs::write(
         &plans,
-        r#"{"currency": "EUR", "plans": {"pro": {"prices": {"calls": "0.01"}}}}"#,
+        json!({
+            "currency": "EUR",
+            "time_zone": tollgate_devkit::periods::midday_time_zone(),
+            "plans": {"pro": {"prices": {"calls": "0.01"}}},
+        })
+        .to_string(),
     )
     .unwrap();
 

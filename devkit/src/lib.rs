@@ -6,6 +6,7 @@ pub mod keys;
 pub use keys::{jwks, unix_now, KeyAlg, KeyFile, LicenseSpec, SigningKey};
 pub mod envoy;
 pub mod oci;
+pub mod periods;
 pub mod ports;
 pub mod postgres;
 pub mod upstream;

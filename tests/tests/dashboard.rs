@@ -89,9 +89,16 @@ fn the_dashboard_draws_real_collector_data_in_chromium() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let plans = dir.join("plans.json");
+    // Usage of this hour and two hours ago, a monthly budget and a daily quota, on the real
+    // clock: in a zone where it is midday, so that none of it straddles a day's or month's end.
     std::fs::write(
         &plans,
-        r#"{"currency": "EUR", "plans": {"pro": {"subscription": {"fee": "49", "included": {"calls": 100}}, "prices": {"calls": "0.01"}}}}"#,
+        json!({
+            "currency": "EUR",
+            "time_zone": tollgate_devkit::periods::midday_time_zone(),
+            "plans": {"pro": {"subscription": {"fee": "49", "included": {"calls": 100}}, "prices": {"calls": "0.01"}}},
+        })
+        .to_string(),
     )
     .unwrap();
     let store = open(&format!("sqlite://{}", dir.join("c.db").display())).unwrap();

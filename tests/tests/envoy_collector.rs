@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tollgate_collector::{open, IngestKeys, Running, Store, UsageQuery};
+use tollgate_collector::{open, AppState, IngestKeys, Running, Store, UsageQuery};
 use tollgate_devkit::envoy::workspace_root;
 use tollgate_devkit::{Bootstrap, Envoy, LicenseSpec, SigningKey, TestPostgres, Upstream};
 use tollgate_tests::collector::{rss_kib_and_fds, CollectorProcess};
@@ -52,12 +52,23 @@ fn license(account: &str, id: &str, plan: &str, features: &[&str]) -> String {
 
 fn collector(db: &std::path::Path, port: u16) -> Running {
     let keys = IngestKeys::parse([format!("k1={SECRET}").as_str()]).unwrap();
-    Running::start(
-        port,
-        open(&format!("sqlite://{}", db.display())).unwrap(),
+    let mut state = AppState::new(
+        std::sync::Arc::from(open(&format!("sqlite://{}", db.display())).unwrap()),
         keys,
+    );
+    // The daily quota of the faults test on the real clock: in a zone where it is midday, so
+    // that no test straddles a day's end.
+    let catalog = db.with_extension("plans.json");
+    std::fs::write(
+        &catalog,
+        tollgate_devkit::periods::midday_catalogue().to_string(),
     )
-    .unwrap()
+    .unwrap();
+    state.control = tollgate_collector::control::ControlPlane {
+        catalog: tollgate_collector::catalog::CatalogFileWatch::open(Some(&catalog)).unwrap(),
+        ..Default::default()
+    };
+    Running::start_state(port, state).unwrap()
 }
 
 /// What the clients saw: calls per (license, outcome), response body bytes per license of
@@ -284,23 +295,54 @@ fn a_collector_answering_slowly_or_with_500s_loses_nothing_and_counts_nothing_tw
     let envoy = Envoy::start("faults", &bootstrap.to_json(), 2).unwrap();
 
     let mut seen = Seen::default();
+    // Each phase lasts until it has done its work, counted, not for a fixed time (a loaded
+    // machine sends fewer requests in a second): a faulty phase until the proxy has faulted
+    // five more requests, a passing one until two more batches were acknowledged; then traffic
+    // goes on until the quota is spent.
     let phases = [
-        ("passing", Fault::None, 2),
-        (
-            "slow",
-            Fault::SlowAfterStore(Duration::from_millis(1500)),
-            5,
-        ),
-        ("500 after storing", Fault::FailAfterStore, 5),
-        ("500 before storing", Fault::FailBefore, 5),
-        ("passing again", Fault::None, 2),
+        ("passing", Fault::None),
+        ("slow", Fault::SlowAfterStore(Duration::from_millis(1500))),
+        ("500 after storing", Fault::FailAfterStore),
+        ("500 before storing", Fault::FailBefore),
+        ("passing again", Fault::None),
     ];
-    for (_, fault, seconds) in phases {
+    let acked = || {
+        envoy
+            .stat("wasmcustom.tollgate.usage_batches_acked")
+            .unwrap()
+    };
+    for (name, fault) in phases {
+        let passing = matches!(fault, Fault::None);
         proxy.set(fault);
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(seconds) {
+        let (faulted, acknowledged) = (proxy.injected(), acked());
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
             traffic(&envoy, 5, &mut seen);
+            let done = if passing {
+                acked() >= acknowledged + 2
+            } else {
+                proxy.injected() >= faulted + 5
+            };
+            if done {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "phase `{name}` never did its work"
+            );
         }
+    }
+    let pro_exhausted = |seen: &Seen| {
+        seen.calls
+            .contains_key(&("lic-pro".to_string(), "quota_exhausted".to_string()))
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !pro_exhausted(&seen) {
+        assert!(
+            Instant::now() < deadline,
+            "the quota was never spent: {seen:?}"
+        );
+        traffic(&envoy, 5, &mut seen);
     }
     let back = Instant::now();
     wait_for(c.state.store.as_ref(), &seen);
@@ -330,7 +372,7 @@ fn a_collector_answering_slowly_or_with_500s_loses_nothing_and_counts_nothing_tw
         "batches stored but answered late or with a 500 came back, and counted zero more"
     );
     chaos(
-        "collector slow (1.5 s, timeout 1 s), then 500 after storing, then 500 before (5 s each)",
+        "collector slow (1.5 s, timeout 1 s), then 500 after storing, then 500 before (5 faulted requests each)",
         &seen,
         &format!(
             "{} requests faulted, {failed} sends failed, {duplicates} retried batches were duplicates; quota {QUOTA}: {pro_allowed} admitted, {exhausted} refused; all stored {:.1} s after",
@@ -667,6 +709,159 @@ fn envoy_hot_restarted_mid_load_loses_nothing() {
         ),
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A tmpfs of `mib` MiB mounted for one test (mounting needs root); unmounted when dropped.
+struct Tmpfs {
+    path: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(name: &str, mib: u64) -> Option<Tmpfs> {
+        let path = scratch(name).join("mnt");
+        std::fs::create_dir_all(&path).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(Tmpfs { path })
+    }
+
+    /// Take every free byte with a file of zeros.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write as _;
+        let filler = self.path.join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        loop {
+            match file.write_all(&chunk).and_then(|()| file.sync_all()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => panic!("filling the disk: {e}"),
+            }
+        }
+        // The last partial chunk too, byte by byte.
+        while file.write_all(&[0]).is_ok() && file.flush().is_ok() {}
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// The collector's disk fills up under load (SQLite on a 64 MiB tmpfs, the free space taken by
+/// a file): ingest answers 503 `store_unavailable` saying the disk is full, stores nothing of
+/// a batch it refuses, and the filters keep their batches and retry; once the file is removed,
+/// everything arrives, exactly once.
+#[test]
+fn a_full_disk_under_the_collector_loses_nothing_and_ingest_recovers() {
+    if running_as_root().is_none() {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let disk = Tmpfs::mount("disk-full", 64).expect("mounting a tmpfs (as root)");
+    let c = collector(&disk.path.join("usage.db"), 0);
+    let upstream = Upstream::start(0).unwrap();
+    let mut bootstrap = Bootstrap::new(config(), upstream.port());
+    bootstrap.collector_ports = vec![c.addr.port()];
+    let envoy = Envoy::start("disk-full", &bootstrap.to_json(), 2).unwrap();
+    let mut seen = Seen::default();
+    traffic(&envoy, 10, &mut seen);
+    wait_for(c.state.store.as_ref(), &seen);
+
+    let before_full = seen.total_calls();
+    let filler = disk.fill();
+    let refused = || {
+        collector_metric(
+            &c,
+            "tollgate_collector_rejected_total{reason=\"store_error\"}",
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while refused() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "no batch was refused on a full disk"
+        );
+        traffic(&envoy, 5, &mut seen);
+    }
+    // What a filter is told: the reason, and that it may retry.
+    let batch = tollgate_wire::UsageBatch {
+        version: 1,
+        batch_id: "disk-full-probe/1".into(),
+        source: tollgate_wire::Source {
+            instance: "disk-full-probe".into(),
+            vm_started_ms: 1,
+        },
+        sequence: 1,
+        created_ms: 1_780_000_001_000,
+        records: vec![tollgate_wire::UsageRecord {
+            account: "probe".into(),
+            license: "lic-probe".into(),
+            feature: "search".into(),
+            outcome: "allowed".into(),
+            user: String::new(),
+            meter: tollgate_wire::Meter::Calls,
+            units: 1,
+            window_start_ms: 1_780_000_000_000,
+            window_end_ms: 1_780_000_001_000,
+        }],
+    }
+    .encode();
+    let answer = ureq::post(&c.url("/v1/usage"))
+        .set(tollgate_wire::KEY_ID_HEADER, "k1")
+        .set(
+            tollgate_wire::SIGNATURE_HEADER,
+            &tollgate_wire::sign(SECRET.as_bytes(), &batch),
+        )
+        .send_bytes(&batch);
+    match answer {
+        Err(ureq::Error::Status(503, r)) => {
+            let body = r.into_string().unwrap();
+            assert!(body.contains("store_unavailable"), "{body}");
+            assert!(body.contains("disk is full"), "{body}");
+        }
+        other => panic!(
+            "expected 503 on a full disk: {:?}",
+            other.map(|r| r.status())
+        ),
+    }
+    let during = seen.total_calls() - before_full;
+
+    std::fs::remove_file(filler).unwrap();
+    traffic(&envoy, 10, &mut seen);
+    let back = Instant::now();
+    // Exact: nothing of a refused batch was kept, and each was stored once when retried.
+    wait_for(c.state.store.as_ref(), &seen);
+    assert_eq!(upstream.requests(), seen.calls_with("allowed"));
+    chaos(
+        "the collector's disk full (SQLite on a tmpfs filled by a file), then freed",
+        &seen,
+        &format!(
+            "{} batches refused with 503 `the collector's disk is full`, {during} calls served meanwhile; all stored {:.1} s after the space came back",
+            refused(),
+            back.elapsed().as_secs_f64()
+        ),
+    );
+    drop(c);
+    let dir = disk.path.parent().map(std::path::Path::to_path_buf);
+    drop(disk);
+    if let Some(dir) = dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// `Some` when the effective user id is 0 (`id -u`).
+fn running_as_root() -> Option<()> {
+    let out = std::process::Command::new("id").arg("-u").output().ok()?;
+    (String::from_utf8_lossy(&out.stdout).trim() == "0").then_some(())
 }
 
 /// Load on its own thread until Envoy stops answering; what it saw.

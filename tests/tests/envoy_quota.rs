@@ -66,13 +66,14 @@ fn stack(name: &str, plugin: &Value, envoys: usize, catalog: Option<Value>) -> S
         IngestKeys::parse([format!("k1={SECRET}").as_str()]).unwrap(),
     );
     state.admin_token = Some(ADMIN.into());
-    let catalog_path = catalog.map(|c| {
-        let path = dir.join("plans.json");
-        std::fs::write(&path, c.to_string()).unwrap();
-        path
-    });
+    // Daily and monthly quotas and budgets on the real clock: in a zone where it is midday,
+    // so that no test straddles a period's end.
+    let mut catalog = catalog.unwrap_or_else(|| json!({}));
+    catalog["time_zone"] = json!(tollgate_devkit::periods::midday_time_zone());
+    let catalog_path = dir.join("plans.json");
+    std::fs::write(&catalog_path, catalog.to_string()).unwrap();
     state.control = ControlPlane {
-        catalog: CatalogFileWatch::open(catalog_path.as_deref()).unwrap(),
+        catalog: CatalogFileWatch::open(Some(&catalog_path)).unwrap(),
         // Short leases, so that units left in one Envoy's leases go back to the quota soon.
         lease_ttl_ms: 2_000,
         ..ControlPlane::default()
@@ -156,16 +157,29 @@ fn hammer(
     tally.into_inner().unwrap()
 }
 
-/// Stop once `code` has been answered for `quiet` without anything being allowed meanwhile.
-fn settled(code: &'static str, quiet: Duration) -> impl Fn(&Tally) -> bool {
-    let last = Mutex::new((0u64, Instant::now()));
+/// Stop once the quota is spent, by the collector's count and the clients': every unit of
+/// `license`'s `meter` quota is allocated (in open leases or used by closed ones), the clients
+/// were admitted at least that many units (`units` of the tally), and refusals have begun.
+/// Then no Envoy holds a unit it has not admitted, so nothing more can be admitted; no wall
+/// time is involved.
+fn spent<'a>(
+    collector: &'a Running,
+    license: &'a str,
+    meter: &'a str,
+    units: impl Fn(&Tally) -> u64 + 'a,
+) -> impl Fn(&Tally) -> bool + 'a {
     move |t: &Tally| {
-        let mut last = last.lock().unwrap();
-        let allowed = t.count("allowed");
-        if allowed != last.0 {
-            *last = (allowed, Instant::now());
-        }
-        t.count(code) > 0 && last.1.elapsed() >= quiet
+        let now = u64::try_from(tollgate_collector::store::now_ms()).unwrap();
+        let quota = collector
+            .state
+            .store
+            .quotas("acme", now)
+            .unwrap()
+            .into_iter()
+            .find(|q| q.license == license && q.meter == meter)
+            .map(|q| (q.allocated, q.limit));
+        t.count("quota_exhausted") > 0
+            && quota.is_some_and(|(allocated, limit)| allocated >= limit && units(t) >= limit)
     }
 }
 
@@ -174,14 +188,12 @@ fn two_envoys_with_two_workers_each_admit_a_daily_quota_of_1000_calls_once() {
     let plugin = plugin(json!({"calls": {"per": "day", "limit": 1000}}));
     let s = stack("calls", &plugin, 2, None);
     let token = license("lic-quota", "metered");
-    // Quota leases last 2 s here and an exhausted Envoy asks again every 5 s: 8 s of nothing
-    // but refusals means every unit was used or given back, and the quota is spent.
     let tally = hammer(
         &s.envoys,
         2,
         &token,
         "/v1/search",
-        settled("quota_exhausted", Duration::from_secs(8)),
+        spent(&s.collector, "lic-quota", "calls", |t| t.count("allowed")),
     );
     eprintln!("calls quota 1000, 2 Envoys x 2 workers: {tally:?}");
     let allowed = tally.count("allowed");
@@ -238,7 +250,9 @@ fn a_bytes_quota_holds_with_large_responses() {
         2,
         &token,
         "/v1/search?bytes=5000",
-        settled("quota_exhausted", Duration::from_secs(8)),
+        spent(&s.collector, "lic-bytes", "response_bytes", |t| {
+            t.allowed_bytes
+        }),
     );
     eprintln!("response_bytes quota {limit}, responses of 5,000 bytes: {tally:?}");
     // A response is reserved before it is known (64 KiB, or what the lease has left) and
@@ -257,7 +271,7 @@ fn revocation_and_spend_caps_stop_traffic_within_one_sync() {
     // 0.01 EUR per call and a budget of 1.00 EUR a month: 100 calls.
     let catalog = json!({"currency": "EUR", "plans": {"pro": {"prices": {"calls": "0.01"}}}});
     let plugin = plugin(json!({"calls": {"per": "day", "limit": 1_000_000}}));
-    let s = stack("deny", &plugin, 1, Some(catalog));
+    let s = stack("deny", &plugin, 0, Some(catalog));
     let admin = |method: &str, path: &str, body: Option<Value>| {
         let req = ureq::request(method, &s.collector.url(path))
             .set("authorization", &format!("Bearer {ADMIN}"));
@@ -268,29 +282,74 @@ fn revocation_and_spend_caps_stop_traffic_within_one_sync() {
         r.unwrap().status()
     };
 
-    // Revocation: traffic flows, the license is revoked, refusals follow.
-    let token = license("lic-revoke", "pro");
-    let revoked_at = Mutex::new(None::<Instant>);
-    let tally = hammer(&s.envoys, 1, &token, "/v1/search", |t| {
-        let mut at = revoked_at.lock().unwrap();
-        if at.is_none() && t.count("allowed") >= 20 {
-            assert_eq!(
-                admin(
-                    "POST",
-                    "/v1/admin/licenses/lic-revoke/revoke",
-                    Some(json!({"reason": "chargeback"}))
-                ),
-                204
-            );
-            *at = Some(Instant::now());
+    // Revocation, through an Envoy with one worker (the only VM that syncs with this
+    // collector: the stack's Envoy has no traffic yet, and a VM with nothing to sync sends
+    // nothing), so the collector's count of syncs answered is that worker's. A request is
+    // sent after each sync the collector answers, so every sync names the license. The
+    // documented bound (one sync interval plus the collector's answer) in syncs: the one in
+    // flight at the revocation may miss it, the next brings it, and once the collector has
+    // answered the one after that, the worker has applied it (it sends a sync only after
+    // applying the last answer). So the request sent after the third sync must be refused;
+    // one more is allowed for a request a loaded machine delays past the next sync.
+    let mut bootstrap = Bootstrap::new(plugin.clone(), s.upstream.port());
+    bootstrap.collector_ports = vec![s.collector.addr.port()];
+    let single = Envoy::start("deny-revoke", &bootstrap.to_json(), 1).unwrap();
+    let auth = format!("Bearer {}", license("lic-revoke", "pro"));
+    let call = |auth: &str| {
+        let r = request(
+            single.listener,
+            "GET",
+            "/v1/search",
+            &[("authorization", auth.as_bytes())],
+        )
+        .unwrap();
+        if r.status == 200 {
+            "allowed".to_string()
+        } else {
+            r.code()
         }
-        t.count("license_revoked") > 0
-    });
-    let delay = revoked_at.lock().unwrap().unwrap().elapsed();
-    eprintln!("revocation took effect after {delay:?}: {tally:?}");
-    // The documented bound is one sync interval (the flush interval, 200 ms here) plus the
-    // collector's answer; the margin is for a loaded machine.
-    assert!(delay < Duration::from_secs(5), "{delay:?}");
+    };
+    let syncs = || collector_syncs(&s.collector);
+    let next_sync = |after: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = syncs();
+            if now > after {
+                return now;
+            }
+            assert!(Instant::now() < deadline, "no sync after {after}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    for _ in 0..20 {
+        assert_eq!(call(&auth), "allowed");
+    }
+    assert_eq!(
+        admin(
+            "POST",
+            "/v1/admin/licenses/lic-revoke/revoke",
+            Some(json!({"reason": "chargeback"}))
+        ),
+        204
+    );
+    let revoked_at = syncs();
+    let mut seen = syncs();
+    let mut outcomes = Vec::new();
+    let refused_after = loop {
+        seen = next_sync(seen);
+        let outcome = call(&auth);
+        outcomes.push(outcome.clone());
+        if outcome != "allowed" {
+            assert_eq!(outcome, "license_revoked", "{outcomes:?}");
+            break seen - revoked_at;
+        }
+        assert!(
+            seen - revoked_at < 4,
+            "still admitted after {} syncs: {outcomes:?}",
+            seen - revoked_at
+        );
+    };
+    eprintln!("revocation refused the request sent after sync {refused_after} of the collector: {outcomes:?}");
 
     // Spend cap: an account with a budget of 1.00 EUR (and no spend yet) gets 100 calls,
     // then 402.
@@ -302,29 +361,66 @@ fn revocation_and_spend_caps_stop_traffic_within_one_sync() {
         ),
         204
     );
+    // Calls one after the other, each after reading what the collector has stored and how
+    // many syncs it has answered. Spend is priced from stored usage: the calls served before
+    // the 100th is stored go over the cap (the flush interval's worth, and what is in flight),
+    // and once it is stored the bound is the revocation's, in syncs.
     let token = license_of("globex", "lic-spend", "pro");
-    let tally = hammer(&s.envoys, 1, &token, "/v1/search", |t| {
-        t.count("spend_cap_reached") >= 5
-    });
-    eprintln!("spend cap 1.00 EUR at 0.01 EUR a call: {tally:?}");
-    let allowed = tally.count("allowed");
-    // Spend is priced from stored usage, so the calls served in the flush and sync intervals
-    // before the cap is seen go over it (how many depends on the request rate).
-    assert!(allowed >= 100, "{tally:?}");
+    let auth = format!("Bearer {token}");
+    let (mut allowed, mut crossed_at, mut past_cap) = (0u64, None::<u64>, 0u64);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "never capped: {allowed} allowed");
+        let stored = stored_allowed_calls(&s.collector, "lic-spend").unwrap();
+        let syncs_now = syncs();
+        if crossed_at.is_none() && stored >= 100 {
+            crossed_at = Some(syncs_now);
+        }
+        match call(&auth).as_str() {
+            "allowed" => {
+                allowed += 1;
+                if let Some(crossed) = crossed_at {
+                    past_cap += 1;
+                    assert!(
+                        syncs_now - crossed < 4,
+                        "admitted {} syncs after 100 calls were stored",
+                        syncs_now - crossed
+                    );
+                }
+            }
+            "spend_cap_reached" => break,
+            other => panic!("{other} after {allowed} allowed"),
+        }
+    }
+    assert!(allowed >= 100, "capped after {allowed} calls");
     eprintln!(
-        "spend cap overshoot: {} calls past the budget",
+        "spend cap 1.00 EUR at 0.01 EUR a call: {allowed} admitted, {} past the budget, {past_cap} of them after the 100th was stored",
         allowed - 100
     );
     let r = request(
-        s.envoys[0].listener,
+        single.listener,
         "GET",
         "/v1/search",
-        &[("authorization", format!("Bearer {token}").as_bytes())],
+        &[("authorization", auth.as_bytes())],
     )
     .unwrap();
     assert_eq!(r.status, 402);
     assert_eq!(r.code(), "spend_cap_reached");
     assert!(r.header("retry-after").is_some());
+}
+
+/// Syncs the collector has answered (`tollgate_collector_syncs_total`).
+fn collector_syncs(c: &Running) -> u64 {
+    let metrics = ureq::get(&c.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tollgate_collector_syncs_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// The collector is unreachable from the start: `deny` answers 503 `quota_unavailable` after
@@ -389,7 +485,8 @@ fn without_a_collector_quotas_deny_or_allow_the_allowance() {
                 Err(ureq::Error::Status(503, _)) => {}
                 other => panic!("expected 503: {:?}", other.map(|r| r.status())),
             }
-            std::thread::sleep(Duration::from_millis(200));
+            // The 503 is Envoy's local reply: the stream ended without an upstream request,
+            // so the counts are final once the client has it (no waiting for one to show up).
             assert_eq!(
                 upstream.requests(),
                 before,
