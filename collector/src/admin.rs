@@ -16,7 +16,6 @@ use crate::exports::{self, Format};
 use crate::licensing::{self, Invalid, LicenseRequest};
 use crate::server::{admin_refusal, log, refusal};
 use crate::signing::KeyAlg;
-use crate::store::now_ms;
 use crate::AppState;
 
 /// The routes of this module, merged into [`crate::app`].
@@ -44,10 +43,6 @@ pub fn routes() -> Router<Arc<AppState>> {
         )
 }
 
-fn now() -> u64 {
-    u64::try_from(now_ms()).unwrap_or(0)
-}
-
 /// Run `work` off the async threads and answer with what it returns; an [`Invalid`] error is
 /// the caller's (400 or 409), any other the store's (503).
 async fn blocking(
@@ -55,7 +50,12 @@ async fn blocking(
     work: impl FnOnce(&AppState, u64) -> anyhow::Result<Response> + Send + 'static,
 ) -> Response {
     let worker = Arc::clone(state);
-    match tokio::task::spawn_blocking(move || work(&worker, now())).await {
+    match tokio::task::spawn_blocking(move || {
+        let now = worker.clock.now_ms();
+        work(&worker, now)
+    })
+    .await
+    {
         Ok(Ok(response)) => response,
         Ok(Err(e)) if e.downcast_ref::<crate::billing::FinalizeFirst>().is_some() => {
             refusal(StatusCode::CONFLICT, "conflict", format!("{e:#}"))

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::server::{admin_refusal, log, refusal};
-use crate::store::{now_ms, Granularity, Store, UsageQuery};
+use crate::store::{Granularity, Store, UsageQuery};
 use crate::AppState;
 
 /// The audience of account tokens.
@@ -131,7 +131,8 @@ async fn for_account(
             Some(Caller::Account(a)) if a == account => {}
             _ => return Ok(unauthorized()),
         }
-        work(&worker, &account, u64::try_from(now_ms()).unwrap_or(0))
+        let now = worker.clock.now_ms();
+        work(&worker, &account, now)
     })
     .await;
     match done {
@@ -178,7 +179,7 @@ async fn new_token(
     };
     let worker = Arc::clone(&state);
     let done = tokio::task::spawn_blocking(move || {
-        let now = u64::try_from(now_ms()).unwrap_or(0);
+        let now = worker.clock.now_ms();
         issue_account_token(
             worker.store.as_ref(),
             &worker.issuer,

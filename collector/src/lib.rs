@@ -5,6 +5,7 @@ pub mod admin;
 pub mod billing;
 pub mod catalog;
 pub mod cli;
+pub mod clock;
 pub mod control;
 pub mod customer;
 pub mod exports;

@@ -864,6 +864,17 @@ impl Store for PostgresStore {
         })
     }
 
+    fn webhooks_due_now(&self, now_ms: u64) -> Result<u64> {
+        let now = to_i64("now_ms", now_ms)?;
+        self.with_client(|client| {
+            Ok(client.execute(
+                "UPDATE webhook_events SET next_attempt_ms = $1
+                 WHERE delivered_ms IS NULL AND failed_ms IS NULL AND next_attempt_ms > $1",
+                &[&now],
+            )?)
+        })
+    }
+
     fn webhook_events(&self, limit: u32) -> Result<Vec<WebhookEvent>> {
         let limit = i64::from(limit);
         self.with_client(|client| {

@@ -195,6 +195,8 @@ pub struct AppState {
     pub billing: crate::worker::BillingSettings,
     /// What `/readyz` answers, kept by [`crate::health::Prober`] while [`crate::serve`] runs.
     pub readiness: Arc<crate::health::Readiness>,
+    /// The wall clock every decision reads.
+    pub clock: Arc<crate::clock::Clock>,
 }
 
 impl AppState {
@@ -210,6 +212,7 @@ impl AppState {
             webhooks: None,
             billing: crate::worker::BillingSettings::default(),
             readiness: Arc::default(),
+            clock: Arc::default(),
         }
     }
 }
@@ -322,12 +325,10 @@ async fn ingest(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
     };
     let store = Arc::clone(&state.store);
     let batch = Arc::new(batch);
+    let received_ms = state.clock.now_ms();
     let stored = {
         let batch = Arc::clone(&batch);
-        tokio::task::spawn_blocking(move || {
-            store.ingest(&batch, u64::try_from(now_ms()).unwrap_or(0))
-        })
-        .await
+        tokio::task::spawn_blocking(move || store.ingest(&batch, received_ms)).await
     };
     let outcome = match stored {
         Ok(Ok(outcome)) => outcome,
@@ -415,7 +416,7 @@ async fn sync(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Byte
     };
     let worker = Arc::clone(&state);
     let answered = tokio::task::spawn_blocking(move || {
-        let now = u64::try_from(now_ms()).unwrap_or(0);
+        let now = worker.clock.now_ms();
         crate::control::sync(worker.store.as_ref(), &worker.control, &request, now)
     })
     .await;
@@ -506,10 +507,9 @@ async fn admin_change(
     change: impl FnOnce(&dyn Store, u64) -> anyhow::Result<()> + Send + 'static,
 ) -> Response {
     let worker = Arc::clone(&state);
-    let done = tokio::task::spawn_blocking(move || {
-        change(worker.store.as_ref(), u64::try_from(now_ms()).unwrap_or(0))
-    })
-    .await;
+    let done =
+        tokio::task::spawn_blocking(move || change(worker.store.as_ref(), worker.clock.now_ms()))
+            .await;
     match done {
         Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
         Ok(Err(e)) => refusal(
@@ -686,7 +686,7 @@ async fn account(
     }
     let worker = Arc::clone(&state);
     let status = tokio::task::spawn_blocking(move || {
-        let now = u64::try_from(now_ms()).unwrap_or(0);
+        let now = worker.clock.now_ms();
         crate::control::account_status(worker.store.as_ref(), &worker.control, &account, now)
     })
     .await;

@@ -422,6 +422,9 @@ pub trait Store: Send + Sync + 'static {
     fn claim_events(&self, now_ms: u64, lease_ms: u64, limit: u32) -> Result<Vec<WebhookEvent>>;
     /// Log an attempt and what follows it.
     fn record_delivery(&self, delivery: &Delivery, outcome: DeliveryOutcome) -> Result<()>;
+    /// Make every pending event due at `now_ms` (after the clock stepped back, retries
+    /// scheduled on the old time would wait the step out); how many were moved.
+    fn webhooks_due_now(&self, now_ms: u64) -> Result<u64>;
     /// The latest events, newest first.
     fn webhook_events(&self, limit: u32) -> Result<Vec<WebhookEvent>>;
     /// The attempts to deliver one event, in order.
@@ -1542,6 +1545,15 @@ impl Store for SqliteStore {
         };
         tx.commit()?;
         Ok(())
+    }
+
+    fn webhooks_due_now(&self, now_ms: u64) -> Result<u64> {
+        let moved = self.conn()?.execute(
+            "UPDATE webhook_events SET next_attempt_ms = ?1
+             WHERE delivered_ms IS NULL AND failed_ms IS NULL AND next_attempt_ms > ?1",
+            [to_i64("now_ms", now_ms)?],
+        )?;
+        Ok(moved as u64)
     }
 
     fn webhook_events(&self, limit: u32) -> Result<Vec<WebhookEvent>> {

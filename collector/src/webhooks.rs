@@ -144,7 +144,12 @@ pub fn envelope(event: &WebhookEvent) -> String {
 }
 
 /// Deliver the events due at `now_ms`, one after the other; how many were attempted.
-pub fn deliver_due(store: &dyn Store, settings: &WebhookSettings, now_ms: u64) -> Result<usize> {
+pub fn deliver_due(
+    store: &dyn Store,
+    settings: &WebhookSettings,
+    clock: &crate::clock::Clock,
+    now_ms: u64,
+) -> Result<usize> {
     // One event is claimed at a time, for longer than its delivery can take, so no other
     // replica sends it meanwhile.
     let lease = settings.timeout_ms.saturating_mul(2).saturating_add(5_000);
@@ -154,9 +159,7 @@ pub fn deliver_due(store: &dyn Store, settings: &WebhookSettings, now_ms: u64) -
         .build();
     let mut attempted = 0;
     while attempted < MAX_PER_ROUND {
-        let now = u64::try_from(crate::store::now_ms())
-            .unwrap_or(now_ms)
-            .max(now_ms);
+        let now = clock.now_ms().max(now_ms);
         let Some(event) = store.claim_events(now, lease, 1)?.pop() else {
             break;
         };
@@ -164,9 +167,9 @@ pub fn deliver_due(store: &dyn Store, settings: &WebhookSettings, now_ms: u64) -
         let event = &event;
         let attempt = event.attempts.saturating_add(1);
         let body = envelope(event);
-        let sent_at = crate::store::now_ms();
+        let sent_at = clock.now_ms();
         let started = Instant::now();
-        let sent_s = u64::try_from(sent_at).unwrap_or(0) / 1000;
+        let sent_s = sent_at / 1000;
         let result = agent
             .post(&settings.url)
             .set("content-type", "application/json")
@@ -184,7 +187,7 @@ pub fn deliver_due(store: &dyn Store, settings: &WebhookSettings, now_ms: u64) -
             Err(e) => (None, Some(e.to_string())),
         };
         let delivered = status.is_some_and(|s| (200..300).contains(&s));
-        let at = u64::try_from(sent_at).unwrap_or(0);
+        let at = sent_at;
         let outcome = if delivered {
             DeliveryOutcome::Delivered
         } else if attempt >= settings.max_attempts {

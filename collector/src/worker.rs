@@ -12,7 +12,7 @@ use rust_decimal::Decimal;
 use serde_json::json;
 
 use crate::server::log;
-use crate::AppState;
+use crate::{AppState, Store};
 
 /// What the worker does, and how often.
 #[derive(Debug, Clone)]
@@ -57,6 +57,44 @@ pub struct Worker {
     periods_done_until_ms: u64,
     next_budget_check_ms: u64,
     next_retention_ms: u64,
+    /// The wall time of the last round, and the monotonic instant it was read at: a wall clock
+    /// that moved back against the monotonic one was stepped.
+    last_round: Option<(u64, std::time::Instant)>,
+}
+
+/// A wall clock this far behind the monotonic one since the last round was stepped back (NTP
+/// slews smaller errors).
+const STEP_BACK_MS: u64 = 2_000;
+
+impl Worker {
+    /// After the wall clock stepped back, what was scheduled on the old time would wait the
+    /// step out: budget checks, retention and the finalised-periods memory start over, and
+    /// pending webhook retries become due now (sent sooner than their backoff, not an hour
+    /// late). A step forward needs nothing: what was due comes due sooner.
+    fn notice_a_step_back(&mut self, store: &dyn Store, now_ms: u64) {
+        let now = std::time::Instant::now();
+        let previous = self.last_round.replace((now_ms, now));
+        let Some((wall, at)) = previous else {
+            return;
+        };
+        let elapsed = u64::try_from(now.duration_since(at).as_millis()).unwrap_or(u64::MAX);
+        let expected = wall.saturating_add(elapsed);
+        let back_by = expected.saturating_sub(now_ms);
+        if back_by < STEP_BACK_MS {
+            return;
+        }
+        self.next_budget_check_ms = 0;
+        self.next_retention_ms = 0;
+        self.periods_done_until_ms = 0;
+        let moved = store.webhooks_due_now(now_ms);
+        log(json!({
+            "level": "warn",
+            "msg": "the clock stepped back: schedules start over, pending webhooks are due now",
+            "back_by_ms": back_by,
+            "webhooks_moved": moved.as_ref().ok(),
+            "error": moved.err().map(|e| format!("{e:#}")),
+        }));
+    }
 }
 
 /// Billing periods looked at behind the last one that ended, after a worker was down.
@@ -67,8 +105,9 @@ impl Worker {
     pub fn step(&mut self, state: &AppState, now_ms: u64) -> Result<()> {
         let store = state.store.as_ref();
         let catalog = state.control.catalog.current();
+        self.notice_a_step_back(store, now_ms);
         if let Some(webhooks) = &state.webhooks {
-            if let Err(e) = crate::webhooks::deliver_due(store, webhooks, now_ms) {
+            if let Err(e) = crate::webhooks::deliver_due(store, webhooks, &state.clock, now_ms) {
                 log(
                     json!({"level": "error", "msg": "webhook delivery round failed", "error": format!("{e:#}")}),
                 );
@@ -214,7 +253,7 @@ pub async fn run(state: Arc<AppState>) {
         let taken = std::mem::take(&mut worker);
         let done = tokio::task::spawn_blocking(move || {
             let mut worker = taken;
-            let now = u64::try_from(crate::store::now_ms()).unwrap_or(0);
+            let now = shared.clock.now_ms();
             let result = worker.step(&shared, now);
             (worker, result)
         })
