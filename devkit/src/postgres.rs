@@ -116,24 +116,8 @@ impl TestPostgres {
             if !durable {
                 options.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
             }
-            let log = pg.dir.join("postgres.log");
-            let started = pg.run_tool(
-                "pg_ctl",
-                &[
-                    "-D",
-                    &data.to_string_lossy(),
-                    "-o",
-                    &options,
-                    "-l",
-                    &log.to_string_lossy(),
-                    "-w",
-                    "-t",
-                    "30",
-                    "start",
-                ],
-            );
-            if started.is_ok() {
-                pg.options = options;
+            pg.options = options;
+            if pg.start_again().is_ok() {
                 return Ok(pg);
             }
         }
@@ -182,7 +166,7 @@ impl TestPostgres {
         .map(|_| ())
     }
 
-    /// Start the server again after [`TestPostgres::stop`], with the same options and port.
+    /// Start the server (again, after [`TestPostgres::stop`]) with its options and port.
     pub fn start_again(&self) -> Result<()> {
         let data = self.dir.join("data");
         let log = self.dir.join("postgres.log");
