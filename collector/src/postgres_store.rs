@@ -180,13 +180,6 @@ impl Store for PostgresStore {
         self.with_client(|client| usage(client, query))
     }
 
-    fn ping(&self) -> Result<()> {
-        self.with_client(|client| {
-            client.simple_query("SELECT 1")?;
-            Ok(())
-        })
-    }
-
     fn probe(&self) -> Box<dyn StoreProbe> {
         Box::new(PostgresProbe {
             url: self.url.clone(),

@@ -311,8 +311,6 @@ pub trait Store: Send + Sync + 'static {
     fn ingest(&self, batch: &UsageBatch, received_ms: u64) -> Result<Ingested>;
     /// Sum usage by calendar bucket, account, license, feature, outcome and meter.
     fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>>;
-    /// The store answers.
-    fn ping(&self) -> Result<()>;
     /// A check of the store on a connection of its own (opened on first use, again after a
     /// failure): what `/readyz` reports, without waiting behind ingest for the store's
     /// connection.
@@ -784,11 +782,6 @@ impl Store for SqliteStore {
             },
         )?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
-    }
-
-    fn ping(&self) -> Result<()> {
-        self.conn()?.query_row("SELECT 1", [], |_| Ok(()))?;
-        Ok(())
     }
 
     fn probe(&self) -> Box<dyn StoreProbe> {
