@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use crate::catalog::CatalogFileWatch;
 use crate::control::{account_status, ControlPlane, DEFAULT_LEASE_TTL_MS};
 use crate::store::Budget;
+use crate::store::{open_existing, require_known, Named};
 use crate::{open, AppState, Granularity, IngestKeys, UsageQuery};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -37,6 +38,23 @@ impl From<PeriodArg> for Period {
             PeriodArg::Month => Period::Month,
         }
     }
+}
+
+/// `println!` that returns a closed pipe (`usage | head`) as an error instead of panicking;
+/// [`main`] ends quietly on it.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
+/// `print!` likewise.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*)?
+    }};
 }
 
 fn now() -> u64 {
@@ -117,12 +135,23 @@ enum Command {
         #[arg(long, env = "TOLLGATE_RETAIN_RAW_USAGE_DAYS")]
         retain_raw_usage_days: Option<u64>,
     },
+    /// Create the store (or bring its schema up to date) without serving: every other command
+    /// but `serve` needs one that exists.
+    Init {
+        #[arg(
+            long,
+            env = "TOLLGATE_DATABASE",
+            default_value = "sqlite://tollgate.db"
+        )]
+        database: String,
+    },
     /// License signing keys: list, generate, import, retire.
     Keys {
         #[arg(
             long,
             env = "TOLLGATE_DATABASE",
-            default_value = "sqlite://tollgate.db"
+            default_value = "sqlite://tollgate.db",
+            global = true
         )]
         database: String,
         #[command(subcommand)]
@@ -133,7 +162,8 @@ enum Command {
         #[arg(
             long,
             env = "TOLLGATE_DATABASE",
-            default_value = "sqlite://tollgate.db"
+            default_value = "sqlite://tollgate.db",
+            global = true
         )]
         database: String,
         #[command(subcommand)]
@@ -149,9 +179,9 @@ enum Command {
         database: String,
         #[arg(long)]
         account: String,
-        /// The plan catalogue (prices, time zone, billing period).
+        /// The plan catalogue (prices, time zone, billing period): an invoice needs prices.
         #[arg(long, env = "TOLLGATE_PLANS")]
-        plans: Option<PathBuf>,
+        plans: PathBuf,
         /// A time in the period, RFC 3339.
         #[arg(long)]
         at: Option<String>,
@@ -195,6 +225,9 @@ enum Command {
         reason: String,
         #[arg(long)]
         undo: bool,
+        /// Name a license no filter has served and this collector did not issue.
+        #[arg(long)]
+        force: bool,
     },
     /// Suspend an account (403 account_suspended from the filters' next sync), or resume it
     /// with --undo.
@@ -211,6 +244,9 @@ enum Command {
         reason: String,
         #[arg(long)]
         undo: bool,
+        /// Name an account nothing here knows of yet.
+        #[arg(long)]
+        force: bool,
     },
     /// Set an account's spend cap per calendar period (402 spend_cap_reached once its priced
     /// usage reaches it), or remove it with --remove.
@@ -230,6 +266,9 @@ enum Command {
         period: PeriodArg,
         #[arg(long)]
         remove: bool,
+        /// Name an account nothing here knows of yet.
+        #[arg(long)]
+        force: bool,
     },
     /// Show an account: suspended or not, budget, spend in the current period.
     Account {
@@ -394,18 +433,25 @@ enum LicenseAction {
         license_id: Option<String>,
         #[arg(long)]
         valid_days: Option<u64>,
-        #[arg(long)]
-        issuer: Option<String>,
-        #[arg(long)]
-        audience: Option<String>,
+        /// The `iss` claim: what filters' `token.issuers` accept (as `serve --issuer`).
+        #[arg(long, env = "TOLLGATE_ISSUER")]
+        issuer: String,
+        /// The `aud` claim: what filters' `token.audiences` accept (as `serve --audience`).
+        #[arg(long, env = "TOLLGATE_AUDIENCE")]
+        audience: String,
         /// The plan catalogue: the plan must be in it, if it lists plans.
         #[arg(long, env = "TOLLGATE_PLANS")]
-        plans: Option<PathBuf>,
+        plans: PathBuf,
     },
     /// Issued licenses, of one account or all.
     List {
         #[arg(long)]
         account: Option<String>,
+    },
+    /// One issued license: plan, features, validity, key, revoked or not.
+    Show {
+        #[arg(long)]
+        license: String,
     },
 }
 
@@ -415,8 +461,24 @@ fn rfc3339_arg(name: &str, text: &str) -> Result<u64> {
     u64::try_from(t.timestamp_millis()).with_context(|| format!("--{name}: before 1970"))
 }
 
-/// Parse the process arguments and run the command.
+/// Parse the process arguments and run the command. A reader that closed the pipe early
+/// (`usage | head -3`) ends the command quietly, as other Unix tools do.
 pub fn main() -> Result<()> {
+    match run() {
+        Err(e)
+            if e.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            Ok(())
+        }
+        done => done,
+    }
+}
+
+fn run() -> Result<()> {
     match Cli::parse().command {
         Command::Serve {
             listen,
@@ -471,12 +533,17 @@ pub fn main() -> Result<()> {
                 Ok(())
             })
         }
+        Command::Init { database } => {
+            drop(open(&database)?);
+            outln!("database ready: {database}");
+            Ok(())
+        }
         Command::Keys { database, action } => {
-            let store = open(&database)?;
+            let store = open_existing(&database)?;
             let info = match action {
                 KeysAction::List => {
                     let keys = crate::licensing::keys(store.as_ref(), now())?;
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::to_string_pretty(&serde_json::json!({"keys": keys}))?
                     );
@@ -515,15 +582,15 @@ pub fn main() -> Result<()> {
                     if !store.retire_signing_key(&kid, now())? {
                         anyhow::bail!("no key `{kid}`");
                     }
-                    println!("key {kid} retired: it left the JWKS");
+                    outln!("key {kid} retired: it left the JWKS");
                     return Ok(());
                 }
             };
-            println!("{}", serde_json::to_string_pretty(&info)?);
+            outln!("{}", serde_json::to_string_pretty(&info)?);
             Ok(())
         }
         Command::License { database, action } => {
-            let store = open(&database)?;
+            let store = open_existing(&database)?;
             match action {
                 LicenseAction::Issue {
                     account,
@@ -539,10 +606,13 @@ pub fn main() -> Result<()> {
                     let limits = limits
                         .map(|l| serde_json::from_str(&l).context("--limits is not JSON"))
                         .transpose()?;
-                    let catalog = CatalogFileWatch::open(plans.as_deref())?.current();
+                    let catalog = CatalogFileWatch::open(Some(&plans))?.current();
                     let issued = crate::licensing::issue(
                         store.as_ref(),
-                        &crate::licensing::Issuer { issuer, audience },
+                        &crate::licensing::Issuer {
+                            issuer: Some(issuer),
+                            audience: Some(audience),
+                        },
                         &catalog.plan_names(),
                         &crate::licensing::LicenseRequest {
                             account,
@@ -555,14 +625,33 @@ pub fn main() -> Result<()> {
                         },
                         now(),
                     )?;
-                    println!("{}", serde_json::to_string_pretty(&issued)?);
+                    outln!("{}", serde_json::to_string_pretty(&issued)?);
                 }
                 LicenseAction::List { account } => {
+                    if let Some(account) = &account {
+                        require_known(store.as_ref(), Named::Account(account), false)?;
+                    }
                     let licenses = store.issued_licenses(account.as_deref())?;
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::to_string_pretty(&serde_json::json!({"licenses": licenses}))?
                     );
+                }
+                LicenseAction::Show { license } => {
+                    let Some(found) = store
+                        .issued_licenses(None)?
+                        .into_iter()
+                        .find(|l| l.license == license)
+                    else {
+                        anyhow::bail!("no license `{license}` was issued here (`license list` shows the issued ones)");
+                    };
+                    let revoked = store
+                        .restrictions(std::slice::from_ref(&license), &[])?
+                        .revoked
+                        .remove(&license);
+                    let mut shown = serde_json::json!(found);
+                    shown["revoked"] = serde_json::json!(revoked);
+                    outln!("{}", serde_json::to_string_pretty(&shown)?);
                 }
             }
             Ok(())
@@ -575,8 +664,9 @@ pub fn main() -> Result<()> {
             csv,
             finalize,
         } => {
-            let store = open(&database)?;
-            let catalog = CatalogFileWatch::open(plans.as_deref())?.current();
+            let store = open_existing(&database)?;
+            require_known(store.as_ref(), Named::Account(&account), false)?;
+            let catalog = CatalogFileWatch::open(Some(&plans))?.current();
             let at = at
                 .map(|t| rfc3339_arg("at", &t))
                 .transpose()?
@@ -601,15 +691,25 @@ pub fn main() -> Result<()> {
                     );
                 }
                 if let Some((invoice, _)) = finalized.last() {
-                    println!("{}", serde_json::to_string_pretty(invoice)?);
+                    outln!("{}", serde_json::to_string_pretty(invoice)?);
                 }
                 return Ok(());
             }
             let draft = crate::billing::draft(store.as_ref(), &catalog, &account, at, now())?;
+            let period = (draft.invoice.period_start_ms, draft.invoice.period_end_ms);
+            if store
+                .first_usage_ms(&account, period.0, period.1)?
+                .is_none()
+            {
+                eprintln!(
+                    "account {account} has no usage from {} to {}: the draft holds fees only",
+                    draft.invoice.period_start, draft.invoice.period_end
+                );
+            }
             if csv {
-                print!("{}", draft.invoice.to_csv());
+                out!("{}", draft.invoice.to_csv());
             } else {
-                println!("{}", serde_json::to_string_pretty(&draft)?);
+                outln!("{}", serde_json::to_string_pretty(&draft)?);
             }
             Ok(())
         }
@@ -621,13 +721,13 @@ pub fn main() -> Result<()> {
             plans,
         } => {
             use crate::exports::{self, Format};
-            let store = open(&database)?;
+            let store = open_existing(&database)?;
             let catalog = CatalogFileWatch::open(plans.as_deref())?.current();
             let (from, to) = (rfc3339_arg("from", &from)?, rfc3339_arg("to", &to)?);
             let mut after = 0;
             let mut all = Vec::new();
             if format == Format::Csv {
-                print!("{}", exports::CSV_HEADER);
+                out!("{}", exports::CSV_HEADER);
             }
             loop {
                 let page = store.records(
@@ -640,14 +740,14 @@ pub fn main() -> Result<()> {
                 let Some(last) = page.last() else { break };
                 after = last.id;
                 match format {
-                    Format::Csv => print!("{}", exports::csv_records(&page)),
+                    Format::Csv => out!("{}", exports::csv_records(&page)),
                     Format::Json => all.extend(exports::json_records(&page)),
                     Format::Stripe => all.extend(exports::stripe_events(&catalog, &page)),
                     Format::Cloudevents => all.extend(exports::cloud_events(&catalog, &page)),
                 }
             }
             if format != Format::Csv {
-                println!("{}", serde_json::to_string_pretty(&all)?);
+                outln!("{}", serde_json::to_string_pretty(&all)?);
             }
             Ok(())
         }
@@ -656,10 +756,12 @@ pub fn main() -> Result<()> {
             license,
             reason,
             undo,
+            force,
         } => {
-            let store = open(&database)?;
+            let store = open_existing(&database)?;
+            require_known(store.as_ref(), Named::License(&license), force)?;
             store.set_revoked(&license, (!undo).then_some(reason.as_str()), now())?;
-            println!(
+            outln!(
                 "license {license} {}",
                 if undo {
                     "is no longer revoked"
@@ -674,10 +776,12 @@ pub fn main() -> Result<()> {
             account,
             reason,
             undo,
+            force,
         } => {
-            let store = open(&database)?;
+            let store = open_existing(&database)?;
+            require_known(store.as_ref(), Named::Account(&account), force)?;
             store.set_suspended(&account, (!undo).then_some(reason.as_str()), now())?;
-            println!(
+            outln!(
                 "account {account} {}",
                 if undo { "resumed" } else { "suspended" }
             );
@@ -689,8 +793,10 @@ pub fn main() -> Result<()> {
             amount,
             period,
             remove,
+            force,
         } => {
-            let store = open(&database)?;
+            let store = open_existing(&database)?;
+            require_known(store.as_ref(), Named::Account(&account), force)?;
             let budget = match (remove, amount) {
                 (true, _) | (false, None) => None,
                 (false, Some(amount)) => {
@@ -705,12 +811,12 @@ pub fn main() -> Result<()> {
             };
             store.set_budget(&account, budget.as_ref(), now())?;
             match budget {
-                Some(b) => println!(
+                Some(b) => outln!(
                     "account {account}: budget {} per {}",
                     b.amount,
                     b.period.as_str()
                 ),
-                None => println!("account {account}: no budget"),
+                None => outln!("account {account}: no budget"),
             }
             Ok(())
         }
@@ -719,14 +825,15 @@ pub fn main() -> Result<()> {
             account,
             plans,
         } => {
-            let store = open(&database)?;
+            let store = open_existing(&database)?;
+            require_known(store.as_ref(), Named::Account(&account), false)?;
             let control = ControlPlane {
                 catalog: CatalogFileWatch::open(plans.as_deref())?,
                 lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
                 ..ControlPlane::default()
             };
             let status = account_status(store.as_ref(), &control, &account, now())?;
-            println!("{}", serde_json::to_string_pretty(&status)?);
+            outln!("{}", serde_json::to_string_pretty(&status)?);
             Ok(())
         }
         Command::Users {
@@ -734,13 +841,14 @@ pub fn main() -> Result<()> {
             account,
             plans,
         } => {
-            let store = open(&database)?;
+            let store = open_existing(&database)?;
+            require_known(store.as_ref(), Named::Account(&account), false)?;
             let control = ControlPlane {
                 catalog: CatalogFileWatch::open(plans.as_deref())?,
                 ..ControlPlane::default()
             };
             let report = crate::control::users_report(store.as_ref(), &control, &account, now())?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            outln!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
         Command::Retention {
@@ -748,23 +856,25 @@ pub fn main() -> Result<()> {
             older_than_days,
         } => {
             let age = retention_ms(older_than_days, "older-than-days")?;
-            let store = open(&database)?;
+            let store = open_existing(&database)?;
             let done = crate::privacy::apply_retention(
                 store.as_ref(),
                 now().saturating_sub(age),
                 u32::MAX,
             )?;
-            println!("{}", serde_json::to_string_pretty(&done)?);
+            outln!("{}", serde_json::to_string_pretty(&done)?);
             Ok(())
         }
         Command::ExportData { database, whose } => {
-            let store = open(&database)?;
+            let store = open_existing(&database)?;
             let export = match (&whose.account, &whose.subject) {
+                // No check that the account is known: an empty export is how an erasure is
+                // verified.
                 (Some(account), _) => store.export_account(account)?,
                 (None, Some(subject)) => crate::privacy::export_subject(store.as_ref(), subject)?,
                 (None, None) => anyhow::bail!("--account or --subject"),
             };
-            println!("{}", serde_json::to_string_pretty(&export)?);
+            outln!("{}", serde_json::to_string_pretty(&export)?);
             Ok(())
         }
         Command::Erase {
@@ -775,15 +885,16 @@ pub fn main() -> Result<()> {
             if !yes {
                 anyhow::bail!("erasure cannot be undone: export first, then add --yes");
             }
-            let store = open(&database)?;
+            let store = open_existing(&database)?;
             let erased = match (&whose.account, &whose.subject) {
                 (Some(account), _) => {
+                    require_known(store.as_ref(), Named::Account(account), false)?;
                     crate::privacy::erase_account(store.as_ref(), account, now())?
                 }
                 (None, Some(subject)) => crate::privacy::erase_subject(store.as_ref(), subject)?,
                 (None, None) => anyhow::bail!("--account or --subject"),
             };
-            println!("{}", serde_json::to_string_pretty(&erased)?);
+            outln!("{}", serde_json::to_string_pretty(&erased)?);
             Ok(())
         }
         Command::Pseudonym {
@@ -804,7 +915,7 @@ pub fn main() -> Result<()> {
                 }
                 (None, None) => anyhow::bail!("--user or --client"),
             };
-            println!("{made}");
+            outln!("{made}");
             Ok(())
         }
         Command::Usage {
@@ -817,8 +928,8 @@ pub fn main() -> Result<()> {
             by,
             json,
         } => {
-            let store = open(&database)?;
-            let rows = store.usage(&UsageQuery {
+            let store = open_existing(&database)?;
+            let query = UsageQuery {
                 account,
                 license,
                 feature,
@@ -827,27 +938,105 @@ pub fn main() -> Result<()> {
                 from_ms: None,
                 to_ms: None,
                 granularity: Some(by),
-            })?;
+            };
+            let rows = store.usage(&query)?;
+            if rows.is_empty() {
+                check_usage_filters(store.as_ref(), &query)?;
+            }
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({"rows": rows}))?
                 );
             } else {
-                println!(
-                    "{:<22} {:<16} {:<18} {:<20} {:<22} {:<15} {:>14}",
-                    "period", "account", "license", "feature", "outcome", "meter", "units"
-                );
-                for r in rows {
-                    println!(
-                        "{:<22} {:<16} {:<18} {:<20} {:<22} {:<15} {:>14}",
-                        r.period, r.account, r.license, r.feature, r.outcome, r.meter, r.units
-                    );
+                let header = [
+                    "period", "account", "license", "feature", "outcome", "meter", "units",
+                ];
+                let cells: Vec<[String; 7]> = rows
+                    .into_iter()
+                    .map(|r| {
+                        [
+                            r.period,
+                            r.account,
+                            r.license,
+                            r.feature,
+                            r.outcome,
+                            r.meter,
+                            r.units.to_string(),
+                        ]
+                    })
+                    .collect();
+                // Columns as wide as their widest cell: ids of any length stay in their column.
+                let mut widths = header.map(str::len);
+                for row in &cells {
+                    for (width, cell) in widths.iter_mut().zip(row) {
+                        *width = (*width).max(cell.len());
+                    }
+                }
+                let line = |row: &[&str]| -> String {
+                    let last = row.len() - 1;
+                    row.iter()
+                        .zip(widths)
+                        .enumerate()
+                        .map(|(i, (cell, width))| {
+                            if i == last {
+                                format!("{cell:>width$}")
+                            } else {
+                                format!("{cell:<width$}")
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join("  ")
+                };
+                outln!("{}", line(&header));
+                for row in &cells {
+                    outln!("{}", line(&row.each_ref().map(String::as_str)));
                 }
             }
             Ok(())
         }
     }
+}
+
+/// The meters every filter measures, valid in `usage --meter` before any usage is stored.
+const METERS: [&str; 4] = ["calls", "request_bytes", "response_bytes", "processing_ns"];
+
+/// One column of a usage row.
+type RowField = fn(&crate::UsageRow) -> &str;
+
+/// A usage query found nothing: refuse a filter value that matches no stored usage at all,
+/// with the values that would, so that a typo (`--meter call`) is not an empty table.
+fn check_usage_filters(store: &dyn crate::Store, query: &UsageQuery) -> Result<()> {
+    let all = store.usage(&UsageQuery {
+        granularity: None,
+        ..UsageQuery::default()
+    })?;
+    let checks: [(&str, &Option<String>, RowField); 5] = [
+        ("account", &query.account, |r| &r.account),
+        ("license", &query.license, |r| &r.license),
+        ("feature", &query.feature, |r| &r.feature),
+        ("meter", &query.meter, |r| &r.meter),
+        ("outcome", &query.outcome, |r| &r.outcome),
+    ];
+    for (flag, wanted, field) in checks {
+        let Some(wanted) = wanted else { continue };
+        let mut valid: std::collections::BTreeSet<&str> = all.iter().map(field).collect();
+        if flag == "meter" {
+            valid.extend(METERS);
+        }
+        if !valid.contains(wanted.as_str()) {
+            let listed = if valid.is_empty() {
+                "none: no usage is stored yet".to_string()
+            } else {
+                valid.into_iter().collect::<Vec<_>>().join(", ")
+            };
+            anyhow::bail!(
+                "--{flag} {wanted}: no stored usage has this {flag}; valid values: {listed}"
+            );
+        }
+    }
+    eprintln!("no stored usage matches these filters together");
+    Ok(())
 }
 
 /// SIGINT or SIGTERM: stop taking new connections, finish the batches in flight.

@@ -81,6 +81,18 @@ impl PostgresStore {
     }
 }
 
+/// Refuse a database Tollgate never set up: reading commands must not create a store.
+pub(crate) fn require_schema(url: &str) -> Result<()> {
+    let mut client = Client::connect(url, NoTls).context("connecting to PostgreSQL")?;
+    let tollgate: bool = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])?
+        .get(0);
+    if !tollgate {
+        anyhow::bail!("this PostgreSQL database is not a Tollgate database (it has no schema_migrations table): `tollgate-collector serve` or `init` sets one up");
+    }
+    Ok(())
+}
+
 /// True for PostgreSQL's `disk_full` (SQLSTATE 53100).
 pub(crate) fn is_disk_full(cause: &(dyn std::error::Error + 'static)) -> bool {
     cause
@@ -391,6 +403,11 @@ impl Store for PostgresStore {
 
     fn close_lease(&self, lease_id: &str, used: u64, now_ms: u64) -> Result<bool> {
         self.with_client(|client| close_lease(client, lease_id, used, now_ms))
+    }
+
+    fn is_known(&self, name: &crate::store::Named<'_>) -> Result<bool> {
+        let (sql, value) = name.known_sql();
+        self.with_client(|client| Ok(client.query_one(sql, &[&value])?.get(0)))
     }
 
     fn set_revoked(&self, license: &str, reason: Option<&str>, now_ms: u64) -> Result<()> {

@@ -351,6 +351,10 @@ pub trait Store: Send + Sync + 'static {
     fn set_suspended(&self, account: &str, reason: Option<&str>, now_ms: u64) -> Result<()>;
     /// Set or remove an account's spend cap.
     fn set_budget(&self, account: &str, budget: Option<&Budget>, now_ms: u64) -> Result<()>;
+    /// Whether the store has heard of a license (issued here, served by a filter, revoked) or
+    /// an account (licenses, usage, restrictions, invoices): operator commands refuse names
+    /// nobody knows, so that a typo is an error instead of a silent no-op.
+    fn is_known(&self, name: &Named<'_>) -> Result<bool>;
     /// The revocations, suspensions and budgets among `licenses` and `accounts`.
     fn restrictions(&self, licenses: &[String], accounts: &[String]) -> Result<Restrictions>;
     /// Remember the plan of licenses filters served.
@@ -541,16 +545,119 @@ pub(crate) fn license_of(row: LicenseRow) -> IssuedLicense {
 
 /// Open the store a URL names: `sqlite://<path>` (or a bare path), or `postgres://...`.
 pub fn open(url: &str) -> Result<Box<dyn Store>> {
-    if let Some(path) = url.strip_prefix("sqlite://") {
-        return Ok(Box::new(SqliteStore::open(Path::new(path))?));
+    match DatabaseUrl::parse(url)? {
+        DatabaseUrl::Sqlite(path) => Ok(Box::new(SqliteStore::open(path)?)),
+        DatabaseUrl::Postgres(url) => {
+            Ok(Box::new(crate::postgres_store::PostgresStore::open(url)?))
+        }
     }
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Ok(Box::new(crate::postgres_store::PostgresStore::open(url)?));
+}
+
+/// Open a store that exists already: what every command but `serve` and `init` does, so that
+/// a mistyped `--database` is an error instead of a new, empty store answering with nothing.
+pub fn open_existing(url: &str) -> Result<Box<dyn Store>> {
+    match DatabaseUrl::parse(url)? {
+        DatabaseUrl::Sqlite(path) => {
+            if !path.is_file() {
+                bail!(
+                    "no database at {}: name it with --database (or TOLLGATE_DATABASE); `tollgate-collector serve` or `init` creates one",
+                    path.display()
+                );
+            }
+            let conn =
+                Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                    .with_context(|| format!("opening {}", path.display()))?;
+            let tollgate: bool = conn
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations')",
+                    [],
+                    |r| r.get(0),
+                )
+                .with_context(|| format!("{} is not an SQLite database", path.display()))?;
+            if !tollgate {
+                bail!(
+                    "{} is not a Tollgate database (it has no schema_migrations table)",
+                    path.display()
+                );
+            }
+            drop(conn);
+            Ok(Box::new(SqliteStore::open(path)?))
+        }
+        DatabaseUrl::Postgres(url) => {
+            crate::postgres_store::require_schema(url)?;
+            Ok(Box::new(crate::postgres_store::PostgresStore::open(url)?))
+        }
     }
-    if url.contains("://") {
-        bail!("unknown database URL `{url}`: use sqlite://<path> or postgres://user@host:port/db");
+}
+
+/// A `--database` value.
+enum DatabaseUrl<'a> {
+    Sqlite(&'a Path),
+    Postgres(&'a str),
+}
+
+impl<'a> DatabaseUrl<'a> {
+    fn parse(url: &'a str) -> Result<DatabaseUrl<'a>> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            return Ok(DatabaseUrl::Sqlite(Path::new(path)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(DatabaseUrl::Postgres(url));
+        }
+        if url.contains("://") {
+            bail!(
+                "unknown database URL `{url}`: use sqlite://<path> or postgres://user@host:port/db"
+            );
+        }
+        Ok(DatabaseUrl::Sqlite(Path::new(url)))
     }
-    Ok(Box::new(SqliteStore::open(Path::new(url))?))
+}
+
+/// A license or an account, as an operator names it.
+#[derive(Debug, Clone, Copy)]
+pub enum Named<'a> {
+    License(&'a str),
+    Account(&'a str),
+}
+
+impl Named<'_> {
+    /// One query for both dialects (`$1` is a parameter in SQLite too).
+    pub(crate) fn known_sql(&self) -> (&'static str, &str) {
+        match *self {
+            Named::License(license) => (
+                "SELECT EXISTS (SELECT 1 FROM licenses WHERE license = $1)
+                     OR EXISTS (SELECT 1 FROM issued_licenses WHERE license = $1)
+                     OR EXISTS (SELECT 1 FROM revoked_licenses WHERE license = $1)",
+                license,
+            ),
+            Named::Account(account) => (
+                "SELECT EXISTS (SELECT 1 FROM licenses WHERE account = $1)
+                     OR EXISTS (SELECT 1 FROM issued_licenses WHERE account = $1)
+                     OR EXISTS (SELECT 1 FROM usage_records WHERE account = $1)
+                     OR EXISTS (SELECT 1 FROM usage_rollups WHERE account = $1)
+                     OR EXISTS (SELECT 1 FROM suspended_accounts WHERE account = $1)
+                     OR EXISTS (SELECT 1 FROM budgets WHERE account = $1)
+                     OR EXISTS (SELECT 1 FROM invoices WHERE account = $1)",
+                account,
+            ),
+        }
+    }
+}
+
+/// Refuse a name the store has never heard of, unless the operator forces it (a license issued
+/// elsewhere that no filter has served yet).
+pub fn require_known(store: &dyn Store, name: Named<'_>, force: bool) -> Result<()> {
+    if force || store.is_known(&name)? {
+        return Ok(());
+    }
+    match name {
+        Named::License(license) => bail!(
+            "no license `{license}` is known here: it was not issued here and no filter has served it (`license list` shows the issued ones); add --force for a license issued elsewhere"
+        ),
+        Named::Account(account) => bail!(
+            "no account `{account}` is known here: no license, usage, restriction or invoice names it; add --force to name it anyway"
+        ),
+    }
 }
 
 /// Migrations, in order; each runs once, recorded in `schema_migrations`.
@@ -1090,6 +1197,11 @@ impl Store for SqliteStore {
             None => conn.execute("DELETE FROM budgets WHERE account = ?1", [account])?,
         };
         Ok(())
+    }
+
+    fn is_known(&self, name: &Named<'_>) -> Result<bool> {
+        let (sql, value) = name.known_sql();
+        Ok(self.conn()?.query_row(sql, [value], |r| r.get(0))?)
     }
 
     fn restrictions(&self, licenses: &[String], accounts: &[String]) -> Result<Restrictions> {
