@@ -9,12 +9,13 @@ FUZZ_SECONDS ?= 20
 .PHONY: run up test test-only wasm oci envoy postgres chromium curl wrk bench soak lint deny fuzz fmt clean
 
 ## run: build, start an upstream and Envoy with the filter, mint demo licenses, send traffic, exit
+## (DEMO_ARGS=--keep keeps its temporary folders: the usage database, Envoy's config and log)
 run: wasm envoy
-	cargo run -q -p tollgate-devkit --bin tollgate-demo
+	cargo run -q -p tollgate-devkit --bin tollgate-demo -- $(DEMO_ARGS)
 
-## up: the same stack, kept up for curl until Ctrl-C
+## up: the same stack, kept up for curl until Ctrl-C (or SIGTERM), which stops Envoy too
 up: wasm envoy
-	cargo run -q -p tollgate-devkit --bin tollgate-demo -- --keep-running
+	cargo run -q -p tollgate-devkit --bin tollgate-demo -- --keep-running $(DEMO_ARGS)
 
 ## test: lints (native and wasm32), unit tests, the .wasm under wasmtime, end to end through Envoy
 test: wasm envoy postgres chromium curl lint deny fuzz test-only

@@ -96,7 +96,8 @@ pub struct Unpriced {
 /// An invoice for one account and billing period.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Invoice {
-    /// Stable: the account and the period's start.
+    /// Stable: the account and the period's start, in the catalogue's time zone as the period
+    /// is (`acme/2026-11-01T00:00:00+01:00`).
     pub invoice_id: String,
     pub account: String,
     pub currency: String,
@@ -174,6 +175,18 @@ fn rfc3339(tz: chrono_tz::Tz, ms: u64) -> String {
     chrono::DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX))
         .map(|t| t.with_timezone(&tz).to_rfc3339())
         .unwrap_or_default()
+}
+
+/// An invoice's id names its period's start as its period does: in the catalogue's zone.
+fn invoice_id(tz: chrono_tz::Tz, account: &str, start_ms: u64) -> String {
+    let start =
+        chrono::DateTime::from_timestamp_millis(i64::try_from(start_ms).unwrap_or(i64::MAX))
+            .map(|t| {
+                t.with_timezone(&tz)
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            })
+            .unwrap_or_default();
+    format!("{account}/{start}")
 }
 
 fn utc(ms: u64) -> String {
@@ -369,7 +382,7 @@ pub fn rate_with_users(
     }
     let total = round(lines.iter().map(|l| l.amount).sum());
     Ok(Invoice {
-        invoice_id: format!("{account}/{}", utc(start_ms)),
+        invoice_id: invoice_id(catalog.time_zone, account, start_ms),
         account: account.to_string(),
         currency: catalog.currency.clone(),
         period_start: rfc3339(catalog.time_zone, start_ms),
@@ -751,13 +764,17 @@ pub fn finalize(
     if now_ms < bounds.1 {
         return Err(conflict(format!(
             "the billing period {} to {} has not ended: its invoice can only be a draft",
-            utc(bounds.0),
-            utc(bounds.1)
+            rfc3339(catalog.time_zone, bounds.0),
+            rfc3339(catalog.time_zone, bounds.1)
         )));
     }
-    let invoice_id = format!("{account}/{}", utc(bounds.0));
     let existing = store.invoices(Some(account))?;
-    if let Some(same) = existing.iter().find(|i| i.invoice_id == invoice_id) {
+    // The same period by its bounds, not its id: invoices finalised before ids named the
+    // local start (`acme/2026-10-31T23:00:00Z`) are the same invoice, never a second one.
+    if let Some(same) = existing
+        .iter()
+        .find(|i| (i.period_start_ms, i.period_end_ms) == bounds)
+    {
         return Ok((same.clone(), false));
     }
     if let Some(other) = existing
@@ -766,8 +783,8 @@ pub fn finalize(
     {
         return Err(conflict(format!(
             "the period {} to {} overlaps invoice {}: the catalogue's time zone or billing period changed since",
-            utc(bounds.0),
-            utc(bounds.1),
+            rfc3339(catalog.time_zone, bounds.0),
+            rfc3339(catalog.time_zone, bounds.1),
             other.invoice_id
         )));
     }

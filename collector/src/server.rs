@@ -512,6 +512,16 @@ async fn admin_change(
             .await;
     match done {
         Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) if e.downcast_ref::<crate::store::UnknownName>().is_some() => {
+            let kind = e
+                .downcast_ref::<crate::store::UnknownName>()
+                .map_or("name", |u| u.kind);
+            refusal(
+                StatusCode::NOT_FOUND,
+                &format!("unknown_{kind}"),
+                format!("{e:#}"),
+            )
+        }
         Ok(Err(e)) => refusal(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
@@ -528,7 +538,30 @@ enum Restriction {
     Account,
 }
 
+/// `?force=true`: act on a license or account nothing here knows of (issued elsewhere).
+#[derive(Debug, Default, serde::Deserialize)]
+struct Force {
+    #[serde(default)]
+    force: bool,
+}
+
+/// The target of an admin change, which must be known unless forced.
+fn require_known(
+    store: &dyn Store,
+    name: crate::store::Named<'_>,
+    force: &Force,
+) -> anyhow::Result<()> {
+    crate::store::require_known(store, name, force.force, Some("?force=true"))
+}
+
 impl Restriction {
+    fn named(self, id: &str) -> crate::store::Named<'_> {
+        match self {
+            Restriction::License => crate::store::Named::License(id),
+            Restriction::Account => crate::store::Named::Account(id),
+        }
+    }
+
     fn field(self) -> &'static str {
         match self {
             Restriction::License => "license",
@@ -571,6 +604,7 @@ async fn restrict(
     state: Arc<AppState>,
     kind: Restriction,
     id: String,
+    force: Force,
     headers: &HeaderMap,
     body: Option<&[u8]>,
 ) -> Response {
@@ -583,8 +617,9 @@ async fn restrict(
         Err(problem) => return refusal(StatusCode::BAD_REQUEST, "bad_request", problem),
     };
     let msg = if reason.is_some() { imposed } else { lifted };
-    log(json!({"level": "info", "msg": msg, kind.field(): id, "reason": reason}));
     admin_change(state, move |store, now| {
+        require_known(store, kind.named(&id), &force)?;
+        log(json!({"level": "info", "msg": msg, kind.field(): id, "reason": reason}));
         kind.apply(store, &id, reason.as_deref(), now)
     })
     .await
@@ -593,40 +628,61 @@ async fn restrict(
 async fn revoke(
     State(state): State<Arc<AppState>>,
     Path(license): Path<String>,
+    Query(force): Query<Force>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    restrict(state, Restriction::License, license, &headers, Some(&body)).await
+    restrict(
+        state,
+        Restriction::License,
+        license,
+        force,
+        &headers,
+        Some(&body),
+    )
+    .await
 }
 
 async fn unrevoke(
     State(state): State<Arc<AppState>>,
     Path(license): Path<String>,
+    Query(force): Query<Force>,
     headers: HeaderMap,
 ) -> Response {
-    restrict(state, Restriction::License, license, &headers, None).await
+    restrict(state, Restriction::License, license, force, &headers, None).await
 }
 
 async fn suspend(
     State(state): State<Arc<AppState>>,
     Path(account): Path<String>,
+    Query(force): Query<Force>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    restrict(state, Restriction::Account, account, &headers, Some(&body)).await
+    restrict(
+        state,
+        Restriction::Account,
+        account,
+        force,
+        &headers,
+        Some(&body),
+    )
+    .await
 }
 
 async fn resume(
     State(state): State<Arc<AppState>>,
     Path(account): Path<String>,
+    Query(force): Query<Force>,
     headers: HeaderMap,
 ) -> Response {
-    restrict(state, Restriction::Account, account, &headers, None).await
+    restrict(state, Restriction::Account, account, force, &headers, None).await
 }
 
 async fn set_budget(
     State(state): State<Arc<AppState>>,
     Path(account): Path<String>,
+    Query(force): Query<Force>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -652,10 +708,11 @@ async fn set_budget(
             "a budget cannot be negative",
         );
     }
-    log(
-        json!({"level": "info", "msg": "budget set", "account": account, "amount": budget.amount.to_string(), "period": budget.period.as_str()}),
-    );
     admin_change(state, move |store, now| {
+        require_known(store, crate::store::Named::Account(&account), &force)?;
+        log(
+            json!({"level": "info", "msg": "budget set", "account": account, "amount": budget.amount.to_string(), "period": budget.period.as_str()}),
+        );
         store.set_budget(&account, Some(&budget), now)
     })
     .await
@@ -664,13 +721,15 @@ async fn set_budget(
 async fn remove_budget(
     State(state): State<Arc<AppState>>,
     Path(account): Path<String>,
+    Query(force): Query<Force>,
     headers: HeaderMap,
 ) -> Response {
     if let Some(refused) = admin_refusal(&state, &headers) {
         return refused;
     }
-    log(json!({"level": "info", "msg": "budget removed", "account": account}));
     admin_change(state, move |store, now| {
+        require_known(store, crate::store::Named::Account(&account), &force)?;
+        log(json!({"level": "info", "msg": "budget removed", "account": account}));
         store.set_budget(&account, None, now)
     })
     .await

@@ -644,20 +644,46 @@ impl Named<'_> {
     }
 }
 
+/// A name nothing in the store has heard of: the CLI's error, the admin API's 404.
+#[derive(Debug)]
+pub struct UnknownName {
+    /// `license` or `account`.
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for UnknownName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for UnknownName {}
+
 /// Refuse a name the store has never heard of, unless the operator forces it (a license issued
-/// elsewhere that no filter has served yet).
-pub fn require_known(store: &dyn Store, name: Named<'_>, force: bool) -> Result<()> {
+/// elsewhere that no filter has served yet) where `force_hint` says how (`--force`,
+/// `?force=true`).
+pub fn require_known(
+    store: &dyn Store,
+    name: Named<'_>,
+    force: bool,
+    force_hint: Option<&str>,
+) -> Result<()> {
     if force || store.is_known(&name)? {
         return Ok(());
     }
-    match name {
-        Named::License(license) => bail!(
-            "no license `{license}` is known here: it was not issued here and no filter has served it (`license list` shows the issued ones); add --force for a license issued elsewhere"
-        ),
-        Named::Account(account) => bail!(
-            "no account `{account}` is known here: no license, usage, restriction or invoice names it; add --force to name it anyway"
-        ),
+    let (kind, mut message) = match name {
+        Named::License(license) => ("license", format!(
+            "no license `{license}` is known here: it was not issued here and no filter has served it (`license list` shows the issued ones)"
+        )),
+        Named::Account(account) => ("account", format!(
+            "no account `{account}` is known here: no license, usage, restriction or invoice names it"
+        )),
+    };
+    if let Some(hint) = force_hint {
+        message += &format!("; add {hint} to name it anyway (issued elsewhere)");
     }
+    Err(UnknownName { kind, message }.into())
 }
 
 /// Migrations, in order; each runs once, recorded in `schema_migrations`.

@@ -495,6 +495,50 @@ fn the_worker_finalises_the_last_period_once_its_grace_has_passed() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The invoice id names the period's start in the catalogue's zone, as the period does; an
+/// invoice finalised when ids named the UTC instant is the same invoice, not a second one.
+#[test]
+fn an_invoice_is_found_by_its_period_whatever_its_id_says() {
+    for db in backends("invoice-id") {
+        let store = tollgate_collector::open(&db.url()).unwrap();
+        store.add_license(&issued("lic-p1", "acme", "pro")).unwrap();
+        let old = tollgate_collector::store::StoredInvoice {
+            invoice_id: "acme/2026-10-31T23:00:00Z".into(),
+            account: "acme".into(),
+            period_start_ms: NOV_START,
+            period_end_ms: NOV_END,
+            currency: "USD".into(),
+            total: "49.00".into(),
+            body: serde_json::json!({"invoice_id": "acme/2026-10-31T23:00:00Z"}),
+            finalized_ms: NOV_END + 3_600_000,
+            cut_ms: NOV_END + 3_540_000,
+        };
+        store.finalize_invoice(&old, None).unwrap();
+        let (found, new) = billing::finalize(
+            store.as_ref(),
+            &catalog(),
+            "acme",
+            NOV_START + 1,
+            NOV_END + 7_200_000,
+        )
+        .unwrap();
+        assert!(!new);
+        assert_eq!(found.invoice_id, "acme/2026-10-31T23:00:00Z");
+        assert_eq!(store.invoices(Some("acme")).unwrap().len(), 1);
+        // December's, new, is named in Berlin's time.
+        let (december, new) = billing::finalize(
+            store.as_ref(),
+            &catalog(),
+            "acme",
+            NOV_END + 1,
+            NOV_END + 40 * 86_400_000,
+        )
+        .unwrap();
+        assert!(new);
+        assert_eq!(december.invoice_id, "acme/2026-12-01T00:00:00+01:00");
+    }
+}
+
 #[test]
 fn a_daily_budget_counts_what_the_days_usage_adds_to_the_monthly_invoice() {
     let dir = std::env::temp_dir().join(format!("tollgate-spend-{}", std::process::id()));

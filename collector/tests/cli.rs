@@ -237,8 +237,15 @@ fn a_license_issued_by_the_command_line_is_checked_and_usable_as_issued() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    let issued: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let token = issued["token"].as_str().unwrap();
+    // The token alone on stdout (for `TOKEN=$(...)`), what it grants on stderr.
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    let token = stdout.trim();
+    assert_eq!(token.split('.').count(), 3, "{stdout}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("plan:"),
+        "{}",
+        text(&out)
+    );
     let payload = token.split('.').nth(1).unwrap();
     use base64::Engine as _;
     let claims: serde_json::Value = serde_json::from_slice(
@@ -303,4 +310,114 @@ fn a_reader_that_stops_early_is_no_panic() {
         .unwrap();
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(status.success(), "{status:?} {stderr}");
+}
+
+#[test]
+fn people_get_tables_in_the_catalogues_time_and_machines_get_json() {
+    let (_dir, url) = store("tables");
+    assert!(issue(&url, "pro").status.success());
+    // A table whose times are in the catalogue's zone (Berlin), not epoch milliseconds.
+    let out = cli(&["license", "list", "--database", &url, "--plans", PLANS]);
+    assert!(out.status.success(), "{}", text(&out));
+    let table = String::from_utf8(out.stdout).unwrap();
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["license", "account", "plan", "features", "standing", "from", "until", "key"]
+    );
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(&row[..5], ["lic-acme-1", "acme", "pro", "search", "valid"]);
+    assert!(
+        row[5].ends_with("+01:00") || row[5].ends_with("+02:00"),
+        "{table}"
+    );
+    // --json, anywhere on the line, gives the records.
+    let out = cli(&["license", "list", "--database", &url, "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["licenses"][0]["license"], "lic-acme-1");
+    assert!(listed["licenses"][0]["expires_ms"].is_u64());
+    let out = cli(&["--json", "keys", "list", "--database", &url]);
+    let keys: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(keys["keys"][0]["state"], "active");
+    let out = cli(&["keys", "list", "--database", &url]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.starts_with("kid "), "{table}");
+    assert!(table.contains("EdDSA") && table.contains("Z "), "{table}");
+
+    let out = cli(&[
+        "license",
+        "show",
+        "--database",
+        &url,
+        "--license",
+        "lic-acme-1",
+    ]);
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        shown.contains("standing:") && shown.contains("valid"),
+        "{shown}"
+    );
+
+    let out = cli(&[
+        "invoice",
+        "--database",
+        &url,
+        "--account",
+        "acme",
+        "--plans",
+        PLANS,
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let invoice = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        invoice.contains("invoice:") && invoice.contains("total:"),
+        "{invoice}"
+    );
+    assert!(invoice.contains("unit price"), "{invoice}");
+    let out = cli(&[
+        "invoice",
+        "--database",
+        &url,
+        "--account",
+        "acme",
+        "--plans",
+        PLANS,
+        "--json",
+    ]);
+    let draft: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The id names the period's start as the period does, in the catalogue's zone.
+    let id = draft["invoice_id"].as_str().unwrap();
+    let start = draft["period_start"].as_str().unwrap();
+    assert_eq!(id, format!("acme/{}", start.replace(".000", "")), "{draft}");
+    let out = cli(&[
+        "invoice",
+        "--database",
+        &url,
+        "--account",
+        "acme",
+        "--plans",
+        PLANS,
+        "--json",
+        "--csv",
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+
+    let out = cli(&[
+        "account",
+        "--database",
+        &url,
+        "--account",
+        "acme",
+        "--plans",
+        PLANS,
+    ]);
+    let account = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        account.contains("spend:") && account.contains("suspended:"),
+        "{account}"
+    );
+    let out = cli(&["users", "--database", &url, "--account", "acme"]);
+    let users = String::from_utf8(out.stdout).unwrap();
+    assert!(users.contains("active users:"), "{users}");
 }

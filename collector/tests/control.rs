@@ -453,6 +453,50 @@ fn over_http_the_sync_is_signed_and_the_admin_api_needs_its_token() {
             "{method} {path}"
         );
     }
+    // A name nothing here knows is a 404, not a silent success; ?force=true names it anyway.
+    for (method, path, code) in [
+        (
+            "POST",
+            "/v1/admin/licenses/lic-typo/revoke",
+            "unknown_license",
+        ),
+        (
+            "DELETE",
+            "/v1/admin/licenses/lic-typo/revoke",
+            "unknown_license",
+        ),
+        (
+            "POST",
+            "/v1/admin/accounts/nobody/suspend",
+            "unknown_account",
+        ),
+        (
+            "DELETE",
+            "/v1/admin/accounts/nobody/suspend",
+            "unknown_account",
+        ),
+        ("PUT", "/v1/admin/accounts/nobody/budget", "unknown_account"),
+        (
+            "DELETE",
+            "/v1/admin/accounts/nobody/budget",
+            "unknown_account",
+        ),
+    ] {
+        let budget = (method == "PUT").then(|| json!({"period": "month", "amount": "5"}));
+        let (status, text) = call(method, &c.url(path), Some(ADMIN), budget.as_ref());
+        assert_eq!(status, 404, "{method} {path}: {text}");
+        assert!(
+            text.contains(code) && text.contains("?force=true"),
+            "{text}"
+        );
+    }
+    let (status, text) = call(
+        "POST",
+        &c.url("/v1/admin/licenses/lic-elsewhere/revoke?force=true"),
+        Some(ADMIN),
+        None,
+    );
+    assert_eq!(status, 204, "{text}");
     let (status, _) = call(
         "POST",
         &c.url("/v1/admin/licenses/lic-1/revoke"),

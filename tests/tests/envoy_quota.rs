@@ -356,7 +356,8 @@ fn revocation_and_spend_caps_stop_traffic_within_one_sync() {
     assert_eq!(
         admin(
             "PUT",
-            "/v1/admin/accounts/globex/budget",
+            // Before globex's first call: nothing here has heard of it yet.
+            "/v1/admin/accounts/globex/budget?force=true",
             Some(json!({"period": "month", "amount": "1.00"}))
         ),
         204

@@ -4,13 +4,18 @@
 //! the usage the collector stored and the invoice drafts it rates from it.
 //!
 //! `tollgate-demo` runs the script and exits; `tollgate-demo --keep-running` then keeps the
-//! stack up and prints curl commands to try.
+//! stack up and prints curl commands to try. Ctrl-C (SIGINT), SIGTERM or SIGHUP stop it at any
+//! point: Envoy is stopped and waited for, and the temporary folders are removed unless
+//! `--keep` is given.
 
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
 use tollgate_collector::catalog::CatalogFileWatch;
+use tollgate_collector::cli::show::Table;
 use tollgate_collector::control::ControlPlane;
 use tollgate_collector::licensing::{Issuer, LicenseRequest};
 use tollgate_collector::signing::KeyAlg;
@@ -64,12 +69,87 @@ fn license(account: &str, id: &str, plan: &str, features: &[&str]) -> LicenseSpe
     spec
 }
 
+/// The demo's plugin configuration: `envoy/tollgate.json` with a collector, the keys from its
+/// JWKS, a trial plan with a quota, a team plan with seats, and end users.
+const CONFIG: &str = "envoy/demo.json";
+
+/// What must not outlive the demo: Envoy (a child process) and the temporary folders. Whoever
+/// ends the demo, the script or a signal, takes it and drops it.
+#[derive(Default)]
+struct Leftovers {
+    envoy: Option<Envoy>,
+    scratch: Option<PathBuf>,
+    keep: bool,
+}
+
+impl Leftovers {
+    fn clean_up(&mut self) {
+        // Envoy's drop kills it, waits for it and removes its folder (unless TOLLGATE_KEEP_TMP).
+        drop(self.envoy.take());
+        if let Some(dir) = self.scratch.take() {
+            if self.keep {
+                println!("kept {} (--keep)", dir.display());
+            } else {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+    }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: clean up and exit 130 (what a shell reports for Ctrl-C).
+fn stop_on_signals(leftovers: Arc<Mutex<Leftovers>>) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        runtime.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+                signal(SignalKind::hangup()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+                _ = hup.recv() => {}
+            }
+        });
+        println!("\nstopping: Envoy and the temporary folders go");
+        if let Ok(mut leftovers) = leftovers.lock() {
+            leftovers.clean_up();
+        }
+        std::process::exit(130);
+    });
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let keep_running = std::env::args().any(|a| a == "--keep-running");
+    let keep = std::env::args().any(|a| a == "--keep");
+    if keep {
+        // Envoy's folder (its configuration and log) stays too.
+        std::env::set_var("TOLLGATE_KEEP_TMP", "1");
+    }
+    let leftovers = Arc::new(Mutex::new(Leftovers {
+        keep,
+        ..Leftovers::default()
+    }));
+    stop_on_signals(leftovers.clone())?;
+    let done = run(keep_running, &leftovers);
+    if let Ok(mut leftovers) = leftovers.lock() {
+        leftovers.clean_up();
+    }
+    done
+}
+
+fn run(keep_running: bool, leftovers: &Mutex<Leftovers>) -> Result<()> {
     let root = workspace_root();
     let key = SigningKey::load(&root.join("envoy/demo-signing-key.json"))?;
-    let mut config: Value = serde_json::from_slice(
-        &std::fs::read(root.join("envoy/tollgate.json")).context("reading envoy/tollgate.json")?,
+    let config: Value = serde_json::from_slice(
+        &std::fs::read(root.join(CONFIG)).with_context(|| format!("reading {CONFIG}"))?,
     )?;
 
     println!("== Tollgate demo ==");
@@ -77,6 +157,13 @@ fn main() -> Result<()> {
     println!("upstream API     http://{}", upstream.addr);
     let scratch = std::env::temp_dir().join(format!("tollgate-demo-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
+    if let Ok(mut leftovers) = leftovers.lock() {
+        leftovers.scratch = Some(scratch.clone());
+    }
+    println!(
+        "temporary files  {}   (removed on exit; --keep keeps them)",
+        scratch.display()
+    );
     let database = format!("sqlite://{}", scratch.join("usage.db").display());
     let keys = IngestKeys::parse([format!("demo={INGEST_SECRET}").as_str()])?;
     tollgate_collector::server::set_info_logs(false);
@@ -106,39 +193,25 @@ fn main() -> Result<()> {
         0,
         now_ms(),
     )?;
-    config["collector"] = serde_json::json!({
-        "instance": "demo/tollgate",
-        "key_id": "demo",
-        "secret": INGEST_SECRET,
-        "flush_interval_ms": 500,
-    });
-    // Keys from the collector's JWKS instead of the inline set: a key rotated there reaches
-    // Envoy without a configuration change.
-    if let Some(token) = config["token"].as_object_mut() {
-        token.remove("jwks");
-        token.insert(
-            "jwks_source".into(),
-            serde_json::json!({"cluster": "tollgate_collector", "refresh_seconds": 60}),
-        );
+    if config["collector"]["secret"] != INGEST_SECRET {
+        anyhow::bail!("{CONFIG}: collector.secret must be the demo's ingest secret");
     }
-    // A trial plan with a period quota: the collector hands out leases of it.
-    config["plans"]["trial"] =
-        serde_json::json!({"quotas": {"calls": {"per": "day", "limit": 10}}});
-    // A team plan with 2 named seats a month; the end user comes from a header an
-    // authentication layer would set, and leaves the filter only pseudonymised.
-    config["plans"]["team"] = serde_json::json!({"seats": {"named": 2, "per": "month"}});
-    config["users"] = serde_json::json!({"header": "x-end-user"});
-    config["pseudonyms"] =
-        serde_json::json!({"key_id": "demo", "secret": "demo-pseudonym-key-0123456789abcdef"});
     let mut bootstrap = Bootstrap::new(config, upstream.port());
     bootstrap.collector_ports = vec![collector.addr.port()];
     let bootstrap = bootstrap.to_json();
     let envoy = Envoy::start("demo", &bootstrap, 2)?;
     println!(
-        "envoy listener   {}   (2 worker threads, plugin config envoy/tollgate.json, keys from the collector's JWKS)",
-        envoy.url("")
+        "envoy listener   {}   (pid {}, 2 worker threads, plugin config {CONFIG}, keys from the collector's JWKS)",
+        envoy.url(""),
+        envoy.pid()
     );
     println!("envoy admin      http://{}", envoy.admin);
+    let envoy_admin = envoy.admin;
+    let base = envoy.url("");
+    let url = |path: &str| format!("{base}{path}");
+    if let Ok(mut leftovers) = leftovers.lock() {
+        leftovers.envoy = Some(envoy);
+    }
 
     let issue = |account: &str, id: &str, plan: &str, features: &[&str]| -> Result<String> {
         let issued = tollgate_collector::licensing::issue(
@@ -193,14 +266,9 @@ fn main() -> Result<()> {
     let mut warm_up = 0u64;
     let keys_at = Instant::now();
     loop {
-        let answer = send(&agent, "GET", &envoy.url("/healthz"), None)?;
+        let answer = send(&agent, "GET", &url("/healthz"), None)?;
         warm_up += 1;
-        let probe = send(
-            &agent,
-            "GET",
-            &envoy.url("/v1/search?q=warm-up"),
-            Some("x.y.z"),
-        )?;
+        let probe = send(&agent, "GET", &url("/v1/search?q=warm-up"), Some("x.y.z"))?;
         warm_up += 1;
         if answer.status == 200 && probe.code != "keys_unavailable" {
             break;
@@ -240,7 +308,7 @@ fn main() -> Result<()> {
         "method", "path", "license", "status"
     );
     for (method, path, token, who) in &cases {
-        let answer = send(&agent, method, &envoy.url(path), *token)?;
+        let answer = send(&agent, method, &url(path), *token)?;
         let detail = if answer.status == 200 {
             let seen: Value = serde_json::from_str(&answer.body).unwrap_or(Value::Null);
             match seen["headers"]["x-tollgate-account"][0].as_str() {
@@ -269,7 +337,7 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let (mut ok, mut limited, mut retry) = (0, 0, None);
     for _ in 0..20 {
-        let answer = send(&agent, "GET", &envoy.url("/v1/search?q=nuts"), Some(&acme))?;
+        let answer = send(&agent, "GET", &url("/v1/search?q=nuts"), Some(&acme))?;
         match answer.status {
             200 => ok += 1,
             429 => {
@@ -289,7 +357,7 @@ fn main() -> Result<()> {
     let (mut ok, mut exhausted, mut left) = (0, 0, String::new());
     for _ in 0..12 {
         let response = match agent
-            .get(&envoy.url("/v1/search?q=umbrellas"))
+            .get(&url("/v1/search?q=umbrellas"))
             .set("authorization", &format!("Bearer {umbrella}"))
             .call()
         {
@@ -318,7 +386,7 @@ fn main() -> Result<()> {
     ];
     for user in team_calls {
         let response = match agent
-            .get(&envoy.url("/v1/search?q=seats"))
+            .get(&url("/v1/search?q=seats"))
             .set("authorization", &format!("Bearer {hooli}"))
             .set("x-end-user", user)
             .call()
@@ -359,12 +427,7 @@ fn main() -> Result<()> {
     let revoked_at = Instant::now();
     let mut after_revocation = 0u64;
     let refused = loop {
-        let answer = send(
-            &agent,
-            "GET",
-            &envoy.url("/v1/search?q=gears"),
-            Some(&globex),
-        )?;
+        let answer = send(&agent, "GET", &url("/v1/search?q=gears"), Some(&globex))?;
         after_revocation += 1;
         if answer.status == 403 || revoked_at.elapsed() > Duration::from_secs(5) {
             break answer;
@@ -380,11 +443,15 @@ fn main() -> Result<()> {
 
     // The filter folds its counters into Envoy stats once a second.
     std::thread::sleep(Duration::from_millis(2200));
-    println!(
-        "\nmetered (Envoy stats, GET http://{}/stats?filter=tollgate):",
-        envoy.admin
-    );
-    for (name, value) in envoy.stats()? {
+    println!("\nmetered (Envoy stats, GET http://{envoy_admin}/stats?filter=tollgate):");
+    let stats = match leftovers.lock() {
+        Ok(leftovers) => match &leftovers.envoy {
+            Some(envoy) => envoy.stats()?,
+            None => Default::default(),
+        },
+        Err(_) => Default::default(),
+    };
+    for (name, value) in stats {
         if let Some(short) = name.strip_prefix("wasmcustom.tollgate.") {
             if value > 0 {
                 println!("  {short:<52} {value}");
@@ -408,28 +475,29 @@ fn main() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    println!("\nusage stored by the collector (tollgate-collector usage --database {database}):");
-    println!(
-        "  {:<10} {:<16} {:<18} {:<22} {:<15} {:>8}",
-        "account", "license", "feature", "outcome", "meter", "units"
-    );
+    println!("\nusage stored by the collector (tollgate-collector usage --database {database}; run with --keep to keep it):");
+    let mut table = Table::new(&[
+        "account", "license", "feature", "outcome", "meter", ">units",
+    ]);
+    let or_dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.to_string()
+        }
+    };
     for r in &rows {
-        let or_dash = |s: &str| {
-            if s.is_empty() {
-                "-".to_string()
-            } else {
-                s.to_string()
-            }
-        };
-        println!(
-            "  {:<10} {:<16} {:<18} {:<22} {:<15} {:>8}",
+        table.row(vec![
             or_dash(&r.account),
             or_dash(&r.license),
             or_dash(&r.feature),
-            r.outcome,
-            r.meter,
-            r.units
-        );
+            r.outcome.clone(),
+            r.meter.clone(),
+            r.units.to_string(),
+        ]);
+    }
+    for line in table.render().lines() {
+        println!("  {line}");
     }
     let stored: u64 = rows
         .iter()
@@ -463,18 +531,33 @@ fn main() -> Result<()> {
     println!("  (tollgate-collector invoice --account globex --plans envoy/plans.json --database {database})");
 
     if keep_running {
-        println!("\nThe stack stays up; Ctrl-C stops it. Try:");
+        let search = url("/v1/search?q=x");
+        println!("\nThe stack stays up; Ctrl-C stops it. A token for every demo account:");
+        for (account, token) in [
+            ("ACME", &acme),
+            ("GLOBEX", &globex),
+            ("UMBRELLA", &umbrella),
+            ("HOOLI", &hooli),
+            ("INITECH", &expired),
+        ] {
+            println!("  export {account}='{token}'");
+        }
+        println!("Then try (each line says what it answers):");
+        println!("  curl -i '{search}' -H \"authorization: Bearer $ACME\"        # 200, RateLimit headers; over 5 req/s: 429 rate_limited");
         println!(
-            "  curl -i {} -H 'authorization: Bearer {acme}'",
-            envoy.url("/v1/search?q=x")
+            "  curl -i -X POST {} -H \"authorization: Bearer $ACME\"   # refused: 403 feature_not_licensed (starter has no generative-design)",
+            url("/v1/design/x")
         );
         println!(
-            "  curl -i -X POST {} -H 'authorization: Bearer {acme}'",
-            envoy.url("/v1/design/x")
+            "  curl -i -X POST {} -H \"authorization: Bearer $GLOBEX\" # 200 (pro has it; 2 req/s)",
+            url("/v1/design/x")
         );
+        println!("  curl -i '{search}' -H \"authorization: Bearer $UMBRELLA\"    # refused once its 10 calls a day are used: 429 quota_exhausted");
+        println!("  curl -i '{search}' -H \"authorization: Bearer $HOOLI\" -H 'x-end-user: dave@hooli.example'  # refused: 403 seat_limit_reached (both seats are taken)");
+        println!("  curl -i '{search}' -H \"authorization: Bearer $INITECH\"     # refused: 401 token_expired");
+        println!("Tollgate's own series in Prometheus format (tollgate_*):");
         println!(
-            "  curl -s http://{}/stats/prometheus | grep tollgate",
-            envoy.admin
+            "  curl -s 'http://{envoy_admin}/stats/prometheus?usedonly&filter=^wasmcustom[.]tollgate[.]'"
         );
         println!("Issue more licenses with the admin API:");
         println!(
@@ -493,12 +576,18 @@ fn main() -> Result<()> {
             "  {}",
             collector.url(&format!("/dashboard?account=globex#token={account_token}"))
         );
+        // Until a signal ends the process (see `stop_on_signals`), or Envoy dies on its own.
         loop {
-            std::thread::sleep(Duration::from_secs(3600));
+            std::thread::sleep(Duration::from_millis(500));
+            let alive = match leftovers.lock() {
+                Ok(mut leftovers) => leftovers.envoy.as_mut().is_some_and(Envoy::is_running),
+                Err(_) => false,
+            };
+            if !alive {
+                anyhow::bail!("Envoy stopped on its own: the demo ends");
+            }
         }
     }
-    drop(envoy);
     drop(collector);
-    let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
 }

@@ -1,9 +1,10 @@
 //! The `tollgate-collector` command line. It lives in the library so that tests can run the
 //! very same program as a child process they may kill (see `tests/src/bin/collector-replica.rs`).
 
-use std::sync::Arc;
+pub mod show;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::catalog::CatalogFileWatch;
 use crate::control::{account_status, ControlPlane, DEFAULT_LEASE_TTL_MS};
@@ -21,6 +22,9 @@ use tollgate_wire::sync::Period;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Print records as JSON, for machines, instead of tables for people.
+    #[arg(long, global = true)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -154,6 +158,9 @@ enum Command {
             global = true
         )]
         database: String,
+        /// The plan catalogue, for its time zone (times are shown in UTC without it).
+        #[arg(long, env = "TOLLGATE_PLANS", global = true)]
+        plans: Option<PathBuf>,
         #[command(subcommand)]
         action: KeysAction,
     },
@@ -166,6 +173,10 @@ enum Command {
             global = true
         )]
         database: String,
+        /// The plan catalogue: `issue` needs it (the plan must be in it); the others show
+        /// times in its time zone (UTC without it).
+        #[arg(long, env = "TOLLGATE_PLANS", global = true)]
+        plans: Option<PathBuf>,
         #[command(subcommand)]
         action: LicenseAction,
     },
@@ -185,8 +196,8 @@ enum Command {
         /// A time in the period, RFC 3339.
         #[arg(long)]
         at: Option<String>,
-        /// CSV lines instead of JSON.
-        #[arg(long)]
+        /// CSV lines instead of a table.
+        #[arg(long, conflicts_with = "json")]
         csv: bool,
         /// Finalise it (the period must have ended); without a webhook URL no event is sent.
         #[arg(long)]
@@ -312,8 +323,8 @@ enum Command {
         #[arg(long)]
         older_than_days: u64,
     },
-    /// Print, as JSON, everything stored about an account (or one of its licenses), or about an
-    /// end user or client pseudonym.
+    /// Print, as JSON (always: it is the export), everything stored about an account (or one of
+    /// its licenses), or about an end user or client pseudonym.
     ExportData {
         #[arg(
             long,
@@ -377,9 +388,6 @@ enum Command {
         /// Calendar bucket.
         #[arg(long, value_enum, default_value = "day")]
         by: Granularity,
-        /// JSON instead of a table.
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -439,9 +447,6 @@ enum LicenseAction {
         /// The `aud` claim: what filters' `token.audiences` accept (as `serve --audience`).
         #[arg(long, env = "TOLLGATE_AUDIENCE")]
         audience: String,
-        /// The plan catalogue: the plan must be in it, if it lists plans.
-        #[arg(long, env = "TOLLGATE_PLANS")]
-        plans: PathBuf,
     },
     /// Issued licenses, of one account or all.
     List {
@@ -478,8 +483,15 @@ pub fn main() -> Result<()> {
     }
 }
 
+/// The time zone times are shown in: the catalogue's, or UTC without one.
+fn zone(plans: Option<&Path>) -> Result<chrono_tz::Tz> {
+    Ok(CatalogFileWatch::open(plans)?.current().time_zone)
+}
+
 fn run() -> Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let json = cli.json;
+    match cli.command {
         Command::Serve {
             listen,
             database,
@@ -538,15 +550,24 @@ fn run() -> Result<()> {
             outln!("database ready: {database}");
             Ok(())
         }
-        Command::Keys { database, action } => {
+        Command::Keys {
+            database,
+            plans,
+            action,
+        } => {
             let store = open_existing(&database)?;
+            let tz = zone(plans.as_deref())?;
             let info = match action {
                 KeysAction::List => {
                     let keys = crate::licensing::keys(store.as_ref(), now())?;
-                    outln!(
-                        "{}",
-                        serde_json::to_string_pretty(&serde_json::json!({"keys": keys}))?
-                    );
+                    if json {
+                        outln!(
+                            "{}",
+                            serde_json::to_string_pretty(&serde_json::json!({"keys": keys}))?
+                        );
+                    } else {
+                        out!("{}", show::keys(tz, &keys));
+                    }
                     return Ok(());
                 }
                 KeysAction::Generate {
@@ -586,10 +607,18 @@ fn run() -> Result<()> {
                     return Ok(());
                 }
             };
-            outln!("{}", serde_json::to_string_pretty(&info)?);
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                out!("{}", show::key(tz, &info));
+            }
             Ok(())
         }
-        Command::License { database, action } => {
+        Command::License {
+            database,
+            plans,
+            action,
+        } => {
             let store = open_existing(&database)?;
             match action {
                 LicenseAction::Issue {
@@ -601,11 +630,13 @@ fn run() -> Result<()> {
                     valid_days,
                     issuer,
                     audience,
-                    plans,
                 } => {
                     let limits = limits
                         .map(|l| serde_json::from_str(&l).context("--limits is not JSON"))
                         .transpose()?;
+                    let Some(plans) = plans else {
+                        anyhow::bail!("--plans (or TOLLGATE_PLANS): a license is issued for a plan of the catalogue");
+                    };
                     let catalog = CatalogFileWatch::open(Some(&plans))?.current();
                     let issued = crate::licensing::issue(
                         store.as_ref(),
@@ -625,17 +656,36 @@ fn run() -> Result<()> {
                         },
                         now(),
                     )?;
-                    outln!("{}", serde_json::to_string_pretty(&issued)?);
+                    if json {
+                        outln!("{}", serde_json::to_string_pretty(&issued)?);
+                    } else {
+                        // The token alone on stdout, for `TOKEN=$(... license issue ...)`;
+                        // what it grants on stderr.
+                        eprint!(
+                            "{}",
+                            show::license(catalog.time_zone, &issued.license, None, now())
+                        );
+                        outln!("{}", issued.token);
+                    }
                 }
                 LicenseAction::List { account } => {
                     if let Some(account) = &account {
-                        require_known(store.as_ref(), Named::Account(account), false)?;
+                        require_known(store.as_ref(), Named::Account(account), false, None)?;
                     }
                     let licenses = store.issued_licenses(account.as_deref())?;
-                    outln!(
-                        "{}",
-                        serde_json::to_string_pretty(&serde_json::json!({"licenses": licenses}))?
-                    );
+                    if json {
+                        outln!(
+                            "{}",
+                            serde_json::to_string_pretty(
+                                &serde_json::json!({"licenses": licenses})
+                            )?
+                        );
+                    } else {
+                        out!(
+                            "{}",
+                            show::licenses(zone(plans.as_deref())?, &licenses, now())
+                        );
+                    }
                 }
                 LicenseAction::Show { license } => {
                     let Some(found) = store
@@ -649,9 +699,21 @@ fn run() -> Result<()> {
                         .restrictions(std::slice::from_ref(&license), &[])?
                         .revoked
                         .remove(&license);
-                    let mut shown = serde_json::json!(found);
-                    shown["revoked"] = serde_json::json!(revoked);
-                    outln!("{}", serde_json::to_string_pretty(&shown)?);
+                    if json {
+                        let mut shown = serde_json::json!(found);
+                        shown["revoked"] = serde_json::json!(revoked);
+                        outln!("{}", serde_json::to_string_pretty(&shown)?);
+                    } else {
+                        out!(
+                            "{}",
+                            show::license(
+                                zone(plans.as_deref())?,
+                                &found,
+                                revoked.as_deref(),
+                                now()
+                            )
+                        );
+                    }
                 }
             }
             Ok(())
@@ -665,7 +727,7 @@ fn run() -> Result<()> {
             finalize,
         } => {
             let store = open_existing(&database)?;
-            require_known(store.as_ref(), Named::Account(&account), false)?;
+            require_known(store.as_ref(), Named::Account(&account), false, None)?;
             let catalog = CatalogFileWatch::open(Some(&plans))?.current();
             let at = at
                 .map(|t| rfc3339_arg("at", &t))
@@ -691,7 +753,11 @@ fn run() -> Result<()> {
                     );
                 }
                 if let Some((invoice, _)) = finalized.last() {
-                    outln!("{}", serde_json::to_string_pretty(invoice)?);
+                    if json {
+                        outln!("{}", serde_json::to_string_pretty(invoice)?);
+                    } else {
+                        out!("{}", show::finalized(catalog.time_zone, invoice));
+                    }
                 }
                 return Ok(());
             }
@@ -708,8 +774,10 @@ fn run() -> Result<()> {
             }
             if csv {
                 out!("{}", draft.invoice.to_csv());
-            } else {
+            } else if json {
                 outln!("{}", serde_json::to_string_pretty(&draft)?);
+            } else {
+                out!("{}", show::invoice(catalog.time_zone, &draft));
             }
             Ok(())
         }
@@ -759,7 +827,12 @@ fn run() -> Result<()> {
             force,
         } => {
             let store = open_existing(&database)?;
-            require_known(store.as_ref(), Named::License(&license), force)?;
+            require_known(
+                store.as_ref(),
+                Named::License(&license),
+                force,
+                Some("--force"),
+            )?;
             store.set_revoked(&license, (!undo).then_some(reason.as_str()), now())?;
             outln!(
                 "license {license} {}",
@@ -779,7 +852,12 @@ fn run() -> Result<()> {
             force,
         } => {
             let store = open_existing(&database)?;
-            require_known(store.as_ref(), Named::Account(&account), force)?;
+            require_known(
+                store.as_ref(),
+                Named::Account(&account),
+                force,
+                Some("--force"),
+            )?;
             store.set_suspended(&account, (!undo).then_some(reason.as_str()), now())?;
             outln!(
                 "account {account} {}",
@@ -796,7 +874,12 @@ fn run() -> Result<()> {
             force,
         } => {
             let store = open_existing(&database)?;
-            require_known(store.as_ref(), Named::Account(&account), force)?;
+            require_known(
+                store.as_ref(),
+                Named::Account(&account),
+                force,
+                Some("--force"),
+            )?;
             let budget = match (remove, amount) {
                 (true, _) | (false, None) => None,
                 (false, Some(amount)) => {
@@ -826,14 +909,21 @@ fn run() -> Result<()> {
             plans,
         } => {
             let store = open_existing(&database)?;
-            require_known(store.as_ref(), Named::Account(&account), false)?;
+            require_known(store.as_ref(), Named::Account(&account), false, None)?;
             let control = ControlPlane {
                 catalog: CatalogFileWatch::open(plans.as_deref())?,
                 lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
                 ..ControlPlane::default()
             };
             let status = account_status(store.as_ref(), &control, &account, now())?;
-            outln!("{}", serde_json::to_string_pretty(&status)?);
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                out!(
+                    "{}",
+                    show::account(control.catalog.current().time_zone, &status)
+                );
+            }
             Ok(())
         }
         Command::Users {
@@ -842,13 +932,20 @@ fn run() -> Result<()> {
             plans,
         } => {
             let store = open_existing(&database)?;
-            require_known(store.as_ref(), Named::Account(&account), false)?;
+            require_known(store.as_ref(), Named::Account(&account), false, None)?;
             let control = ControlPlane {
                 catalog: CatalogFileWatch::open(plans.as_deref())?,
                 ..ControlPlane::default()
             };
             let report = crate::control::users_report(store.as_ref(), &control, &account, now())?;
-            outln!("{}", serde_json::to_string_pretty(&report)?);
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                out!(
+                    "{}",
+                    show::users(control.catalog.current().time_zone, &report)
+                );
+            }
             Ok(())
         }
         Command::Retention {
@@ -862,7 +959,11 @@ fn run() -> Result<()> {
                 now().saturating_sub(age),
                 u32::MAX,
             )?;
-            outln!("{}", serde_json::to_string_pretty(&done)?);
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&done)?);
+            } else {
+                out!("{}", show::record(&serde_json::to_value(done)?));
+            }
             Ok(())
         }
         Command::ExportData { database, whose } => {
@@ -888,13 +989,18 @@ fn run() -> Result<()> {
             let store = open_existing(&database)?;
             let erased = match (&whose.account, &whose.subject) {
                 (Some(account), _) => {
-                    require_known(store.as_ref(), Named::Account(account), false)?;
+                    require_known(store.as_ref(), Named::Account(account), false, None)?;
                     crate::privacy::erase_account(store.as_ref(), account, now())?
                 }
                 (None, Some(subject)) => crate::privacy::erase_subject(store.as_ref(), subject)?,
                 (None, None) => anyhow::bail!("--account or --subject"),
             };
-            outln!("{}", serde_json::to_string_pretty(&erased)?);
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&erased)?);
+            } else {
+                outln!("erased (rows per table):");
+                out!("{}", show::record(&serde_json::to_value(&erased)?));
+            }
             Ok(())
         }
         Command::Pseudonym {
@@ -926,7 +1032,6 @@ fn run() -> Result<()> {
             meter,
             outcome,
             by,
-            json,
         } => {
             let store = open_existing(&database)?;
             let query = UsageQuery {
@@ -949,49 +1054,21 @@ fn run() -> Result<()> {
                     serde_json::to_string_pretty(&serde_json::json!({"rows": rows}))?
                 );
             } else {
-                let header = [
-                    "period", "account", "license", "feature", "outcome", "meter", "units",
-                ];
-                let cells: Vec<[String; 7]> = rows
-                    .into_iter()
-                    .map(|r| {
-                        [
-                            r.period,
-                            r.account,
-                            r.license,
-                            r.feature,
-                            r.outcome,
-                            r.meter,
-                            r.units.to_string(),
-                        ]
-                    })
-                    .collect();
-                // Columns as wide as their widest cell: ids of any length stay in their column.
-                let mut widths = header.map(str::len);
-                for row in &cells {
-                    for (width, cell) in widths.iter_mut().zip(row) {
-                        *width = (*width).max(cell.len());
-                    }
+                let mut table = show::Table::new(&[
+                    "period", "account", "license", "feature", "outcome", "meter", ">units",
+                ]);
+                for r in rows {
+                    table.row(vec![
+                        r.period,
+                        r.account,
+                        r.license,
+                        r.feature,
+                        r.outcome,
+                        r.meter,
+                        r.units.to_string(),
+                    ]);
                 }
-                let line = |row: &[&str]| -> String {
-                    let last = row.len() - 1;
-                    row.iter()
-                        .zip(widths)
-                        .enumerate()
-                        .map(|(i, (cell, width))| {
-                            if i == last {
-                                format!("{cell:>width$}")
-                            } else {
-                                format!("{cell:<width$}")
-                            }
-                        })
-                        .collect::<Vec<_>>()
-                        .join("  ")
-                };
-                outln!("{}", line(&header));
-                for row in &cells {
-                    outln!("{}", line(&row.each_ref().map(String::as_str)));
-                }
+                out!("{}", table.render());
             }
             Ok(())
         }
@@ -1035,7 +1112,20 @@ fn check_usage_filters(store: &dyn crate::Store, query: &UsageQuery) -> Result<(
             );
         }
     }
-    eprintln!("no stored usage matches these filters together");
+    if [
+        &query.account,
+        &query.license,
+        &query.feature,
+        &query.meter,
+        &query.outcome,
+    ]
+    .iter()
+    .all(|f| f.is_none())
+    {
+        eprintln!("no usage is stored yet");
+    } else {
+        eprintln!("no stored usage matches these filters together");
+    }
     Ok(())
 }
 
