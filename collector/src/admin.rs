@@ -201,23 +201,6 @@ struct LicenseFilter {
 }
 
 /// A license with its standing: revoked or not, the last time a filter named it.
-fn with_standing(
-    s: &AppState,
-    licenses: Vec<crate::store::IssuedLicense>,
-) -> anyhow::Result<Vec<serde_json::Value>> {
-    let ids: Vec<String> = licenses.iter().map(|l| l.license.clone()).collect();
-    let restrictions = s.store.restrictions(&ids, &[])?;
-    Ok(licenses
-        .into_iter()
-        .map(|l| {
-            let revoked = restrictions.revoked.get(&l.license).cloned();
-            let mut v = json!(l);
-            v["revoked"] = json!(revoked);
-            v
-        })
-        .collect())
-}
-
 async fn list_licenses(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -230,8 +213,9 @@ async fn list_licenses(
         return refusal(StatusCode::BAD_REQUEST, "bad_query", "parameters: account");
     };
     blocking(&state, move |s, _| {
-        let licenses = s.store.issued_licenses(filter.account.as_deref())?;
-        Ok(Json(json!({"licenses": with_standing(s, licenses)?})).into_response())
+        let licenses =
+            crate::licensing::shown_licenses(s.store.as_ref(), filter.account.as_deref())?;
+        Ok(Json(json!({"licenses": licenses})).into_response())
     })
     .await
 }
@@ -245,13 +229,7 @@ async fn show_license(
         return refused;
     }
     blocking(&state, move |s, _| {
-        let found: Vec<_> = s
-            .store
-            .issued_licenses(None)?
-            .into_iter()
-            .filter(|l| l.license == license)
-            .collect();
-        match with_standing(s, found)?.pop() {
+        match crate::licensing::shown_license(s.store.as_ref(), &license)? {
             Some(l) => Ok(Json(l).into_response()),
             None => Ok(refusal(
                 StatusCode::NOT_FOUND,

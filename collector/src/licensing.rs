@@ -97,6 +97,41 @@ pub fn add_key(
 }
 
 /// Every key, oldest first, with its state at `now_ms`.
+/// An issued license and why it is revoked, if it is: what the admin API and the CLI show.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShownLicense {
+    #[serde(flatten)]
+    pub license: IssuedLicense,
+    pub revoked: Option<String>,
+}
+
+/// The licenses issued here, of one account or all, with their revocations.
+pub fn shown_licenses(store: &dyn Store, account: Option<&str>) -> Result<Vec<ShownLicense>> {
+    with_revocations(store, store.issued_licenses(account)?)
+}
+
+/// One license issued here, with its revocation; `None` if it was not issued here.
+pub fn shown_license(store: &dyn Store, license: &str) -> Result<Option<ShownLicense>> {
+    let found: Vec<IssuedLicense> = store
+        .issued_licenses(None)?
+        .into_iter()
+        .filter(|l| l.license == license)
+        .collect();
+    Ok(with_revocations(store, found)?.pop())
+}
+
+fn with_revocations(store: &dyn Store, licenses: Vec<IssuedLicense>) -> Result<Vec<ShownLicense>> {
+    let ids: Vec<String> = licenses.iter().map(|l| l.license.clone()).collect();
+    let mut restrictions = store.restrictions(&ids, &[])?;
+    Ok(licenses
+        .into_iter()
+        .map(|license| ShownLicense {
+            revoked: restrictions.revoked.remove(&license.license),
+            license,
+        })
+        .collect())
+}
+
 pub fn keys(store: &dyn Store, now_ms: u64) -> Result<Vec<KeyInfo>> {
     let stored = store.signing_keys()?;
     let signer = signer_of(&stored, now_ms).map(|k| k.kid.clone());

@@ -663,7 +663,14 @@ fn run() -> Result<()> {
                         // what it grants on stderr.
                         eprint!(
                             "{}",
-                            show::license(catalog.time_zone, &issued.license, None, now())
+                            show::license(
+                                catalog.time_zone,
+                                &crate::licensing::ShownLicense {
+                                    license: issued.license.clone(),
+                                    revoked: None,
+                                },
+                                now()
+                            )
                         );
                         outln!("{}", issued.token);
                     }
@@ -672,7 +679,8 @@ fn run() -> Result<()> {
                     if let Some(account) = &account {
                         require_known(store.as_ref(), Named::Account(account), false, None)?;
                     }
-                    let licenses = store.issued_licenses(account.as_deref())?;
+                    let licenses =
+                        crate::licensing::shown_licenses(store.as_ref(), account.as_deref())?;
                     if json {
                         outln!(
                             "{}",
@@ -688,31 +696,14 @@ fn run() -> Result<()> {
                     }
                 }
                 LicenseAction::Show { license } => {
-                    let Some(found) = store
-                        .issued_licenses(None)?
-                        .into_iter()
-                        .find(|l| l.license == license)
+                    let Some(found) = crate::licensing::shown_license(store.as_ref(), &license)?
                     else {
                         anyhow::bail!("no license `{license}` was issued here (`license list` shows the issued ones)");
                     };
-                    let revoked = store
-                        .restrictions(std::slice::from_ref(&license), &[])?
-                        .revoked
-                        .remove(&license);
                     if json {
-                        let mut shown = serde_json::json!(found);
-                        shown["revoked"] = serde_json::json!(revoked);
-                        outln!("{}", serde_json::to_string_pretty(&shown)?);
+                        outln!("{}", serde_json::to_string_pretty(&found)?);
                     } else {
-                        out!(
-                            "{}",
-                            show::license(
-                                zone(plans.as_deref())?,
-                                &found,
-                                revoked.as_deref(),
-                                now()
-                            )
-                        );
+                        out!("{}", show::license(zone(plans.as_deref())?, &found, now()));
                     }
                 }
             }

@@ -6,7 +6,7 @@ use chrono_tz::Tz;
 
 use crate::billing::{Draft, Line, LineKind};
 use crate::control::{AccountStatus, UsersReport};
-use crate::licensing::KeyInfo;
+use crate::licensing::{KeyInfo, ShownLicense};
 use crate::store::IssuedLicense;
 
 /// A time as people read it: RFC 3339 to the second, in `tz` (the catalogue's zone, or UTC).
@@ -150,11 +150,11 @@ fn standing(l: &IssuedLicense, now_ms: u64) -> &'static str {
     }
 }
 
-pub fn licenses(tz: Tz, licenses: &[IssuedLicense], now_ms: u64) -> String {
+pub fn licenses(tz: Tz, licenses: &[ShownLicense], now_ms: u64) -> String {
     let mut table = Table::new(&[
         "license", "account", "plan", "features", "standing", "from", "until", "key",
     ]);
-    for l in licenses {
+    for l in licenses.iter().map(|shown| &shown.license) {
         table.row(vec![
             l.license.clone(),
             l.account.clone(),
@@ -169,8 +169,9 @@ pub fn licenses(tz: Tz, licenses: &[IssuedLicense], now_ms: u64) -> String {
     table.render()
 }
 
-/// One license; `revoked`: why, if it is.
-pub fn license(tz: Tz, l: &IssuedLicense, revoked: Option<&str>, now_ms: u64) -> String {
+/// One license, and why it is revoked if it is.
+pub fn license(tz: Tz, shown: &ShownLicense, now_ms: u64) -> String {
+    let l = &shown.license;
     let mut pairs = vec![
         ("license", l.license.clone()),
         ("account", l.account.clone()),
@@ -186,8 +187,8 @@ pub fn license(tz: Tz, l: &IssuedLicense, revoked: Option<&str>, now_ms: u64) ->
     if let Some(ms) = l.revoked_ms {
         pairs.push(("revoked", time(tz, ms)));
     }
-    if let Some(reason) = revoked {
-        pairs.push(("revoked because", reason.to_string()));
+    if let Some(reason) = &shown.revoked {
+        pairs.push(("revoked because", reason.clone()));
     }
     fields(&pairs)
 }
