@@ -86,6 +86,19 @@ fn retention_ms(days: u64, flag: &str) -> Result<u64> {
     Ok(days.saturating_mul(86_400_000))
 }
 
+/// Where the store is: every command but `serve` and `init` needs one that exists.
+#[derive(clap::Args)]
+struct Db {
+    /// sqlite://<path> or postgres://user@host/db.
+    #[arg(
+        long,
+        env = "TOLLGATE_DATABASE",
+        default_value = "sqlite://tollgate.db",
+        global = true
+    )]
+    database: String,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the collector's HTTP service (ingest, queries, health, metrics).
@@ -93,7 +106,7 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8090")]
         listen: String,
-        /// Storage: sqlite://<path> (WAL mode; created if missing).
+        /// Storage: sqlite://<path> (WAL mode; created if missing) or postgres://...
         #[arg(
             long,
             env = "TOLLGATE_DATABASE",
@@ -142,22 +155,13 @@ enum Command {
     /// Create the store (or bring its schema up to date) without serving: every other command
     /// but `serve` needs one that exists.
     Init {
-        #[arg(
-            long,
-            env = "TOLLGATE_DATABASE",
-            default_value = "sqlite://tollgate.db"
-        )]
-        database: String,
+        #[command(flatten)]
+        db: Db,
     },
     /// License signing keys: list, generate, import, retire.
     Keys {
-        #[arg(
-            long,
-            env = "TOLLGATE_DATABASE",
-            default_value = "sqlite://tollgate.db",
-            global = true
-        )]
-        database: String,
+        #[command(flatten)]
+        db: Db,
         /// The plan catalogue, for its time zone (times are shown in UTC without it).
         #[arg(long, env = "TOLLGATE_PLANS", global = true)]
         plans: Option<PathBuf>,
@@ -166,13 +170,8 @@ enum Command {
     },
     /// Licenses: issue, list, show (revoke with `revoke`).
     License {
-        #[arg(
-            long,
-            env = "TOLLGATE_DATABASE",
-            default_value = "sqlite://tollgate.db",
-            global = true
-        )]
-        database: String,
+        #[command(flatten)]
+        db: Db,
         /// The plan catalogue: `issue` needs it (the plan must be in it); the others show
         /// times in its time zone (UTC without it).
         #[arg(long, env = "TOLLGATE_PLANS", global = true)]
@@ -182,12 +181,8 @@ enum Command {
     },
     /// An account's invoice draft for the billing period containing --at (default now).
     Invoice {
-        #[arg(
-            long,
-            env = "TOLLGATE_DATABASE",
-            default_value = "sqlite://tollgate.db"
-        )]
-        database: String,
+        #[command(flatten)]
+        db: Db,
         #[arg(long)]
         account: String,
         /// The plan catalogue (prices, time zone, billing period): an invoice needs prices.
@@ -205,12 +200,8 @@ enum Command {
     },
     /// Export stored usage with windows starting in [--from, --to) (RFC 3339), every page.
     Export {
-        #[arg(
-            long,
-            env = "TOLLGATE_DATABASE",
-            default_value = "sqlite://tollgate.db"
-        )]
-        database: String,
+        #[command(flatten)]
+        db: Db,
         #[arg(long)]
         from: String,
         #[arg(long)]
@@ -224,12 +215,8 @@ enum Command {
     /// Revoke a license (filters refuse it with 403 license_revoked from their next sync), or
     /// lift the revocation with --undo.
     Revoke {
-        #[arg(
-            long,
-            env = "TOLLGATE_DATABASE",
-            default_value = "sqlite://tollgate.db"
-        )]
-        database: String,
+        #[command(flatten)]
+        db: Db,
         #[arg(long)]
         license: String,
         #[arg(long, default_value = "revoked by an operator")]
@@ -243,12 +230,8 @@ enum Command {
     /// Suspend an account (403 account_suspended from the filters' next sync), or resume it
     /// with --undo.
     Suspend {
-        #[arg(
-            long,
-            env = "TOLLGATE_DATABASE",
-            default_value = "sqlite://tollgate.db"
-        )]
-        database: String,
+        #[command(flatten)]
+        db: Db,
         #[arg(long)]
         account: String,
         #[arg(long, default_value = "suspended by an operator")]
@@ -262,12 +245,8 @@ enum Command {
     /// Set an account's spend cap per calendar period (402 spend_cap_reached once its priced
     /// usage reaches it), or remove it with --remove.
     Budget {
-        #[arg(
-            long,
-            env = "TOLLGATE_DATABASE",
-            default_value = "sqlite://tollgate.db"
-        )]
-        database: String,
+        #[command(flatten)]
+        db: Db,
         #[arg(long)]
         account: String,
         /// A decimal amount in the catalogue's currency, e.g. 100.00.
@@ -283,12 +262,8 @@ enum Command {
     },
     /// Show an account: suspended or not, budget, spend in the current period.
     Account {
-        #[arg(
-            long,
-            env = "TOLLGATE_DATABASE",
-            default_value = "sqlite://tollgate.db"
-        )]
-        database: String,
+        #[command(flatten)]
+        db: Db,
         #[arg(long)]
         account: String,
         /// The plan catalogue, for prices and the time zone.
@@ -298,12 +273,8 @@ enum Command {
     /// Show an account's users: distinct active users this billing period (by license and
     /// feature), seats taken now, and sharing detections. Users are pseudonyms only.
     Users {
-        #[arg(
-            long,
-            env = "TOLLGATE_DATABASE",
-            default_value = "sqlite://tollgate.db"
-        )]
-        database: String,
+        #[command(flatten)]
+        db: Db,
         #[arg(long)]
         account: String,
         /// The plan catalogue, for the billing period and time zone.
@@ -313,12 +284,8 @@ enum Command {
     /// Roll raw usage older than --older-than-days into hourly aggregates and delete it, now
     /// (what `serve --retain-raw-usage-days` does every hour).
     Retention {
-        #[arg(
-            long,
-            env = "TOLLGATE_DATABASE",
-            default_value = "sqlite://tollgate.db"
-        )]
-        database: String,
+        #[command(flatten)]
+        db: Db,
         /// At least 62.
         #[arg(long)]
         older_than_days: u64,
@@ -326,24 +293,16 @@ enum Command {
     /// Print, as JSON (always: it is the export), everything stored about an account (or one of
     /// its licenses), or about an end user or client pseudonym.
     ExportData {
-        #[arg(
-            long,
-            env = "TOLLGATE_DATABASE",
-            default_value = "sqlite://tollgate.db"
-        )]
-        database: String,
+        #[command(flatten)]
+        db: Db,
         #[command(flatten)]
         whose: Whose,
     },
     /// Erase everything stored about an account (refused while one of its licenses is valid),
     /// or unlink an end-user or client pseudonym from usage and delete its seats and entries.
     Erase {
-        #[arg(
-            long,
-            env = "TOLLGATE_DATABASE",
-            default_value = "sqlite://tollgate.db"
-        )]
-        database: String,
+        #[command(flatten)]
+        db: Db,
         #[command(flatten)]
         whose: Whose,
         /// Required: erasure cannot be undone (export first).
@@ -367,12 +326,8 @@ enum Command {
     /// Print stored usage, summed per calendar period (UTC), account, license, feature,
     /// outcome and meter.
     Usage {
-        #[arg(
-            long,
-            env = "TOLLGATE_DATABASE",
-            default_value = "sqlite://tollgate.db"
-        )]
-        database: String,
+        #[command(flatten)]
+        db: Db,
         #[arg(long)]
         account: Option<String>,
         #[arg(long)]
@@ -545,13 +500,15 @@ fn run() -> Result<()> {
                 Ok(())
             })
         }
-        Command::Init { database } => {
+        Command::Init {
+            db: Db { database },
+        } => {
             drop(open(&database)?);
             outln!("database ready: {database}");
             Ok(())
         }
         Command::Keys {
-            database,
+            db: Db { database },
             plans,
             action,
         } => {
@@ -615,7 +572,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::License {
-            database,
+            db: Db { database },
             plans,
             action,
         } => {
@@ -710,7 +667,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Invoice {
-            database,
+            db: Db { database },
             account,
             plans,
             at,
@@ -773,7 +730,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Export {
-            database,
+            db: Db { database },
             from,
             to,
             format,
@@ -811,7 +768,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Revoke {
-            database,
+            db: Db { database },
             license,
             reason,
             undo,
@@ -836,7 +793,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Suspend {
-            database,
+            db: Db { database },
             account,
             reason,
             undo,
@@ -857,7 +814,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Budget {
-            database,
+            db: Db { database },
             account,
             amount,
             period,
@@ -895,7 +852,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Account {
-            database,
+            db: Db { database },
             account,
             plans,
         } => {
@@ -918,7 +875,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Users {
-            database,
+            db: Db { database },
             account,
             plans,
         } => {
@@ -940,7 +897,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Retention {
-            database,
+            db: Db { database },
             older_than_days,
         } => {
             let age = retention_ms(older_than_days, "older-than-days")?;
@@ -957,7 +914,10 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
-        Command::ExportData { database, whose } => {
+        Command::ExportData {
+            db: Db { database },
+            whose,
+        } => {
             let store = open_existing(&database)?;
             let export = match (&whose.account, &whose.subject) {
                 // No check that the account is known: an empty export is how an erasure is
@@ -970,7 +930,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Erase {
-            database,
+            db: Db { database },
             whose,
             yes,
         } => {
@@ -1016,7 +976,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Command::Usage {
-            database,
+            db: Db { database },
             account,
             license,
             feature,

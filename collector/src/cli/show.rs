@@ -4,7 +4,7 @@
 
 use chrono_tz::Tz;
 
-use crate::billing::{Draft, Line, LineKind};
+use crate::billing::{Draft, LineKind};
 use crate::control::{AccountStatus, UsersReport};
 use crate::licensing::{KeyInfo, ShownLicense};
 use crate::store::IssuedLicense;
@@ -203,12 +203,25 @@ fn line_kind(kind: LineKind) -> &'static str {
     }
 }
 
-/// `0.001` per call, `2.50 per 1000` calls: the price as the catalogue states it.
-fn unit_price(l: &Line) -> String {
-    if l.per == 1 {
-        l.unit_price.to_string()
+/// The table of an invoice's lines.
+fn lines_table() -> Table {
+    Table::new(&[
+        "kind",
+        "license",
+        "plan",
+        "description",
+        ">quantity",
+        ">unit price",
+        ">amount",
+    ])
+}
+
+/// `0.001`, or `2.50 per 1000`: a unit price as the catalogue states it.
+fn price(unit_price: &str, per: &str) -> String {
+    if per == "1" {
+        unit_price.to_string()
     } else {
-        format!("{} per {}", l.unit_price, l.per)
+        format!("{unit_price} per {per}")
     }
 }
 
@@ -226,15 +239,7 @@ pub fn invoice(tz: Tz, draft: &Draft) -> String {
         ("currency", invoice.currency.clone()),
     ]);
     out.push('\n');
-    let mut table = Table::new(&[
-        "kind",
-        "license",
-        "plan",
-        "description",
-        ">quantity",
-        ">unit price",
-        ">amount",
-    ]);
+    let mut table = lines_table();
     for l in &invoice.lines {
         table.row(vec![
             format!(
@@ -246,7 +251,7 @@ pub fn invoice(tz: Tz, draft: &Draft) -> String {
             l.plan.clone(),
             l.description.clone(),
             l.quantity.to_string(),
-            unit_price(l),
+            price(&l.unit_price.to_string(), &l.per.to_string()),
             l.amount.to_string(),
         ]);
     }
@@ -301,28 +306,15 @@ pub fn finalized(tz: Tz, invoice: &crate::store::StoredInvoice) -> String {
         ("currency", invoice.currency.clone()),
     ]);
     out.push('\n');
-    let mut table = Table::new(&[
-        "kind",
-        "license",
-        "plan",
-        "description",
-        ">quantity",
-        ">unit price",
-        ">amount",
-    ]);
+    let mut table = lines_table();
     for l in invoice.body["lines"].as_array().into_iter().flatten() {
-        let per = text(l, "per");
         table.row(vec![
             text(l, "kind").replace('_', " "),
             text(l, "license"),
             text(l, "plan"),
             text(l, "description"),
             text(l, "quantity"),
-            if per == "1" {
-                text(l, "unit_price")
-            } else {
-                format!("{} per {per}", text(l, "unit_price"))
-            },
+            price(&text(l, "unit_price"), &text(l, "per")),
             text(l, "amount"),
         ]);
     }
