@@ -36,6 +36,10 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../migrations/postgres/0006_users_seats_sharing.sql"),
     ),
     (7, include_str!("../migrations/postgres/0007_retention.sql")),
+    (
+        8,
+        include_str!("../migrations/postgres/0008_one_invoice_per_period.sql"),
+    ),
 ];
 
 /// Any number to serialise migrations of replicas starting together.
@@ -782,7 +786,7 @@ impl Store for PostgresStore {
             let mut tx = client.transaction()?;
             let added = tx.execute(
                 "INSERT INTO invoices (invoice_id, account, period_start_ms, period_end_ms, currency, total, body, finalized_ms, cut_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (invoice_id) DO NOTHING",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
                 &[&invoice.invoice_id, &invoice.account, &start, &end, &invoice.currency, &invoice.total, &body, &finalized, &cut],
             )? == 1;
             if added {
@@ -791,8 +795,9 @@ impl Store for PostgresStore {
                 }
             }
             let row = tx.query_one(
-                &format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE invoice_id = $1"),
-                &[&invoice.invoice_id],
+                // By period, not id: an invoice of this period stored under another id is it.
+                &format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE account = $1 AND period_start_ms = $2"),
+                &[&invoice.account, &start],
             )?;
             tx.commit()?;
             Ok((invoice_row(&row), added))

@@ -701,6 +701,10 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../migrations/sqlite/0006_users_seats_sharing.sql"),
     ),
     (7, include_str!("../migrations/sqlite/0007_retention.sql")),
+    (
+        8,
+        include_str!("../migrations/sqlite/0008_one_invoice_per_period.sql"),
+    ),
 ];
 
 /// SQLite in a file, WAL mode: the embedded default.
@@ -1565,7 +1569,7 @@ impl Store for SqliteStore {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let added = tx.execute(
             "INSERT INTO invoices (invoice_id, account, period_start_ms, period_end_ms, currency, total, body, finalized_ms, cut_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (invoice_id) DO NOTHING",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT DO NOTHING",
             params![
                 invoice.invoice_id,
                 invoice.account,
@@ -1584,8 +1588,14 @@ impl Store for SqliteStore {
             }
         }
         let stored = tx.query_row(
-            &format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE invoice_id = ?1"),
-            [&invoice.invoice_id],
+            // By period, not id: an invoice of this period stored under another id is the one.
+            &format!(
+                "SELECT {INVOICE_COLUMNS} FROM invoices WHERE account = ?1 AND period_start_ms = ?2"
+            ),
+            params![
+                invoice.account,
+                to_i64("period_start_ms", invoice.period_start_ms)?
+            ],
             |r| {
                 Ok(invoice_of((
                     r.get(0)?,

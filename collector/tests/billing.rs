@@ -514,6 +514,19 @@ fn an_invoice_is_found_by_its_period_whatever_its_id_says() {
             cut_ms: NOV_END + 3_540_000,
         };
         store.finalize_invoice(&old, None).unwrap();
+        // A replica of the newer version finalising the same period at that instant (past the
+        // check above the store) stores nothing: one invoice per account and period.
+        let racing = tollgate_collector::store::StoredInvoice {
+            invoice_id: "acme/2026-11-01T00:00:00+01:00".into(),
+            total: "50.00".into(),
+            ..old.clone()
+        };
+        let (kept, new) = store.finalize_invoice(&racing, None).unwrap();
+        assert!(!new);
+        assert_eq!(
+            (kept.invoice_id.as_str(), kept.total.as_str()),
+            ("acme/2026-10-31T23:00:00Z", "49.00")
+        );
         let (found, new) = billing::finalize(
             store.as_ref(),
             &catalog(),
