@@ -1,10 +1,18 @@
 //! The filter's cost, side by side with its baselines, in one run: Envoy with one worker
-//! pinned to CPU 0 answering directly (no upstream), the load generator pinned to CPU 1, and
-//! the same load for every variant, interleaved over several rounds.
+//! pinned to CPU 0 answering directly (no upstream), the load generator pinned to CPU 1.
 //!
 //! ```sh
-//! cargo run --release -p tollgate-bench --bin filter-bench -- [--seconds 10] [--rounds 3] [--rate 2000] [--variants a,b,...]
+//! cargo run --release -p tollgate-bench --bin filter-bench -- [--mode paired|sequential] [--seconds 10] [--rounds 3] [--rate 2000] [--variants a,b,...]
 //! ```
+//!
+//! `--mode paired` (the default) gives ratios: each variant and a `none` run at the same
+//! instant on CPU 0, each under its own wrk on CPU 1, with the same requests, and the ratio of
+//! their CPU per request; `--rounds` pairs per variant, interleaved, reported as the median
+//! with the min-max of the pairs. A fresh Envoy per variant varies by up to 2x from run to run
+//! on a VM, so only such same-instant pairs resolve a few microseconds.
+//! `--mode sequential` runs one Envoy at a time, the same load for every variant,
+//! interleaved over the rounds: absolute figures (req/s, latency at saturation and at a fixed
+//! rate, memory), each also as a ratio to `none` of another instant.
 //!
 //! Variants:
 //! - `none`: Envoy with no filter (the floor);
@@ -56,7 +64,19 @@ const AUDIENCE: &str = "api.example.com";
 const PATH: &str = "/v1/search?q=bench";
 const CONNECTIONS: u32 = 64;
 
+/// How variants are compared.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Each variant beside its own `none`, at the same instant on the same CPU, each under its
+    /// own load: CPU per request of the two, as a ratio. On a VM whose speed drifts from run to
+    /// run (2x here), only this resolves a few microseconds.
+    Paired,
+    /// One Envoy at a time, round after round: absolute figures (req/s, latency, memory).
+    Sequential,
+}
+
 struct Options {
+    mode: Mode,
     before: Option<PathBuf>,
     seconds: u64,
     rounds: usize,
@@ -66,6 +86,7 @@ struct Options {
 
 fn options() -> Result<Options> {
     let mut o = Options {
+        mode: Mode::Paired,
         before: None,
         seconds: 10,
         rounds: 3,
@@ -82,6 +103,13 @@ fn options() -> Result<Options> {
             "--rate" => o.rate = value.parse()?,
             "--variants" => o.variants = value.split(',').map(String::from).collect(),
             "--before" => o.before = Some(PathBuf::from(value)),
+            "--mode" => {
+                o.mode = match value.as_str() {
+                    "paired" => Mode::Paired,
+                    "sequential" => Mode::Sequential,
+                    other => bail!("--mode {other}: paired or sequential"),
+                }
+            }
             other => bail!("unknown option {other}; see the top of bench/src/filter_bench.rs"),
         }
         i += 2;
@@ -741,6 +769,127 @@ fn run_variant(setup: &Setup, name: &str, o: &Options, raw: &mut String) -> Resu
     })
 }
 
+/// One same-instant pair: CPU per request of `none` and of the variant, measured over the same
+/// seconds while both Envoys share CPU 0, each loaded by its own wrk on CPU 1.
+struct Pair {
+    none_us: f64,
+    variant_us: f64,
+}
+
+impl Pair {
+    /// `none`'s CPU per request over the variant's: 1.0 is free, 0.5 doubles Envoy's CPU.
+    fn ratio(&self) -> f64 {
+        self.none_us / self.variant_us.max(1e-9)
+    }
+}
+
+/// wrk on two URLs at once (one thread each); both results.
+fn wrk_both(
+    urls: [&str; 2],
+    tokens: Option<&Path>,
+    users: usize,
+    seconds: u64,
+    script: &Path,
+) -> Result<[(Saturation, String); 2]> {
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| wrk(urls[0], tokens, users, seconds, script));
+        let second = wrk(urls[1], tokens, users, seconds, script)?;
+        let first = first
+            .join()
+            .map_err(|_| anyhow::anyhow!("a wrk thread panicked"))??;
+        Ok([first, second])
+    })
+}
+
+fn run_pair(setup: &Setup, name: &str, o: &Options, raw: &mut String) -> Result<Pair> {
+    let (config, tokens) = variant(setup, name)?;
+    let (none_config, _) = variant(setup, "none")?;
+    let none = Envoy::start(&format!("pair-none-{name}"), &none_config, 1)?;
+    let envoy = Envoy::start(&format!("pair-{name}"), &config, 1)?;
+    pin(none.pid(), "0")?;
+    pin(envoy.pid(), "0")?;
+    let users = match name.trim_end_matches("@before") {
+        "tollgate-users" | "tollgate-seats" | "tollgate-sharing" => BENCH_USERS,
+        _ => 0,
+    };
+    let warm_seconds = match name.trim_end_matches("@before") {
+        "licenses-100k" | "licenses-100k-bare" | "native-licenses-100k" => 45,
+        "licenses-1k" => 3,
+        _ => 2,
+    };
+    // Both get the same requests, tokens included: the pair differs only by the filter.
+    let urls = [none.url(PATH), envoy.url(PATH)];
+    let urls = [urls[0].as_str(), urls[1].as_str()];
+    wrk_both(urls, tokens.as_deref(), users, warm_seconds, &setup.script)?;
+    let before = [cpu_ticks(none.pid())?, cpu_ticks(envoy.pid())?];
+    let [(none_load, none_text), (load, text)] =
+        wrk_both(urls, tokens.as_deref(), users, o.seconds, &setup.script)?;
+    let after = [cpu_ticks(none.pid())?, cpu_ticks(envoy.pid())?];
+    raw.push_str(&format!(
+        "== pair {name}: none\n{none_text}\n== pair {name}: {name}\n{text}\n"
+    ));
+    let ticks = clock_ticks_per_second() as f64;
+    let per_request = |cpu: u64, load: &Saturation| -> f64 {
+        cpu as f64 * 1e6 / ticks / (load.rps * o.seconds as f64).max(1.0)
+    };
+    if none_load.errors + load.errors > 0 {
+        bail!(
+            "pair {name}: {} errors (none) and {} ({name}): the figures would not compare",
+            none_load.errors,
+            load.errors
+        );
+    }
+    Ok(Pair {
+        none_us: per_request(after[0] - before[0], &none_load),
+        variant_us: per_request(after[1] - before[1], &load),
+    })
+}
+
+/// The paired mode: every variant but `none` in `--rounds` pairs, interleaved; the median
+/// ratio with the min-max of its pairs.
+fn paired(setup: &Setup, o: &Options, raw: &mut String) -> Result<String> {
+    let mut pairs: BTreeMap<String, Vec<Pair>> = BTreeMap::new();
+    let variants: Vec<&String> = o.variants.iter().filter(|v| *v != "none").collect();
+    for round in 1..=o.rounds {
+        for name in &variants {
+            eprintln!("pair {round}: none + {name}");
+            let pair = run_pair(setup, name, o, raw)?;
+            let line = format!(
+                "pair {round}: {name}: none {:.2} us/req, {name} {:.2} us/req, ratio {:.3}",
+                pair.none_us,
+                pair.variant_us,
+                pair.ratio()
+            );
+            eprintln!("  {line}");
+            raw.push_str(&format!("== {line}\n"));
+            pairs.entry(name.to_string()).or_default().push(pair);
+        }
+    }
+    let mut table = format!(
+        "Same-instant pairs: `none` and the variant at once on CPU 0 (1 worker each), each under its own wrk (1 thread, {CONNECTIONS} connections) on CPU 1, {} s per pair, {} pairs per variant. Ratio = CPU per request of none / of the variant (1.00: free).\n\n\
+         | variant | ratio to none: median (min-max) | CPU µs per request: none / variant (medians) | added µs per request |\n\
+         |---|---|---|---|\n",
+        o.seconds, o.rounds
+    );
+    for name in &variants {
+        let Some(runs) = pairs.get(name.as_str()) else {
+            continue;
+        };
+        let ratios: Vec<f64> = runs.iter().map(Pair::ratio).collect();
+        let (min, max) = ratios
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+        let none_us = median(runs.iter().map(|p| p.none_us).collect());
+        let variant_us = median(runs.iter().map(|p| p.variant_us).collect());
+        let added = median(runs.iter().map(|p| p.variant_us - p.none_us).collect());
+        table.push_str(&format!(
+            "| {name} | {:.3} ({min:.3}-{max:.3}) | {none_us:.2} / {variant_us:.2} | {added:+.2} |\n",
+            median(ratios.clone())
+        ));
+    }
+    Ok(table)
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values.get(values.len() / 2).copied().unwrap_or(0.0)
@@ -797,6 +946,14 @@ fn main() -> Result<()> {
     mint(&setup.keys, KeyAlg::RS256, 64, &setup.tokens("cold-rs256"))?;
 
     let mut raw = String::new();
+    if o.mode == Mode::Paired {
+        let table = paired(&setup, &o, &mut raw)?;
+        println!("{table}");
+        save(&table, &raw)?;
+        drop(collector);
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
     let mut results: BTreeMap<String, Vec<Figures>> = BTreeMap::new();
     for round in 1..=o.rounds {
         for name in &o.variants {
@@ -870,6 +1027,14 @@ fn main() -> Result<()> {
         ));
     }
     println!("{table}");
+    save(&table, &raw)?;
+    drop(collector);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The table and every raw line, in `bench/results/filter-bench-<time>.txt`.
+fn save(table: &str, raw: &str) -> Result<()> {
     let root = workspace_root();
     let results_dir = root.canonicalize().unwrap_or(root).join("bench/results");
     std::fs::create_dir_all(&results_dir)?;
@@ -883,8 +1048,6 @@ fn main() -> Result<()> {
         ),
     )?;
     eprintln!("raw output: {}", raw_path.display());
-    drop(collector);
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
