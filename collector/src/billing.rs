@@ -170,7 +170,8 @@ fn meter_named(name: &str) -> Option<Meter> {
     Meter::ALL.into_iter().find(|m| m.as_str() == name)
 }
 
-fn rfc3339(tz: chrono_tz::Tz, ms: u64) -> String {
+/// `ms` as RFC 3339 in `tz`.
+pub(crate) fn rfc3339(tz: chrono_tz::Tz, ms: u64) -> String {
     chrono::DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX))
         .map(|t| t.with_timezone(&tz).to_rfc3339())
         .unwrap_or_default()
@@ -697,7 +698,9 @@ pub fn line_display(line: &Line) -> LineDisplay {
     match (line.kind, human) {
         (LineKind::Usage, Some(h)) if h.scale > 1 => {
             let scale = Decimal::from(h.scale);
-            let quantity = (Decimal::from(line.quantity) / scale).round_dp(3).normalize();
+            let quantity = (Decimal::from(line.quantity) / scale)
+                .round_dp(3)
+                .normalize();
             let unit_price = line
                 .unit_price
                 .checked_mul(scale)

@@ -245,6 +245,9 @@ pub struct Overview {
     pub currency: String,
     pub period_start_ms: u64,
     pub period_end_ms: u64,
+    /// The period's bounds in the catalogue's time zone, RFC 3339.
+    pub period_start: String,
+    pub period_end: String,
     /// Sum of the accounts' draft totals.
     #[serde(with = "rust_decimal::serde::str")]
     pub revenue_so_far: Decimal,
@@ -333,7 +336,7 @@ pub fn overview(store: &dyn Store, control: &ControlPlane, now_ms: u64) -> Resul
             allowed_calls,
         })
         .collect();
-    top_consumers.sort_by(|a, b| b.allowed_calls.cmp(&a.allowed_calls));
+    top_consumers.sort_by_key(|c| std::cmp::Reverse(c.allowed_calls));
     top_consumers.truncate(10);
     let mut refusals: Vec<Refusals> = refused
         .into_iter()
@@ -344,13 +347,15 @@ pub fn overview(store: &dyn Store, control: &ControlPlane, now_ms: u64) -> Resul
             calls,
         })
         .collect();
-    refusals.sort_by(|a, b| b.calls.cmp(&a.calls));
-    near_limits.sort_by(|a, b| b.limit.percent.cmp(&a.limit.percent));
+    refusals.sort_by_key(|r| std::cmp::Reverse(r.calls));
+    near_limits.sort_by_key(|n| std::cmp::Reverse(n.limit.percent));
     Ok(Overview {
         as_of_ms: now_ms,
         currency: catalog.currency.clone(),
         period_start_ms: start,
         period_end_ms: end,
+        period_start: crate::billing::rfc3339(catalog.time_zone, start),
+        period_end: crate::billing::rfc3339(catalog.time_zone, end),
         revenue_so_far: so_far,
         revenue_forecast: forecast,
         accounts,

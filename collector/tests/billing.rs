@@ -275,16 +275,31 @@ fn line(meter: Meter, quantity: u64, unit_price: &str, per: u64) -> billing::Lin
 fn lines_are_shown_in_hours_and_gigabytes_at_the_invoice_s_prices() {
     let show = |l: &billing::Line| {
         let d = billing::line_display(l);
-        (d.quantity.to_string(), d.unit, d.unit_price.to_string(), d.per)
+        (
+            d.quantity.to_string(),
+            d.unit,
+            d.unit_price.to_string(),
+            d.per,
+        )
     };
     // 1.5 hours at 15 per hour (the catalogue's 15 per 3.6e12 ns).
     assert_eq!(
-        show(&line(Meter::ProcessingNs, 5_400_000_000_000, "15", 3_600_000_000_000)),
+        show(&line(
+            Meter::ProcessingNs,
+            5_400_000_000_000,
+            "15",
+            3_600_000_000_000
+        )),
         ("1.5".into(), "hours", "15".into(), "hour".into())
     );
     // 2.5 GB at 0.0000000002 per byte = 0.2 per GB.
     assert_eq!(
-        show(&line(Meter::ResponseBytes, 2_500_000_000, "0.0000000002", 1)),
+        show(&line(
+            Meter::ResponseBytes,
+            2_500_000_000,
+            "0.0000000002",
+            1
+        )),
         ("2.5".into(), "GB", "0.2".into(), "GB".into())
     );
     // Calls keep the catalogue's `per`.

@@ -500,7 +500,9 @@ fn the_dashboards_read_licenses_refusal_words_and_the_operator_overview() {
             &c,
             "POST",
             "/v1/admin/licenses",
-            Some(json!({"account": account, "plan": "pro", "license_id": license, "features": ["search"], "limits": {"rate": {"per_second": 5}}})),
+            Some(
+                json!({"account": account, "plan": "pro", "license_id": license, "features": ["search"], "limits": {"rate": {"per_second": 5}}}),
+            ),
         );
         assert_eq!(status, 201, "{body}");
     }

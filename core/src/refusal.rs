@@ -104,18 +104,24 @@ impl Code {
     pub fn meaning(self) -> &'static str {
         match self {
             Code::MissingToken => "the request carried no license token",
-            Code::InvalidToken => "the token is not a valid license token (malformed, unknown key or bad signature)",
+            Code::InvalidToken => {
+                "the token is not a valid license token (malformed, unknown key or bad signature)"
+            }
             Code::TokenExpired => "the license token has expired",
             Code::TokenNotYetValid => "the license token is not valid yet",
             Code::InvalidIssuer => "the token was not issued by an accepted issuer",
             Code::InvalidAudience => "the token is not meant for this API",
-            Code::InvalidLicense => "the token is signed but its license claims are missing or malformed",
+            Code::InvalidLicense => {
+                "the token is signed but its license claims are missing or malformed"
+            }
             Code::UnknownPlan => "the license names a plan this API does not offer",
             Code::FeatureNotLicensed => "the license does not include this feature",
             Code::RouteNotLicensed => "no licensed route matches the request",
             Code::RateLimited => "too many requests: a rate limit of the license was exceeded",
             Code::MeteringUnavailable => "usage could not be recorded, so the request was refused",
-            Code::QuotaExhausted => "a period quota of the license is used up until the period ends",
+            Code::QuotaExhausted => {
+                "a period quota of the license is used up until the period ends"
+            }
             Code::QuotaUnavailable => "the quota could not be checked in time",
             Code::LicenseRevoked => "the license was revoked",
             Code::AccountSuspended => "the account is suspended",
@@ -124,7 +130,9 @@ impl Code {
             Code::MissingUser => "the license counts seats and the request named no user",
             Code::SeatLimitReached => "every seat of the license is taken",
             Code::SeatUnavailable => "no seat could be checked in time",
-            Code::LicenseSharingDetected => "the license was used from more clients than its plan allows",
+            Code::LicenseSharingDetected => {
+                "the license was used from more clients than its plan allows"
+            }
         }
     }
 

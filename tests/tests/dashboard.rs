@@ -87,7 +87,10 @@ fn record(feature: &str, outcome: &str, units: u64, at: u64) -> UsageRecord {
 /// The ticks of a chart's axis, if they start at 0 and go up in one step of 1, 2 or 5 times a
 /// power of ten.
 fn even_ticks(ticks: &str) -> Option<Vec<u64>> {
-    let values: Vec<u64> = ticks.split(',').map(|t| t.parse().ok()).collect::<Option<_>>()?;
+    let values: Vec<u64> = ticks
+        .split(',')
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
     let step = *values.get(1)?;
     let mut mantissa = step;
     while mantissa >= 10 && mantissa % 10 == 0 {
@@ -300,15 +303,23 @@ fn the_dashboard_draws_real_collector_data_in_chromium() {
     // Refusal reasons in words, with the code beside (the words are the filter's).
     let words = tollgate_core::refusal::Code::RateLimited.meaning();
     assert!(dom.contains(&words[1..]), "no `{words}` in {dom}");
-    assert!(dom.contains("<tspan class=\"code\">rate_limited</tspan>"), "{dom}");
+    assert!(
+        dom.contains("<tspan class=\"code\">rate_limited</tspan>"),
+        "{dom}"
+    );
     // The license: its plan, features, standing, and the daily quota with its headroom.
     assert!(
         dom.contains("data-license=\"lic-dash\" data-plan=\"pro\" data-standing=\"active\""),
         "{dom}"
     );
-    assert!(dom.contains("<span class=\"feature\">design</span>"), "{dom}");
     assert!(
-        dom.contains("data-meter=\"calls\" data-used=\"250\" data-limit=\"1000\" data-headroom=\"750\""),
+        dom.contains("<span class=\"feature\">design</span>"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(
+            "data-meter=\"calls\" data-used=\"250\" data-limit=\"1000\" data-headroom=\"750\""
+        ),
         "{dom}"
     );
     // Price lines with unit prices and human units.
@@ -378,7 +389,10 @@ fn the_dashboard_draws_real_collector_data_in_chromium() {
     )
     .unwrap();
     assert_eq!(beta_cost["invoice"]["total"], "49.50", "{beta_cost}");
-    assert_eq!(beta_cost["invoice"]["forecast_total"], "49.50", "{beta_cost}");
+    assert_eq!(
+        beta_cost["invoice"]["forecast_total"], "49.50",
+        "{beta_cost}"
+    );
     let beta = headless(
         &c.url(&format!("/dashboard?account=beta#token={beta_token}")),
         &["--dump-dom"],
@@ -403,6 +417,41 @@ fn the_dashboard_draws_real_collector_data_in_chromium() {
     );
     assert_eq!(attribute(&beta, "seats", "hidden").as_deref(), Some(""));
 
+    // The operator's view, with the admin token: both accounts' revenue (€57.50 + €49.50),
+    // top consumers, refusals in words with the code.
+    let operator_url = c.url(&format!("/admin/dashboard#token={ADMIN}"));
+    let operator = headless(
+        &operator_url,
+        &["--dump-dom"],
+        &dir.join("chromium-profile-operator"),
+    );
+    assert!(operator.contains("data-ready=\"true\""), "{operator}");
+    assert_eq!(
+        attribute(&operator, "revenue", "data-amount").as_deref(),
+        Some("107.00")
+    );
+    assert!(
+        operator.contains("data-account=\"beta\" data-so-far=\"49.50\" data-forecast=\"49.50\""),
+        "{operator}"
+    );
+    assert!(
+        operator.contains("data-license=\"lic-dash\" data-calls=\"200\""),
+        "{operator}"
+    );
+    assert!(
+        operator.contains("data-account=\"acme\" data-code=\"rate_limited\" data-calls=\"7\""),
+        "{operator}"
+    );
+    assert!(operator.contains(&words[1..]), "{operator}");
+    // Without the admin token the page shows the refusal, not data.
+    let refused = headless(
+        &c.url("/admin/dashboard#token=not-the-admin-token"),
+        &["--dump-dom"],
+        &dir.join("chromium-profile-operator-refused"),
+    );
+    assert!(refused.contains("data-ready=\"error\""), "{refused}");
+    assert!(!refused.contains("lic-dash"), "{refused}");
+
     let shot = workspace_root().join("target/dashboard.png");
     let _ = std::fs::remove_file(&shot);
     headless(
@@ -416,9 +465,24 @@ fn the_dashboard_draws_real_collector_data_in_chromium() {
         "{} bytes",
         png.len()
     );
-    // `TOLLGATE_UPDATE_SCREENSHOT=1` refreshes the README's screenshot.
+    let operator_shot = workspace_root().join("target/operator-dashboard.png");
+    let _ = std::fs::remove_file(&operator_shot);
+    headless(
+        &operator_url,
+        &[&format!("--screenshot={}", operator_shot.display())],
+        &dir.join("chromium-profile-operator"),
+    );
+    assert!(std::fs::read(&operator_shot)
+        .expect("a screenshot")
+        .starts_with(b"\x89PNG\r\n\x1a\n"));
+    // `TOLLGATE_UPDATE_SCREENSHOT=1` refreshes the README's screenshots.
     if std::env::var_os("TOLLGATE_UPDATE_SCREENSHOT").is_some() {
         std::fs::copy(&shot, workspace_root().join("docs/dashboard.png")).unwrap();
+        std::fs::copy(
+            &operator_shot,
+            workspace_root().join("docs/operator-dashboard.png"),
+        )
+        .unwrap();
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
