@@ -268,6 +268,7 @@ fn every_admin_route_refuses_a_missing_or_wrong_token() {
         ("GET", "/v1/admin/accounts/a/invoice"),
         ("PUT", "/v1/admin/accounts/a/budget"),
         ("POST", "/v1/admin/accounts/a/suspend"),
+        ("GET", "/v1/admin/overview"),
         (
             "GET",
             "/v1/admin/exports/usage?from_ms=0&to_ms=1&format=json",
@@ -647,6 +648,22 @@ fn the_dashboards_read_licenses_refusal_words_and_the_operator_overview() {
     assert_eq!(o["near_limits"].as_array().unwrap().len(), 1, "{o}");
     assert_eq!(o["near_limits"][0]["license"], "lic-a");
     assert_eq!(o["near_limits"][0]["headroom"], 10);
+    // A suspended account: every license of it is refused, so none is forecast further.
+    c.state
+        .store
+        .set_suspended("acme", Some("unpaid"), now)
+        .unwrap();
+    let (_, cost) = admin(&c, "GET", "/v1/accounts/acme/cost", None);
+    assert_eq!(cost["invoice"]["total"], "13.00", "{cost}");
+    assert_eq!(cost["invoice"]["forecast_total"], "13.00", "{cost}");
+    assert_eq!(
+        cost["invoice"]["not_forecast"],
+        json!([{"license": "lic-a", "standing": "suspended", "reason": "unpaid"}])
+    );
+    let (_, report) = admin(&c, "GET", "/v1/accounts/acme/licenses", None);
+    assert_eq!(report["licenses"][0]["standing"], "suspended", "{report}");
+    let (_, o) = admin(&c, "GET", "/v1/admin/overview", None);
+    assert_eq!(o["revenue_forecast"], "24.00", "{o}");
     // The page itself holds no data: it is served to anyone and reads the overview with the
     // token from its URL fragment.
     let (status, page) = call(&c, "GET", "/admin/dashboard", None, None);

@@ -158,7 +158,7 @@ fn the_dashboard_draws_real_collector_data_in_chromium() {
     admin(
         "POST",
         "/v1/admin/licenses",
-        json!({"account": "acme", "plan": "pro", "license_id": "lic-dash", "features": ["search", "design"]}),
+        json!({"account": "acme", "plan": "pro", "license_id": "lic-dash", "features": ["search", "design"], "limits": {"rate": {"per_second": 20}}}),
     );
     admin(
         "POST",
@@ -320,6 +320,10 @@ fn the_dashboard_draws_real_collector_data_in_chromium() {
         dom.contains(
             "data-meter=\"calls\" data-used=\"250\" data-limit=\"1000\" data-headroom=\"750\""
         ),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(r#"the license overrides its plan's limits: {"rate":{"per_second":20}}"#),
         "{dom}"
     );
     // Price lines with unit prices and human units.

@@ -493,6 +493,11 @@ fn main() -> Result<()> {
             "  {}",
             collector.url(&format!("/dashboard?account=globex#token={account_token}"))
         );
+        println!("the operator's dashboard (every account, revenue, refusals, limits):");
+        println!(
+            "  {}",
+            collector.url(&format!("/admin/dashboard#token={ADMIN_TOKEN}"))
+        );
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
