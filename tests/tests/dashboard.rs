@@ -357,6 +357,7 @@ fn the_dashboard_draws_real_collector_data_in_chromium() {
     assert_eq!(attribute(&dom, "seats", "hidden"), None);
     // The CSV download holds what is shown: the invoice lines (in human units), the license
     // and its limits, the refusals.
+    assert_eq!(attribute(&dom, "csv", "hidden"), None);
     let csv = offered_csv(&dom);
     assert!(
         csv.starts_with("section,license,item,detail,quantity,unit,amount EUR\r\n"),
