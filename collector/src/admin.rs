@@ -32,6 +32,8 @@ pub fn routes() -> Router<Arc<AppState>> {
             get(list_invoices).post(finalize_invoice),
         )
         .route("/v1/admin/webhooks/events", get(webhook_events))
+        .route("/v1/admin/overview", get(overview))
+        .route("/admin/dashboard", get(operator_dashboard))
         .route("/v1/admin/exports/usage", get(export_usage))
         .route(
             "/v1/admin/accounts/{account}/data",
@@ -98,6 +100,24 @@ async fn jwks(State(state): State<Arc<AppState>>) -> Response {
             .into_response())
     })
     .await
+}
+
+/// Every account: revenue so far and forecast, top consumers, refusals, licenses near a limit.
+async fn overview(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = admin_refusal(&state, &headers) {
+        return refused;
+    }
+    blocking(&state, |s, now| {
+        let overview = crate::overview::overview(s.store.as_ref(), &s.control, now)?;
+        Ok(Json(overview).into_response())
+    })
+    .await
+}
+
+/// The operator's dashboard: the page holds no data; it reads `/v1/admin/overview` with the
+/// admin token from the URL fragment.
+async fn operator_dashboard() -> Response {
+    crate::customer::page(include_str!("operator.html"))
 }
 
 async fn list_keys(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {

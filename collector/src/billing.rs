@@ -171,7 +171,8 @@ fn meter_named(name: &str) -> Option<Meter> {
     Meter::ALL.into_iter().find(|m| m.as_str() == name)
 }
 
-fn rfc3339(tz: chrono_tz::Tz, ms: u64) -> String {
+/// `ms` as RFC 3339 in `tz`.
+pub(crate) fn rfc3339(tz: chrono_tz::Tz, ms: u64) -> String {
     chrono::DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX))
         .map(|t| t.with_timezone(&tz).to_rfc3339())
         .unwrap_or_default()
@@ -581,8 +582,9 @@ fn rate_price(
 /// The period's end forecast from its usage so far: each license's usage of each meter grows
 /// at the average rate of the elapsed part of the period, and is rated like the invoice. Fees
 /// and minimums are already certain; distinct active users are taken as they are so far (a
-/// user count does not grow with time the way calls do). `None` before any of the period has
-/// elapsed.
+/// user count does not grow with time the way calls do). Licenses in `stopped` (revoked, or
+/// of a suspended account) are refused every request: their usage stays as it is, so their
+/// charges are forecast at what they are so far. `None` before any of the period has elapsed.
 #[allow(clippy::too_many_arguments)]
 pub fn forecast(
     catalog: &Catalog,
@@ -592,6 +594,7 @@ pub fn forecast(
     late: &[BillableUsage],
     licenses: &[IssuedLicense],
     active_users: &BTreeMap<String, u64>,
+    stopped: &std::collections::BTreeSet<String>,
     now_ms: u64,
 ) -> Result<Option<Invoice>> {
     let (start, end) = bounds;
@@ -603,8 +606,12 @@ pub fn forecast(
     let scaled: Vec<BillableUsage> = usage
         .iter()
         .map(|u| BillableUsage {
-            units: u64::try_from(u128::from(u.units) * u128::from(length) / u128::from(elapsed))
-                .unwrap_or(u64::MAX),
+            units: if stopped.contains(&u.license) {
+                u.units
+            } else {
+                u64::try_from(u128::from(u.units) * u128::from(length) / u128::from(elapsed))
+                    .unwrap_or(u64::MAX)
+            },
             ..u.clone()
         })
         .collect();
@@ -636,6 +643,113 @@ pub struct Draft {
         skip_serializing_if = "Option::is_none"
     )]
     pub forecast_total: Option<Decimal>,
+    /// Licenses refused every request now (revoked, or the account suspended): the forecast
+    /// does not extrapolate their usage.
+    pub not_forecast: Vec<Stopped>,
+    /// Each line of `lines` in human units (hours, GB), in the same order.
+    pub display: Vec<LineDisplay>,
+}
+
+/// A license whose usage is not forecast, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Stopped {
+    pub license: String,
+    /// `revoked` or `suspended` (the account).
+    pub standing: &'static str,
+    pub reason: String,
+}
+
+/// The unit a meter's usage is shown in: `scale` meter units make one `unit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct HumanUnit {
+    /// Plural, as in "3 hours".
+    pub unit: &'static str,
+    /// Singular, as in "per hour".
+    pub one: &'static str,
+    pub scale: u64,
+}
+
+/// How people count `meter`: calls, GB (10^9 bytes), hours of processing.
+pub fn human_unit(meter: Meter) -> HumanUnit {
+    match meter {
+        Meter::Calls => HumanUnit {
+            unit: "calls",
+            one: "call",
+            scale: 1,
+        },
+        Meter::RequestBytes | Meter::ResponseBytes => HumanUnit {
+            unit: "GB",
+            one: "GB",
+            scale: 1_000_000_000,
+        },
+        Meter::ProcessingNs => HumanUnit {
+            unit: "hours",
+            one: "hour",
+            scale: 3_600_000_000_000,
+        },
+    }
+}
+
+/// One invoice line as people read it: the quantity in human units and the unit price per
+/// `per` of them ("1.5 hours at 15 per hour", "2,000 calls at 1 per 1,000 calls").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LineDisplay {
+    #[serde(with = "rust_decimal::serde::str")]
+    pub quantity: Decimal,
+    /// Empty for lines that are not usage (a fee, a minimum, a cap).
+    pub unit: &'static str,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub unit_price: Decimal,
+    /// What `unit_price` is the price of: "hour", "GB", "call", "1000 calls", "user".
+    pub per: String,
+}
+
+/// `line` in human units. The unit price is the line's, converted exactly; nothing is rated
+/// again.
+pub fn line_display(line: &Line) -> LineDisplay {
+    let human = line.meter.as_deref().and_then(meter_named).map(human_unit);
+    match (line.kind, human) {
+        (LineKind::Usage, Some(h)) if h.scale > 1 => {
+            let scale = Decimal::from(h.scale);
+            let quantity = (Decimal::from(line.quantity) / scale)
+                .round_dp(3)
+                .normalize();
+            let unit_price = line
+                .unit_price
+                .checked_mul(scale)
+                .and_then(|p| p.checked_div(Decimal::from(line.per.max(1))))
+                .map_or(line.unit_price, |p| p.round_dp(6).normalize());
+            LineDisplay {
+                quantity,
+                unit: h.unit,
+                unit_price,
+                per: h.one.to_string(),
+            }
+        }
+        (LineKind::Usage | LineKind::ActiveUsers, _) => {
+            let (unit, one) = match (line.kind, human) {
+                (LineKind::ActiveUsers, _) => ("users", "user"),
+                (_, Some(h)) => (h.unit, h.one),
+                _ => ("units", "unit"),
+            };
+            LineDisplay {
+                quantity: Decimal::from(line.quantity),
+                unit,
+                unit_price: line.unit_price,
+                per: if line.per == 1 {
+                    one.to_string()
+                } else {
+                    format!("{} {unit}", line.per)
+                },
+            }
+        }
+        _ => LineDisplay {
+            quantity: Decimal::from(line.quantity),
+            unit: "",
+            unit_price: line.unit_price,
+            per: String::new(),
+        },
+    }
 }
 
 /// Usage received within this long before an invoice is finalised is billed by the next
@@ -723,20 +837,62 @@ pub fn draft(
         .by_license;
     let invoice = rate_with_users(catalog, account, bounds, &usage, &late, &licenses, &users)?;
     let ended = now_ms >= bounds.1;
+    let not_forecast = stopped_licenses(store, account, &licenses, &usage)?;
+    let stopped = not_forecast.iter().map(|s| s.license.clone()).collect();
     let forecast_total = if ended {
         None
     } else {
         forecast(
-            catalog, account, bounds, &usage, &late, &licenses, &users, now_ms,
+            catalog, account, bounds, &usage, &late, &licenses, &users, &stopped, now_ms,
         )?
         .map(|f| f.total)
     };
+    let display = invoice.lines.iter().map(line_display).collect();
     Ok(Draft {
         invoice,
         status: if ended { "complete" } else { "draft" },
         as_of_ms: now_ms,
         forecast_total,
+        not_forecast,
+        display,
     })
+}
+
+/// The account's licenses (issued, or with usage) that are refused every request now: revoked
+/// ones, and all of them while the account is suspended.
+pub fn stopped_licenses(
+    store: &dyn crate::Store,
+    account: &str,
+    licenses: &[IssuedLicense],
+    usage: &[BillableUsage],
+) -> Result<Vec<Stopped>> {
+    let names: std::collections::BTreeSet<String> = licenses
+        .iter()
+        .filter(|l| l.account == account)
+        .map(|l| l.license.clone())
+        .chain(usage.iter().map(|u| u.license.clone()))
+        .collect();
+    let names: Vec<String> = names.into_iter().collect();
+    let restrictions = store.restrictions(&names, &[account.to_string()])?;
+    let suspended = restrictions.suspended.get(account);
+    Ok(names
+        .into_iter()
+        .filter_map(|license| {
+            if let Some(reason) = restrictions.revoked.get(&license) {
+                Some(Stopped {
+                    license,
+                    standing: "revoked",
+                    reason: reason.clone(),
+                })
+            } else {
+                suspended.map(|reason| Stopped {
+                    license,
+                    standing: "suspended",
+                    reason: reason.clone(),
+                })
+            }
+        })
+        .collect())
 }
 
 /// Finalise `account`'s invoice for the billing period containing `at_ms`: rate it once more

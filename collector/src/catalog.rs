@@ -392,6 +392,15 @@ impl Catalog {
         self.quotas.get(&(plan.to_string(), meter, period)).copied()
     }
 
+    /// The quota limits the catalogue sets for `plan`: (meter, period, limit).
+    pub fn plan_quotas(&self, plan: &str) -> Vec<(Meter, Period, u64)> {
+        self.quotas
+            .iter()
+            .filter(|((p, _, _), _)| p == plan)
+            .map(|((_, meter, period), limit)| (*meter, *period, *limit))
+            .collect()
+    }
+
     /// The calendar period containing `now_ms`, `[start, end)` in Unix milliseconds.
     pub fn period_bounds(&self, period: Period, now_ms: u64) -> (u64, u64) {
         period_bounds(self.time_zone, period, now_ms)

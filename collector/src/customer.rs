@@ -154,6 +154,8 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/accounts/{account}/cost", get(account_cost))
         .route("/v1/accounts/{account}/quotas", get(account_quotas))
         .route("/v1/accounts/{account}/users", get(account_users))
+        .route("/v1/accounts/{account}/licenses", get(account_licenses))
+        .route("/v1/refusal-codes", get(refusal_codes))
         .route("/dashboard", get(dashboard))
 }
 
@@ -291,10 +293,26 @@ async fn account_users(
     .await
 }
 
-/// The dashboard: one page, no external resources (it works offline and under a strict
-/// content security policy); it reads the token from the URL fragment, which never reaches
-/// the server or its logs.
-async fn dashboard() -> Response {
+/// The account's licenses: plan, features, limits with their headroom, and standing.
+async fn account_licenses(
+    State(state): State<Arc<AppState>>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    for_account(state, headers, account, move |s, account, now| {
+        let licenses = crate::overview::licenses(s.store.as_ref(), &s.control, account, now)?;
+        Ok(Json(json!({"account": account, "licenses": licenses})).into_response())
+    })
+    .await
+}
+
+/// The refusal codes and their words, from the filter's list (public: no account data).
+async fn refusal_codes() -> Response {
+    Json(json!({"codes": crate::overview::refusal_codes()})).into_response()
+}
+
+/// A page of this crate, under the dashboards' content security policy.
+pub(crate) fn page(html: &'static str) -> Response {
     (
         [
             ("content-type", "text/html; charset=utf-8"),
@@ -304,7 +322,14 @@ async fn dashboard() -> Response {
             ),
             ("cache-control", "no-store"),
         ],
-        include_str!("dashboard.html"),
+        html,
     )
         .into_response()
+}
+
+/// The dashboard: one page, no external resources (it works offline and under a strict
+/// content security policy); it reads the token from the URL fragment, which never reaches
+/// the server or its logs.
+async fn dashboard() -> Response {
+    page(include_str!("dashboard.html"))
 }

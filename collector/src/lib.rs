@@ -11,6 +11,7 @@ pub mod customer;
 pub mod exports;
 pub mod health;
 pub mod licensing;
+pub mod overview;
 pub mod postgres_store;
 pub mod privacy;
 pub mod seats;

@@ -209,6 +209,7 @@ fn a_forecast_extrapolates_usage_and_rates_it() {
         &[],
         &[],
         &Default::default(),
+        &Default::default(),
         third,
     )
     .unwrap()
@@ -222,10 +223,94 @@ fn a_forecast_extrapolates_usage_and_rates_it() {
         &[],
         &[],
         &Default::default(),
+        &Default::default(),
         NOV_START
     )
     .unwrap()
     .is_none());
+}
+
+#[test]
+fn a_stopped_license_is_forecast_at_its_usage_so_far() {
+    // The same 20,000 calls a third of the way through, but the license is revoked (or its
+    // account suspended): no more calls will be served, so 10,000 billable calls at $0.001
+    // plus the fee: $59, not $99.
+    let rows = [usage("lic-p1", "pro", "search", Meter::Calls, 20_000)];
+    let third = NOV_START + (NOV_END - NOV_START) / 3;
+    let stopped = ["lic-p1".to_string()].into_iter().collect();
+    let forecast = billing::forecast(
+        &catalog(),
+        "acme",
+        (NOV_START, NOV_END),
+        &rows,
+        &[],
+        &[],
+        &Default::default(),
+        &stopped,
+        third,
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(forecast.total, dec("59.00"));
+}
+
+fn line(meter: Meter, quantity: u64, unit_price: &str, per: u64) -> billing::Line {
+    billing::Line {
+        kind: LineKind::Usage,
+        license: "lic".into(),
+        plan: "pro".into(),
+        feature: None,
+        meter: Some(meter.as_str().into()),
+        tier: None,
+        late: false,
+        description: meter.as_str().into(),
+        quantity,
+        unit_price: dec(unit_price),
+        per,
+        amount: dec("0"),
+    }
+}
+
+#[test]
+fn lines_are_shown_in_hours_and_gigabytes_at_the_invoice_s_prices() {
+    let show = |l: &billing::Line| {
+        let d = billing::line_display(l);
+        (
+            d.quantity.to_string(),
+            d.unit,
+            d.unit_price.to_string(),
+            d.per,
+        )
+    };
+    // 1.5 hours at 15 per hour (the catalogue's 15 per 3.6e12 ns).
+    assert_eq!(
+        show(&line(
+            Meter::ProcessingNs,
+            5_400_000_000_000,
+            "15",
+            3_600_000_000_000
+        )),
+        ("1.5".into(), "hours", "15".into(), "hour".into())
+    );
+    // 2.5 GB at 0.0000000002 per byte = 0.2 per GB.
+    assert_eq!(
+        show(&line(
+            Meter::ResponseBytes,
+            2_500_000_000,
+            "0.0000000002",
+            1
+        )),
+        ("2.5".into(), "GB", "0.2".into(), "GB".into())
+    );
+    // Calls keep the catalogue's `per`.
+    assert_eq!(
+        show(&line(Meter::Calls, 2_000, "1", 1000)),
+        ("2000".into(), "calls", "1".into(), "1000 calls".into())
+    );
+    assert_eq!(
+        show(&line(Meter::Calls, 100, "0.01", 1)),
+        ("100".into(), "calls", "0.01".into(), "call".into())
+    );
 }
 
 fn batch(id: &str, records: Vec<UsageRecord>) -> UsageBatch {

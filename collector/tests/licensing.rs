@@ -268,6 +268,7 @@ fn every_admin_route_refuses_a_missing_or_wrong_token() {
         ("GET", "/v1/admin/accounts/a/invoice"),
         ("PUT", "/v1/admin/accounts/a/budget"),
         ("POST", "/v1/admin/accounts/a/suspend"),
+        ("GET", "/v1/admin/overview"),
         (
             "GET",
             "/v1/admin/exports/usage?from_ms=0&to_ms=1&format=json",
@@ -401,6 +402,7 @@ fn an_account_token_reads_its_own_account_only() {
         "/v1/accounts/acme/usage",
         "/v1/accounts/acme/cost",
         "/v1/accounts/acme/quotas",
+        "/v1/accounts/acme/licenses",
         "/v1/usage?account=acme",
     ] {
         let (status, body) = call(&c, "GET", path, Some(token), None);
@@ -450,6 +452,8 @@ fn an_account_token_reads_its_own_account_only() {
     for path in [
         "/v1/accounts/other/usage",
         "/v1/accounts/other/cost",
+        "/v1/accounts/other/licenses",
+        "/v1/admin/overview",
         "/v1/usage?account=other",
         "/v1/usage",
         "/v1/admin/accounts/acme",
@@ -466,4 +470,204 @@ fn an_account_token_reads_its_own_account_only() {
         call(&c, "GET", "/v1/accounts/acme/cost", Some(token), None).0,
         401
     );
+}
+
+/// What the dashboards read beyond usage and the draft: an account's licenses with plan,
+/// features, limits and headroom and their standing; the refusal codes in words; and the
+/// operator's overview of every account (admin token only).
+#[test]
+fn the_dashboards_read_licenses_refusal_words_and_the_operator_overview() {
+    let db = common::sqlite("dashboards-json");
+    let dir = std::env::temp_dir().join(format!("tollgate-dashboards-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plans = dir.join("plans.json");
+    std::fs::write(
+        &plans,
+        json!({
+            "currency": "EUR",
+            "time_zone": tollgate_devkit::periods::midday_time_zone(),
+            "plans": {"pro": {
+                "subscription": {"fee": "10"},
+                "prices": {"calls": "0.01"},
+                "quotas": {"calls": {"per": "day", "limit": 100}},
+            }},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let c = start(&db, Some(&plans));
+    for (account, license) in [("acme", "lic-a"), ("beta", "lic-b")] {
+        let (status, body) = admin(
+            &c,
+            "POST",
+            "/v1/admin/licenses",
+            Some(
+                json!({"account": account, "plan": "pro", "license_id": license, "features": ["search"], "limits": {"rate": {"per_second": 5}}}),
+            ),
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+    let now = u64::try_from(tollgate_collector::store::now_ms()).unwrap();
+    let rec = |account: &str, license: &str, outcome: &str, units: u64| UsageRecord {
+        account: account.into(),
+        license: license.into(),
+        feature: "search".into(),
+        outcome: outcome.into(),
+        user: String::new(),
+        meter: Meter::Calls,
+        units,
+        window_start_ms: now - 1000,
+        window_end_ms: now,
+    };
+    c.state
+        .store
+        .ingest(
+            &UsageBatch {
+                version: 1,
+                batch_id: "dash-json".into(),
+                source: Source {
+                    instance: "node".into(),
+                    vm_started_ms: 1,
+                },
+                sequence: 1,
+                created_ms: now,
+                records: vec![
+                    rec("acme", "lic-a", "allowed", 300),
+                    rec("acme", "lic-a", "rate_limited", 4),
+                    rec("beta", "lic-b", "allowed", 100),
+                ],
+            },
+            now,
+        )
+        .unwrap();
+    // acme's filter leases 90 of its 100 calls a day: near the limit.
+    tollgate_collector::control::sync(
+        c.state.store.as_ref(),
+        &c.state.control,
+        &tollgate_wire::sync::SyncRequest {
+            version: 1,
+            instance: "node".into(),
+            leases: vec![tollgate_wire::sync::LeaseRequest {
+                lease_id: "lease-a".into(),
+                account: "acme".into(),
+                license: "lic-a".into(),
+                plan: "pro".into(),
+                meter: Meter::Calls,
+                period: tollgate_wire::sync::Period::Day,
+                limit: 100,
+                want: 90,
+            }],
+            returns: vec![],
+            licenses: vec![],
+            seats: vec![],
+            clients: vec![],
+        },
+        now,
+    )
+    .unwrap();
+    c.state
+        .store
+        .set_revoked("lic-b", Some("payment failed"), now)
+        .unwrap();
+
+    let (status, report) = admin(&c, "GET", "/v1/accounts/acme/licenses", None);
+    assert_eq!(status, 200, "{report}");
+    let lic = &report["licenses"][0];
+    assert_eq!(lic["license"], "lic-a");
+    assert_eq!(lic["plan"], "pro");
+    assert_eq!(lic["features"], json!(["search"]));
+    assert_eq!(lic["standing"], "active");
+    assert_eq!(lic["limit_overrides"], json!({"rate": {"per_second": 5}}));
+    assert_eq!(
+        lic["limits"],
+        json!([{"meter": "calls", "per": "day", "limit": 100, "used": 90, "headroom": 10, "percent": 90, "period_end_ms": lic["limits"][0]["period_end_ms"]}]),
+        "{report}"
+    );
+    let (_, beta) = admin(&c, "GET", "/v1/accounts/beta/licenses", None);
+    assert_eq!(beta["licenses"][0]["standing"], "revoked", "{beta}");
+    assert_eq!(beta["licenses"][0]["reason"], "payment failed");
+    // Nothing used yet of beta's daily quota: all of it is headroom.
+    assert_eq!(beta["licenses"][0]["limits"][0]["headroom"], 100, "{beta}");
+
+    // beta's license is revoked: its forecast is what it costs so far.
+    let (_, cost) = admin(&c, "GET", "/v1/accounts/beta/cost", None);
+    assert_eq!(cost["invoice"]["total"], "11.00", "{cost}");
+    assert_eq!(cost["invoice"]["forecast_total"], "11.00", "{cost}");
+    assert_eq!(
+        cost["invoice"]["not_forecast"],
+        json!([{"license": "lic-b", "standing": "revoked", "reason": "payment failed"}])
+    );
+    // Each line in human units, beside the line.
+    assert_eq!(
+        cost["invoice"]["display"][1],
+        json!({"quantity": "100", "unit": "calls", "unit_price": "0.01", "per": "call"}),
+        "{cost}"
+    );
+
+    // The refusal codes in the filter's words, public.
+    let (status, codes) = call(&c, "GET", "/v1/refusal-codes", None, None);
+    assert_eq!(status, 200);
+    let codes: Value = serde_json::from_str(&codes).unwrap();
+    let codes = codes["codes"].as_array().unwrap();
+    assert_eq!(codes.len(), tollgate_core::refusal::Code::ALL.len());
+    assert!(codes.contains(&json!({
+        "code": "rate_limited",
+        "status": 429,
+        "meaning": tollgate_core::refusal::Code::RateLimited.meaning(),
+    })));
+
+    // The operator's overview: the admin token only.
+    assert_eq!(call(&c, "GET", "/v1/admin/overview", None, None).0, 401);
+    let (status, o) = admin(&c, "GET", "/v1/admin/overview", None);
+    assert_eq!(status, 200, "{o}");
+    // acme: 10 + 300 × 0.01 = 13; beta: 11.
+    assert_eq!(o["revenue_so_far"], "24.00", "{o}");
+    let acme = o["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["account"] == "acme")
+        .unwrap();
+    assert_eq!(acme["so_far"], "13.00");
+    assert_eq!(acme["allowed_calls"], 300);
+    assert_eq!(acme["refused_calls"], 4);
+    let forecast: rust_decimal::Decimal = o["revenue_forecast"].as_str().unwrap().parse().unwrap();
+    let acme_forecast: rust_decimal::Decimal = acme["forecast"].as_str().unwrap().parse().unwrap();
+    assert_eq!(forecast, acme_forecast + rust_decimal::Decimal::from(11));
+    assert_eq!(
+        o["top_consumers"],
+        json!([
+            {"account": "acme", "license": "lic-a", "allowed_calls": 300},
+            {"account": "beta", "license": "lic-b", "allowed_calls": 100},
+        ])
+    );
+    assert_eq!(
+        o["refusals"],
+        json!([{"account": "acme", "code": "rate_limited", "meaning": tollgate_core::refusal::Code::RateLimited.meaning(), "calls": 4}])
+    );
+    assert_eq!(o["near_limits"].as_array().unwrap().len(), 1, "{o}");
+    assert_eq!(o["near_limits"][0]["license"], "lic-a");
+    assert_eq!(o["near_limits"][0]["headroom"], 10);
+    // A suspended account: every license of it is refused, so none is forecast further.
+    c.state
+        .store
+        .set_suspended("acme", Some("unpaid"), now)
+        .unwrap();
+    let (_, cost) = admin(&c, "GET", "/v1/accounts/acme/cost", None);
+    assert_eq!(cost["invoice"]["total"], "13.00", "{cost}");
+    assert_eq!(cost["invoice"]["forecast_total"], "13.00", "{cost}");
+    assert_eq!(
+        cost["invoice"]["not_forecast"],
+        json!([{"license": "lic-a", "standing": "suspended", "reason": "unpaid"}])
+    );
+    let (_, report) = admin(&c, "GET", "/v1/accounts/acme/licenses", None);
+    assert_eq!(report["licenses"][0]["standing"], "suspended", "{report}");
+    let (_, o) = admin(&c, "GET", "/v1/admin/overview", None);
+    assert_eq!(o["revenue_forecast"], "24.00", "{o}");
+    // The page itself holds no data: it is served to anyone and reads the overview with the
+    // token from its URL fragment.
+    let (status, page) = call(&c, "GET", "/admin/dashboard", None, None);
+    assert_eq!(status, 200);
+    assert!(page.contains("/v1/admin/overview"));
+    let _ = std::fs::remove_dir_all(&dir);
 }

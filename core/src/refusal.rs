@@ -99,6 +99,48 @@ impl Code {
         }
     }
 
+    /// What the code means, in words for the people whose requests it refused (the
+    /// dashboard shows it beside the code; the README's refusal table says it in full).
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Code::MissingToken => "the request carried no license token",
+            Code::InvalidToken => {
+                "the token is not a valid license token (malformed, unknown key or bad signature)"
+            }
+            Code::TokenExpired => "the license token has expired",
+            Code::TokenNotYetValid => "the license token is not valid yet",
+            Code::InvalidIssuer => "the token was not issued by an accepted issuer",
+            Code::InvalidAudience => "the token is not meant for this API",
+            Code::InvalidLicense => {
+                "the token is signed but its license claims are missing or malformed"
+            }
+            Code::UnknownPlan => "the license names a plan this API does not offer",
+            Code::FeatureNotLicensed => "the license does not include this feature",
+            Code::RouteNotLicensed => "no licensed route matches the request",
+            Code::RateLimited => "too many requests: a rate limit of the license was exceeded",
+            Code::MeteringUnavailable => "usage could not be recorded, so the request was refused",
+            Code::QuotaExhausted => {
+                "a period quota of the license is used up until the period ends"
+            }
+            Code::QuotaUnavailable => "the quota could not be checked in time",
+            Code::LicenseRevoked => "the license was revoked",
+            Code::AccountSuspended => "the account is suspended",
+            Code::SpendCapReached => "the account's spend this period reached its budget",
+            Code::KeysUnavailable => "the keys to check tokens were not available yet",
+            Code::MissingUser => "the license counts seats and the request named no user",
+            Code::SeatLimitReached => "every seat of the license is taken",
+            Code::SeatUnavailable => "no seat could be checked in time",
+            Code::LicenseSharingDetected => {
+                "the license was used from more clients than its plan allows"
+            }
+        }
+    }
+
+    /// The code named `name`, as in bodies and usage records.
+    pub fn named(name: &str) -> Option<Code> {
+        Code::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+
     /// Position in [`Code::ALL`].
     pub fn index(self) -> usize {
         Code::ALL.iter().position(|c| *c == self).unwrap_or(0)
@@ -275,6 +317,20 @@ mod tests {
         for (i, code) in Code::ALL.iter().enumerate() {
             assert_eq!(code.index(), i);
             assert!(matches!(code.status(), 401 | 402 | 403 | 429 | 503));
+            assert!(!code.meaning().is_empty());
+            assert_eq!(Code::named(code.as_str()), Some(*code));
+        }
+    }
+
+    #[test]
+    fn the_readme_s_refusal_table_lists_every_code() {
+        let readme = include_str!("../../README.md");
+        for code in Code::ALL {
+            assert!(
+                readme.contains(&format!("| `{}` |", code.as_str())),
+                "README's refusal table lacks {}",
+                code.as_str()
+            );
         }
     }
 

@@ -576,6 +576,11 @@ fn run(keep_running: bool, leftovers: &Mutex<Leftovers>) -> Result<()> {
             "  {}",
             collector.url(&format!("/dashboard?account=globex#token={account_token}"))
         );
+        println!("the operator's dashboard (every account, revenue, refusals, limits):");
+        println!(
+            "  {}",
+            collector.url(&format!("/admin/dashboard#token={ADMIN_TOKEN}"))
+        );
         // Until a signal ends the process (see `stop_on_signals`), or Envoy dies on its own.
         loop {
             std::thread::sleep(Duration::from_millis(500));
