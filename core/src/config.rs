@@ -1285,17 +1285,20 @@ fn shadowed_routes(routes: &[Route]) -> Vec<ConfigWarning> {
         indices.dedup();
         let earlier: Vec<String> = indices.iter().map(|i| format!("routes[{i}]")).collect();
         let methods: Vec<&str> = dead.iter().map(|(m, _)| *m).collect();
+        let earlier = match earlier.len() {
+            1 => format!("{} comes first and matches", earlier.join("")),
+            _ => format!("{} come first and match", earlier.join(", ")),
+        };
         let problem = if dead.len() == later.methods.names().len() {
             format!(
-                "can never match: {} come(s) first and match(es) its paths for {}",
-                earlier.join(", "),
+                "can never match: {earlier} its paths for {}",
                 methods.join(", ")
             )
         } else {
             format!(
-                "never matches {}: {} come(s) first and match(es) its paths for them",
+                "never matches {}: {earlier} its paths for {}",
                 methods.join(", "),
-                earlier.join(", ")
+                if methods.len() == 1 { "it" } else { "them" }
             )
         };
         warnings.push(ConfigWarning { field, problem });
