@@ -10,7 +10,7 @@ use tollgate_wire::sync::{Period, SeatRule};
 use tollgate_wire::Meter;
 
 use crate::pseudonym::Pseudonymizer;
-use crate::routes::{Methods, PathMatch, Route, RouteTable, RouteTarget};
+use crate::routes::{Methods, PathMatch, Route, RouteTable, RouteTarget, HTTP_METHODS};
 use crate::shipper::{Overflow, ShipperConfig};
 use crate::token::{Jwks, KeySet};
 
@@ -51,6 +51,26 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// A configuration that is valid but probably not what was meant (a route that can never
+/// match): accepted, and logged once when the configuration is loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigWarning {
+    /// Dotted path of the field the warning is about, e.g. `routes[2]`.
+    pub field: String,
+    /// What is odd about it, for a human.
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "configuration warning at `{}`: {}",
+            self.field, self.problem
+        )
+    }
+}
+
 /// The plugin configuration as written (the `configuration` of Envoy's wasm plugin).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,6 +100,14 @@ pub struct FilterConfig {
     /// be counted.
     #[serde(default)]
     pub users: Option<UsersConfig>,
+    /// Allowed responses carry `RateLimit-Policy`/`RateLimit` items for the license's rate
+    /// limits too (quota items are always sent). Default true.
+    #[serde(default = "default_true")]
+    pub rate_limit_headers: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// The pseudonymisation key. Rotating it (a new `key_id` and `secret`) gives every user a new
@@ -486,6 +514,10 @@ pub struct TokenConfig {
     /// Keys fetched from a JWKS endpoint through an Envoy cluster.
     #[serde(default)]
     pub jwks_source: Option<JwksSourceConfig>,
+    /// Remove the token header from licensed requests before they go upstream, so the
+    /// upstream never sees (and cannot replay) the license. Default true.
+    #[serde(default = "default_true")]
+    pub strip_from_upstream: bool,
 }
 
 /// Where to fetch the JWKS: an Envoy cluster and a path.
@@ -884,6 +916,8 @@ pub struct TokenPolicy {
     /// The configuration's keys (empty when they all come from `jwks_source`).
     pub keys: KeySet,
     pub jwks_source: Option<JwksSource>,
+    /// Remove `header` from licensed requests before they go upstream.
+    pub strip_from_upstream: bool,
 }
 
 /// Header names for the license context sent upstream.
@@ -922,6 +956,10 @@ pub struct Policy {
     pub users: Option<UserSource>,
     /// Some plan detects sharing: the adapter reads each request's client address.
     pub reads_client_address: bool,
+    /// Allowed responses carry `RateLimit` items for rate limits, not only for quotas.
+    pub rate_limit_headers: bool,
+    /// What is valid but suspicious in the configuration (logged once by the adapter).
+    warnings: Vec<ConfigWarning>,
 }
 
 impl Policy {
@@ -931,11 +969,20 @@ impl Policy {
         let config: FilterConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let field = e.path().to_string();
             let inner = e.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                // Not JSON: there is no field to name (the path reads `?`), only a place.
+                return json_syntax_error(&inner);
+            }
             // serde_json appends "at line L column C"; keep it, it helps with long configs.
             ConfigError::new(field, inner.to_string())
         })?;
-        de.end().map_err(|e| ConfigError::new("", e.to_string()))?;
+        de.end().map_err(|e| json_syntax_error(&e))?;
         Policy::compile(config)
+    }
+
+    /// What is valid but suspicious in the configuration: routes that can never match.
+    pub fn warnings(&self) -> &[ConfigWarning] {
+        &self.warnings
     }
 
     /// Check a parsed configuration and compile it.
@@ -961,6 +1008,7 @@ impl Policy {
         if features.len() > usize::from(FeatureId::MAX) {
             return Err(ConfigError::new("routes", "too many distinct features"));
         }
+        let warnings = shadowed_routes(&routes);
 
         if config.plans.is_empty() {
             return Err(ConfigError::new("plans", "at least one plan is needed"));
@@ -1084,6 +1132,8 @@ impl Policy {
             pseudonyms,
             users,
             reads_client_address,
+            rate_limit_headers: config.rate_limit_headers,
+            warnings,
         })
     }
 
@@ -1166,7 +1216,94 @@ fn compile_token(token: TokenConfig) -> Result<TokenPolicy, ConfigError> {
         max_token_bytes: token.max_token_bytes,
         keys,
         jwks_source,
+        strip_from_upstream: token.strip_from_upstream,
     })
+}
+
+/// A configuration that is not JSON: where the parser stopped, as line and column.
+fn json_syntax_error(e: &serde_json::Error) -> ConfigError {
+    let text = e.to_string();
+    // serde_json's message ends with " at line L column C"; say it once, in our words.
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    let problem = text.strip_suffix(&suffix).unwrap_or(&text);
+    ConfigError::new(
+        "",
+        format!(
+            "not valid JSON at line {}, column {}: {problem}",
+            e.line(),
+            e.column()
+        ),
+    )
+}
+
+/// Routes that earlier routes leave nothing (or only some methods) to match: the first match
+/// wins, so a route whose path every earlier route covering it already takes, for each of its
+/// methods, is dead.
+fn shadowed_routes(routes: &[Route]) -> Vec<ConfigWarning> {
+    let mut warnings = Vec::new();
+    for (j, later) in routes.iter().enumerate() {
+        let covering: Vec<(usize, &Route)> = routes
+            .iter()
+            .take(j)
+            .enumerate()
+            .filter(|(_, earlier)| earlier.path.covers(&later.path))
+            .collect();
+        if covering.is_empty() {
+            continue;
+        }
+        let field = format!("routes[{j}]");
+        if let Some((i, _)) = covering.iter().find(|(_, e)| e.methods.is_any()) {
+            warnings.push(ConfigWarning {
+                field,
+                problem: format!(
+                    "can never match: routes[{i}] comes first and matches every path and method it does"
+                ),
+            });
+            continue;
+        }
+        if later.methods.is_any() {
+            // Some methods are taken earlier; the rest still match here.
+            continue;
+        }
+        let taken_by = |method: &str| {
+            covering
+                .iter()
+                .find(|(_, e)| e.methods.names().iter().any(|m| m == method))
+                .map(|(i, _)| *i)
+        };
+        let dead: Vec<(&str, usize)> = later
+            .methods
+            .names()
+            .iter()
+            .filter_map(|m| taken_by(m).map(|i| (m.as_str(), i)))
+            .collect();
+        if dead.is_empty() {
+            continue;
+        }
+        let mut indices: Vec<usize> = dead.iter().map(|(_, i)| *i).collect();
+        indices.sort_unstable();
+        indices.dedup();
+        let earlier: Vec<String> = indices.iter().map(|i| format!("routes[{i}]")).collect();
+        let methods: Vec<&str> = dead.iter().map(|(m, _)| *m).collect();
+        let earlier = match earlier.len() {
+            1 => format!("{} comes first and matches", earlier.join("")),
+            _ => format!("{} come first and match", earlier.join(", ")),
+        };
+        let problem = if dead.len() == later.methods.names().len() {
+            format!(
+                "can never match: {earlier} its paths for {}",
+                methods.join(", ")
+            )
+        } else {
+            format!(
+                "never matches {}: {earlier} its paths for {}",
+                methods.join(", "),
+                if methods.len() == 1 { "it" } else { "them" }
+            )
+        };
+        warnings.push(ConfigWarning { field, problem });
+    }
+    warnings
 }
 
 fn compile_route(
@@ -1174,9 +1311,9 @@ fn compile_route(
     route: &RouteConfig,
     features: &mut Vec<String>,
 ) -> Result<Route, ConfigError> {
-    let path = match (&route.path, &route.prefix) {
-        (Some(path), None) => PathMatch::Exact(path.clone()),
-        (None, Some(prefix)) => PathMatch::Prefix(prefix.clone()),
+    let (path, written) = match (&route.path, &route.prefix) {
+        (Some(path), None) => (PathMatch::Exact(path.clone()), "path"),
+        (None, Some(prefix)) => (PathMatch::Prefix(prefix.clone()), "prefix"),
         _ => {
             return Err(ConfigError::new(
                 at,
@@ -1186,20 +1323,26 @@ fn compile_route(
     };
     let (PathMatch::Exact(p) | PathMatch::Prefix(p)) = &path;
     if !p.starts_with('/') {
+        // Name the field as written: `prefix` when the route has a prefix.
         return Err(ConfigError::new(
-            format!("{at}.path"),
+            format!("{at}.{written}"),
             "must start with `/`",
         ));
     }
-    let mut methods = Vec::with_capacity(route.methods.len());
+    let mut methods: Vec<String> = Vec::with_capacity(route.methods.len());
     for (i, method) in route.methods.iter().enumerate() {
-        if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+        if !HTTP_METHODS.contains(&method.as_str()) {
             return Err(ConfigError::new(
                 format!("{at}.methods[{i}]"),
-                "methods are upper-case HTTP method names, e.g. \"GET\"",
+                format!(
+                    "`{method}` is not an HTTP method; use one of {} (upper case)",
+                    HTTP_METHODS.join(", ")
+                ),
             ));
         }
-        methods.push(method.clone());
+        if !methods.contains(method) {
+            methods.push(method.clone());
+        }
     }
     let target = match (&route.feature, route.public) {
         (Some(name), false) => {

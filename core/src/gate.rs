@@ -13,7 +13,7 @@ use tollgate_wire::Meter;
 
 use crate::cache::TokenCache;
 use crate::config::JwksSource;
-use crate::config::{FeatureId, Policy, UnmatchedRoutes, UserSource, WithoutCollector};
+use crate::config::{FeatureId, Policy, RateQuota, UnmatchedRoutes, UserSource, WithoutCollector};
 use crate::jwks::{Fetched, RemoteKeys};
 use crate::meter::{Ledger, Outcome, UsageKey, UsageTotals};
 use crate::pseudonym::Subject;
@@ -69,6 +69,27 @@ pub struct QuotaHold {
     pub remaining: u64,
     pub reset_seconds: u64,
     pub window_seconds: u64,
+}
+
+/// A rate limit an allowed request passed, for the `RateLimit` headers of its response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateState {
+    pub scope: LimitScope,
+    pub quota: RateQuota,
+    /// Requests the bucket still admits at once, after this one.
+    pub remaining: u32,
+}
+
+impl RateState {
+    /// Seconds until the whole burst is available again (rounded up; at most one emission
+    /// period more than the exact time, since only whole requests are counted).
+    pub fn reset_seconds(&self) -> u64 {
+        let empty = u64::from(self.quota.burst.saturating_sub(self.remaining));
+        self.quota
+            .period_nanos
+            .saturating_mul(empty)
+            .div_ceil(NANOS_PER_SECOND)
+    }
 }
 
 /// A quota this Envoy enforces for a license: what a lease request needs.
@@ -160,6 +181,8 @@ pub struct Admission {
     pub seat_held: bool,
     /// Quota units reserved for the request (allowed requests only).
     pub holds: Vec<QuotaHold>,
+    /// The rate limits the request passed, license first (only with `rate_limit_headers`).
+    pub rates: Vec<RateState>,
 }
 
 impl Admission {
@@ -174,26 +197,51 @@ impl Admission {
         }
     }
 
-    /// `RateLimit-Policy` and `RateLimit` response headers for the quotas of an allowed
-    /// request (draft-ietf-httpapi-ratelimit-headers): each quota's limit and window, and
-    /// the units left and seconds to the period's end. Empty without quotas.
-    pub fn quota_headers(&self) -> Vec<(&'static str, String)> {
-        if self.holds.is_empty() || self.verdict != Verdict::Allow {
+    /// `RateLimit-Policy` and `RateLimit` response headers of an allowed request
+    /// (draft-ietf-httpapi-ratelimit-headers): one item per quota (its limit and window, the
+    /// units left and the seconds to the period's end), then one per rate limit passed,
+    /// `license` before `feature` (the burst and the seconds to refill it, the requests left
+    /// at once and the seconds until the burst is whole again). Quotas come first so that a
+    /// client reading only the first item sees what it saw before rate limits were listed.
+    /// Empty without quotas and rate limits.
+    pub fn ratelimit_headers(&self) -> Vec<(&'static str, String)> {
+        if self.verdict != Verdict::Allow || (self.holds.is_empty() && self.rates.is_empty()) {
             return Vec::new();
         }
-        let policy = self
+        let mut policy: Vec<String> = self
             .holds
             .iter()
             .map(|h| format!("\"{}\";q={};w={}", h.name, h.limit, h.window_seconds))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let state = self
+            .collect();
+        let mut state: Vec<String> = self
             .holds
             .iter()
             .map(|h| format!("\"{}\";r={};t={}", h.name, h.remaining, h.reset_seconds))
-            .collect::<Vec<_>>()
-            .join(", ");
-        vec![("ratelimit-policy", policy), ("ratelimit", state)]
+            .collect();
+        for rate in &self.rates {
+            let name = rate.scope.policy_name();
+            policy.push(format!(
+                "\"{name}\";q={};w={}",
+                rate.quota.burst,
+                rate.quota.window_seconds()
+            ));
+            state.push(format!(
+                "\"{name}\";r={};t={}",
+                rate.remaining,
+                rate.reset_seconds()
+            ));
+        }
+        vec![
+            ("ratelimit-policy", policy.join(", ")),
+            ("ratelimit", state.join(", ")),
+        ]
+    }
+
+    /// Request headers to remove before an allowed request goes upstream: the token header,
+    /// under `token.strip_from_upstream`.
+    pub fn upstream_removals<'a>(&self, policy: &'a Policy) -> Option<&'a str> {
+        (self.verdict == Verdict::Allow && policy.token.strip_from_upstream)
+            .then_some(policy.token.header.as_str())
     }
 
     /// The license-context headers to set upstream, for an allowed request.
@@ -369,14 +417,21 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             None => match self.policy.unmatched_routes {
                 UnmatchedRoutes::Allow => return public(),
                 UnmatchedRoutes::Deny => {
-                    return refuse(
-                        None,
-                        None,
+                    let allowed = self.policy.routes.allowed_methods(request.path);
+                    let refusal = if allowed.is_empty() {
                         Refusal::new(
                             Code::RouteNotLicensed,
                             "no licensed feature serves this route",
-                        ),
-                    )
+                        )
+                    } else {
+                        let allow = allowed.join(", ");
+                        Refusal {
+                            message: format!("this route takes only {allow}"),
+                            allow: Some(allow),
+                            ..Refusal::new(Code::MethodNotAllowed, "")
+                        }
+                    };
+                    return refuse(None, None, refusal);
                 }
             },
         };
@@ -479,28 +534,40 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
                     .and_then(Option::as_ref),
             ),
         ];
+        let mut rates = Vec::new();
         for (scope, quota, key) in checks {
             let (Some(quota), Some(key)) = (quota, key) else {
                 continue;
             };
-            if let Err(wait_nanos) = self.limits.check(key, quota, now_nanos) {
-                let refusal = Refusal {
-                    code: Code::RateLimited,
-                    message: match scope {
-                        LimitScope::License => "the license's request rate is exceeded".into(),
-                        LimitScope::Feature => format!(
-                            "the license's request rate for `{}` is exceeded",
-                            self.policy.feature_name(feature)
-                        ),
-                    },
-                    rate_limit: Some(RateLimitDenial {
-                        scope,
-                        quota,
-                        wait_nanos,
-                    }),
-                    ..Refusal::new(Code::RateLimited, "")
-                };
-                return refuse(Some(Arc::clone(&license)), Some(feature), refusal);
+            match self.limits.check(key, quota, now_nanos) {
+                Ok(remaining) => {
+                    if self.policy.rate_limit_headers {
+                        rates.push(RateState {
+                            scope,
+                            quota,
+                            remaining,
+                        });
+                    }
+                }
+                Err(wait_nanos) => {
+                    let refusal = Refusal {
+                        code: Code::RateLimited,
+                        message: match scope {
+                            LimitScope::License => "the license's request rate is exceeded".into(),
+                            LimitScope::Feature => format!(
+                                "the license's request rate for `{}` is exceeded",
+                                self.policy.feature_name(feature)
+                            ),
+                        },
+                        rate_limit: Some(RateLimitDenial {
+                            scope,
+                            quota,
+                            wait_nanos,
+                        }),
+                        ..Refusal::new(Code::RateLimited, "")
+                    };
+                    return refuse(Some(Arc::clone(&license)), Some(feature), refusal);
+                }
             }
         }
         let mut admission = Admission {
@@ -510,6 +577,7 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             user,
             seat_held: false,
             holds: Vec::new(),
+            rates,
         };
         self.decide_held(&mut admission, now_ms, false);
         admission
@@ -1110,6 +1178,7 @@ fn public() -> Admission {
         user: None,
         seat_held: true,
         holds: Vec::new(),
+        rates: Vec::new(),
     }
 }
 
@@ -1125,6 +1194,7 @@ fn refuse(
         user: None,
         seat_held: false,
         holds: Vec::new(),
+        rates: Vec::new(),
     }
 }
 

@@ -19,7 +19,7 @@ pub mod seats;
 pub mod shipper;
 pub mod token;
 
-pub use config::{ConfigError, FeatureId, Policy};
+pub use config::{ConfigError, ConfigWarning, FeatureId, Policy};
 pub use gate::{Admission, Gate, GateCounters, RequestHead, Verdict};
 pub use meter::{Outcome, UsageKey, UsageTotals};
 pub use ratelimit::{MemoryCells, SharedCells, StoreError};

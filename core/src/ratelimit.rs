@@ -12,7 +12,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use governor::clock::Clock;
-use governor::middleware::NoOpMiddleware;
+use governor::middleware::StateInformationMiddleware;
 use governor::nanos::Nanos;
 use governor::state::StateStore;
 use governor::{NotUntil, Quota, RateLimiter};
@@ -169,7 +169,7 @@ impl Clock for SetClock {
     }
 }
 
-type Limiter<S> = RateLimiter<Box<str>, CellStore<S>, SetClock, NoOpMiddleware<Nanos>>;
+type Limiter<S> = RateLimiter<Box<str>, CellStore<S>, SetClock, StateInformationMiddleware>;
 
 /// Rate limits for every quota in use, all over one shared store.
 pub struct RateLimits<S: SharedCells + Clone> {
@@ -189,11 +189,12 @@ impl<S: SharedCells + Clone> RateLimits<S> {
         }
     }
 
-    /// Take one request from `key`'s bucket at `now` (Unix nanoseconds); on refusal, the
-    /// nanoseconds until a request would conform.
+    /// Take one request from `key`'s bucket at `now` (Unix nanoseconds): the requests the
+    /// bucket still admits at once after this one, or on refusal the nanoseconds until a
+    /// request would conform.
     // governor's keyed limiter takes `&K`; the key is the `Box<str>` a license holds.
     #[allow(clippy::borrowed_box)]
-    pub fn check(&mut self, key: &Box<str>, quota: RateQuota, now_nanos: u64) -> Result<(), u64> {
+    pub fn check(&mut self, key: &Box<str>, quota: RateQuota, now_nanos: u64) -> Result<u32, u64> {
         let limiter = match self.limiters.entry(quota) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -202,18 +203,19 @@ impl<S: SharedCells + Clone> RateLimits<S> {
                 // shared data mean the same to every worker and survive VM restarts.
                 self.clock.0.set(0);
                 let Some(governor_quota) = governor_quota(quota) else {
-                    return Ok(());
+                    return Ok(quota.burst);
                 };
                 let store = CellStore {
                     cells: self.cells.clone(),
                     health: Rc::clone(&self.health),
                 };
-                e.insert(RateLimiter::new(governor_quota, store, self.clock.clone()))
+                e.insert(Limiter::new(governor_quota, store, self.clock.clone()))
             }
         };
         self.clock.0.set(now_nanos);
         limiter
             .check_key(key)
+            .map(|state| state.remaining_burst_capacity())
             .map_err(|not_until: NotUntil<Nanos>| {
                 let wait: Duration = not_until.wait_time_from(Nanos::from(now_nanos));
                 u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX)
@@ -251,17 +253,17 @@ mod tests {
         let mut limits = RateLimits::new(Rc::new(MemoryCells::default()));
         let key: Box<str> = "lic".into();
         let q = quota(10, 5);
-        for _ in 0..5 {
-            assert_eq!(limits.check(&key, q, T0), Ok(()));
+        for left in (0..5).rev() {
+            assert_eq!(limits.check(&key, q, T0), Ok(left));
         }
         let wait = limits.check(&key, q, T0).unwrap_err();
         assert_eq!(wait, SECOND / 10);
         // One period later exactly one more request conforms.
-        assert_eq!(limits.check(&key, q, T0 + SECOND / 10), Ok(()));
+        assert_eq!(limits.check(&key, q, T0 + SECOND / 10), Ok(0));
         assert!(limits.check(&key, q, T0 + SECOND / 10).is_err());
         // After a full second the bucket is full again.
-        for _ in 0..5 {
-            assert_eq!(limits.check(&key, q, T0 + 2 * SECOND), Ok(()));
+        for left in (0..5).rev() {
+            assert_eq!(limits.check(&key, q, T0 + 2 * SECOND), Ok(left));
         }
     }
 
@@ -295,7 +297,7 @@ mod tests {
         let key: Box<str> = "lic".into();
         let q = quota(1, 1);
         let mut first = RateLimits::new(Rc::clone(&cells));
-        assert_eq!(first.check(&key, q, T0), Ok(()));
+        assert_eq!(first.check(&key, q, T0), Ok(0));
         // A VM started after a reload sees the bucket the old VM drained.
         let mut second = RateLimits::new(Rc::clone(&cells));
         assert_eq!(second.check(&key, q, T0 + SECOND / 2), Err(SECOND / 2));
@@ -339,7 +341,7 @@ mod tests {
         let mut limits = RateLimits::new(Rc::clone(&cells));
         let key: Box<str> = "lic".into();
         let q = quota(1, 2);
-        assert_eq!(limits.check(&key, q, T0), Ok(()));
+        assert_eq!(limits.check(&key, q, T0), Ok(1));
         // This check's first write loses: the other worker's request took the last unit.
         assert!(limits.check(&key, q, T0).is_err());
         assert_eq!(limits.health().cas_conflicts, 1);

@@ -42,11 +42,15 @@ pub enum Code {
     SeatUnavailable,
     /// The license was used from more distinct clients than its plan allows.
     LicenseSharingDetected,
+    /// A route serves the path, but not with the request's method (`unmatched_routes: deny`);
+    /// the answer lists the methods it takes in `Allow`.
+    MethodNotAllowed,
 }
 
 impl Code {
-    /// Every code, in a fixed order (used to define one counter each).
-    pub const ALL: [Code; 22] = [
+    /// Every code, in a fixed order (used to define one counter each). New codes go at the
+    /// end, so that existing positions never move.
+    pub const ALL: [Code; 23] = [
         Code::MissingToken,
         Code::InvalidToken,
         Code::TokenExpired,
@@ -69,6 +73,7 @@ impl Code {
         Code::SeatLimitReached,
         Code::SeatUnavailable,
         Code::LicenseSharingDetected,
+        Code::MethodNotAllowed,
     ];
 
     /// The code as it appears in bodies, stats and usage records.
@@ -96,6 +101,7 @@ impl Code {
             Code::SeatLimitReached => "seat_limit_reached",
             Code::SeatUnavailable => "seat_unavailable",
             Code::LicenseSharingDetected => "license_sharing_detected",
+            Code::MethodNotAllowed => "method_not_allowed",
         }
     }
 
@@ -133,6 +139,9 @@ impl Code {
             Code::LicenseSharingDetected => {
                 "the license was used from more clients than its plan allows"
             }
+            Code::MethodNotAllowed => {
+                "the path is served for other methods (the Allow header lists them)"
+            }
         }
     }
 
@@ -166,6 +175,7 @@ impl Code {
             | Code::LicenseSharingDetected => 403,
             Code::RateLimited | Code::QuotaExhausted => 429,
             Code::SpendCapReached => 402,
+            Code::MethodNotAllowed => 405,
             Code::MeteringUnavailable
             | Code::QuotaUnavailable
             | Code::KeysUnavailable
@@ -182,7 +192,8 @@ pub enum LimitScope {
 }
 
 impl LimitScope {
-    fn policy_name(self) -> &'static str {
+    /// The name of the limit in `RateLimit-Policy` and `RateLimit`.
+    pub fn policy_name(self) -> &'static str {
         match self {
             LimitScope::License => "license",
             LimitScope::Feature => "feature",
@@ -229,6 +240,8 @@ pub struct Refusal {
     pub status: Option<u16>,
     /// `Retry-After` when it is not a rate or quota limit's (a spend cap: the period's end).
     pub retry_after_seconds: Option<u64>,
+    /// `Allow` of a `method_not_allowed` refusal: the methods the path takes, e.g. `GET, POST`.
+    pub allow: Option<String>,
 }
 
 impl Refusal {
@@ -240,6 +253,7 @@ impl Refusal {
             quota: None,
             status: None,
             retry_after_seconds: None,
+            allow: None,
         }
     }
 
@@ -272,6 +286,9 @@ impl Refusal {
                 headers.push(("retry-after", "1".into()))
             }
             _ => {}
+        }
+        if let Some(allow) = &self.allow {
+            headers.push(("allow", allow.clone()));
         }
         if let Some(seconds) = self.retry_after_seconds {
             headers.push(("retry-after", seconds.max(1).to_string()));
@@ -316,7 +333,7 @@ mod tests {
     fn codes_are_listed_once_with_their_status() {
         for (i, code) in Code::ALL.iter().enumerate() {
             assert_eq!(code.index(), i);
-            assert!(matches!(code.status(), 401 | 402 | 403 | 429 | 503));
+            assert!(matches!(code.status(), 401 | 402 | 403 | 405 | 429 | 503));
             assert!(!code.meaning().is_empty());
             assert_eq!(Code::named(code.as_str()), Some(*code));
         }
@@ -332,6 +349,29 @@ mod tests {
                 code.as_str()
             );
         }
+    }
+
+    #[test]
+    fn new_codes_come_after_the_existing_ones() {
+        // Positions are part of the stats layout: appending keeps every older code's.
+        assert_eq!(Code::ALL[0], Code::MissingToken);
+        assert_eq!(Code::LicenseSharingDetected.index(), 21);
+        assert_eq!(Code::MethodNotAllowed.index(), 22);
+    }
+
+    #[test]
+    fn method_not_allowed_is_405_with_allow() {
+        let refusal = Refusal {
+            allow: Some("GET, POST".into()),
+            ..Refusal::new(Code::MethodNotAllowed, "use GET or POST")
+        };
+        assert_eq!(refusal.status(), 405);
+        assert_eq!(refusal.code.as_str(), "method_not_allowed");
+        let headers = refusal.headers();
+        assert!(headers
+            .iter()
+            .any(|(k, v)| *k == "allow" && v == "GET, POST"));
+        assert!(!headers.iter().any(|(k, _)| *k == "www-authenticate"));
     }
 
     #[test]

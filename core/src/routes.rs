@@ -11,6 +11,11 @@ pub enum PathMatch {
     Prefix(String),
 }
 
+/// The HTTP methods a route may name (RFC 9110 section 9, and PATCH from RFC 5789).
+pub const HTTP_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
 /// The methods a route applies to; empty means every method.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Methods(Vec<String>);
@@ -22,6 +27,36 @@ impl Methods {
 
     fn allows(&self, method: &str) -> bool {
         self.0.is_empty() || self.0.iter().any(|m| m == method)
+    }
+
+    /// The methods named; empty means every method.
+    pub fn names(&self) -> &[String] {
+        &self.0
+    }
+
+    /// Every method.
+    pub fn is_any(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl PathMatch {
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Exact(p) => path == p,
+            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+        }
+    }
+
+    /// Every path `other` matches, this matches too.
+    pub fn covers(&self, other: &PathMatch) -> bool {
+        match (self, other) {
+            (PathMatch::Exact(a), PathMatch::Exact(b)) => a == b,
+            (PathMatch::Exact(_), PathMatch::Prefix(_)) => false,
+            (PathMatch::Prefix(a), PathMatch::Exact(b) | PathMatch::Prefix(b)) => {
+                b.starts_with(a.as_str())
+            }
+        }
     }
 }
 
@@ -58,14 +93,29 @@ impl RouteTable {
         let path = path.split_once('?').map_or(path, |(p, _)| p);
         self.routes
             .iter()
-            .find(|route| {
-                let path_matches = match &route.path {
-                    PathMatch::Exact(p) => path == p,
-                    PathMatch::Prefix(p) => path.starts_with(p.as_str()),
-                };
-                path_matches && route.methods.allows(method)
-            })
+            .find(|route| route.path.matches(path) && route.methods.allows(method))
             .map(|route| route.target)
+    }
+
+    /// The methods the routes matching `path` take, in configuration order without repeats
+    /// (for `Allow`). Empty when no route serves the path; never asked when one takes every
+    /// method, since that one would have matched.
+    pub fn allowed_methods(&self, path: &str) -> Vec<&str> {
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        let mut methods: Vec<&str> = Vec::new();
+        for route in self.routes.iter().filter(|r| r.path.matches(path)) {
+            for method in route.methods.names() {
+                if !methods.contains(&method.as_str()) {
+                    methods.push(method);
+                }
+            }
+        }
+        methods
+    }
+
+    /// The routes in configuration order.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
     }
 }
 
@@ -118,6 +168,39 @@ mod tests {
             t.lookup("GET", "/v1/search?q=x"),
             Some(RouteTarget::Feature(0))
         );
+    }
+
+    #[test]
+    fn a_path_served_for_other_methods_lists_them() {
+        let t = RouteTable::new(vec![
+            Route {
+                path: PathMatch::Prefix("/v1/design/".into()),
+                methods: Methods::new(vec!["POST".into(), "PUT".into()]),
+                target: RouteTarget::Feature(1),
+            },
+            Route {
+                path: PathMatch::Exact("/v1/design/run".into()),
+                methods: Methods::new(vec!["PUT".into(), "DELETE".into()]),
+                target: RouteTarget::Feature(0),
+            },
+        ]);
+        assert_eq!(t.lookup("GET", "/v1/design/run"), None);
+        assert_eq!(
+            t.allowed_methods("/v1/design/run?x=1"),
+            vec!["POST", "PUT", "DELETE"]
+        );
+        assert_eq!(t.allowed_methods("/v1/design/other"), vec!["POST", "PUT"]);
+        assert!(t.allowed_methods("/v2/").is_empty());
+    }
+
+    #[test]
+    fn prefixes_cover_longer_prefixes_and_exact_paths() {
+        let prefix = PathMatch::Prefix("/v1/".into());
+        assert!(prefix.covers(&PathMatch::Prefix("/v1/search".into())));
+        assert!(prefix.covers(&PathMatch::Exact("/v1/search".into())));
+        assert!(!prefix.covers(&PathMatch::Prefix("/v".into())));
+        assert!(!PathMatch::Exact("/v1/".into()).covers(&PathMatch::Prefix("/v1/".into())));
+        assert!(PathMatch::Exact("/a".into()).covers(&PathMatch::Exact("/a".into())));
     }
 
     #[test]

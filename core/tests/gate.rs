@@ -439,9 +439,13 @@ fn features_routes_and_public_paths() {
         code(ask(&mut gate, "POST", "/v1/design/run", Some(&b), NOW)),
         Some(Code::FeatureNotLicensed)
     );
-    // GET is not a route of the design feature: nothing matches.
+    // GET is not a route of the design feature: the path is served, but not for GET.
     assert_eq!(
         code(ask(&mut gate, "GET", "/v1/design/run", Some(&b), NOW)),
+        Some(Code::MethodNotAllowed)
+    );
+    assert_eq!(
+        code(ask(&mut gate, "GET", "/v2/search", Some(&b), NOW)),
         Some(Code::RouteNotLicensed)
     );
     assert_eq!(
@@ -948,7 +952,32 @@ fn configuration_errors_name_the_field() {
                 c["routes"][1] = json!({"prefix": "x", "feature": "f"});
                 c
             },
-            "routes[1].path",
+            // The field the operator wrote, not the one the route compiles to.
+            "`routes[1].prefix`: must start with `/`",
+        ),
+        (
+            {
+                let mut c = config();
+                c["routes"][1] = json!({"path": "x", "feature": "f"});
+                c
+            },
+            "`routes[1].path`: must start with `/`",
+        ),
+        (
+            {
+                let mut c = config();
+                c["routes"][2]["methods"] = json!(["POST", "GTE"]);
+                c
+            },
+            "`routes[2].methods[1]`: `GTE` is not an HTTP method; use one of GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH",
+        ),
+        (
+            {
+                let mut c = config();
+                c["routes"][2]["methods"] = json!(["post"]);
+                c
+            },
+            "`routes[2].methods[0]`: `post` is not an HTTP method",
         ),
         (
             {
@@ -1175,6 +1204,288 @@ fn configuration_errors_name_the_field() {
     ] {
         assert!(Policy::from_json(junk).is_err());
     }
+}
+
+#[test]
+fn json_syntax_errors_say_where_by_line_and_column() {
+    let text = "{\n  \"token\": {\n    \"header\": \"authorization\",\n  }\n}\n";
+    let err = Policy::from_json(text.as_bytes()).unwrap_err();
+    assert_eq!(err.field, "");
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration: not valid JSON at line 4, column 3: trailing comma"
+    );
+    // Cut short, and junk after the configuration: the place again, never a field `?`.
+    for (junk, place) in [
+        (&b"{\"token\": {\"header\": "[..], "line 1, column 21"),
+        (b"{\"plans\": {\"a\" 1}}", "line 1, column 16"),
+    ] {
+        let err = Policy::from_json(junk).unwrap_err().to_string();
+        assert!(
+            err.starts_with("invalid configuration: not valid JSON at ") && err.contains(place),
+            "{err}"
+        );
+        assert!(!err.contains('?'), "{err}");
+    }
+    let trailing = format!("{}\n x", config());
+    let err = Policy::from_json(trailing.as_bytes())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("not valid JSON at line 2, column 2: trailing characters"),
+        "{err}"
+    );
+    // A value of the wrong type is still named by its field.
+    let mut c = config();
+    c["token"]["leeway_seconds"] = json!("soon");
+    let err = Policy::from_json(c.to_string().as_bytes()).unwrap_err();
+    assert_eq!(err.field, "token.leeway_seconds");
+}
+
+#[test]
+fn routes_that_can_never_match_are_accepted_with_a_warning() {
+    let fields = |routes: Value| -> Vec<(String, String)> {
+        let mut c = config();
+        c["routes"] = routes;
+        c["plans"]["pro"] = json!({});
+        Policy::from_json(c.to_string().as_bytes())
+            .unwrap()
+            .warnings()
+            .iter()
+            .map(|w| (w.field.clone(), w.to_string()))
+            .collect()
+    };
+    // The shipped-style table: nothing shadowed.
+    assert!(Policy::from_json(config().to_string().as_bytes())
+        .unwrap()
+        .warnings()
+        .is_empty());
+    // A broad prefix before a narrower one, every method: the later route is dead.
+    let dead = fields(json!([
+        {"prefix": "/v1/", "feature": "search"},
+        {"prefix": "/v1/design", "methods": ["POST"], "feature": "design"},
+        {"path": "/v1/search/all", "feature": "search"},
+        {"prefix": "/v2/", "feature": "search"},
+    ]));
+    assert_eq!(
+        dead.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>(),
+        ["routes[1]", "routes[2]"]
+    );
+    assert_eq!(
+        dead[0].1,
+        "configuration warning at `routes[1]`: can never match: routes[0] comes first and matches every path and method it does"
+    );
+    // Methods: an earlier route for the same methods shadows; for other methods it does not;
+    // for some of them it shadows those.
+    let by_method = fields(json!([
+        {"prefix": "/v1/design", "methods": ["POST"], "feature": "design"},
+        {"prefix": "/v1/design/run", "methods": ["POST"], "feature": "design"},
+        {"prefix": "/v1/design/run", "methods": ["GET"], "feature": "search"},
+        {"path": "/v1/design/run/x", "methods": ["GET", "PUT"], "feature": "search"},
+        {"prefix": "/v1/design/", "feature": "search"},
+    ]));
+    assert_eq!(by_method.len(), 2, "{by_method:?}");
+    assert_eq!(by_method[0].0, "routes[1]");
+    assert_eq!(
+        by_method[0].1,
+        "configuration warning at `routes[1]`: can never match: routes[0] comes first and matches its paths for POST"
+    );
+    assert_eq!(by_method[1].0, "routes[3]");
+    assert_eq!(
+        by_method[1].1,
+        "configuration warning at `routes[3]`: never matches GET: routes[2] comes first and matches its paths for it"
+    );
+    // routes[2] (GET where earlier routes take POST) and routes[4] (every method after a
+    // route for POST: the other methods still reach it) are live.
+}
+
+#[test]
+fn a_path_served_for_other_methods_is_405_with_allow() {
+    let k = keys();
+    let mut gate = gate();
+    let b = format!("Bearer {}", token(&k.ed, &spec("pro", &["design"])));
+    let Verdict::Refuse(refusal) = ask(&mut gate, "GET", "/v1/design/run?x=1", Some(&b), NOW)
+    else {
+        panic!("GET on a POST-only route must be refused")
+    };
+    assert_eq!(refusal.code, Code::MethodNotAllowed);
+    assert_eq!(refusal.status(), 405);
+    assert_eq!(refusal.allow.as_deref(), Some("POST"));
+    let headers = refusal.headers();
+    assert!(
+        headers.iter().any(|(k, v)| *k == "allow" && v == "POST"),
+        "{headers:?}"
+    );
+    // Decided before the token: a request without one gets the same answer.
+    assert_eq!(
+        code(ask(&mut gate, "DELETE", "/v1/design", None, NOW)),
+        Some(Code::MethodNotAllowed)
+    );
+    // No route for the path at all: still route_not_licensed.
+    assert_eq!(
+        code(ask(&mut gate, "GET", "/v2/design", Some(&b), NOW)),
+        Some(Code::RouteNotLicensed)
+    );
+    // Several routes for the path: every method they take, in configuration order.
+    let mut c = config();
+    c["routes"] = json!([
+        {"prefix": "/v1/design/", "methods": ["PUT", "POST"], "feature": "design"},
+        {"path": "/v1/design/run", "methods": ["POST", "DELETE"], "feature": "design"},
+    ]);
+    c["plans"]["pro"] = json!({});
+    let mut gate = gate_with(&c);
+    let Verdict::Refuse(refusal) = ask(&mut gate, "GET", "/v1/design/run", Some(&b), NOW) else {
+        panic!("GET must be refused")
+    };
+    assert_eq!(refusal.allow.as_deref(), Some("PUT, POST, DELETE"));
+    // With `unmatched_routes: allow` a request no route takes passes, whatever its method.
+    let mut open = config();
+    open["unmatched_routes"] = json!("allow");
+    let mut gate = gate_with(&open);
+    assert_eq!(
+        ask(&mut gate, "GET", "/v1/design/run", None, NOW),
+        Verdict::Public
+    );
+}
+
+#[test]
+fn the_token_header_is_removed_upstream_unless_configured_to_stay() {
+    let k = keys();
+    let b = format!("Bearer {}", token(&k.ed, &spec("starter", &["search"])));
+    let head = RequestHead {
+        method: "GET",
+        path: "/v1/search",
+        credential: Some(&b),
+        user: None,
+        client_address: None,
+    };
+    let mut gate = gate();
+    let allowed = gate.admit(&head, NOW * SECOND);
+    assert_eq!(allowed.verdict, Verdict::Allow);
+    assert_eq!(
+        allowed.upstream_removals(gate.policy()),
+        Some("authorization")
+    );
+    // Public routes are not the filter's business: whatever they carry stays.
+    let public = gate.admit(
+        &RequestHead {
+            path: "/healthz",
+            ..head
+        },
+        NOW * SECOND,
+    );
+    assert_eq!(public.upstream_removals(gate.policy()), None);
+
+    let mut c = config();
+    c["token"]["header"] = json!("X-License");
+    let mut gate = gate_with(&c);
+    let allowed = gate.admit(&head, NOW * SECOND);
+    assert_eq!(allowed.upstream_removals(gate.policy()), Some("x-license"));
+
+    let mut c = config();
+    c["token"]["strip_from_upstream"] = json!(false);
+    let mut gate = gate_with(&c);
+    let allowed = gate.admit(&head, NOW * SECOND);
+    assert_eq!(allowed.verdict, Verdict::Allow);
+    assert_eq!(allowed.upstream_removals(gate.policy()), None);
+}
+
+#[test]
+fn allowed_responses_carry_ratelimit_headers_for_rate_limits() {
+    let k = keys();
+    let b = format!("Bearer {}", token(&k.ed, &spec("starter", &["search"])));
+    let at = |gate: &mut Gate<Rc<MemoryCells>>, path: &str, nanos: u64| {
+        gate.admit(
+            &RequestHead {
+                method: if path.starts_with("/v1/design") {
+                    "POST"
+                } else {
+                    "GET"
+                },
+                path,
+                credential: Some(&b),
+                user: None,
+                client_address: None,
+            },
+            nanos,
+        )
+    };
+    let header = |admission: &tollgate_core::Admission, name: &str| {
+        admission
+            .ratelimit_headers()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+    };
+    // starter: 2 per second, burst 3 (w: 1.5 s to refill the burst, rounded up).
+    let mut gate = gate();
+    let first = at(&mut gate, "/v1/search", NOW * SECOND);
+    assert_eq!(first.verdict, Verdict::Allow);
+    assert_eq!(
+        header(&first, "ratelimit-policy").as_deref(),
+        Some("\"license\";q=3;w=2")
+    );
+    assert_eq!(
+        header(&first, "ratelimit").as_deref(),
+        Some("\"license\";r=2;t=1")
+    );
+    let third = {
+        at(&mut gate, "/v1/search", NOW * SECOND);
+        at(&mut gate, "/v1/search", NOW * SECOND)
+    };
+    assert_eq!(
+        header(&third, "ratelimit").as_deref(),
+        Some("\"license\";r=0;t=2")
+    );
+    // A public route has none.
+    let public = gate.admit(
+        &RequestHead {
+            method: "GET",
+            path: "/healthz",
+            credential: None,
+            user: None,
+            client_address: None,
+        },
+        NOW * SECOND,
+    );
+    assert!(public.ratelimit_headers().is_empty());
+
+    // License and feature limits: license first, then feature.
+    let mut c = config();
+    c["plans"]["starter"]["feature_rate_limits"] =
+        json!({"search": {"requests_per_second": 1, "burst": 2}});
+    let mut gate = gate_with(&c);
+    let both = at(&mut gate, "/v1/search", NOW * SECOND);
+    assert_eq!(
+        header(&both, "ratelimit-policy").as_deref(),
+        Some("\"license\";q=3;w=2, \"feature\";q=2;w=2")
+    );
+    assert_eq!(
+        header(&both, "ratelimit").as_deref(),
+        Some("\"license\";r=2;t=1, \"feature\";r=1;t=1")
+    );
+
+    // A plan without limits: no headers at all.
+    let mut c = config();
+    c["plans"]["starter"] = json!({});
+    let mut gate = gate_with(&c);
+    assert!(at(&mut gate, "/v1/search", NOW * SECOND)
+        .ratelimit_headers()
+        .is_empty());
+
+    // Turned off: rate limits are still enforced, but allowed answers say nothing of them.
+    let mut c = config();
+    c["rate_limit_headers"] = json!(false);
+    let mut gate = gate_with(&c);
+    for _ in 0..3 {
+        let allowed = at(&mut gate, "/v1/search", NOW * SECOND);
+        assert_eq!(allowed.verdict, Verdict::Allow);
+        assert!(allowed.ratelimit_headers().is_empty());
+    }
+    assert_eq!(
+        code(at(&mut gate, "/v1/search", NOW * SECOND).verdict),
+        Some(Code::RateLimited)
+    );
 }
 
 #[test]

@@ -343,6 +343,10 @@ impl RootContext for TollgateRoot {
                 return false;
             }
         };
+        // Once per configuration of this VM, never per request.
+        for warning in policy.warnings() {
+            log(LogLevel::Warn, &warning.to_string());
+        }
         let metrics = match Metrics::define(&policy) {
             Ok(metrics) => Rc::new(metrics),
             Err(problem) => {
@@ -541,6 +545,10 @@ fn not_configured(body: &[u8]) -> Action {
 fn answer(admission: &Admission, policy: &Policy) {
     match &admission.verdict {
         Verdict::Allow => {
+            // The upstream is served on the license's behalf; it never needs the license.
+            if let Some(name) = admission.upstream_removals(policy) {
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+            }
             // Replacing a header also removes every copy the client sent.
             for (name, value) in admission.upstream_headers(policy) {
                 let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
@@ -663,8 +671,8 @@ impl HttpContext for TollgateHttp {
             Some(slot) => slot
                 .try_borrow()
                 .ok()
-                .and_then(|s| s.admission.as_ref().map(Admission::quota_headers)),
-            None => self.admission.as_ref().map(Admission::quota_headers),
+                .and_then(|s| s.admission.as_ref().map(Admission::ratelimit_headers)),
+            None => self.admission.as_ref().map(Admission::ratelimit_headers),
         };
         for (name, value) in headers.unwrap_or_default() {
             let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(&value));

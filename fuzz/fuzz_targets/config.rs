@@ -56,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
                 },
                 now_nanos + i as u64,
             );
-            let _ = admission.quota_headers();
+            let _ = admission.ratelimit_headers();
             let _ = admission.upstream_headers(&policy);
             gate.record(
                 &admission,

@@ -58,7 +58,7 @@ fn ask(gate: &mut Gate<Rc<MemoryCells>>, credential: &str, now_nanos: u64) {
             },
             now_nanos,
         );
-        let _ = admission.quota_headers();
+        let _ = admission.ratelimit_headers();
         let _ = admission.upstream_headers(gate.policy());
         gate.record(
             &admission,

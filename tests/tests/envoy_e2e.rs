@@ -98,6 +98,16 @@ fn licensed_request_reaches_upstream_with_context_headers_and_no_forgeries() {
     assert_eq!(seen["headers"]["x-tollgate-license"], json!(["lic-1"]));
     assert_eq!(seen["headers"]["x-tollgate-plan"], json!(["starter"]));
     assert_eq!(seen["headers"]["x-tollgate-feature"], json!(["search"]));
+    // The license stays at the gate (`token.strip_from_upstream`, on by default).
+    assert!(seen["headers"].get("authorization").is_none(), "{seen}");
+    // starter: 5 per second, burst 10; this was the first request of the license.
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some("\"license\";q=10;w=2"),
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(r.header("ratelimit"), Some("\"license\";r=9;t=1"));
 
     // A public route needs no token and forwards no forged license headers either.
     let r = get(
@@ -211,6 +221,12 @@ fn every_refusal_has_its_status_code_and_json_body() {
             403,
             "route_not_licensed",
         ),
+        (
+            "/v1/design/run",
+            Some(format!("Bearer {}", sign(&acme, now))),
+            405,
+            "method_not_allowed",
+        ),
     ];
     for (path, credential, status, code) in cases {
         let headers: Vec<(&str, &[u8])> = credential
@@ -224,6 +240,11 @@ fn every_refusal_has_its_status_code_and_json_body() {
             "{path} {credential:?}"
         );
         assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(
+            r.header("allow"),
+            (status == 405).then_some("POST"),
+            "{path}"
+        );
         assert!(r.json().unwrap()["message"]
             .as_str()
             .is_some_and(|m| !m.is_empty()));

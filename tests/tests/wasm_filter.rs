@@ -180,6 +180,8 @@ fn licensed_request_is_forwarded_with_license_headers_replacing_forged_ones() {
     );
     assert_eq!(ex.status(), 200, "{ex:?}");
     assert!(ex.local_response.is_none());
+    // The license itself stays with the filter (`token.strip_from_upstream`, default on).
+    assert_eq!(ex.upstream_headers("authorization"), Vec::<String>::new());
     assert_eq!(ex.upstream_headers("x-tollgate-account"), ["acct-1"]);
     assert_eq!(ex.upstream_headers("x-tollgate-license"), ["lic-1"]);
     assert_eq!(ex.upstream_headers("x-tollgate-plan"), ["pro"]);
@@ -234,9 +236,10 @@ fn licensed_request_is_forwarded_with_license_headers_replacing_forged_ones() {
         assert_eq!(ex.upstream_headers(name), Vec::<String>::new(), "{name}");
     }
     assert_eq!(ex.upstream_header("x-other").as_deref(), Some("kept"));
-    // Not even a broken token is looked at on a public route.
+    // Not even a broken token is looked at on a public route, nor taken away.
     let ex = send(&mut vm, public.header("authorization", "Bearer not-a-jwt"));
     assert_eq!(ex.status(), 200, "{ex:?}");
+    assert_eq!(ex.upstream_headers("authorization"), ["Bearer not-a-jwt"]);
     assert_eq!(
         ex.upstream_headers("x-tollgate-account"),
         Vec::<String>::new()
@@ -318,11 +321,20 @@ fn refusals_have_their_status_code_and_json_body() {
     );
     assert_refused(&ex, 403, "unknown_plan");
 
-    // No route serves it: an unknown path, or a known prefix with a method it does not allow.
+    // No route serves it: an unknown path.
     let ex = send(&mut vm, Request::get("/v2/search").bearer(&starter));
     assert_refused(&ex, 403, "route_not_licensed");
+    assert_eq!(ex.header("allow"), None);
+    // A known path with a method no route takes for it: 405, and what it takes.
     let ex = send(&mut vm, Request::get("/v1/design/run").bearer(&starter));
-    assert_refused(&ex, 403, "route_not_licensed");
+    assert_refused(&ex, 405, "method_not_allowed");
+    assert_eq!(ex.header("allow").as_deref(), Some("POST"));
+    assert_eq!(ex.header("www-authenticate"), None);
+    vm.tick().unwrap();
+    assert_eq!(
+        vm.metric("tollgate.requests_refused.reason.method_not_allowed"),
+        Some(1)
+    );
 
     // Expiry follows the proxy's (fake) clock: valid for an hour plus 30 s of leeway.
     let pro = token(&k.ed, &spec("pro", &["search"]));
@@ -353,9 +365,27 @@ fn rate_limit_answers_429_with_retry_headers_and_recovers_after_one_period() {
     let t = token(&k.ed, &spec("starter", &["search"]));
     let search = || Request::get("/v1/search").bearer(&t);
 
-    // starter: 5 requests per second, burst 5.
+    // starter: 5 requests per second, burst 5. Allowed answers say how much is left.
     for i in 0..5 {
-        assert_eq!(send(&mut vm, search()).status(), 200, "request {i}");
+        let ok = send(&mut vm, search());
+        assert_eq!(ok.status(), 200, "request {i}");
+        assert_eq!(
+            ok.header("ratelimit-policy").as_deref(),
+            Some("\"license\";q=5;w=1")
+        );
+        // t: the whole burst is back one emission period (200 ms) per request taken.
+        let taken: u64 = i + 1;
+        assert_eq!(
+            ok.header("ratelimit").as_deref(),
+            Some(
+                format!(
+                    "\"license\";r={};t={}",
+                    5 - taken,
+                    (taken * 200).div_ceil(1000)
+                )
+                .as_str()
+            )
+        );
     }
     let ex = send(&mut vm, search());
     assert_refused(&ex, 429, "rate_limited");
@@ -388,9 +418,15 @@ fn rate_limit_answers_429_with_retry_headers_and_recovers_after_one_period() {
     let mut pro_spec = spec("pro", &["search", "design"]);
     pro_spec.license_id = "lic-pro".into();
     let pro = token(&k.ed, &pro_spec);
+    let ok = send(&mut vm, Request::post("/v1/design").bearer(&pro));
+    assert_eq!(ok.status(), 200);
     assert_eq!(
-        send(&mut vm, Request::post("/v1/design").bearer(&pro)).status(),
-        200
+        ok.header("ratelimit-policy").as_deref(),
+        Some("\"feature\";q=1;w=1")
+    );
+    assert_eq!(
+        ok.header("ratelimit").as_deref(),
+        Some("\"feature\";r=0;t=1")
     );
     let ex = send(&mut vm, Request::post("/v1/design").bearer(&pro));
     let body = assert_refused(&ex, 429, "rate_limited");
@@ -405,7 +441,89 @@ fn rate_limit_answers_429_with_retry_headers_and_recovers_after_one_period() {
     for i in 0..20 {
         let ex = send(&mut vm, Request::get("/v1/search").bearer(&pro));
         assert_eq!(ex.status(), 200, "search request {i}");
+        assert_eq!(ex.header("ratelimit"), None);
     }
+}
+
+#[test]
+fn rate_limit_headers_can_be_turned_off_and_the_token_kept_upstream() {
+    let k = keys();
+    let mut c = config();
+    c["rate_limit_headers"] = json!(false);
+    c["token"]["strip_from_upstream"] = json!(false);
+    let mut vm = start(&c);
+    let t = token(&k.ed, &spec("starter", &["search"]));
+    for i in 0..5 {
+        let ok = send(&mut vm, Request::get("/v1/search").bearer(&t));
+        assert_eq!(ok.status(), 200, "request {i}");
+        assert_eq!(ok.header("ratelimit-policy"), None);
+        assert_eq!(ok.header("ratelimit"), None);
+        assert_eq!(
+            ok.upstream_headers("authorization"),
+            [format!("Bearer {t}")]
+        );
+    }
+    // The limit holds all the same, and its refusal still explains itself.
+    let ex = send(&mut vm, Request::get("/v1/search").bearer(&t));
+    assert_refused(&ex, 429, "rate_limited");
+    assert_eq!(
+        ex.header("ratelimit-policy").as_deref(),
+        Some("\"license\";q=5;w=1")
+    );
+
+    // A custom token header is the one removed.
+    let mut c = config();
+    c["token"]["header"] = json!("X-License-Token");
+    c["token"]["prefix"] = json!("");
+    let mut vm = start(&c);
+    let ex = send(
+        &mut vm,
+        Request::get("/v1/search")
+            .header("x-license-token", t.as_str())
+            .header("authorization", "Basic dXNlcjpwdw=="),
+    );
+    assert_eq!(ex.status(), 200, "{ex:?}");
+    assert_eq!(ex.upstream_headers("x-license-token"), Vec::<String>::new());
+    assert_eq!(ex.upstream_headers("authorization"), ["Basic dXNlcjpwdw=="]);
+}
+
+#[test]
+fn a_route_that_can_never_match_is_logged_once_per_configuration() {
+    let k = keys();
+    let mut c = config();
+    c["routes"] = json!([
+        {"path": "/healthz", "public": true},
+        {"prefix": "/v1/", "feature": "search"},
+        {"prefix": "/v1/design", "methods": ["POST"], "feature": "design"},
+    ]);
+    let mut vm = start(&c);
+    let t = token(&k.ed, &spec("pro", &["search", "design"]));
+    for _ in 0..5 {
+        let ex = send(&mut vm, Request::post("/v1/design").bearer(&t));
+        assert_eq!(ex.status(), 200, "{ex:?}");
+        // The earlier, broader route takes it.
+        assert_eq!(ex.upstream_headers("x-tollgate-feature"), ["search"]);
+    }
+    vm.tick().unwrap();
+    let warnings: Vec<String> = vm
+        .logs()
+        .into_iter()
+        .filter(|(level, _)| *level == LogLevel::Warn)
+        .map(|(_, message)| message)
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", vm.log_text());
+    assert!(
+        warnings[0].contains("configuration warning at `routes[2]`: can never match: routes[1]"),
+        "{}",
+        warnings[0]
+    );
+    // A configuration without one warns of nothing.
+    let vm = start(&config());
+    assert!(
+        vm.logs().iter().all(|(level, _)| *level < LogLevel::Warn),
+        "{}",
+        vm.log_text()
+    );
 }
 
 #[test]
@@ -599,6 +717,18 @@ fn bad_configurations_fail_to_start_and_name_the_field() {
         (
             with(&|c| c["routes"][1] = json!({"prefix": "/x"})),
             "routes[1]",
+        ),
+        (
+            with(&|c| c["routes"][2]["methods"] = json!(["GTE"])),
+            "invalid configuration at `routes[2].methods[0]`: `GTE` is not an HTTP method; use one of GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH",
+        ),
+        (
+            with(&|c| c["routes"][1] = json!({"prefix": "v1", "feature": "search"})),
+            "invalid configuration at `routes[1].prefix`: must start with `/`",
+        ),
+        (
+            "{\"token\": {}\n,}".into(),
+            "invalid configuration: not valid JSON at line 2, column 2",
         ),
         ("{\"token\": ".into(), "EOF"),
         (String::new(), "the plugin configuration is empty"),
