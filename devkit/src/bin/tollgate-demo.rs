@@ -34,6 +34,8 @@ struct Answer {
     status: u16,
     code: String,
     retry_after: Option<String>,
+    /// The methods a 405 names.
+    allow: Option<String>,
     body: String,
 }
 
@@ -49,6 +51,7 @@ fn send(agent: &ureq::Agent, method: &str, url: &str, token: Option<&str>) -> Re
     };
     let status = response.status();
     let retry_after = response.header("retry-after").map(String::from);
+    let allow = response.header("allow").map(String::from);
     let body = response.into_string()?;
     let code = serde_json::from_str::<Value>(&body)
         .ok()
@@ -58,6 +61,7 @@ fn send(agent: &ureq::Agent, method: &str, url: &str, token: Option<&str>) -> Re
         status,
         code,
         retry_after,
+        allow,
         body,
     })
 }
@@ -249,15 +253,44 @@ fn run(keep_running: bool, leftovers: &Mutex<Leftovers>) -> Result<()> {
         key.sign(&spec.claims_at(unix_now() - 7200))?
     };
     println!("\nlicenses issued by the collector's license server (EdDSA, kid demo-2026):");
-    println!(
-        "  acme-corp  lic-acme-001    plan starter (5 req/s, burst 10)   features search, reports"
-    );
-    println!("  globex     lic-globex-007  plan pro (generative-design: 2 req/s, burst 4)  features search, generative-design");
-    println!(
-        "  umbrella   lic-umbrella-010 plan trial (10 calls a day)            features search"
-    );
-    println!("  hooli      lic-hooli-020   plan team (2 named seats a month)    features search");
-    println!("  initech    lic-initech-002 expired an hour ago (minted with the same key)");
+    let mut licenses = Table::new(&["account", "license", "plan", "features"]);
+    for row in [
+        [
+            "acme-corp",
+            "lic-acme-001",
+            "starter (5 req/s, burst 10)",
+            "search, reports",
+        ],
+        [
+            "globex",
+            "lic-globex-007",
+            "pro (generative-design: 2 req/s, burst 4)",
+            "search, generative-design",
+        ],
+        [
+            "umbrella",
+            "lic-umbrella-010",
+            "trial (10 calls a day)",
+            "search",
+        ],
+        [
+            "hooli",
+            "lic-hooli-020",
+            "team (2 named seats a month)",
+            "search",
+        ],
+        [
+            "initech",
+            "lic-initech-002",
+            "starter, expired an hour ago (minted with the same key)",
+            "search",
+        ],
+    ] {
+        licenses.row(row.map(String::from).to_vec());
+    }
+    for line in licenses.render().lines() {
+        println!("  {line}");
+    }
 
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(10))
@@ -294,6 +327,7 @@ fn run(keep_running: bool, leftovers: &Mutex<Leftovers>) -> Result<()> {
             Some(&acme),
             "acme-corp",
         ),
+        ("DELETE", "/v1/reports/2026-11", Some(&acme), "acme-corp"),
         ("POST", "/v1/design/bracket", Some(&acme), "acme-corp"),
         (
             "POST",
@@ -324,6 +358,8 @@ fn run(keep_running: bool, leftovers: &Mutex<Leftovers>) -> Result<()> {
                 None if answer.body.len() > 1000 => format!("served {} bytes", answer.body.len()),
                 None => "served (public route)".into(),
             }
+        } else if let Some(allow) = &answer.allow {
+            format!("{} (Allow: {allow})", answer.code)
         } else {
             answer.code.clone()
         };
