@@ -4,9 +4,10 @@ VENV := .venv
 ENVOY := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
 WASM := target/wasm32-wasip1/release/tollgate_filter.wasm
+NATIVE := target/native/libtollgate.so
 FUZZ_SECONDS ?= 20
 
-.PHONY: run up test test-only wasm oci envoy postgres chromium curl wrk bench soak lint deny fuzz fmt clean
+.PHONY: run up test test-only wasm native oci envoy postgres chromium curl wrk bench soak lint deny fuzz fmt clean
 
 ## run: build, start an upstream and Envoy with the filter, mint demo licenses, send traffic, exit
 ## (DEMO_ARGS=--keep keeps its temporary folders: the usage database, Envoy's config and log)
@@ -18,7 +19,7 @@ up: wasm envoy
 	cargo run -q -p tollgate-devkit --bin tollgate-demo -- --keep-running $(DEMO_ARGS)
 
 ## test: lints (native and wasm32), unit tests, the .wasm under wasmtime, end to end through Envoy
-test: wasm envoy postgres chromium curl lint deny fuzz test-only
+test: wasm native envoy postgres chromium curl lint deny fuzz test-only
 
 test-only:
 	cargo test --workspace --no-fail-fast
@@ -34,6 +35,12 @@ wasm:
 	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 	cargo build -p tollgate-filter --target wasm32-wasip1 --release
 	@echo "filter: $(WASM) $$(stat -c %s $(WASM)) bytes"
+
+## native: the Envoy dynamic module (Envoy 1.40, ABI v0.2.0), release with unwinding panics
+## (profile `native`: each hook catches a panic and answers 500 instead of aborting Envoy)
+native:
+	cargo build -p tollgate-native --profile native
+	@echo "native module: $(NATIVE) $$(stat -c %s $(NATIVE)) bytes"
 
 ## oci: the filter as an OCI image layout for Istio (target/oci/tollgate-filter); copy it to a
 ## registry with oras, skopeo or crane

@@ -5,10 +5,11 @@
 //! kept in proxy-wasm shared data and updated with compare-and-swap: read, let governor decide,
 //! write back only if no other worker wrote in between, else retry.
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use governor::clock::Clock;
@@ -107,17 +108,27 @@ pub struct StoreHealth {
     pub errors: u64,
 }
 
+/// The store's health as it is counted: atomics, so that a gate can be shared by threads
+/// (the native module keeps one gate for all of Envoy's workers).
+#[derive(Debug, Default)]
+struct HealthCounts {
+    cas_conflicts: AtomicU64,
+    errors: AtomicU64,
+}
+
 /// governor's state store over [`SharedCells`].
 struct CellStore<S> {
     cells: S,
-    health: Rc<Cell<StoreHealth>>,
+    health: Arc<HealthCounts>,
 }
 
 impl<S: SharedCells> CellStore<S> {
-    fn note(&self, update: impl FnOnce(&mut StoreHealth)) {
-        let mut health = self.health.get();
-        update(&mut health);
-        self.health.set(health);
+    fn note_conflict(&self) {
+        self.health.cas_conflicts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn note_error(&self) {
+        self.health.errors.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -136,7 +147,7 @@ impl<S: SharedCells> StateStore for CellStore<S> {
                 Err(StoreError) => {
                     // Without the shared store the best available answer is a fresh bucket:
                     // requests keep flowing and the error shows in stats.
-                    self.note(|h| h.errors += 1);
+                    self.note_error();
                     return f(None).map(|(t, _)| t);
                 }
             };
@@ -146,10 +157,10 @@ impl<S: SharedCells> StateStore for CellStore<S> {
                 .compare_and_swap(key, new_tat.as_u64(), current.map(|(_, v)| v))
             {
                 Ok(true) => return Ok(outcome),
-                Ok(false) if attempts < CAS_ATTEMPTS => self.note(|h| h.cas_conflicts += 1),
+                Ok(false) if attempts < CAS_ATTEMPTS => self.note_conflict(),
                 Ok(false) => return Ok(outcome),
                 Err(StoreError) => {
-                    self.note(|h| h.errors += 1);
+                    self.note_error();
                     return Ok(outcome);
                 }
             }
@@ -160,12 +171,18 @@ impl<S: SharedCells> StateStore for CellStore<S> {
 /// A clock that reads the time the adapter last set: the host's, in nanoseconds since the
 /// Unix epoch.
 #[derive(Debug, Clone, Default)]
-struct SetClock(Rc<Cell<u64>>);
+struct SetClock(Arc<AtomicU64>);
+
+impl SetClock {
+    fn set(&self, now_nanos: u64) {
+        self.0.store(now_nanos, Ordering::Relaxed);
+    }
+}
 
 impl Clock for SetClock {
     type Instant = Nanos;
     fn now(&self) -> Nanos {
-        Nanos::from(self.0.get())
+        Nanos::from(self.0.load(Ordering::Relaxed))
     }
 }
 
@@ -175,7 +192,7 @@ type Limiter<S> = RateLimiter<Box<str>, CellStore<S>, SetClock, StateInformation
 pub struct RateLimits<S: SharedCells + Clone> {
     cells: S,
     clock: SetClock,
-    health: Rc<Cell<StoreHealth>>,
+    health: Arc<HealthCounts>,
     limiters: HashMap<RateQuota, Limiter<S>>,
 }
 
@@ -184,7 +201,7 @@ impl<S: SharedCells + Clone> RateLimits<S> {
         RateLimits {
             cells,
             clock: SetClock::default(),
-            health: Rc::default(),
+            health: Arc::default(),
             limiters: HashMap::new(),
         }
     }
@@ -201,18 +218,18 @@ impl<S: SharedCells + Clone> RateLimits<S> {
                 // governor measures time from the limiter's creation. Creating every limiter
                 // while the clock reads 0 makes that origin the Unix epoch, so the TATs kept in
                 // shared data mean the same to every worker and survive VM restarts.
-                self.clock.0.set(0);
+                self.clock.set(0);
                 let Some(governor_quota) = governor_quota(quota) else {
                     return Ok(quota.burst);
                 };
                 let store = CellStore {
                     cells: self.cells.clone(),
-                    health: Rc::clone(&self.health),
+                    health: Arc::clone(&self.health),
                 };
                 e.insert(Limiter::new(governor_quota, store, self.clock.clone()))
             }
         };
-        self.clock.0.set(now_nanos);
+        self.clock.set(now_nanos);
         limiter
             .check_key(key)
             .map(|state| state.remaining_burst_capacity())
@@ -224,7 +241,10 @@ impl<S: SharedCells + Clone> RateLimits<S> {
 
     /// Conflicts and errors met in the shared store so far.
     pub fn health(&self) -> StoreHealth {
-        self.health.get()
+        StoreHealth {
+            cas_conflicts: self.health.cas_conflicts.load(Ordering::Relaxed),
+            errors: self.health.errors.load(Ordering::Relaxed),
+        }
     }
 }
 

@@ -1,0 +1,515 @@
+//! The one room with `unsafe`: Envoy 1.40's dynamic-module C ABI (ABI version v0.2.0), written
+//! by hand from envoyproxy/envoy `source/extensions/dynamic_modules/abi/abi.h` and checked
+//! against the 1.40 binary (the argument registers each callback reads, and Envoy's load
+//! errors for a missing hook).
+//!
+//! Raw `#[repr(C)]` types and `extern "C"` declarations, a safe wrapper per callback, and the
+//! exported hooks. Every hook runs its body under [`std::panic::catch_unwind`]: a panic that
+//! crossed into Envoy would abort the process. The rest of the crate is safe Rust.
+#![allow(unsafe_code)]
+
+use std::ffi::{c_char, c_void};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use crate::{Config, ConfigHost, Http, Stream};
+
+/// The ABI version Envoy 1.40 matches (`Dynamic module ABI version v0.2.0 matched.`).
+const ABI_VERSION: &std::ffi::CStr = c"v0.2.0";
+
+/// Bytes owned by Envoy, valid for the duration of the hook or callback that handed them out.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EnvoyBuffer {
+    ptr: *const u8,
+    length: usize,
+}
+
+/// Bytes owned by the module, lent to Envoy for the duration of one callback (Envoy copies).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ModuleBuffer {
+    ptr: *const u8,
+    length: usize,
+}
+
+impl ModuleBuffer {
+    fn of(bytes: &[u8]) -> Self {
+        ModuleBuffer {
+            ptr: bytes.as_ptr(),
+            length: bytes.len(),
+        }
+    }
+
+    const NULL: ModuleBuffer = ModuleBuffer {
+        ptr: std::ptr::null(),
+        length: 0,
+    };
+}
+
+/// `envoy_dynamic_module_type_module_http_header`.
+#[repr(C)]
+struct ModuleHttpHeader {
+    key_ptr: *const u8,
+    key_length: usize,
+    value_ptr: *const u8,
+    value_length: usize,
+}
+
+/// `envoy_dynamic_module_type_http_header_type`.
+const REQUEST_HEADER: u32 = 0;
+const RESPONSE_HEADER: u32 = 2;
+
+/// `envoy_dynamic_module_type_on_http_filter_request_headers_status`.
+const HEADERS_CONTINUE: u32 = 0;
+const HEADERS_STOP_ITERATION: u32 = 1;
+/// Body and trailer statuses: `Continue` is 0 in each enum.
+const CONTINUE: u32 = 0;
+
+/// `envoy_dynamic_module_type_metrics_result_Success`.
+const METRICS_SUCCESS: u32 = 0;
+
+/// `envoy_dynamic_module_type_log_level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Info = 2,
+    Warn = 3,
+    Error = 4,
+    Critical = 5,
+}
+
+type FilterEnvoyPtr = *mut c_void;
+type ConfigEnvoyPtr = *mut c_void;
+
+#[cfg(not(test))]
+mod raw {
+    use super::{ConfigEnvoyPtr, EnvoyBuffer, FilterEnvoyPtr, ModuleBuffer, ModuleHttpHeader};
+
+    // Signatures as Envoy 1.40 implements them (newer than some copies of abi.h: counters take
+    // label arrays, a local reply takes a `details` buffer, buffers go by value).
+    extern "C" {
+        pub fn envoy_dynamic_module_callback_log(level: u32, message: ModuleBuffer);
+        pub fn envoy_dynamic_module_callback_http_get_header(
+            filter: FilterEnvoyPtr,
+            header_type: u32,
+            key: ModuleBuffer,
+            result: *mut EnvoyBuffer,
+            index: usize,
+            optional_size: *mut usize,
+        ) -> bool;
+        pub fn envoy_dynamic_module_callback_http_set_header(
+            filter: FilterEnvoyPtr,
+            header_type: u32,
+            key: ModuleBuffer,
+            value: ModuleBuffer,
+        ) -> bool;
+        pub fn envoy_dynamic_module_callback_http_send_response(
+            filter: FilterEnvoyPtr,
+            status_code: u32,
+            headers: *const ModuleHttpHeader,
+            headers_size: usize,
+            body: ModuleBuffer,
+            details: ModuleBuffer,
+        );
+        pub fn envoy_dynamic_module_callback_http_filter_config_define_counter(
+            config: ConfigEnvoyPtr,
+            name: ModuleBuffer,
+            label_names: *const ModuleBuffer,
+            label_names_length: usize,
+            counter_id: *mut usize,
+        ) -> u32;
+        pub fn envoy_dynamic_module_callback_http_filter_increment_counter(
+            filter: FilterEnvoyPtr,
+            id: usize,
+            label_values: *const ModuleBuffer,
+            label_values_length: usize,
+            value: u64,
+        ) -> u32;
+    }
+}
+
+/// Unit tests link without Envoy: stand-ins for the callbacks the safe wrappers call.
+#[cfg(test)]
+#[allow(clippy::missing_safety_doc)]
+mod raw {
+    use super::{ConfigEnvoyPtr, EnvoyBuffer, FilterEnvoyPtr, ModuleBuffer, ModuleHttpHeader};
+
+    pub unsafe fn envoy_dynamic_module_callback_log(_level: u32, _message: ModuleBuffer) {}
+    pub unsafe fn envoy_dynamic_module_callback_http_get_header(
+        _: FilterEnvoyPtr,
+        _: u32,
+        _: ModuleBuffer,
+        _: *mut EnvoyBuffer,
+        _: usize,
+        _: *mut usize,
+    ) -> bool {
+        false
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_set_header(
+        _: FilterEnvoyPtr,
+        _: u32,
+        _: ModuleBuffer,
+        _: ModuleBuffer,
+    ) -> bool {
+        false
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_send_response(
+        _: FilterEnvoyPtr,
+        _: u32,
+        _: *const ModuleHttpHeader,
+        _: usize,
+        _: ModuleBuffer,
+        _: ModuleBuffer,
+    ) {
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_filter_config_define_counter(
+        _: ConfigEnvoyPtr,
+        _: ModuleBuffer,
+        _: *const ModuleBuffer,
+        _: usize,
+        _: *mut usize,
+    ) -> u32 {
+        1
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_filter_increment_counter(
+        _: FilterEnvoyPtr,
+        _: usize,
+        _: *const ModuleBuffer,
+        _: usize,
+        _: u64,
+    ) -> u32 {
+        1
+    }
+}
+
+/// Log to Envoy's `dynamic_modules` logger.
+pub fn log(level: LogLevel, message: &str) {
+    // SAFETY: the message buffer points into `message`, alive for the call; Envoy copies it.
+    unsafe { raw::envoy_dynamic_module_callback_log(level as u32, ModuleBuffer::of(message.as_bytes())) }
+}
+
+/// The filter configuration being created (valid inside `config_new` only).
+struct ConfigHandle(ConfigEnvoyPtr);
+
+impl ConfigHost for ConfigHandle {
+    fn define_counter(&mut self, name: &str) -> Option<usize> {
+        let mut id = 0usize;
+        // SAFETY: `self.0` is the config pointer Envoy passed to the running `config_new`;
+        // `name` outlives the call (Envoy copies it into its stat name pool); no labels; `id`
+        // is a live local Envoy writes once.
+        let result = unsafe {
+            raw::envoy_dynamic_module_callback_http_filter_config_define_counter(
+                self.0,
+                ModuleBuffer::of(name.as_bytes()),
+                std::ptr::null(),
+                0,
+                &mut id,
+            )
+        };
+        (result == METRICS_SUCCESS).then_some(id)
+    }
+}
+
+/// One stream, for the duration of one hook: `filter` is valid until the hook returns.
+struct FilterHandle(FilterEnvoyPtr);
+
+impl Http for FilterHandle {
+    fn request_header(&self, name: &str) -> Option<&[u8]> {
+        let mut result = EnvoyBuffer {
+            ptr: std::ptr::null(),
+            length: 0,
+        };
+        // SAFETY: `self.0` is the stream's filter pointer handed to the running hook; the key
+        // is borrowed for the call; `result` is a live local; no value count is asked for.
+        let found = unsafe {
+            raw::envoy_dynamic_module_callback_http_get_header(
+                self.0,
+                REQUEST_HEADER,
+                ModuleBuffer::of(name.as_bytes()),
+                &mut result,
+                0,
+                std::ptr::null_mut(),
+            )
+        };
+        if !found || result.ptr.is_null() {
+            return None;
+        }
+        // SAFETY: Envoy points `result` at the header value in its request header map, which
+        // stays unchanged while the hook runs and nothing writes headers: the returned slice
+        // borrows `self`, and every header write takes `&mut self`.
+        Some(unsafe { std::slice::from_raw_parts(result.ptr, result.length) })
+    }
+
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+        let value = value.map_or(ModuleBuffer::NULL, |v| ModuleBuffer::of(v.as_bytes()));
+        // SAFETY: the filter pointer is the running hook's; key and value are borrowed for the
+        // call and copied by Envoy; a null value removes the header.
+        let _ = unsafe {
+            raw::envoy_dynamic_module_callback_http_set_header(
+                self.0,
+                REQUEST_HEADER,
+                ModuleBuffer::of(name.as_bytes()),
+                value,
+            )
+        };
+    }
+
+    fn set_response_header(&mut self, name: &str, value: &str) {
+        // SAFETY: as for `set_request_header`, on the response headers of the running hook.
+        let _ = unsafe {
+            raw::envoy_dynamic_module_callback_http_set_header(
+                self.0,
+                RESPONSE_HEADER,
+                ModuleBuffer::of(name.as_bytes()),
+                ModuleBuffer::of(value.as_bytes()),
+            )
+        };
+    }
+
+    fn send_response(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
+        let headers: Vec<ModuleHttpHeader> = headers
+            .iter()
+            .map(|(k, v)| ModuleHttpHeader {
+                key_ptr: k.as_ptr(),
+                key_length: k.len(),
+                value_ptr: v.as_ptr(),
+                value_length: v.len(),
+            })
+            .collect();
+        let details = b"tollgate";
+        // SAFETY: the filter pointer is the running hook's; the header array, each key and
+        // value, the body and the details are alive for the call, and Envoy copies them.
+        unsafe {
+            raw::envoy_dynamic_module_callback_http_send_response(
+                self.0,
+                status,
+                headers.as_ptr(),
+                headers.len(),
+                ModuleBuffer::of(body),
+                ModuleBuffer::of(details),
+            )
+        }
+    }
+
+    fn increment(&mut self, counter: usize, value: u64) {
+        // SAFETY: the filter pointer is the running hook's; `counter` came from
+        // `define_counter` on this stream's configuration; no labels.
+        let _ = unsafe {
+            raw::envoy_dynamic_module_callback_http_filter_increment_counter(
+                self.0,
+                counter,
+                std::ptr::null(),
+                0,
+                value,
+            )
+        };
+    }
+}
+
+/// Run a hook's body; a panic is logged and becomes `fallback`.
+fn guard<T>(hook: &str, fallback: T, body: impl FnOnce() -> T) -> T {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(value) => value,
+        Err(_) => {
+            let message = format!("tollgate: panic caught in {hook}");
+            // Even the log must not unwind into Envoy.
+            let _ = catch_unwind(|| log(LogLevel::Critical, &message));
+            fallback
+        }
+    }
+}
+
+/// What a stream holds: its configuration (Envoy keeps the configuration alive while any of
+/// its streams lives) and its own state.
+struct StreamBox {
+    config: *const Config,
+    stream: Stream,
+}
+
+/// # Safety (for the callers below)
+/// `module_ptr` is what `on_http_filter_new` returned for this stream and not yet destroyed;
+/// Envoy calls one stream's hooks from its worker thread, one at a time.
+unsafe fn stream_mut<'a>(module_ptr: *mut c_void) -> Option<(&'a Config, &'a mut Stream)> {
+    let boxed = module_ptr.cast::<StreamBox>();
+    // SAFETY: per this function's contract, `boxed` is null or a live, unaliased StreamBox.
+    let boxed = unsafe { boxed.as_mut() }?;
+    // SAFETY: the configuration outlives its streams (Envoy holds it for each of them).
+    let config = unsafe { boxed.config.as_ref() }?;
+    Some((config, &mut boxed.stream))
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
+    ABI_VERSION.as_ptr()
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
+    config_envoy_ptr: ConfigEnvoyPtr,
+    name: EnvoyBuffer,
+    config: EnvoyBuffer,
+) -> *const c_void {
+    guard("config_new", std::ptr::null(), || {
+        let bytes = if config.ptr.is_null() {
+            &[][..]
+        } else {
+            // SAFETY: Envoy lends the configuration bytes for the duration of this hook; they
+            // are parsed into owned values before it returns.
+            unsafe { std::slice::from_raw_parts(config.ptr, config.length) }
+        };
+        let name = if name.ptr.is_null() {
+            &[][..]
+        } else {
+            // SAFETY: as for the configuration bytes.
+            unsafe { std::slice::from_raw_parts(name.ptr, name.length) }
+        };
+        match Config::new(&mut ConfigHandle(config_envoy_ptr), name, bytes) {
+            Some(config) => Box::into_raw(Box::new(config)).cast_const().cast(),
+            None => std::ptr::null(),
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config_module_ptr: *mut c_void) {
+    guard("config_destroy", (), || {
+        if !config_module_ptr.is_null() {
+            // SAFETY: the pointer is the Box `config_new` leaked; Envoy destroys it once, after
+            // its last stream.
+            drop(unsafe { Box::from_raw(config_module_ptr.cast::<Config>()) });
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
+    config_module_ptr: *mut c_void,
+    _filter_envoy_ptr: FilterEnvoyPtr,
+) -> *const c_void {
+    guard("filter_new", std::ptr::null(), || {
+        let boxed = Box::new(StreamBox {
+            config: config_module_ptr.cast_const().cast::<Config>(),
+            stream: Stream::default(),
+        });
+        Box::into_raw(boxed).cast_const().cast()
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
+    filter_envoy_ptr: FilterEnvoyPtr,
+    filter_module_ptr: *mut c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    let answered = guard("request_headers", None, || {
+        // SAFETY: Envoy passes the pointer `on_http_filter_new` returned for this stream.
+        let (config, stream) = unsafe { stream_mut(filter_module_ptr) }?;
+        Some(stream.request_headers(config, &mut FilterHandle(filter_envoy_ptr)))
+    });
+    match answered {
+        Some(true) => HEADERS_CONTINUE,
+        Some(false) => HEADERS_STOP_ITERATION,
+        // A panic (or no stream state): the request was neither checked nor metered.
+        None => {
+            let _ = catch_unwind(|| crate::internal_error(&mut FilterHandle(filter_envoy_ptr)));
+            HEADERS_STOP_ITERATION
+        }
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+    _filter_envoy_ptr: FilterEnvoyPtr,
+    _filter_module_ptr: *mut c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+    _filter_envoy_ptr: FilterEnvoyPtr,
+    _filter_module_ptr: *mut c_void,
+) -> u32 {
+    CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+    filter_envoy_ptr: FilterEnvoyPtr,
+    filter_module_ptr: *mut c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    guard("response_headers", (), || {
+        // SAFETY: as in `request_headers`.
+        if let Some((_, stream)) = unsafe { stream_mut(filter_module_ptr) } {
+            stream.response_headers(&mut FilterHandle(filter_envoy_ptr));
+        }
+    });
+    CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
+    _filter_envoy_ptr: FilterEnvoyPtr,
+    _filter_module_ptr: *mut c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
+    _filter_envoy_ptr: FilterEnvoyPtr,
+    _filter_module_ptr: *mut c_void,
+) -> u32 {
+    CONTINUE
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
+    filter_envoy_ptr: FilterEnvoyPtr,
+    filter_module_ptr: *mut c_void,
+) {
+    guard("stream_complete", (), || {
+        // SAFETY: as in `request_headers`.
+        if let Some((config, stream)) = unsafe { stream_mut(filter_module_ptr) } {
+            stream.complete(config, &mut FilterHandle(filter_envoy_ptr));
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter_module_ptr: *mut c_void) {
+    guard("filter_destroy", (), || {
+        if !filter_module_ptr.is_null() {
+            // SAFETY: the pointer is the Box `filter_new` leaked; Envoy destroys it once.
+            drop(unsafe { Box::from_raw(filter_module_ptr.cast::<StreamBox>()) });
+        }
+    })
+}
+
+// Hooks Envoy 1.40 requires to load a module, for features this module does not use (HTTP
+// callouts and streams, scheduled events, watermarks). The C ABI lets a callee ignore its
+// arguments, so they take none; each does nothing, so there is nothing to panic.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done() {}
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers() {}
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data() {}
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers() {}
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete() {}
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset() {}
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled() {}
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
+) {
+}
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
+) {
+}

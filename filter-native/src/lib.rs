@@ -1,0 +1,272 @@
+//! Tollgate as an Envoy dynamic module: the same [`Gate`] as the wasm filter, driven from
+//! Envoy's native HTTP filter hooks (Envoy 1.40, ABI v0.2.0).
+//!
+//! Everything that decides lives in `tollgate-core`; this crate reads headers, reads the clock,
+//! answers refusals and counts into Envoy stats, as `filter/src/lib.rs` does. Unlike the wasm
+//! filter, all of Envoy's workers share one process: one [`Gate`] per filter configuration
+//! (so one token cache and one rate-limit store per Envoy), behind a short lock.
+//!
+//! Not in this module yet (refused at load, so nothing runs unchecked): `collector` (usage
+//! shipping, quotas, seats, denials), `token.jwks_source`, and plans with `sharing` limits.
+//! All `unsafe` lives in [`abi`].
+
+// Slicing that can panic would answer 500 instead of deciding.
+#![deny(clippy::indexing_slicing)]
+
+mod abi;
+mod cells;
+mod metrics;
+
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tollgate_core::config::UserSource;
+use tollgate_core::{Admission, Gate, Policy, RequestHead, UsageTotals, Verdict};
+
+pub use crate::abi::LogLevel;
+pub use crate::cells::NativeCells;
+use crate::metrics::Metrics;
+
+/// What Envoy lends the module while a filter configuration is created.
+pub trait ConfigHost {
+    /// Define a counter (`dynamicmodulescustom.<name>`); `None` if Envoy refuses.
+    fn define_counter(&mut self, name: &str) -> Option<usize>;
+}
+
+/// What Envoy lends the module during one hook of one stream.
+pub trait Http {
+    /// A request header's first value.
+    fn request_header(&self, name: &str) -> Option<&[u8]>;
+    /// Replace every copy of a request header (`None`: remove them).
+    fn set_request_header(&mut self, name: &str, value: Option<&str>);
+    fn set_response_header(&mut self, name: &str, value: &str);
+    /// Answer locally; the request goes no further.
+    fn send_response(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]);
+    fn increment(&mut self, counter: usize, value: u64);
+}
+
+/// Log to Envoy's `dynamic_modules` logger.
+pub fn log(level: LogLevel, message: &str) {
+    abi::log(level, message);
+}
+
+/// The gate must be shareable by Envoy's worker threads.
+const _: () = {
+    const fn send<T: Send>() {}
+    send::<Gate<NativeCells>>();
+};
+
+/// One filter configuration: the compiled policy and the gate every worker shares.
+pub struct Config {
+    gate: Mutex<Gate<NativeCells>>,
+    policy: Arc<Policy>,
+    metrics: Metrics,
+}
+
+/// Why a configuration cannot run in this module yet.
+fn unsupported(policy: &Policy) -> Option<&'static str> {
+    // `jwks_source` needs a collector: named first, it is the more precise reason.
+    if policy.token.jwks_source.is_some() {
+        return Some("`token.jwks_source`");
+    }
+    if policy.collector.is_some() {
+        return Some("`collector`");
+    }
+    if policy.reads_client_address {
+        return Some("`sharing` limits");
+    }
+    None
+}
+
+/// The policy in `bytes`, or the message that refuses it.
+pub fn compile(bytes: &[u8]) -> Result<Policy, String> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err("invalid configuration: the filter_config is empty".into());
+    }
+    let policy = Policy::from_json(bytes).map_err(|e| e.to_string())?;
+    if let Some(what) = unsupported(&policy) {
+        return Err(format!(
+            "invalid configuration: the native module does not support {what} yet; use the wasm filter"
+        ));
+    }
+    Ok(policy)
+}
+
+impl Config {
+    /// Compile `bytes` (the plugin JSON); `None` refuses the configuration, with a log line.
+    pub fn new(host: &mut impl ConfigHost, name: &[u8], bytes: &[u8]) -> Option<Config> {
+        let name = String::from_utf8_lossy(name);
+        let policy = match compile(bytes) {
+            Ok(policy) => Arc::new(policy),
+            Err(message) => {
+                log(LogLevel::Critical, &format!("tollgate ({name}): {message}"));
+                return None;
+            }
+        };
+        for warning in policy.warnings() {
+            log(LogLevel::Warn, &format!("tollgate ({name}): {warning}"));
+        }
+        let metrics = match Metrics::define(host, &policy) {
+            Ok(metrics) => metrics,
+            Err(stat) => {
+                log(
+                    LogLevel::Critical,
+                    &format!("tollgate ({name}): cannot define stat {stat}"),
+                );
+                return None;
+            }
+        };
+        let gate = Gate::new(Arc::clone(&policy), NativeCells::default());
+        Some(Config {
+            gate: Mutex::new(gate),
+            policy,
+            metrics,
+        })
+    }
+
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+}
+
+/// The proxy's clock in Unix nanoseconds (0 if before the epoch: tokens then look not yet
+/// valid rather than valid forever).
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Refuse with 503: the request can be neither checked nor metered.
+fn not_configured(http: &mut impl Http, body: &[u8]) {
+    http.send_response(503, &[("content-type", "application/json")], body);
+}
+
+/// The answer to a request whose hook panicked: 500, and Envoy keeps serving.
+pub fn internal_error(http: &mut impl Http) {
+    http.send_response(
+        500,
+        &[("content-type", "application/json")],
+        br#"{"error":"internal_error","message":"the licensing filter failed on this request"}"#,
+    );
+}
+
+/// One request.
+#[derive(Default)]
+pub struct Stream {
+    admission: Option<Admission>,
+    started_nanos: u64,
+}
+
+impl Stream {
+    /// Decide the request; true lets it continue upstream.
+    pub fn request_headers(&mut self, config: &Config, http: &mut impl Http) -> bool {
+        self.started_nanos = now_nanos();
+        let policy = &config.policy;
+        let admission = {
+            let path = http.request_header(":path").unwrap_or_default();
+            let method = http.request_header(":method").unwrap_or_default();
+            // Bytes that are not UTF-8 cannot be a JWT or a configured path.
+            let credential = http
+                .request_header(&policy.token.header)
+                .map(|c| std::str::from_utf8(c).unwrap_or("\u{fffd}"));
+            let user = match &policy.users {
+                Some(UserSource::Header(name)) => http.request_header(name),
+                _ => None,
+            };
+            let head = RequestHead {
+                method: std::str::from_utf8(method).unwrap_or(""),
+                path: std::str::from_utf8(path).unwrap_or(""),
+                credential,
+                user: user.and_then(|u| std::str::from_utf8(u).ok()),
+                client_address: None,
+            };
+            // A poisoned lock means a panic under it: the gate may be half updated, but its
+            // state is counters and caches, so serving on beats refusing every request.
+            let mut gate = config
+                .gate
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            gate.admit(&head, self.started_nanos)
+        };
+        let go_on = answer(&admission, policy, http);
+        self.admission = Some(admission);
+        go_on
+    }
+
+    /// The rate limits left, for clients that pace themselves (allowed requests).
+    pub fn response_headers(&mut self, http: &mut impl Http) {
+        if let Some(admission) = &self.admission {
+            for (name, value) in admission.ratelimit_headers() {
+                http.set_response_header(name, &value);
+            }
+        }
+    }
+
+    /// Meter the request and count it into Envoy stats.
+    pub fn complete(&mut self, config: &Config, http: &mut impl Http) {
+        let Some(admission) = self.admission.take() else {
+            return;
+        };
+        let usage = UsageTotals {
+            calls: 1,
+            request_bytes: 0,
+            response_bytes: 0,
+            processing_nanos: now_nanos().saturating_sub(self.started_nanos),
+        };
+        let (counters, health, usage) = {
+            let mut gate = config
+                .gate
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            gate.record(&admission, usage);
+            (gate.take_counters(), gate.store_health(), gate.drain_usage())
+        };
+        config.metrics.count(http, counters, health, &usage);
+    }
+}
+
+/// Forward with the license headers, strip forged ones, or send the refusal; true continues.
+fn answer(admission: &Admission, policy: &Policy, http: &mut impl Http) -> bool {
+    match &admission.verdict {
+        Verdict::Allow => {
+            // The upstream is served on the license's behalf; it never needs the license.
+            if let Some(name) = admission.upstream_removals(policy) {
+                http.set_request_header(name, None);
+            }
+            // Replacing a header also removes every copy the client sent.
+            for (name, value) in admission.upstream_headers(policy) {
+                http.set_request_header(name, Some(value));
+            }
+            true
+        }
+        Verdict::Public => {
+            for name in policy.upstream_headers.names() {
+                http.set_request_header(name, None);
+            }
+            true
+        }
+        // Only with a collector, which this module refuses at load; never let it through.
+        Verdict::AwaitCollector => {
+            not_configured(
+                http,
+                br#"{"error":"not_configured","message":"the licensing filter cannot hold requests"}"#,
+            );
+            false
+        }
+        Verdict::Refuse(refusal) => {
+            let headers = refusal.headers();
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            http.send_response(
+                u32::from(refusal.status()),
+                &headers,
+                refusal.body().as_bytes(),
+            );
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
