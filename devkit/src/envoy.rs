@@ -36,6 +36,92 @@ pub fn filter_wasm_path() -> PathBuf {
     workspace_root().join("target/wasm32-wasip1/release/tollgate_filter.wasm")
 }
 
+/// The native module (`make native`): `$TOLLGATE_NATIVE`, else the `native` profile's build.
+pub fn native_module_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("TOLLGATE_NATIVE") {
+        return PathBuf::from(path);
+    }
+    workspace_root().join("target/native/libtollgate.so")
+}
+
+/// The native module, or an error telling how to build it.
+pub fn require_native_module() -> Result<PathBuf> {
+    let path = native_module_path();
+    if !path.is_file() {
+        bail!(
+            "the native module {} is missing: run `make native`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Which of Tollgate's two Envoy adapters runs the core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adapter {
+    /// The proxy-wasm filter (`make wasm`), in V8.
+    Wasm,
+    /// The dynamic module (`make native`), `libtollgate.so`.
+    Native,
+}
+
+impl Adapter {
+    pub const ALL: [Adapter; 2] = [Adapter::Wasm, Adapter::Native];
+
+    /// The namespace of the filter's own stats: `<prefix>.tollgate.*`.
+    pub fn stat_prefix(self) -> &'static str {
+        match self {
+            Adapter::Wasm => "wasmcustom",
+            Adapter::Native => "dynamicmodulescustom",
+        }
+    }
+
+    /// A stat of the filter by its name under `tollgate.`, e.g. `requests_allowed`.
+    pub fn stat(self, name: &str) -> String {
+        format!("{}.tollgate.{name}", self.stat_prefix())
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Adapter::Wasm => "wasm",
+            Adapter::Native => "native",
+        }
+    }
+
+    /// The filter's `typed_config` type, for ECDS.
+    pub fn type_url(self) -> &'static str {
+        match self {
+            Adapter::Wasm => "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            Adapter::Native => "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+        }
+    }
+}
+
+/// An Envoy dynamic-module HTTP filter entry running `libtollgate.so` (found through
+/// `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`, which [`Envoy`] sets) with the plugin `configuration`.
+pub fn native_http_filter(configuration: &str) -> Value {
+    json!({
+        "name": "tollgate",
+        "typed_config": {
+            "@type": Adapter::Native.type_url(),
+            // Kept loaded: unloading a module with thread-locals or a live gate is not safe.
+            "dynamic_module_config": {"name": "tollgate", "do_not_close": true},
+            "filter_name": "tollgate",
+            "filter_config": {
+                "@type": "type.googleapis.com/google.protobuf.StringValue",
+                "value": configuration,
+            },
+        }
+    })
+}
+
+/// Where Envoy looks for dynamic modules: the native module's folder.
+fn module_search_path() -> PathBuf {
+    native_module_path()
+        .parent()
+        .map_or_else(workspace_root, Path::to_path_buf)
+}
+
 /// An Envoy wasm HTTP filter entry (named `tollgate`, V8) loading `module` with the plugin
 /// `configuration`.
 pub fn wasm_http_filter(module: &Path, configuration: &str) -> Value {
@@ -68,6 +154,8 @@ pub fn wasm_http_filter(module: &Path, configuration: &str) -> Value {
 pub struct Bootstrap {
     /// Tollgate's plugin configuration; `None` builds Envoy without the filter.
     pub plugin_config: Option<Value>,
+    /// The wasm filter (default) or the native module.
+    pub adapter: Adapter,
     pub wasm_path: PathBuf,
     pub upstream_port: u16,
     /// Listener port; 0 picks a free one.
@@ -93,6 +181,7 @@ impl Bootstrap {
     pub fn new(plugin_config: Value, upstream_port: u16) -> Self {
         Bootstrap {
             plugin_config: Some(plugin_config),
+            adapter: Adapter::Wasm,
             wasm_path: filter_wasm_path(),
             upstream_port,
             listen_port: 0,
@@ -134,7 +223,10 @@ impl Bootstrap {
 
     /// The Tollgate HTTP filter entry for an HTTP connection manager.
     pub fn tollgate_filter(&self, plugin_config: &Value) -> Value {
-        wasm_http_filter(&self.wasm_path, &plugin_config.to_string())
+        match self.adapter {
+            Adapter::Wasm => wasm_http_filter(&self.wasm_path, &plugin_config.to_string()),
+            Adapter::Native => native_http_filter(&plugin_config.to_string()),
+        }
     }
 
     /// The bootstrap as JSON (Envoy reads JSON as YAML).
@@ -152,7 +244,7 @@ impl Bootstrap {
                         },
                         "resource_api_version": "V3",
                     },
-                    "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"],
+                    "type_urls": [self.adapter.type_url()],
                 }
             }));
         } else if let Some(config) = &self.plugin_config {
@@ -258,7 +350,9 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 pub fn stats_config() -> Value {
     json!({"stats_tags": [
         {"tag_name": "tollgate_reason", "regex": "^wasmcustom\\.tollgate\\.requests_refused(\\.reason\\.(\\w+))$"},
-        {"tag_name": "tollgate_feature", "regex": "^wasmcustom\\.tollgate\\.feature(\\.([\\w-]+))\\.\\w+$"}
+        {"tag_name": "tollgate_feature", "regex": "^wasmcustom\\.tollgate\\.feature(\\.([\\w-]+))\\.\\w+$"},
+        {"tag_name": "tollgate_reason", "regex": "^dynamicmodulescustom\\.tollgate\\.requests_refused(\\.reason\\.(\\w+))$"},
+        {"tag_name": "tollgate_feature", "regex": "^dynamicmodulescustom\\.tollgate\\.feature(\\.([\\w-]+))\\.\\w+$"}
     ]})
 }
 
@@ -297,6 +391,7 @@ pub fn validate(config: &Path) -> Result<()> {
         ])
         .arg(config)
         .current_dir(workspace_root())
+        .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", module_search_path())
         .output()
         .with_context(|| format!("running {}", envoy_binary().display()))?;
     if !output.status.success() {
@@ -394,6 +489,7 @@ impl Envoy {
         let _ = std::fs::remove_file(&admin_path);
         let mut command = Command::new(envoy_binary());
         command
+            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", module_search_path())
             .arg("-c")
             .arg(config_path)
             .args(["--concurrency", &concurrency.to_string()]);

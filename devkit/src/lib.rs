@@ -11,6 +11,6 @@ pub mod ports;
 pub mod postgres;
 pub mod upstream;
 
-pub use envoy::{Bootstrap, Envoy};
+pub use envoy::{Adapter, Bootstrap, Envoy};
 pub use postgres::TestPostgres;
 pub use upstream::Upstream;

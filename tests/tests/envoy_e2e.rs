@@ -1,5 +1,7 @@
 //! End to end through a real Envoy (from `make envoy`) running the release .wasm, with a real
-//! upstream. Each test starts its own Envoy on free ports and stops it when done.
+//! upstream. Each test starts its own Envoy on free ports and stops it when done. The answers
+//! and the shared rate limit run once per adapter (`wasm::…` and `native::…`): the same test
+//! body against the wasm filter and the native module (`make native`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use tollgate_devkit::envoy::{validate, workspace_root};
-use tollgate_devkit::{unix_now, Bootstrap, Envoy, LicenseSpec, SigningKey, Upstream};
+use tollgate_devkit::envoy::{require_native_module, validate, workspace_root};
+use tollgate_devkit::{unix_now, Adapter, Bootstrap, Envoy, LicenseSpec, SigningKey, Upstream};
 use tollgate_tests::http::{request, RawResponse};
 
 const ISSUER: &str = "https://licenses.tollgate.example";
@@ -37,8 +39,16 @@ struct Stack {
 }
 
 fn stack(name: &str, config: Value, concurrency: u32) -> Stack {
+    stack_with(Adapter::Wasm, name, config, concurrency)
+}
+
+fn stack_with(adapter: Adapter, name: &str, config: Value, concurrency: u32) -> Stack {
+    if adapter == Adapter::Native {
+        require_native_module().unwrap();
+    }
     let upstream = Upstream::start(0).unwrap();
     let mut bootstrap = Bootstrap::new(config, upstream.port());
+    bootstrap.adapter = adapter;
     bootstrap.exact_balance = true;
     let envoy = Envoy::start(name, &bootstrap.to_json(), concurrency).unwrap();
     Stack { envoy, upstream }
@@ -70,14 +80,38 @@ fn assert_no_vm_failure(envoy: &Envoy) {
         "wasm trap",
         "VM has failed",
         "Plugin configured to fail closed",
+        "panic caught in",
     ] {
         assert!(!log.contains(sign), "Envoy log shows `{sign}`:\n{log}");
     }
 }
 
-#[test]
-fn licensed_request_reaches_upstream_with_context_headers_and_no_forgeries() {
-    let s = stack("forward", demo_config(), 2);
+/// Each test body here runs against both adapters, as `wasm::<name>` and `native::<name>`.
+macro_rules! with_both_adapters {
+    ($($test:ident),* $(,)?) => {
+        mod wasm {
+            $(#[test]
+            fn $test() {
+                super::$test(tollgate_devkit::Adapter::Wasm)
+            })*
+        }
+        mod native {
+            $(#[test]
+            fn $test() {
+                super::$test(tollgate_devkit::Adapter::Native)
+            })*
+        }
+    };
+}
+
+with_both_adapters!(
+    licensed_request_reaches_upstream_with_context_headers_and_no_forgeries,
+    every_refusal_has_its_status_code_and_json_body,
+    rate_limit_holds_for_the_whole_envoy_across_two_workers,
+);
+
+fn licensed_request_reaches_upstream_with_context_headers_and_no_forgeries(adapter: Adapter) {
+    let s = stack_with(adapter, "forward", demo_config(), 2);
     let token = license("acme", "lic-1", "starter", &["search"])
         .mint(&demo_key())
         .unwrap();
@@ -131,13 +165,12 @@ fn licensed_request_reaches_upstream_with_context_headers_and_no_forgeries() {
     assert_eq!(s.upstream.requests(), 2);
 }
 
-#[test]
-fn every_refusal_has_its_status_code_and_json_body() {
+fn every_refusal_has_its_status_code_and_json_body(adapter: Adapter) {
     let mut config = demo_config();
     // A second issuer's key, which the filter does not trust.
     let key = demo_key();
     config["plans"]["legacy"] = json!({});
-    let s = stack("refusals", config, 1);
+    let s = stack_with(adapter, "refusals", config, 1);
     let now = unix_now();
     let acme = license("acme", "lic-1", "starter", &["search"]);
     let sign = |spec: &LicenseSpec, at: u64| key.sign(&spec.claims_at(at)).unwrap();
@@ -266,15 +299,14 @@ fn every_refusal_has_its_status_code_and_json_body() {
     assert_no_vm_failure(&s.envoy);
 }
 
-#[test]
-fn rate_limit_holds_for_the_whole_envoy_across_two_workers() {
+fn rate_limit_holds_for_the_whole_envoy_across_two_workers(adapter: Adapter) {
     let rps = 20.0;
     let burst = 20.0;
     let (rps_json, burst_json) = (20, 20);
     let mut config = demo_config();
     config["plans"]["metered"] =
         json!({"rate_limit": {"requests_per_second": rps_json, "burst": burst_json}});
-    let s = stack("ratelimit", config, 2);
+    let s = stack_with(adapter, "ratelimit", config, 2);
     let token = license("acme", "lic-rl", "metered", &["search"])
         .mint(&demo_key())
         .unwrap();
@@ -357,24 +389,22 @@ fn rate_limit_holds_for_the_whole_envoy_across_two_workers() {
 
     // Every answer was metered, and the workers really contended for the shared cell.
     eventually("metered calls to match the client's count", || {
-        s.envoy
-            .stat("wasmcustom.tollgate.requests_allowed")
-            .unwrap()
-            == admitted
+        s.envoy.stat(&adapter.stat("requests_allowed")).unwrap() == admitted
             && s.envoy
-                .stat("wasmcustom.tollgate.requests_refused.reason.rate_limited")
+                .stat(&adapter.stat("requests_refused.reason.rate_limited"))
                 .unwrap()
                 == limited
     });
     let conflicts = s
         .envoy
-        .stat("wasmcustom.tollgate.ratelimit_store_conflicts")
+        .stat(&adapter.stat("ratelimit_store_conflicts"))
         .unwrap();
 
     let ideal = burst + rps * elapsed;
     eprintln!(
-        "rate limit {rps}/s burst {burst}, 2 workers, 8 connections, {elapsed:.2} s: admitted {admitted} \
+        "{}: rate limit {rps}/s burst {burst}, 2 workers, 8 connections, {elapsed:.2} s: admitted {admitted} \
          (ideal {ideal:.1}, over by {:.1}), refused {limited}, CAS conflicts retried {conflicts}",
+        adapter.name(),
         admitted as f64 - ideal
     );
     assert!(
@@ -557,6 +587,8 @@ fn usage_is_metered_into_envoy_stats() {
 
 #[test]
 fn shipped_envoy_configs_validate() {
+    // envoy-native.yaml loads the native module (validation loads it too).
+    require_native_module().unwrap();
     let dir = workspace_root().join("envoy");
     let mut validated = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
@@ -603,6 +635,10 @@ fn shipped_envoy_configs_validate() {
     };
     let ecds = std::fs::read_to_string(dir.join("ecds/tollgate.yaml")).unwrap();
     assert_eq!(plugin_config(&ecds), plugin_config(&yaml));
+    // The native module's example runs envoy/tollgate.json as it is (no collector yet).
+    let native = std::fs::read_to_string(dir.join("envoy-native.yaml")).unwrap();
+    assert_eq!(plugin_config(&native), demo_config());
+    assert!(native.contains("DynamicModuleFilter"));
     let ecds_bootstrap = std::fs::read_to_string(dir.join("envoy-ecds.yaml")).unwrap();
     assert!(ecds_bootstrap.contains("path: envoy/ecds/tollgate.yaml"));
     assert!(
@@ -623,4 +659,111 @@ fn invalid_plugin_configuration_is_refused_with_the_field_named() {
     std::fs::remove_file(&path).unwrap();
     assert!(err.contains("plans.starter.rate_limit.burst"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn native_module_refuses_at_load_what_it_does_not_run_yet() {
+    require_native_module().unwrap();
+    let refused = |config: Value| -> String {
+        let mut bootstrap = Bootstrap::new(config, 1);
+        bootstrap.adapter = Adapter::Native;
+        let path = std::env::temp_dir().join(format!(
+            "tollgate-native-refused-{}-{:?}.json",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::write(&path, bootstrap.to_json().to_string()).unwrap();
+        let err = validate(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(!err.contains("panic"), "{err}");
+        err
+    };
+    // Fail closed: a configuration with a collector does not load, so Envoy does not start.
+    let mut config = demo_config();
+    config["collector"] = json!({
+        "cluster": "tollgate_collector", "instance": "e2e/native", "key_id": "k1",
+        "secret": "0123456789abcdef0123456789abcdef",
+    });
+    let err = refused(config);
+    assert!(
+        err.contains("the native module does not support `collector` yet; use the wasm filter"),
+        "{err}"
+    );
+    // The core's own checks, with the field named, as in the wasm filter.
+    let mut config = demo_config();
+    config["plans"]["starter"]["rate_limit"]["burst"] = json!(0);
+    let err = refused(config);
+    assert!(err.contains("plans.starter.rate_limit.burst"), "{err}");
+}
+
+/// One gate for the whole Envoy: a burst sent over both workers at once admits the burst in
+/// total (plus what the rate refills meanwhile), not a burst per worker.
+#[test]
+fn native_burst_is_shared_by_two_workers() {
+    let mut config = demo_config();
+    config["plans"]["bursty"] = json!({"rate_limit": {"requests_per_second": 1, "burst": 10}});
+    let s = stack_with(Adapter::Native, "native-burst", config, 2);
+    let token = license("acme", "lic-burst", "bursty", &["search"])
+        .mint(&demo_key())
+        .unwrap();
+    let url = s.envoy.url("/v1/search");
+    let started = Instant::now();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, token) = (url.clone(), token.clone());
+            std::thread::spawn(move || {
+                let agent = ureq::AgentBuilder::new()
+                    .max_idle_connections_per_host(1)
+                    .build();
+                let mut admitted = 0u64;
+                for _ in 0..10 {
+                    match agent
+                        .get(&url)
+                        .set("authorization", &format!("Bearer {token}"))
+                        .call()
+                    {
+                        Ok(_) => admitted += 1,
+                        Err(ureq::Error::Status(429, r)) => {
+                            assert!(r.header("retry-after").is_some());
+                            assert_eq!(r.header("content-type"), Some("application/json"));
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                admitted
+            })
+        })
+        .collect();
+    let admitted: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    let elapsed = started.elapsed().as_secs_f64();
+    let stats = s.envoy.stats().unwrap();
+    let per_worker: Vec<u64> = (0..2)
+        .map(|w| {
+            stats
+                .iter()
+                .filter(|(name, _)| {
+                    name.ends_with(&format!(".worker_{w}.downstream_cx_total"))
+                        && name.starts_with("listener.127")
+                })
+                .map(|(_, v)| *v)
+                .sum()
+        })
+        .collect();
+    assert!(
+        per_worker.iter().all(|&n| n >= 2),
+        "connections per worker: {per_worker:?}"
+    );
+    eprintln!("native: 80 requests over 2 workers in {elapsed:.2} s, burst 10 at 1/s: admitted {admitted}");
+    // No first-write race in native memory: at most the burst plus one refill per second.
+    assert!(
+        admitted >= 10 && admitted as f64 <= 10.0 + elapsed.ceil(),
+        "admitted {admitted} in {elapsed:.2} s"
+    );
+    eventually("the refusals counted", || {
+        s.envoy
+            .stat(&Adapter::Native.stat("requests_refused.reason.rate_limited"))
+            .unwrap()
+            == 80 - admitted
+    });
+    assert_no_vm_failure(&s.envoy);
 }
