@@ -256,6 +256,7 @@ fn governor_quota(quota: RateQuota) -> Option<Quota> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
 
     const SECOND: u64 = 1_000_000_000;
     // Some day in 2026, in nanoseconds since the epoch: TATs are absolute times.

@@ -127,64 +127,12 @@ mod raw {
     }
 }
 
-/// Unit tests link without Envoy: stand-ins for the callbacks the safe wrappers call.
-#[cfg(test)]
-#[allow(clippy::missing_safety_doc)]
-mod raw {
-    use super::{ConfigEnvoyPtr, EnvoyBuffer, FilterEnvoyPtr, ModuleBuffer, ModuleHttpHeader};
-
-    pub unsafe fn envoy_dynamic_module_callback_log(_level: u32, _message: ModuleBuffer) {}
-    pub unsafe fn envoy_dynamic_module_callback_http_get_header(
-        _: FilterEnvoyPtr,
-        _: u32,
-        _: ModuleBuffer,
-        _: *mut EnvoyBuffer,
-        _: usize,
-        _: *mut usize,
-    ) -> bool {
-        false
-    }
-    pub unsafe fn envoy_dynamic_module_callback_http_set_header(
-        _: FilterEnvoyPtr,
-        _: u32,
-        _: ModuleBuffer,
-        _: ModuleBuffer,
-    ) -> bool {
-        false
-    }
-    pub unsafe fn envoy_dynamic_module_callback_http_send_response(
-        _: FilterEnvoyPtr,
-        _: u32,
-        _: *const ModuleHttpHeader,
-        _: usize,
-        _: ModuleBuffer,
-        _: ModuleBuffer,
-    ) {
-    }
-    pub unsafe fn envoy_dynamic_module_callback_http_filter_config_define_counter(
-        _: ConfigEnvoyPtr,
-        _: ModuleBuffer,
-        _: *const ModuleBuffer,
-        _: usize,
-        _: *mut usize,
-    ) -> u32 {
-        1
-    }
-    pub unsafe fn envoy_dynamic_module_callback_http_filter_increment_counter(
-        _: FilterEnvoyPtr,
-        _: usize,
-        _: *const ModuleBuffer,
-        _: usize,
-        _: u64,
-    ) -> u32 {
-        1
-    }
-}
-
 /// Log to Envoy's `dynamic_modules` logger.
 pub fn log(level: LogLevel, message: &str) {
     // SAFETY: the message buffer points into `message`, alive for the call; Envoy copies it.
-    unsafe { raw::envoy_dynamic_module_callback_log(level as u32, ModuleBuffer::of(message.as_bytes())) }
+    unsafe {
+        raw::envoy_dynamic_module_callback_log(level as u32, ModuleBuffer::of(message.as_bytes()))
+    }
 }
 
 /// The filter configuration being created (valid inside `config_new` only).
@@ -370,7 +318,9 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config_module_ptr: *mut c_void) {
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(
+    config_module_ptr: *mut c_void,
+) {
     guard("config_destroy", (), || {
         if !config_module_ptr.is_null() {
             // SAFETY: the pointer is the Box `config_new` leaked; Envoy destroys it once, after
@@ -506,10 +456,64 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset() {}
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled() {}
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
-) {
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark()
+{
 }
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
-) {
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark()
+{
+}
+
+/// Unit tests link without Envoy: stand-ins for the callbacks the safe wrappers call.
+#[cfg(test)]
+#[allow(clippy::missing_safety_doc)]
+mod raw {
+    use super::{ConfigEnvoyPtr, EnvoyBuffer, FilterEnvoyPtr, ModuleBuffer, ModuleHttpHeader};
+
+    pub unsafe fn envoy_dynamic_module_callback_log(_level: u32, _message: ModuleBuffer) {}
+    pub unsafe fn envoy_dynamic_module_callback_http_get_header(
+        _: FilterEnvoyPtr,
+        _: u32,
+        _: ModuleBuffer,
+        _: *mut EnvoyBuffer,
+        _: usize,
+        _: *mut usize,
+    ) -> bool {
+        false
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_set_header(
+        _: FilterEnvoyPtr,
+        _: u32,
+        _: ModuleBuffer,
+        _: ModuleBuffer,
+    ) -> bool {
+        false
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_send_response(
+        _: FilterEnvoyPtr,
+        _: u32,
+        _: *const ModuleHttpHeader,
+        _: usize,
+        _: ModuleBuffer,
+        _: ModuleBuffer,
+    ) {
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_filter_config_define_counter(
+        _: ConfigEnvoyPtr,
+        _: ModuleBuffer,
+        _: *const ModuleBuffer,
+        _: usize,
+        _: *mut usize,
+    ) -> u32 {
+        1
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_filter_increment_counter(
+        _: FilterEnvoyPtr,
+        _: usize,
+        _: *const ModuleBuffer,
+        _: usize,
+        _: u64,
+    ) -> u32 {
+        1
+    }
 }

@@ -220,7 +220,11 @@ impl Stream {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             gate.record(&admission, usage);
-            (gate.take_counters(), gate.store_health(), gate.drain_usage())
+            (
+                gate.take_counters(),
+                gate.store_health(),
+                gate.drain_usage(),
+            )
         };
         config.metrics.count(http, counters, health, &usage);
     }

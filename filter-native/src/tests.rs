@@ -24,11 +24,14 @@ impl ConfigHost for FakeConfig {
     }
 }
 
+/// A local reply: status, headers, body.
+type Sent = (u32, Vec<(String, String)>, Vec<u8>);
+
 #[derive(Default)]
 struct FakeHttp {
     request: HashMap<String, Vec<u8>>,
     response: HashMap<String, String>,
-    sent: Option<(u32, Vec<(String, String)>, Vec<u8>)>,
+    sent: Option<Sent>,
     counters: HashMap<usize, u64>,
 }
 
@@ -78,11 +81,14 @@ fn config(json: &Value) -> (Config, FakeConfig) {
 
 fn request(config: &Config, path: &str, token: Option<&str>) -> (bool, FakeHttp) {
     let mut http = FakeHttp::default();
-    http.request.insert(":path".into(), path.as_bytes().to_vec());
+    http.request
+        .insert(":path".into(), path.as_bytes().to_vec());
     http.request.insert(":method".into(), b"GET".to_vec());
     if let Some(token) = token {
-        http.request
-            .insert("authorization".into(), format!("Bearer {token}").into_bytes());
+        http.request.insert(
+            "authorization".into(),
+            format!("Bearer {token}").into_bytes(),
+        );
     }
     let mut stream = Stream::default();
     let go_on = stream.request_headers(config, &mut http);
