@@ -7,7 +7,7 @@ WASM := target/wasm32-wasip1/release/tollgate_filter.wasm
 NATIVE := target/native/libtollgate.so
 FUZZ_SECONDS ?= 20
 
-.PHONY: run up test test-only wasm native oci envoy postgres chromium curl wrk bench soak lint deny fuzz fmt clean
+.PHONY: run up test test-only wasm native native-probe oci envoy postgres chromium curl wrk bench soak lint deny fuzz fmt clean
 
 ## run: build, start an upstream and Envoy with the filter, mint demo licenses, send traffic, exit
 ## (DEMO_ARGS=--keep keeps its temporary folders: the usage database, Envoy's config and log)
@@ -19,7 +19,7 @@ up: wasm envoy
 	cargo run -q -p tollgate-devkit --bin tollgate-demo -- --keep-running $(DEMO_ARGS)
 
 ## test: lints (native and wasm32), unit tests, the .wasm under wasmtime, end to end through Envoy
-test: wasm native envoy postgres chromium curl lint deny fuzz test-only
+test: wasm native native-probe envoy postgres chromium curl lint deny fuzz test-only
 
 test-only:
 	cargo test --workspace --no-fail-fast
@@ -41,6 +41,13 @@ wasm:
 native:
 	cargo build -p tollgate-native --profile native
 	@echo "native module: $(NATIVE) $$(stat -c %s $(NATIVE)) bytes"
+
+## native-probe: the module with a test-only panic trigger (feature panic-probe), for the test
+## that a panic answers 500 and Envoy keeps serving; never ship it
+native-probe:
+	cargo build -p tollgate-native --profile native --features panic-probe --target-dir target/probe
+	@mkdir -p target/native-probe && cp target/probe/native/libtollgate.so target/native-probe/
+	@echo "panic-probe module: target/native-probe/libtollgate.so"
 
 ## oci: the filter as an OCI image layout for Istio (target/oci/tollgate-filter); copy it to a
 ## registry with oras, skopeo or crane

@@ -162,6 +162,8 @@ impl Stream {
     /// Decide the request; true lets it continue upstream.
     pub fn request_headers(&mut self, config: &Config, http: &mut impl Http) -> bool {
         self.started_nanos = now_nanos();
+        #[cfg(feature = "panic-probe")]
+        probe(http);
         let policy = &config.policy;
         let admission = {
             let path = http.request_header(":path").unwrap_or_default();
@@ -227,6 +229,15 @@ impl Stream {
             )
         };
         config.metrics.count(http, counters, health, &usage);
+    }
+}
+
+/// The test build's panic, to prove the hooks' guard (feature `panic-probe`).
+#[cfg(feature = "panic-probe")]
+#[allow(clippy::panic)]
+fn probe(http: &impl Http) {
+    if http.request_header("x-tollgate-panic-probe").is_some() {
+        panic!("panic probe");
     }
 }
 
