@@ -115,6 +115,9 @@ pub fn native_http_filter(configuration: &str) -> Value {
     })
 }
 
+/// The folder of an Envoy's scratch directory holding a module of its own.
+const MODULES_DIR: &str = "modules";
+
 /// Where Envoy looks for dynamic modules: the native module's folder.
 fn module_search_path() -> PathBuf {
     native_module_path()
@@ -414,6 +417,24 @@ impl Envoy {
         Envoy::start_file(&dir, &config_path, concurrency)
     }
 
+    /// Start Envoy with `bootstrap` whose native module is `module` (another build of
+    /// `libtollgate.so`, e.g. `make native-probe`'s) instead of [`native_module_path`].
+    pub fn start_with_module(
+        name: &str,
+        bootstrap: &Value,
+        concurrency: u32,
+        module: &Path,
+    ) -> Result<Envoy> {
+        let dir = scratch_dir(name)?;
+        let modules = dir.join(MODULES_DIR);
+        std::fs::create_dir_all(&modules)?;
+        std::fs::copy(module, modules.join("libtollgate.so"))
+            .with_context(|| format!("copying {}", module.display()))?;
+        let config_path = dir.join("envoy.json");
+        std::fs::write(&config_path, serde_json::to_vec_pretty(bootstrap)?)?;
+        Envoy::start_file(&dir, &config_path, concurrency)
+    }
+
     /// Start Envoy from a configuration file; `dir` receives its log and admin address.
     pub fn start_file(dir: &Path, config_path: &Path, concurrency: u32) -> Result<Envoy> {
         Envoy::spawn(dir, config_path, concurrency, None)
@@ -487,9 +508,16 @@ impl Envoy {
         let admin_path = dir.join("admin.address");
         let log_path = dir.join("envoy.log");
         let _ = std::fs::remove_file(&admin_path);
+        // A module of this Envoy's own (see `start_with_module`), else the built one.
+        let modules = dir.join(MODULES_DIR);
+        let search_path = if modules.is_dir() {
+            modules
+        } else {
+            module_search_path()
+        };
         let mut command = Command::new(envoy_binary());
         command
-            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", module_search_path())
+            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", search_path)
             .arg("-c")
             .arg(config_path)
             .args(["--concurrency", &concurrency.to_string()]);

@@ -96,6 +96,12 @@ impl Config {
     /// Compile `bytes` (the plugin JSON); `None` refuses the configuration, with a log line.
     pub fn new(host: &mut impl ConfigHost, name: &[u8], bytes: &[u8]) -> Option<Config> {
         let name = String::from_utf8_lossy(name);
+        if cfg!(panic = "abort") {
+            log(
+                LogLevel::Warn,
+                "tollgate: this build aborts on a panic, taking Envoy down; build it with `make native` (profile `native`) so a panic answers 500",
+            );
+        }
         let policy = match compile(bytes) {
             Ok(policy) => Arc::new(policy),
             Err(message) => {

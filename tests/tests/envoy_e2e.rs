@@ -767,3 +767,49 @@ fn native_burst_is_shared_by_two_workers() {
     });
     assert_no_vm_failure(&s.envoy);
 }
+
+/// A panic inside the module answers that request 500 and Envoy keeps serving (the module of
+/// `make native-probe` panics on a request carrying `x-tollgate-panic-probe`).
+#[test]
+fn native_panic_answers_500_and_envoy_keeps_serving() {
+    let probe = workspace_root().join("target/native-probe/libtollgate.so");
+    assert!(
+        probe.is_file(),
+        "{} is missing: run `make native-probe`",
+        probe.display()
+    );
+    let upstream = Upstream::start(0).unwrap();
+    let mut bootstrap = Bootstrap::new(demo_config(), upstream.port());
+    bootstrap.adapter = Adapter::Native;
+    let mut envoy =
+        Envoy::start_with_module("native-panic", &bootstrap.to_json(), 2, &probe).unwrap();
+    let listener = envoy.listener;
+    let token = license("acme", "lic-1", "starter", &["search"])
+        .mint(&demo_key())
+        .unwrap();
+    let auth = bearer(&token);
+    for _ in 0..3 {
+        let r = request(
+            listener,
+            "GET",
+            "/v1/search",
+            &[("authorization", &auth), ("x-tollgate-panic-probe", b"1")],
+        )
+        .unwrap();
+        assert_eq!(r.status, 500, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.code(), "internal_error");
+        assert_eq!(r.header("content-type"), Some("application/json"));
+    }
+    assert!(envoy.is_running(), "Envoy died:\n{}", envoy.log_tail(40));
+    // The same Envoy still decides requests.
+    let r = request(listener, "GET", "/v1/search", &[("authorization", &auth)]).unwrap();
+    assert_eq!(r.status, 200);
+    let r = request(listener, "GET", "/v1/search", &[]).unwrap();
+    assert_eq!((r.status, r.code().as_str()), (401, "missing_token"));
+    assert!(envoy.log().contains("panic caught in request_headers"));
+    assert_eq!(
+        upstream.requests(),
+        1,
+        "no panicking request reached the upstream"
+    );
+}
