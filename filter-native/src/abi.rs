@@ -59,6 +59,10 @@ struct ModuleHttpHeader {
 const REQUEST_HEADER: u32 = 0;
 const RESPONSE_HEADER: u32 = 2;
 
+/// `envoy_dynamic_module_type_http_body_type`: the chunk a body hook was called with.
+const RECEIVED_REQUEST_BODY: u32 = 0;
+const RECEIVED_RESPONSE_BODY: u32 = 2;
+
 /// `envoy_dynamic_module_type_on_http_filter_request_headers_status`.
 const HEADERS_CONTINUE: u32 = 0;
 const HEADERS_STOP_ITERATION: u32 = 1;
@@ -102,6 +106,11 @@ mod raw {
             key: ModuleBuffer,
             value: ModuleBuffer,
         ) -> bool;
+        /// 1.40: the size by value (newer headers return a bool and write through a pointer).
+        pub fn envoy_dynamic_module_callback_http_get_body_size(
+            filter: FilterEnvoyPtr,
+            body_type: u32,
+        ) -> usize;
         pub fn envoy_dynamic_module_callback_http_send_response(
             filter: FilterEnvoyPtr,
             status_code: u32,
@@ -211,6 +220,19 @@ impl Http for FilterHandle {
                 ModuleBuffer::of(value.as_bytes()),
             )
         };
+    }
+
+    fn received_body_bytes(&self, request: bool) -> u64 {
+        let body_type = if request {
+            RECEIVED_REQUEST_BODY
+        } else {
+            RECEIVED_RESPONSE_BODY
+        };
+        // SAFETY: the filter pointer is the running body hook's; Envoy only reads the buffer's
+        // length (0 when there is none).
+        let size =
+            unsafe { raw::envoy_dynamic_module_callback_http_get_body_size(self.0, body_type) };
+        size as u64
     }
 
     fn send_response(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
@@ -368,10 +390,16 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
-    _filter_envoy_ptr: FilterEnvoyPtr,
-    _filter_module_ptr: *mut c_void,
+    filter_envoy_ptr: FilterEnvoyPtr,
+    filter_module_ptr: *mut c_void,
     _end_of_stream: bool,
 ) -> u32 {
+    guard("request_body", (), || {
+        // SAFETY: as in `request_headers`.
+        if let Some((_, stream)) = unsafe { stream_mut(filter_module_ptr) } {
+            stream.request_body(&FilterHandle(filter_envoy_ptr));
+        }
+    });
     CONTINUE
 }
 
@@ -400,10 +428,16 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
-    _filter_envoy_ptr: FilterEnvoyPtr,
-    _filter_module_ptr: *mut c_void,
+    filter_envoy_ptr: FilterEnvoyPtr,
+    filter_module_ptr: *mut c_void,
     _end_of_stream: bool,
 ) -> u32 {
+    guard("response_body", (), || {
+        // SAFETY: as in `request_headers`.
+        if let Some((_, stream)) = unsafe { stream_mut(filter_module_ptr) } {
+            stream.response_body(&FilterHandle(filter_envoy_ptr));
+        }
+    });
     CONTINUE
 }
 
@@ -488,6 +522,12 @@ mod raw {
         _: ModuleBuffer,
     ) -> bool {
         false
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_get_body_size(
+        _: FilterEnvoyPtr,
+        _: u32,
+    ) -> usize {
+        0
     }
     pub unsafe fn envoy_dynamic_module_callback_http_send_response(
         _: FilterEnvoyPtr,

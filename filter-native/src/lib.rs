@@ -40,6 +40,8 @@ pub trait Http {
     /// Replace every copy of a request header (`None`: remove them).
     fn set_request_header(&mut self, name: &str, value: Option<&str>);
     fn set_response_header(&mut self, name: &str, value: &str);
+    /// The size of the body chunk the running body hook was called with.
+    fn received_body_bytes(&self, request: bool) -> u64;
     /// Answer locally; the request goes no further.
     fn send_response(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]);
     fn increment(&mut self, counter: usize, value: u64);
@@ -162,6 +164,8 @@ pub fn internal_error(http: &mut impl Http) {
 pub struct Stream {
     admission: Option<Admission>,
     started_nanos: u64,
+    request_bytes: u64,
+    response_bytes: u64,
 }
 
 impl Stream {
@@ -197,9 +201,16 @@ impl Stream {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             gate.admit(&head, self.started_nanos)
         };
-        let go_on = answer(&admission, policy, http);
+        let answered = answer(&admission, policy, http);
         self.admission = Some(admission);
-        go_on
+        match answered {
+            Answered::Continue => true,
+            // Envoy does not pass a filter's own local reply through its body hook.
+            Answered::Replied(bytes) => {
+                self.response_bytes = self.response_bytes.saturating_add(bytes);
+                false
+            }
+        }
     }
 
     /// The rate limits left, for clients that pace themselves (allowed requests).
@@ -211,6 +222,20 @@ impl Stream {
         }
     }
 
+    /// A chunk of the request body went by.
+    pub fn request_body(&mut self, http: &impl Http) {
+        self.request_bytes = self
+            .request_bytes
+            .saturating_add(http.received_body_bytes(true));
+    }
+
+    /// A chunk of the response body (the upstream's or a refusal's) went by.
+    pub fn response_body(&mut self, http: &impl Http) {
+        self.response_bytes = self
+            .response_bytes
+            .saturating_add(http.received_body_bytes(false));
+    }
+
     /// Meter the request and count it into Envoy stats.
     pub fn complete(&mut self, config: &Config, http: &mut impl Http) {
         let Some(admission) = self.admission.take() else {
@@ -218,8 +243,8 @@ impl Stream {
         };
         let usage = UsageTotals {
             calls: 1,
-            request_bytes: 0,
-            response_bytes: 0,
+            request_bytes: self.request_bytes,
+            response_bytes: self.response_bytes,
             processing_nanos: now_nanos().saturating_sub(self.started_nanos),
         };
         let (counters, health, usage) = {
@@ -247,8 +272,16 @@ fn probe(http: &impl Http) {
     }
 }
 
-/// Forward with the license headers, strip forged ones, or send the refusal; true continues.
-fn answer(admission: &Admission, policy: &Policy, http: &mut impl Http) -> bool {
+/// What became of a request.
+enum Answered {
+    /// On to the upstream.
+    Continue,
+    /// Answered here, with a body of this many bytes.
+    Replied(u64),
+}
+
+/// Forward with the license headers, strip forged ones, or send the refusal.
+fn answer(admission: &Admission, policy: &Policy, http: &mut impl Http) -> Answered {
     match &admission.verdict {
         Verdict::Allow => {
             // The upstream is served on the license's behalf; it never needs the license.
@@ -259,32 +292,28 @@ fn answer(admission: &Admission, policy: &Policy, http: &mut impl Http) -> bool 
             for (name, value) in admission.upstream_headers(policy) {
                 http.set_request_header(name, Some(value));
             }
-            true
+            Answered::Continue
         }
         Verdict::Public => {
             for name in policy.upstream_headers.names() {
                 http.set_request_header(name, None);
             }
-            true
+            Answered::Continue
         }
         // Only with a collector, which this module refuses at load; never let it through.
         Verdict::AwaitCollector => {
-            not_configured(
-                http,
-                br#"{"error":"not_configured","message":"the licensing filter cannot hold requests"}"#,
-            );
-            false
+            let body =
+                br#"{"error":"not_configured","message":"the licensing filter cannot hold requests"}"#;
+            not_configured(http, body);
+            Answered::Replied(body.len() as u64)
         }
         Verdict::Refuse(refusal) => {
             let headers = refusal.headers();
             let headers: Vec<(&str, &str)> =
                 headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            http.send_response(
-                u32::from(refusal.status()),
-                &headers,
-                refusal.body().as_bytes(),
-            );
-            false
+            let body = refusal.body();
+            http.send_response(u32::from(refusal.status()), &headers, body.as_bytes());
+            Answered::Replied(body.len() as u64)
         }
     }
 }

@@ -48,6 +48,10 @@ impl Http for FakeHttp {
     fn set_response_header(&mut self, name: &str, value: &str) {
         self.response.insert(name.into(), value.into());
     }
+    fn received_body_bytes(&self, _request: bool) -> u64 {
+        // As in Envoy: a filter's own local reply does not pass its body hook.
+        0
+    }
     fn send_response(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
         let headers = headers
             .iter()
@@ -93,6 +97,7 @@ fn request(config: &Config, path: &str, token: Option<&str>) -> (bool, FakeHttp)
     let mut stream = Stream::default();
     let go_on = stream.request_headers(config, &mut http);
     stream.response_headers(&mut http);
+    stream.response_body(&http);
     stream.complete(config, &mut http);
     (go_on, http)
 }
@@ -174,6 +179,11 @@ fn missing_token_is_refused_with_the_wasm_filters_answer() {
             "tollgate.requests_refused.reason.missing_token"
         ),
         1
+    );
+    // The refusal's own body is metered (Envoy does not show it to the body hook).
+    assert_eq!(
+        counter(&host, &http, "tollgate.response_bytes"),
+        http.sent.as_ref().unwrap().2.len() as u64
     );
 }
 

@@ -38,10 +38,6 @@ struct Stack {
     upstream: Upstream,
 }
 
-fn stack(name: &str, config: Value, concurrency: u32) -> Stack {
-    stack_with(Adapter::Wasm, name, config, concurrency)
-}
-
 fn stack_with(adapter: Adapter, name: &str, config: Value, concurrency: u32) -> Stack {
     if adapter == Adapter::Native {
         require_native_module().unwrap();
@@ -108,6 +104,8 @@ with_both_adapters!(
     licensed_request_reaches_upstream_with_context_headers_and_no_forgeries,
     every_refusal_has_its_status_code_and_json_body,
     rate_limit_holds_for_the_whole_envoy_across_two_workers,
+    malformed_tokens_all_get_401_and_envoy_keeps_serving,
+    usage_is_metered_into_envoy_stats,
 );
 
 fn licensed_request_reaches_upstream_with_context_headers_and_no_forgeries(adapter: Adapter) {
@@ -427,9 +425,8 @@ fn rate_limit_holds_for_the_whole_envoy_across_two_workers(adapter: Adapter) {
     assert_no_vm_failure(&s.envoy);
 }
 
-#[test]
-fn malformed_tokens_all_get_401_and_envoy_keeps_serving() {
-    let s = stack("malformed", demo_config(), 2);
+fn malformed_tokens_all_get_401_and_envoy_keeps_serving(adapter: Adapter) {
+    let s = stack_with(adapter, "malformed", demo_config(), 2);
     let key = demo_key();
     let good = license("acme", "lic-1", "starter", &["search"])
         .mint(&key)
@@ -525,9 +522,8 @@ fn malformed_tokens_all_get_401_and_envoy_keeps_serving() {
     assert_no_vm_failure(&s.envoy);
 }
 
-#[test]
-fn usage_is_metered_into_envoy_stats() {
-    let s = stack("metering", demo_config(), 2);
+fn usage_is_metered_into_envoy_stats(adapter: Adapter) {
+    let s = stack_with(adapter, "metering", demo_config(), 2);
     let key = demo_key();
     let token = license("acme", "lic-m", "pro", &["search", "generative-design"])
         .mint(&key)
@@ -542,18 +538,10 @@ fn usage_is_metered_into_envoy_stats() {
         assert_eq!(get(&s, "/v1/search", &[]).status, 401);
     }
     eventually("7 allowed requests in stats", || {
-        s.envoy
-            .stat("wasmcustom.tollgate.requests_allowed")
-            .unwrap()
-            == 7
+        s.envoy.stat(&adapter.stat("requests_allowed")).unwrap() == 7
     });
     let stats = s.envoy.stats().unwrap();
-    let stat = |name: &str| {
-        stats
-            .get(&format!("wasmcustom.tollgate.{name}"))
-            .copied()
-            .unwrap_or(0)
-    };
+    let stat = |name: &str| stats.get(&adapter.stat(name)).copied().unwrap_or(0);
     assert_eq!(stat("requests_refused.reason.missing_token"), 3);
     assert_eq!(stat("feature.search.requests_allowed"), 7);
     assert_eq!(stat("feature.search.requests_refused"), 3);
@@ -569,6 +557,10 @@ fn usage_is_metered_into_envoy_stats() {
         stat("token_cache_misses") <= 2,
         "at most one verification per worker"
     );
+    if adapter == Adapter::Native {
+        // One token cache for the whole Envoy.
+        assert_eq!(stat("token_cache_misses"), 1);
+    }
     assert!(stat("processing_time_us") > 0);
 
     let prometheus = s.envoy.admin_get("/stats/prometheus").unwrap();
