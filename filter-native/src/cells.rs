@@ -5,7 +5,7 @@
 //! key's first write is checked too (`None` means "still absent"), so no first-write race.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tollgate_core::quota::SharedBlobs;
 use tollgate_core::{SharedCells, StoreError};
@@ -17,6 +17,14 @@ type Versioned<T> = HashMap<String, (T, u32)>;
 pub struct NativeCells {
     cells: Arc<Mutex<Versioned<u64>>>,
     blobs: Arc<Mutex<Versioned<Vec<u8>>>>,
+}
+
+impl NativeCells {
+    /// The process's store: one per Envoy, shared by every configuration and worker.
+    pub fn process() -> &'static NativeCells {
+        static STORE: OnceLock<NativeCells> = OnceLock::new();
+        STORE.get_or_init(NativeCells::default)
+    }
 }
 
 /// A poisoned lock (a panic while it was held) is a store error, never a panic of our own.

@@ -96,7 +96,19 @@ pub fn compile(bytes: &[u8]) -> Result<Policy, String> {
 
 impl Config {
     /// Compile `bytes` (the plugin JSON); `None` refuses the configuration, with a log line.
+    /// Rate-limit state lives in the process's one store, so it carries over when Envoy
+    /// replaces the configuration (as shared data does for the wasm filter).
     pub fn new(host: &mut impl ConfigHost, name: &[u8], bytes: &[u8]) -> Option<Config> {
+        Config::with_cells(host, name, bytes, NativeCells::process().clone())
+    }
+
+    /// As [`Config::new`], over a store of the caller's (tests).
+    pub fn with_cells(
+        host: &mut impl ConfigHost,
+        name: &[u8],
+        bytes: &[u8],
+        cells: NativeCells,
+    ) -> Option<Config> {
         let name = String::from_utf8_lossy(name);
         if cfg!(panic = "abort") {
             log(
@@ -124,7 +136,7 @@ impl Config {
                 return None;
             }
         };
-        let gate = Gate::new(Arc::clone(&policy), NativeCells::default());
+        let gate = Gate::new(Arc::clone(&policy), cells);
         Some(Config {
             gate: Mutex::new(gate),
             policy,

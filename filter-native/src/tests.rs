@@ -79,7 +79,14 @@ fn demo_token(plan: &str) -> String {
 
 fn config(json: &Value) -> (Config, FakeConfig) {
     let mut host = FakeConfig::default();
-    let config = Config::new(&mut host, b"tollgate", json.to_string().as_bytes()).unwrap();
+    // A store per test: tests run in parallel and reuse license ids.
+    let config = Config::with_cells(
+        &mut host,
+        b"tollgate",
+        json.to_string().as_bytes(),
+        NativeCells::default(),
+    )
+    .unwrap();
     (config, host)
 }
 
@@ -156,6 +163,31 @@ fn cells_compare_and_swap_checks_first_writes_too() {
     assert_eq!(
         SharedBlobs::load(&cells, "b").unwrap().unwrap().0,
         b"x".to_vec()
+    );
+}
+
+#[test]
+fn configurations_share_the_process_store() {
+    let mut host = FakeConfig::default();
+    let bytes = demo_config().to_string();
+    let first = Config::new(&mut host, b"tollgate", bytes.as_bytes()).unwrap();
+    let second = Config::new(&mut host, b"tollgate", bytes.as_bytes()).unwrap();
+    // A license id no other test uses: the process store is shared by the whole binary.
+    let mut spec = LicenseSpec::new("acme", "lic-process-store", "starter", &["search"]);
+    spec.issuer = Some("https://licenses.tollgate.example".into());
+    spec.audience = Some("api.example.com".into());
+    let key = SigningKey::load(&workspace_root().join("envoy/demo-signing-key.json")).unwrap();
+    let token = spec.mint(&key).unwrap();
+    let (_, http) = request(&first, "/v1/search", Some(&token));
+    assert_eq!(
+        http.response.get("ratelimit").map(String::as_str),
+        Some("\"license\";r=9;t=1")
+    );
+    // A new configuration (an Envoy config update) sees the bucket the first one drew from.
+    let (_, http) = request(&second, "/v1/search", Some(&token));
+    assert_eq!(
+        http.response.get("ratelimit").map(String::as_str),
+        Some("\"license\";r=8;t=1")
     );
 }
 
