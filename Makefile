@@ -81,7 +81,7 @@ curl:
 	else echo "curl is missing: run 'sudo apt-get install -y curl'"; exit 1; fi
 
 ## bench: the filter against its baselines (Envoy on CPU 0, wrk on CPU 1); see BENCHMARKS.md
-bench: wasm envoy wrk
+bench: wasm native envoy wrk
 	cargo build -p tollgate-wasm-floor --target wasm32-wasip1 --release
 	cargo run --release -q -p tollgate-bench --bin filter-bench -- $(BENCH_ARGS)
 

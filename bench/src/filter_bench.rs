@@ -16,15 +16,18 @@
 //!
 //! Variants:
 //! - `none`: Envoy with no filter (the floor);
-//! - `native`: Envoy's C++ `jwt_authn` (with its token cache) and `local_ratelimit`;
+//! - `cpp`: Envoy's C++ `jwt_authn` (with its token cache) and `local_ratelimit`;
+//! - `native`, `native-no-headers`, `native-100k`: Tollgate's dynamic module (`make native`)
+//!   with the warm configuration minus `collector` (the module does not ship usage yet), without
+//!   the four license headers, and at 100,000 licenses;
 //! - `tollgate`: the filter with a warm token cache, metering and shipping to a live collector;
 //! - `cold-eddsa`, `cold-es256`, `cold-rs256`: every request's signature is checked (a token
 //!   cache of one entry and 64 tokens in turn: each request misses, as a new token would);
-//! - `native-cold-eddsa`, `native-cold-es256`, `native-cold-rs256`: the same for `jwt_authn`
+//! - `cpp-cold-eddsa`, `cpp-cold-es256`, `cpp-cold-rs256`: the same for `jwt_authn`
 //!   (its cache off);
 //! - `licenses-1k`, `licenses-100k`: warm tokens of 1,000 or 100,000 distinct licenses;
 //!   `licenses-100k-bare` the same with no collector, rate limit or headers (the token cache's
-//!   share of the memory); `native-licenses-100k`: `jwt_authn` caching the same 100,000 tokens;
+//!   share of the memory); `cpp-licenses-100k`: `jwt_authn` caching the same 100,000 tokens;
 //! - `wasm-empty`, `wasm-calls`, `wasm-calls-writes`: the floor of any proxy-wasm filter (the
 //!   `tollgate-wasm-floor` crate, same SDK and runtime): no host call; the clock and header
 //!   reads of Tollgate's warm path; and those plus four request headers written;
@@ -56,7 +59,9 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tollgate_bench::{percentile, rss_kib, INGEST_SECRET};
 use tollgate_collector::{open, IngestKeys, Running};
-use tollgate_devkit::envoy::{filter_wasm_path, stats_config, wasm_http_filter, workspace_root};
+use tollgate_devkit::envoy::{
+    filter_wasm_path, native_http_filter, stats_config, wasm_http_filter, workspace_root,
+};
 use tollgate_devkit::{jwks, Envoy, KeyAlg, LicenseSpec, SigningKey};
 
 const ISSUER: &str = "https://licenses.tollgate.example";
@@ -129,7 +134,10 @@ const ALL: &[&str] = &[
     "wasm-calls-writes",
     "wasm-pairs",
     "wasm-props",
+    "cpp",
     "native",
+    "native-no-headers",
+    "native-100k",
     "tollgate",
     "tollgate-no-collector",
     "tollgate-no-rate-limit",
@@ -139,15 +147,15 @@ const ALL: &[&str] = &[
     "tollgate-seats",
     "tollgate-sharing",
     "cold-eddsa",
-    "native-cold-eddsa",
+    "cpp-cold-eddsa",
     "cold-es256",
-    "native-cold-es256",
+    "cpp-cold-es256",
     "cold-rs256",
-    "native-cold-rs256",
+    "cpp-cold-rs256",
     "licenses-1k",
     "licenses-100k",
     "licenses-100k-bare",
-    "native-licenses-100k",
+    "cpp-licenses-100k",
 ];
 
 /// Distinct end users the `tollgate-users`, `-seats` and `-sharing` variants send, in turn.
@@ -216,12 +224,12 @@ fn tollgate_config(keys: &Keys, cache_entries: usize) -> Result<Value> {
 
 /// Envoy's native chain doing the comparable job: JWT checks with the same keys, issuer and
 /// audience (its cache on), and a local rate limit that never refuses.
-fn native_filters(keys: &Keys, cache: bool) -> Vec<Value> {
-    native_filters_cached(keys, cache.then_some(10_000))
+fn cpp_filters(keys: &Keys, cache: bool) -> Vec<Value> {
+    cpp_filters_cached(keys, cache.then_some(10_000))
 }
 
 /// `jwt_authn` with a token cache of `cache` entries (none: every request verified).
-fn native_filters_cached(keys: &Keys, cache: Option<usize>) -> Vec<Value> {
+fn cpp_filters_cached(keys: &Keys, cache: Option<usize>) -> Vec<Value> {
     let mut provider = json!({
         "issuer": ISSUER,
         "audiences": [AUDIENCE],
@@ -599,8 +607,8 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
             bootstrap(vec![floor_filter("clock=2,reads=3,writes=4")], None),
             Some(setup.tokens("warm")),
         ),
-        "native" => (
-            bootstrap(native_filters(keys, true), None),
+        "cpp" => (
+            bootstrap(cpp_filters(keys, true), None),
             Some(setup.tokens("warm")),
         ),
         "tollgate" => (
@@ -649,6 +657,32 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
                 Some(setup.tokens("warm")),
             )
         }
+        // The dynamic module (`make native`) with the same configuration, minus what it does
+        // not run yet (`collector`: no metering shipped, no quotas).
+        "native" | "native-no-headers" | "native-100k" => {
+            let cache = if name == "native-100k" {
+                200_000
+            } else {
+                10_000
+            };
+            let mut config = tollgate_config(keys, cache)?;
+            if let Some(c) = config.as_object_mut() {
+                c.remove("collector");
+            }
+            if name == "native-no-headers" {
+                config["upstream_headers"] =
+                    json!({"account": null, "license": null, "plan": null, "feature": null});
+            }
+            let tokens = if name == "native-100k" {
+                "licenses-100k"
+            } else {
+                "warm"
+            };
+            (
+                bootstrap(vec![native_http_filter(&config.to_string())], None),
+                Some(setup.tokens(tokens)),
+            )
+        }
         "licenses-1k" => (
             bootstrap(
                 vec![tollgate_filter(module, &tollgate_config(keys, 10_000)?)],
@@ -679,8 +713,8 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
             )
         }
         // jwt_authn holding 100k tokens in its cache: the native chain's memory per license.
-        "native-licenses-100k" => (
-            bootstrap(native_filters_cached(keys, Some(200_000)), None),
+        "cpp-licenses-100k" => (
+            bootstrap(cpp_filters_cached(keys, Some(200_000)), None),
             Some(setup.tokens("licenses-100k")),
         ),
         // A cache of one entry and 64 tokens in turn: every request misses the cache and its
@@ -694,9 +728,9 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
             Some(setup.tokens(cold)),
         ),
         // jwt_authn without its cache verifies every request.
-        native_cold if native_cold.starts_with("native-cold-") => (
-            bootstrap(native_filters(keys, false), None),
-            Some(setup.tokens(native_cold.trim_start_matches("native-"))),
+        cpp_cold if cpp_cold.starts_with("cpp-cold-") => (
+            bootstrap(cpp_filters(keys, false), None),
+            Some(setup.tokens(cpp_cold.trim_start_matches("cpp-"))),
         ),
         other => bail!("unknown variant {other}"),
     })
@@ -715,7 +749,7 @@ fn run_variant(setup: &Setup, name: &str, o: &Options, raw: &mut String) -> Resu
     // Warm up: connections, the VM, and (for the licenses variants) the token cache.
     let warm_seconds = match name.trim_end_matches("@before") {
         // Every token is verified once (cold) before the cache is warm.
-        "licenses-100k" | "licenses-100k-bare" | "native-licenses-100k" => 45,
+        "licenses-100k" | "licenses-100k-bare" | "cpp-licenses-100k" | "native-100k" => 45,
         "licenses-1k" => 3,
         _ => 2,
     };
@@ -813,7 +847,7 @@ fn run_pair(setup: &Setup, name: &str, o: &Options, raw: &mut String) -> Result<
         _ => 0,
     };
     let warm_seconds = match name.trim_end_matches("@before") {
-        "licenses-100k" | "licenses-100k-bare" | "native-licenses-100k" => 45,
+        "licenses-100k" | "licenses-100k-bare" | "cpp-licenses-100k" | "native-100k" => 45,
         "licenses-1k" => 3,
         _ => 2,
     };
@@ -933,7 +967,7 @@ fn main() -> Result<()> {
         1000,
         &setup.tokens("licenses-1k"),
     )?;
-    if o.variants.iter().any(|v| v.contains("licenses-100k")) {
+    if o.variants.iter().any(|v| v.contains("100k")) {
         mint(
             &setup.keys,
             KeyAlg::EdDSA,
