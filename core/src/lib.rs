@@ -5,6 +5,7 @@
 #![cfg_attr(not(test), deny(clippy::indexing_slicing))]
 
 pub mod cache;
+pub mod calls;
 pub mod config;
 pub mod gate;
 pub mod handover;

@@ -11,6 +11,10 @@
 use std::ffi::{c_char, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use crate::background::{CalloutAnswer, CollectorHost, TICK_MS};
 use crate::{Config, ConfigHost, Http, Stream};
 
 /// The ABI version Envoy 1.40 matches (`Dynamic module ABI version v0.2.0 matched.`).
@@ -55,6 +59,15 @@ struct ModuleHttpHeader {
     value_length: usize,
 }
 
+/// `envoy_dynamic_module_type_envoy_http_header`: a header in one of Envoy's maps.
+#[repr(C)]
+pub struct EnvoyHttpHeader {
+    key_ptr: *const u8,
+    key_length: usize,
+    value_ptr: *const u8,
+    value_length: usize,
+}
+
 /// `envoy_dynamic_module_type_http_header_type`.
 const REQUEST_HEADER: u32 = 0;
 const RESPONSE_HEADER: u32 = 2;
@@ -86,6 +99,8 @@ type ConfigEnvoyPtr = *mut c_void;
 
 #[cfg(not(test))]
 mod raw {
+    use std::ffi::c_void;
+
     use super::{ConfigEnvoyPtr, EnvoyBuffer, FilterEnvoyPtr, ModuleBuffer, ModuleHttpHeader};
 
     // Signatures as Envoy 1.40 implements them (newer than some copies of abi.h: counters take
@@ -133,6 +148,57 @@ mod raw {
             label_values_length: usize,
             value: u64,
         ) -> u32;
+        pub fn envoy_dynamic_module_callback_http_filter_config_define_gauge(
+            config: ConfigEnvoyPtr,
+            name: ModuleBuffer,
+            label_names: *const ModuleBuffer,
+            label_names_length: usize,
+            gauge_id: *mut usize,
+        ) -> u32;
+        pub fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
+            config: ConfigEnvoyPtr,
+            id: usize,
+            label_values: *const ModuleBuffer,
+            label_values_length: usize,
+            value: u64,
+        ) -> u32;
+        pub fn envoy_dynamic_module_callback_http_filter_config_increment_gauge(
+            config: ConfigEnvoyPtr,
+            id: usize,
+            label_values: *const ModuleBuffer,
+            label_values_length: usize,
+            value: u64,
+        ) -> u32;
+        pub fn envoy_dynamic_module_callback_http_filter_config_decrement_gauge(
+            config: ConfigEnvoyPtr,
+            id: usize,
+            label_values: *const ModuleBuffer,
+            label_values_length: usize,
+            value: u64,
+        ) -> u32;
+        /// A callout made by the configuration (on the main thread), answered through
+        /// `on_http_filter_config_http_callout_done`; Envoy cancels it if the configuration
+        /// is destroyed first, and then never calls back.
+        pub fn envoy_dynamic_module_callback_http_filter_config_http_callout(
+            config: ConfigEnvoyPtr,
+            callout_id_out: *mut u64,
+            cluster_name: ModuleBuffer,
+            headers: *const ModuleHttpHeader,
+            headers_size: usize,
+            body: ModuleBuffer,
+            timeout_milliseconds: u64,
+        ) -> u32;
+        /// A handle any thread may commit events through; they run on the main thread.
+        pub fn envoy_dynamic_module_callback_http_filter_config_scheduler_new(
+            config: ConfigEnvoyPtr,
+        ) -> *mut c_void;
+        pub fn envoy_dynamic_module_callback_http_filter_config_scheduler_commit(
+            scheduler: *mut c_void,
+            event_id: u64,
+        );
+        pub fn envoy_dynamic_module_callback_http_filter_config_scheduler_delete(
+            scheduler: *mut c_void,
+        );
     }
 }
 
@@ -164,6 +230,210 @@ impl ConfigHost for ConfigHandle {
         };
         (result == METRICS_SUCCESS).then_some(id)
     }
+
+    fn define_gauge(&mut self, name: &str) -> Option<usize> {
+        let mut id = 0usize;
+        // SAFETY: as for `define_counter`.
+        let result = unsafe {
+            raw::envoy_dynamic_module_callback_http_filter_config_define_gauge(
+                self.0,
+                ModuleBuffer::of(name.as_bytes()),
+                std::ptr::null(),
+                0,
+                &mut id,
+            )
+        };
+        (result == METRICS_SUCCESS).then_some(id)
+    }
+}
+
+/// `envoy_dynamic_module_type_http_callout_init_result`, by value.
+fn callout_init_error(result: u32) -> &'static str {
+    match result {
+        1 => "missing required headers",
+        2 => "no such cluster",
+        3 => "duplicate callout id",
+        4 => "cannot create the request: no healthy host?",
+        _ => "unknown callout error",
+    }
+}
+
+/// A configuration on the main thread (inside `config_scheduled`, `config_http_callout_done`
+/// or `config_destroy`): `config` is the pointer Envoy passed to that hook.
+struct MainThread(ConfigEnvoyPtr);
+
+impl CollectorHost for MainThread {
+    fn http_call(
+        &mut self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u64, &'static str> {
+        let headers: Vec<ModuleHttpHeader> = headers
+            .iter()
+            .map(|(k, v)| ModuleHttpHeader {
+                key_ptr: k.as_ptr(),
+                key_length: k.len(),
+                value_ptr: v.as_ptr(),
+                value_length: v.len(),
+            })
+            .collect();
+        let mut id = 0u64;
+        // SAFETY: `self.0` is the configuration pointer of the running main-thread hook; the
+        // cluster name, the header array with each key and value, and the body are alive for
+        // the call, and Envoy copies them into its request; `id` is a live local.
+        let result = unsafe {
+            raw::envoy_dynamic_module_callback_http_filter_config_http_callout(
+                self.0,
+                &mut id,
+                ModuleBuffer::of(cluster.as_bytes()),
+                headers.as_ptr(),
+                headers.len(),
+                ModuleBuffer::of(body),
+                timeout_ms,
+            )
+        };
+        if result == 0 {
+            Ok(id)
+        } else {
+            Err(callout_init_error(result))
+        }
+    }
+
+    fn increment(&mut self, counter: usize, value: u64) {
+        // SAFETY: the configuration pointer is the running main-thread hook's; `counter` was
+        // defined on this configuration; no labels.
+        let _ = unsafe {
+            raw::envoy_dynamic_module_callback_http_filter_config_increment_counter(
+                self.0,
+                counter,
+                std::ptr::null(),
+                0,
+                value,
+            )
+        };
+    }
+
+    fn move_gauge(&mut self, gauge: usize, delta: i64) {
+        let value = delta.unsigned_abs();
+        // SAFETY: as for `increment`; `gauge` was defined on this configuration.
+        let _ = unsafe {
+            if delta >= 0 {
+                raw::envoy_dynamic_module_callback_http_filter_config_increment_gauge(
+                    self.0,
+                    gauge,
+                    std::ptr::null(),
+                    0,
+                    value,
+                )
+            } else {
+                raw::envoy_dynamic_module_callback_http_filter_config_decrement_gauge(
+                    self.0,
+                    gauge,
+                    std::ptr::null(),
+                    0,
+                    value,
+                )
+            }
+        };
+    }
+}
+
+/// A configuration's scheduler: events committed through it run `config_scheduled` on the main
+/// thread, while the configuration lives (Envoy holds it weakly, so a late commit is dropped).
+struct Scheduler(*mut c_void);
+
+// SAFETY: Envoy's config scheduler is made for committing from any thread (it posts to the main
+// dispatcher, which is thread-safe), and it is deleted once, by its owner.
+unsafe impl Send for Scheduler {}
+
+impl Scheduler {
+    fn new(config: ConfigEnvoyPtr) -> Option<Scheduler> {
+        // SAFETY: `config` is the pointer Envoy passed to the running `config_new`.
+        let ptr =
+            unsafe { raw::envoy_dynamic_module_callback_http_filter_config_scheduler_new(config) };
+        (!ptr.is_null()).then_some(Scheduler(ptr))
+    }
+
+    fn commit(&self, event: u64) {
+        // SAFETY: the scheduler is alive (deleted only in `drop`).
+        unsafe {
+            raw::envoy_dynamic_module_callback_http_filter_config_scheduler_commit(self.0, event)
+        }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from `scheduler_new` and is deleted once, here.
+        unsafe { raw::envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.0) }
+    }
+}
+
+/// The event a tick commits.
+const TICK_EVENT: u64 = 1;
+
+/// A thread that wakes the main thread every [`TICK_MS`] until it is stopped (Envoy has no
+/// timer for modules; its scheduler runs what is committed as soon as the main thread can).
+struct Ticker {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ticker {
+    fn start(scheduler: Scheduler) -> Option<Ticker> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let theirs = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("tollgate-tick".into())
+            .spawn(move || {
+                let (stopped, wake) = &*theirs;
+                let Ok(mut stopped) = stopped.lock() else {
+                    return;
+                };
+                while !*stopped {
+                    match wake.wait_timeout(stopped, Duration::from_millis(TICK_MS)) {
+                        Ok((guard, _)) => stopped = guard,
+                        Err(_) => return,
+                    }
+                    if !*stopped {
+                        scheduler.commit(TICK_EVENT);
+                    }
+                }
+            })
+            .ok()?;
+        Some(Ticker {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Ticker {
+    /// Stop and join the thread, so nothing commits after the configuration is gone (the
+    /// thread owns the scheduler and deletes it as it ends).
+    fn drop(&mut self) {
+        let (stopped, wake) = &*self.stop;
+        if let Ok(mut stopped) = stopped.lock() {
+            *stopped = true;
+        }
+        wake.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What Envoy holds for one configuration: the configuration its streams share, and its
+/// ticker (dropped first, so no tick runs on a configuration being destroyed).
+struct ConfigBox {
+    ticker: Option<Ticker>,
+    /// Envoy's side of this configuration, as `config_new` got it. Envoy does not pass it to
+    /// `config_destroy`, but calls that hook from the object's destructor, before its members
+    /// (stats, callouts) go: still valid there for the last gauge updates.
+    envoy: ConfigEnvoyPtr,
+    config: Config,
 }
 
 /// One stream, for the duration of one hook: `filter` is valid until the hook returns.
@@ -332,10 +602,28 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             // SAFETY: as for the configuration bytes.
             unsafe { std::slice::from_raw_parts(name.ptr, name.length) }
         };
-        match Config::new(&mut ConfigHandle(config_envoy_ptr), name, bytes) {
-            Some(config) => Box::into_raw(Box::new(config)).cast_const().cast(),
-            None => std::ptr::null(),
-        }
+        let Some(config) = Config::new(&mut ConfigHandle(config_envoy_ptr), name, bytes) else {
+            return std::ptr::null();
+        };
+        let ticker = if config.needs_ticks() {
+            let ticker = Scheduler::new(config_envoy_ptr).and_then(Ticker::start);
+            if ticker.is_none() {
+                crate::log(
+                    LogLevel::Critical,
+                    "tollgate: cannot start the collector's ticker (scheduler or thread refused)",
+                );
+                return std::ptr::null();
+            }
+            ticker
+        } else {
+            None
+        };
+        let boxed = ConfigBox {
+            ticker,
+            envoy: config_envoy_ptr,
+            config,
+        };
+        Box::into_raw(Box::new(boxed)).cast_const().cast()
     })
 }
 
@@ -344,12 +632,113 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(
     config_module_ptr: *mut c_void,
 ) {
     guard("config_destroy", (), || {
-        if !config_module_ptr.is_null() {
-            // SAFETY: the pointer is the Box `config_new` leaked; Envoy destroys it once, after
-            // its last stream.
-            drop(unsafe { Box::from_raw(config_module_ptr.cast::<Config>()) });
+        if config_module_ptr.is_null() {
+            return;
         }
+        // SAFETY: the pointer is the Box `config_new` leaked; Envoy destroys it once, after
+        // its last stream.
+        let mut boxed = unsafe { Box::from_raw(config_module_ptr.cast::<ConfigBox>()) };
+        // No tick may run while (or after) the configuration closes.
+        drop(boxed.ticker.take());
+        boxed.config.close(&mut MainThread(boxed.envoy));
     })
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
+    config_envoy_ptr: ConfigEnvoyPtr,
+    config_module_ptr: *mut c_void,
+    _event_id: u64,
+) {
+    guard("config_scheduled", (), || {
+        // SAFETY: Envoy passes the pointer `config_new` returned, alive until `config_destroy`
+        // (which runs on this same main thread, so not during this hook).
+        let Some(boxed) = (unsafe { config_module_ptr.cast::<ConfigBox>().as_ref() }) else {
+            return;
+        };
+        boxed.config.tick(&mut MainThread(config_envoy_ptr));
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
+    config_envoy_ptr: ConfigEnvoyPtr,
+    config_module_ptr: *mut c_void,
+    callout_id: u64,
+    result: u32,
+    headers: *const EnvoyHttpHeader,
+    headers_size: usize,
+    body_chunks: *const EnvoyBuffer,
+    body_chunks_size: usize,
+) {
+    guard("config_http_callout_done", (), || {
+        // SAFETY: as in `config_scheduled`.
+        let Some(boxed) = (unsafe { config_module_ptr.cast::<ConfigBox>().as_ref() }) else {
+            return;
+        };
+        // SAFETY: Envoy lends the headers and body chunks (arrays of the given sizes, or null
+        // when the callout failed) until this hook returns; they are copied out before that.
+        let answer =
+            unsafe { read_answer(result, headers, headers_size, body_chunks, body_chunks_size) };
+        let answer = answer.as_ref().map(|(status, body)| CalloutAnswer {
+            status: status.as_slice(),
+            body: body.as_slice(),
+        });
+        boxed
+            .config
+            .callout_done(&mut MainThread(config_envoy_ptr), callout_id, answer);
+    })
+}
+
+/// The `:status` and the body of an answered callout (`None` if it failed, or its body is
+/// larger than any answer the collector gives).
+///
+/// # Safety
+/// `headers` and `body_chunks` are null or point to arrays of `headers_size` and
+/// `body_chunks_size` entries whose buffers are alive for the call.
+unsafe fn read_answer(
+    result: u32,
+    headers: *const EnvoyHttpHeader,
+    headers_size: usize,
+    body_chunks: *const EnvoyBuffer,
+    body_chunks_size: usize,
+) -> Option<(Vec<u8>, Vec<u8>)> {
+    const CALLOUT_SUCCESS: u32 = 0;
+    if result != CALLOUT_SUCCESS || headers.is_null() {
+        return None;
+    }
+    // SAFETY: per this function's contract.
+    let headers = unsafe { std::slice::from_raw_parts(headers, headers_size) };
+    let status = headers.iter().find_map(|h| {
+        // SAFETY: each header's key and value point into Envoy's response header map.
+        let key = unsafe { bytes(h.key_ptr, h.key_length) };
+        // SAFETY: as for the key.
+        (key == b":status").then(|| unsafe { bytes(h.value_ptr, h.value_length) }.to_vec())
+    })?;
+    let mut body = Vec::new();
+    if !body_chunks.is_null() {
+        // SAFETY: per this function's contract.
+        let chunks = unsafe { std::slice::from_raw_parts(body_chunks, body_chunks_size) };
+        for chunk in chunks {
+            if body.len().saturating_add(chunk.length) > tollgate_core::calls::MAX_SYNC_ANSWER_BYTES
+            {
+                return None;
+            }
+            // SAFETY: each chunk points into Envoy's response body.
+            body.extend_from_slice(unsafe { bytes(chunk.ptr, chunk.length) });
+        }
+    }
+    Some((status, body))
+}
+
+/// # Safety
+/// `ptr` is null or points to `length` bytes alive for the caller's use.
+unsafe fn bytes<'a>(ptr: *const u8, length: usize) -> &'a [u8] {
+    if ptr.is_null() {
+        return &[];
+    }
+    // SAFETY: per this function's contract.
+    unsafe { std::slice::from_raw_parts(ptr, length) }
 }
 
 #[no_mangle]
@@ -358,8 +747,12 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
     _filter_envoy_ptr: FilterEnvoyPtr,
 ) -> *const c_void {
     guard("filter_new", std::ptr::null(), || {
+        // SAFETY: Envoy passes the pointer `config_new` returned; it outlives this stream.
+        let Some(config) = (unsafe { config_module_ptr.cast::<ConfigBox>().as_ref() }) else {
+            return std::ptr::null();
+        };
         let boxed = Box::new(StreamBox {
-            config: config_module_ptr.cast_const().cast::<Config>(),
+            config: &config.config,
             stream: Stream::default(),
         });
         Box::into_raw(boxed).cast_const().cast()
@@ -502,6 +895,8 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buf
 #[cfg(test)]
 #[allow(clippy::missing_safety_doc)]
 mod raw {
+    use std::ffi::c_void;
+
     use super::{ConfigEnvoyPtr, EnvoyBuffer, FilterEnvoyPtr, ModuleBuffer, ModuleHttpHeader};
 
     pub unsafe fn envoy_dynamic_module_callback_log(_level: u32, _message: ModuleBuffer) {}
@@ -555,5 +950,66 @@ mod raw {
         _: u64,
     ) -> u32 {
         1
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_filter_config_define_gauge(
+        _: ConfigEnvoyPtr,
+        _: ModuleBuffer,
+        _: *const ModuleBuffer,
+        _: usize,
+        _: *mut usize,
+    ) -> u32 {
+        1
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
+        _: ConfigEnvoyPtr,
+        _: usize,
+        _: *const ModuleBuffer,
+        _: usize,
+        _: u64,
+    ) -> u32 {
+        1
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_filter_config_increment_gauge(
+        _: ConfigEnvoyPtr,
+        _: usize,
+        _: *const ModuleBuffer,
+        _: usize,
+        _: u64,
+    ) -> u32 {
+        1
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_filter_config_decrement_gauge(
+        _: ConfigEnvoyPtr,
+        _: usize,
+        _: *const ModuleBuffer,
+        _: usize,
+        _: u64,
+    ) -> u32 {
+        1
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_filter_config_http_callout(
+        _: ConfigEnvoyPtr,
+        _: *mut u64,
+        _: ModuleBuffer,
+        _: *const ModuleHttpHeader,
+        _: usize,
+        _: ModuleBuffer,
+        _: u64,
+    ) -> u32 {
+        2
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_filter_config_scheduler_new(
+        _: ConfigEnvoyPtr,
+    ) -> *mut c_void {
+        std::ptr::null_mut()
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_filter_config_scheduler_commit(
+        _: *mut c_void,
+        _: u64,
+    ) {
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_filter_config_scheduler_delete(
+        _: *mut c_void,
+    ) {
     }
 }

@@ -6,14 +6,18 @@
 //! filter, all of Envoy's workers share one process: one [`Gate`] per filter configuration
 //! (so one token cache and one rate-limit store per Envoy), behind a short lock.
 //!
-//! Not in this module yet (refused at load, so nothing runs unchecked): `collector` (usage
-//! shipping, quotas, seats, denials), `token.jwks_source`, and plans with `sharing` limits.
-//! All `unsafe` lives in [`abi`].
+//! With a `collector`, usage is shipped exactly once and licenses are synced (denials such as
+//! revocations come back) from Envoy's main thread: see [`background`].
+//!
+//! Not in this module yet (refused at load, so nothing runs unchecked): quotas and seats with a
+//! collector (they hold requests for a lease or a seat), `token.jwks_source`, and plans with
+//! `sharing` limits. All `unsafe` lives in [`abi`].
 
 // Slicing that can panic would answer 500 instead of deciding.
 #![deny(clippy::indexing_slicing)]
 
 mod abi;
+pub mod background;
 mod cells;
 mod metrics;
 
@@ -21,9 +25,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tollgate_core::config::UserSource;
+use tollgate_core::meter::Ledger;
 use tollgate_core::{Admission, Gate, Policy, RequestHead, UsageTotals, Verdict};
 
 pub use crate::abi::LogLevel;
+use crate::background::{Background, CalloutAnswer, CollectorHost};
 pub use crate::cells::NativeCells;
 use crate::metrics::Metrics;
 
@@ -31,6 +37,8 @@ use crate::metrics::Metrics;
 pub trait ConfigHost {
     /// Define a counter (`dynamicmodulescustom.<name>`); `None` if Envoy refuses.
     fn define_counter(&mut self, name: &str) -> Option<usize>;
+    /// Define a gauge; `None` if Envoy refuses.
+    fn define_gauge(&mut self, name: &str) -> Option<usize>;
 }
 
 /// What Envoy lends the module during one hook of one stream.
@@ -58,21 +66,47 @@ const _: () = {
     send::<Gate<NativeCells>>();
 };
 
-/// One filter configuration: the compiled policy and the gate every worker shares.
+/// What every worker's requests update, under one short lock.
+struct Shared {
+    gate: Gate<NativeCells>,
+    /// Usage metered since the main thread last took it for the collector.
+    unshipped: Ledger,
+}
+
+/// One filter configuration: the compiled policy, the gate every worker shares, and (with a
+/// collector) the main thread's shipping and sync.
 pub struct Config {
-    gate: Mutex<Gate<NativeCells>>,
+    shared: Mutex<Shared>,
     policy: Arc<Policy>,
     metrics: Metrics,
+    background: Option<Mutex<Background>>,
+}
+
+/// A poisoned lock means a panic under it: the state may be half updated, but it is counters,
+/// caches and buffered usage, so carrying on beats refusing every request (or losing usage).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Why a configuration cannot run in this module yet.
 fn unsupported(policy: &Policy) -> Option<&'static str> {
-    // `jwks_source` needs a collector: named first, it is the more precise reason.
     if policy.token.jwks_source.is_some() {
         return Some("`token.jwks_source`");
     }
-    if policy.collector.is_some() {
-        return Some("`collector`");
+    // With a collector, quotas wait for a lease and seats for the collector's answer: the
+    // request is held, which this module cannot do yet.
+    if policy.collector.is_some()
+        && policy
+            .plans
+            .values()
+            .any(|plan| !plan.limits.quotas.is_empty())
+    {
+        return Some("quotas with a `collector`");
+    }
+    if policy.collector.is_some() && policy.users.is_some() {
+        return Some("seats (`users`) with a `collector`");
     }
     if policy.reads_client_address {
         return Some("`sharing` limits");
@@ -136,17 +170,132 @@ impl Config {
                 return None;
             }
         };
-        let gate = Gate::new(Arc::clone(&policy), cells);
+        let mut gate = Gate::new(Arc::clone(&policy), cells);
+        let background = match &policy.collector {
+            Some(settings) => match Background::new(host, settings, now_ms()) {
+                Ok(background) => {
+                    gate.set_lease_prefix(&background.instance_and_start());
+                    Some(Mutex::new(background))
+                }
+                Err(stat) => {
+                    log(
+                        LogLevel::Critical,
+                        &format!("tollgate ({name}): cannot define stat {stat}"),
+                    );
+                    return None;
+                }
+            },
+            None => None,
+        };
         Some(Config {
-            gate: Mutex::new(gate),
+            shared: Mutex::new(Shared {
+                gate,
+                unshipped: Ledger::default(),
+            }),
             policy,
             metrics,
+            background,
         })
+    }
+
+    /// True when the configuration has main-thread work (a collector): the ticker runs.
+    pub fn needs_ticks(&self) -> bool {
+        self.background.is_some()
+    }
+
+    /// The main thread's periodic work: ship usage, sync, and tell the gate whether it can
+    /// meter (fail-closed refuses while the buffer is full).
+    pub fn tick(&self, host: &mut impl CollectorHost) {
+        self.tick_at(host, now_ms());
+    }
+
+    /// [`Config::tick`] at `now` (Unix ms).
+    pub fn tick_at(&self, host: &mut impl CollectorHost, now: u64) {
+        let Some(background) = &self.background else {
+            return;
+        };
+        let mut background = lock(background);
+        let usage = std::mem::take(&mut lock(&self.shared).unshipped).drain();
+        background.absorb(usage);
+        background.ship(host, &self.policy, now);
+        if let Some(work) = background.overdue_sync(host, now) {
+            lock(&self.shared).gate.sync_failed(work, now);
+        }
+        if background.sync_due(now) {
+            let work = lock(&self.shared).gate.sync_work(now);
+            if !work.is_empty() {
+                if let Err(work) = background.start_sync(host, work, now) {
+                    lock(&self.shared).gate.sync_failed(work, now);
+                }
+            }
+        }
+        let blocked = background.blocked();
+        let mut shared = lock(&self.shared);
+        if shared.gate.metering_blocked() != blocked {
+            log(
+                LogLevel::Warn,
+                if blocked {
+                    "tollgate: usage buffer full and unacknowledged: refusing requests with 503 metering_unavailable (on_buffer_full: fail_closed)"
+                } else {
+                    "tollgate: usage buffer has room again: serving requests"
+                },
+            );
+            shared.gate.set_metering_blocked(blocked);
+        }
+    }
+
+    /// A callout this configuration made was answered (`None`: it failed).
+    pub fn callout_done(
+        &self,
+        host: &mut impl CollectorHost,
+        id: u64,
+        answer: Option<CalloutAnswer<'_>>,
+    ) {
+        self.callout_done_at(host, id, answer, now_ms());
+    }
+
+    /// [`Config::callout_done`] at `now` (Unix ms).
+    pub fn callout_done_at(
+        &self,
+        host: &mut impl CollectorHost,
+        id: u64,
+        answer: Option<CalloutAnswer<'_>>,
+        now: u64,
+    ) {
+        let Some(background) = &self.background else {
+            return;
+        };
+        let answered = lock(background).answered(host, id, answer, now);
+        if let background::Answered::Sync(sync) = answered {
+            let (work, response) = *sync;
+            let gate = &mut lock(&self.shared).gate;
+            match response {
+                Some(response) => gate.apply_sync(&work, &response, now),
+                None => gate.sync_failed(work, now),
+            }
+        }
+    }
+
+    /// Envoy is destroying the configuration (its last stream is done): what was metered and
+    /// not acknowledged goes to the next configuration.
+    pub fn close(&self, host: &mut impl CollectorHost) {
+        let Some(background) = &self.background else {
+            return;
+        };
+        let mut background = lock(background);
+        let usage = std::mem::take(&mut lock(&self.shared).unshipped).drain();
+        background.absorb(usage);
+        background.close(host, &self.policy, now_ms());
     }
 
     pub fn policy(&self) -> &Arc<Policy> {
         &self.policy
     }
+}
+
+/// The proxy's clock in Unix milliseconds.
+fn now_ms() -> u64 {
+    now_nanos() / 1_000_000
 }
 
 /// The proxy's clock in Unix nanoseconds (0 if before the epoch: tokens then look not yet
@@ -205,13 +354,7 @@ impl Stream {
                 user: user.and_then(|u| std::str::from_utf8(u).ok()),
                 client_address: None,
             };
-            // A poisoned lock means a panic under it: the gate may be half updated, but its
-            // state is counters and caches, so serving on beats refusing every request.
-            let mut gate = config
-                .gate
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            gate.admit(&head, self.started_nanos)
+            lock(&config.shared).gate.admit(&head, self.started_nanos)
         };
         let answered = answer(&admission, policy, http);
         self.admission = Some(admission);
@@ -260,15 +403,18 @@ impl Stream {
             processing_nanos: now_nanos().saturating_sub(self.started_nanos),
         };
         let (counters, health, usage) = {
-            let mut gate = config
-                .gate
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            gate.record(&admission, usage);
+            let shared = &mut *lock(&config.shared);
+            shared.gate.record(&admission, usage);
+            let usage = shared.gate.drain_usage();
+            if config.background.is_some() {
+                for (key, totals) in &usage {
+                    shared.unshipped.record(key.clone(), *totals);
+                }
+            }
             (
-                gate.take_counters(),
-                gate.store_health(),
-                gate.drain_usage(),
+                shared.gate.take_counters(),
+                shared.gate.store_health(),
+                usage,
             )
         };
         config.metrics.count(http, counters, health, &usage);
@@ -312,7 +458,8 @@ fn answer(admission: &Admission, policy: &Policy, http: &mut impl Http) -> Answe
             }
             Answered::Continue
         }
-        // Only with a collector, which this module refuses at load; never let it through.
+        // Only for quotas or seats with a collector, which this module refuses at load;
+        // never let it through.
         Verdict::AwaitCollector => {
             let body =
                 br#"{"error":"not_configured","message":"the licensing filter cannot hold requests"}"#;

@@ -22,6 +22,9 @@ impl ConfigHost for FakeConfig {
         self.names.push(name.to_string());
         Some(self.names.len() - 1)
     }
+    fn define_gauge(&mut self, name: &str) -> Option<usize> {
+        self.define_counter(name)
+    }
 }
 
 /// A local reply: status, headers, body.
@@ -122,11 +125,17 @@ fn collector() -> Value {
 fn what_the_module_does_not_run_yet_is_refused_at_load() {
     let mut with_collector = demo_config();
     with_collector["collector"] = collector();
+    let mut with_quotas = with_collector.clone();
+    with_quotas["plans"]["pro"]["quotas"] = json!({"calls": {"per": "day", "limit": 1000}});
+    let mut with_seats = with_collector.clone();
+    with_seats["users"] = json!({"header": "x-user"});
+    with_seats["pseudonyms"] = json!({"key_id": "t", "secret": "0123456789abcdef0123456789abcdef"});
     let mut with_source = with_collector.clone();
     with_source["token"].as_object_mut().unwrap().remove("jwks");
     with_source["token"]["jwks_source"] = json!({"cluster": "tollgate_collector"});
     for (config, what) in [
-        (with_collector, "`collector`"),
+        (with_quotas, "quotas with a `collector`"),
+        (with_seats, "seats (`users`) with a `collector`"),
         (with_source, "`token.jwks_source`"),
     ] {
         let error = compile(config.to_string().as_bytes()).unwrap_err();
@@ -139,10 +148,221 @@ fn what_the_module_does_not_run_yet_is_refused_at_load() {
         let mut host = FakeConfig::default();
         assert!(Config::new(&mut host, b"tollgate", config.to_string().as_bytes()).is_none());
     }
+    assert!(compile(with_collector.to_string().as_bytes()).is_ok());
     assert!(compile(b"").unwrap_err().contains("empty"));
     assert!(compile(b"{not json").is_err());
     let mut host = FakeConfig::default();
     assert!(Config::new(&mut host, b"tollgate", b"{}").is_none());
+}
+
+/// The main thread's side of a test: the calls made (callout id, path, body), counters and
+/// gauges, and whether the next call is refused at once.
+#[derive(Default)]
+struct FakeMain {
+    calls: Vec<(u64, String, Vec<u8>)>,
+    counters: HashMap<usize, u64>,
+    gauges: HashMap<usize, i64>,
+    refuse: bool,
+}
+
+impl CollectorHost for FakeMain {
+    fn http_call(
+        &mut self,
+        _cluster: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        _timeout_ms: u64,
+    ) -> Result<u64, &'static str> {
+        if self.refuse {
+            return Err("no healthy host");
+        }
+        let path = headers.iter().find(|(k, _)| *k == ":path").unwrap().1;
+        assert!(headers
+            .iter()
+            .any(|(k, _)| *k == tollgate_wire::SIGNATURE_HEADER));
+        let id = self.calls.len() as u64 + 1;
+        self.calls.push((id, path.to_string(), body.to_vec()));
+        Ok(id)
+    }
+    fn increment(&mut self, counter: usize, value: u64) {
+        *self.counters.entry(counter).or_default() += value;
+    }
+    fn move_gauge(&mut self, gauge: usize, delta: i64) {
+        *self.gauges.entry(gauge).or_default() += delta;
+    }
+}
+
+fn batch_of(call: &(u64, String, Vec<u8>)) -> tollgate_wire::UsageBatch {
+    assert_eq!(call.1, "/v1/usage");
+    tollgate_wire::UsageBatch::decode(&call.2).unwrap()
+}
+
+fn ack(batch: &tollgate_wire::UsageBatch) -> Vec<u8> {
+    tollgate_wire::BatchAck {
+        version: tollgate_wire::VERSION,
+        batch_id: batch.batch_id.clone(),
+        status: tollgate_wire::AckStatus::Accepted,
+        records: batch.records.len() as u64,
+    }
+    .encode()
+}
+
+fn calls_in(batch: &tollgate_wire::UsageBatch) -> u64 {
+    batch
+        .records
+        .iter()
+        .filter(|r| r.meter == tollgate_wire::Meter::Calls)
+        .map(|r| r.units)
+        .sum()
+}
+
+#[test]
+fn usage_is_shipped_from_the_main_thread_and_kept_until_acknowledged() {
+    let mut json = demo_config();
+    json["collector"] = collector();
+    let (config, host) = config(&json);
+    assert!(config.needs_ticks());
+    let token = demo_token("pro");
+    for _ in 0..3 {
+        assert!(request(&config, "/v1/search", Some(&token)).0);
+    }
+    assert!(!request(&config, "/v1/search", None).0);
+    let mut main = FakeMain::default();
+    let later = now_ms() + 10_000;
+    config.tick_at(&mut main, later);
+    let usage: Vec<_> = main
+        .calls
+        .iter()
+        .filter(|c| c.1 == "/v1/usage")
+        .cloned()
+        .collect();
+    assert_eq!(usage.len(), 1, "one batch in flight");
+    let first = batch_of(&usage[0]);
+    assert_eq!(calls_in(&first), 4);
+    // The sync carries the license served.
+    assert!(main.calls.iter().any(|c| c.1 == "/v1/sync"));
+
+    // A failed call: the same batch, under the same id, after the backoff.
+    config.callout_done_at(&mut main, usage[0].0, None, later);
+    config.tick_at(&mut main, later + 60_000);
+    let retry = main
+        .calls
+        .iter()
+        .rev()
+        .find(|c| c.1 == "/v1/usage")
+        .unwrap()
+        .clone();
+    assert_eq!(batch_of(&retry).batch_id, first.batch_id);
+    // A 500 is no ack either.
+    config.callout_done_at(
+        &mut main,
+        retry.0,
+        Some(CalloutAnswer {
+            status: b"500",
+            body: &ack(&first),
+        }),
+        later + 60_000,
+    );
+    config.tick_at(&mut main, later + 120_000);
+    let again = main
+        .calls
+        .iter()
+        .rev()
+        .find(|c| c.1 == "/v1/usage")
+        .unwrap()
+        .clone();
+    assert_eq!(batch_of(&again).batch_id, first.batch_id);
+    config.callout_done_at(
+        &mut main,
+        again.0,
+        Some(CalloutAnswer {
+            status: b"200",
+            body: &ack(&first),
+        }),
+        later + 120_000,
+    );
+    let acked = host
+        .names
+        .iter()
+        .position(|n| n == "tollgate.usage_records_acked")
+        .unwrap();
+    assert_eq!(
+        main.counters.get(&acked).copied(),
+        Some(first.records.len() as u64)
+    );
+    let buffered = host
+        .names
+        .iter()
+        .position(|n| n == "tollgate.usage_buffered_records")
+        .unwrap();
+    assert_eq!(main.gauges.get(&buffered).copied().unwrap_or(0), 0);
+    // Nothing more to send.
+    let sent = main.calls.len();
+    config.tick_at(&mut main, later + 180_000);
+    assert!(main.calls.iter().skip(sent).all(|c| c.1 != "/v1/usage"));
+}
+
+#[test]
+fn a_destroyed_configuration_hands_its_unacknowledged_batches_to_the_next() {
+    let mut json = demo_config();
+    json["collector"] = collector();
+    // Its own collector path: the handover list is the process's, shared with other tests.
+    json["collector"]["path"] = json!("/v1/usage-handover-test");
+    let (old, _) = config(&json);
+    let token = demo_token("pro");
+    for _ in 0..5 {
+        assert!(request(&old, "/v1/search", Some(&token)).0);
+    }
+    let mut main = FakeMain::default();
+    let later = now_ms() + 10_000;
+    old.tick_at(&mut main, later);
+    let in_flight = main
+        .calls
+        .iter()
+        .find(|c| c.1 == "/v1/usage-handover-test")
+        .unwrap()
+        .clone();
+    let in_flight: tollgate_wire::UsageBatch =
+        tollgate_wire::UsageBatch::decode(&in_flight.2).unwrap();
+    // Served after the last tick: still open when the configuration goes.
+    assert!(request(&old, "/v1/search", Some(&token)).0);
+    old.close(&mut main);
+    drop(old);
+
+    let (new, _) = config(&json);
+    let mut main = FakeMain::default();
+    let mut shipped = 0;
+    let mut ids = Vec::new();
+    let mut at = now_ms() + 20_000;
+    for _ in 0..10 {
+        new.tick_at(&mut main, at);
+        while let Some(call) = main
+            .calls
+            .iter()
+            .rev()
+            .find(|c| c.1 == "/v1/usage-handover-test" && !ids.contains(&c.0))
+            .cloned()
+        {
+            ids.push(call.0);
+            let batch = tollgate_wire::UsageBatch::decode(&call.2).unwrap();
+            shipped += calls_in(&batch);
+            new.callout_done_at(
+                &mut main,
+                call.0,
+                Some(CalloutAnswer {
+                    status: b"200",
+                    body: &ack(&batch),
+                }),
+                at,
+            );
+        }
+        at += 2_000;
+    }
+    assert_eq!(
+        shipped, 6,
+        "the in-flight batch ({}) and the open usage, once each",
+        in_flight.batch_id
+    );
 }
 
 #[test]

@@ -10,18 +10,16 @@ use std::time::Duration;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
+use tollgate_core::calls::{batch_reply, BatchReply, Signed, MAX_BATCH_ANSWER_BYTES};
 use tollgate_core::config::CollectorPolicy;
 use tollgate_core::handover;
 use tollgate_core::meter::Ledger;
 use tollgate_core::shipper::{HeldBatch, Overflow, Shipper};
 use tollgate_core::{Policy, UsageKey, UsageTotals};
-use tollgate_wire::{BatchAck, Refusal, Source, KEY_ID_HEADER, SIGNATURE_HEADER};
+use tollgate_wire::{Refusal, Source};
 
 use crate::host::{add, counter, gauge, move_gauge};
 use crate::log;
-
-/// An acknowledgement or a refusal is small; a larger body is neither.
-const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// Shared-data key holding the last VM start time handed out (see [`unique_start_ms`]).
 const START_KEY: &str = "tollgate.shipper.vm_started_ms";
@@ -242,21 +240,14 @@ impl Outbox {
         let Some(out) = next else {
             return;
         };
-        let signature = tollgate_wire::sign(&self.settings.secret, &out.body);
-        let headers = vec![
-            (":method", "POST"),
-            (":path", self.settings.path.as_str()),
-            (":authority", self.settings.authority.as_str()),
-            ("content-type", "application/json"),
-            (KEY_ID_HEADER, self.settings.key_id.as_str()),
-            (SIGNATURE_HEADER, signature.as_str()),
-        ];
+        let call = Signed::new(&self.settings, out.body);
+        let headers = call.headers(&self.settings, &self.settings.path).to_vec();
         let timeout = Duration::from_millis(self.settings.timeout_ms);
         add(self.metrics.sent, 1);
         match hostcalls::dispatch_http_call(
             &self.settings.cluster,
             headers,
-            Some(&out.body),
+            Some(&call.body),
             Vec::new(),
             timeout,
         ) {
@@ -304,17 +295,19 @@ impl Outbox {
         let reply = if num_headers == 0 {
             // A failed call (reset, no healthy host...): Envoy has no response maps then, and
             // reading one would be an error the SDK turns into a panic.
-            Reply::Nothing
+            BatchReply::Nothing
         } else {
             read_reply(body_size)
         };
         let answer = match reply {
-            Reply::Ack(ack) if ack.batch_id == call.batch_id && self.shipper.acknowledged(&ack) => {
+            BatchReply::Ack(ack)
+                if ack.batch_id == call.batch_id && self.shipper.acknowledged(&ack) =>
+            {
                 add(self.metrics.acked, 1);
                 add(self.metrics.records_acked, call.records as u64);
                 Answer::Acknowledged
             }
-            Reply::Refused(refusal) if refusal.is_permanent() => {
+            BatchReply::Refused(refusal) if refusal.is_permanent() => {
                 match self.shipper.rejected(&call.batch_id) {
                     Some(dead) => {
                         self.dead_letter(&dead, &refusal);
@@ -505,37 +498,25 @@ fn create_shared(key: &str) {
     }
 }
 
-/// What the collector said.
-enum Reply {
-    Ack(BatchAck),
-    Refused(Refusal),
-    Nothing,
-}
-
-/// The `:status` and body of the collector's answer: an ack (200), one of its refusals (4xx),
-/// or nothing usable.
-fn read_reply(body_size: usize) -> Reply {
-    // Bytes getters only: the SDK's String getters unwrap UTF-8 and would panic.
+/// The `:status` and body of the collector's answer, read as bytes (the SDK's String getters
+/// unwrap UTF-8 and would panic).
+fn read_reply(body_size: usize) -> BatchReply {
     let Some(status) = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
         .ok()
         .flatten()
     else {
-        return Reply::Nothing;
+        return BatchReply::Nothing;
     };
-    if body_size == 0 || body_size > MAX_ANSWER_BYTES {
-        return Reply::Nothing;
+    if body_size == 0 || body_size > MAX_BATCH_ANSWER_BYTES {
+        return BatchReply::Nothing;
     }
     let Some(body) = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
         .ok()
         .flatten()
     else {
-        return Reply::Nothing;
+        return BatchReply::Nothing;
     };
-    match status.as_slice() {
-        b"200" => BatchAck::decode(&body).map_or(Reply::Nothing, Reply::Ack),
-        b"400" | b"413" => Refusal::decode(&body).map_or(Reply::Nothing, Reply::Refused),
-        _ => Reply::Nothing,
-    }
+    batch_reply(&status, &body)
 }
 
 /// Envoy's node id (`--service-node` or the bootstrap's `node.id`; Istio's is per pod), or "".

@@ -8,16 +8,13 @@ use std::time::Duration;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType};
+use tollgate_core::calls::{sync_answer, sync_request, MAX_SYNC_ANSWER_BYTES};
 use tollgate_core::config::CollectorPolicy;
 use tollgate_core::gate::SyncWork;
 use tollgate_core::Admission;
-use tollgate_wire::sync::{SyncRequest, SyncResponse};
-use tollgate_wire::{KEY_ID_HEADER, SIGNATURE_HEADER, VERSION};
+use tollgate_wire::sync::SyncResponse;
 
 use crate::log;
-
-/// A sync answer is at most a few grants and denials per license; larger is not one.
-const MAX_SYNC_ANSWER_BYTES: usize = 4 << 20;
 
 /// A request held until its quota has a lease: the root decides it and resumes it.
 pub struct Waiter {
@@ -49,29 +46,11 @@ pub struct SyncCall {
 
 /// Send `work` to the collector; the call's token, or `None` if it could not be sent.
 pub fn dispatch(settings: &CollectorPolicy, instance: &str, work: &SyncWork) -> Option<u32> {
-    let body = SyncRequest {
-        version: VERSION,
-        instance: instance.to_string(),
-        leases: work.leases.clone(),
-        returns: work.returns.clone(),
-        licenses: work.licenses.clone(),
-        seats: work.seats.clone(),
-        clients: work.clients.clone(),
-    }
-    .encode();
-    let signature = tollgate_wire::sign(&settings.secret, &body);
-    let headers = vec![
-        (":method", "POST"),
-        (":path", settings.sync_path.as_str()),
-        (":authority", settings.authority.as_str()),
-        ("content-type", "application/json"),
-        (KEY_ID_HEADER, settings.key_id.as_str()),
-        (SIGNATURE_HEADER, signature.as_str()),
-    ];
+    let call = sync_request(settings, instance, work);
     match hostcalls::dispatch_http_call(
         &settings.cluster,
-        headers,
-        Some(&body),
+        call.headers(settings, &settings.sync_path).to_vec(),
+        Some(&call.body),
         Vec::new(),
         Duration::from_millis(settings.timeout_ms),
     ) {
@@ -95,11 +74,8 @@ pub fn read_answer(num_headers: usize, body_size: usize) -> Option<SyncResponse>
     let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
         .ok()
         .flatten()?;
-    if status.as_slice() != b"200" {
-        return None;
-    }
     let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
         .ok()
         .flatten()?;
-    SyncResponse::decode(&body).ok()
+    sync_answer(&status, &body)
 }

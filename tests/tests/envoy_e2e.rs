@@ -670,15 +670,19 @@ fn native_module_refuses_at_load_what_it_does_not_run_yet() {
         assert!(!err.contains("panic"), "{err}");
         err
     };
-    // Fail closed: a configuration with a collector does not load, so Envoy does not start.
+    // Fail closed: quotas with a collector (requests wait for a lease) do not load, so Envoy
+    // does not start.
     let mut config = demo_config();
     config["collector"] = json!({
         "cluster": "tollgate_collector", "instance": "e2e/native", "key_id": "k1",
         "secret": "0123456789abcdef0123456789abcdef",
     });
+    config["plans"]["pro"]["quotas"] = json!({"calls": {"per": "day", "limit": 1000}});
     let err = refused(config);
     assert!(
-        err.contains("the native module does not support `collector` yet; use the wasm filter"),
+        err.contains(
+            "the native module does not support quotas with a `collector` yet; use the wasm filter"
+        ),
         "{err}"
     );
     // The core's own checks, with the field named, as in the wasm filter.
