@@ -9,9 +9,10 @@
 //! With a `collector`, usage is shipped exactly once and licenses are synced (denials such as
 //! revocations come back) from Envoy's main thread: see [`background`].
 //!
+//! License keys from `token.jwks_source` are fetched the same way.
+//!
 //! Not in this module yet (refused at load, so nothing runs unchecked): quotas and seats with a
-//! collector (they hold requests for a lease or a seat), `token.jwks_source`, and plans with
-//! `sharing` limits. All `unsafe` lives in [`abi`].
+//! collector (they hold requests for a lease or a seat), and plans with `sharing` limits. All `unsafe` lives in [`abi`].
 
 // Slicing that can panic would answer 500 instead of deciding.
 #![deny(clippy::indexing_slicing)]
@@ -25,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tollgate_core::config::UserSource;
+use tollgate_core::jwks::Fetched;
 use tollgate_core::meter::Ledger;
 use tollgate_core::{Admission, Gate, Policy, RequestHead, UsageTotals, Verdict};
 
@@ -80,7 +82,12 @@ pub struct Config {
     policy: Arc<Policy>,
     metrics: Metrics,
     background: Option<Mutex<Background>>,
+    /// The callout fetching `token.jwks_source`, while one is in flight.
+    jwks_call: Mutex<Option<u64>>,
 }
+
+/// A JWKS is a few keys; an answer larger than this is not one.
+const MAX_JWKS_BYTES: usize = 1 << 20;
 
 /// A poisoned lock means a panic under it: the state may be half updated, but it is counters,
 /// caches and buffered usage, so carrying on beats refusing every request (or losing usage).
@@ -92,9 +99,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Why a configuration cannot run in this module yet.
 fn unsupported(policy: &Policy) -> Option<&'static str> {
-    if policy.token.jwks_source.is_some() {
-        return Some("`token.jwks_source`");
-    }
     // With a collector, quotas wait for a lease and seats for the collector's answer: the
     // request is held, which this module cannot do yet.
     if policy.collector.is_some()
@@ -195,12 +199,13 @@ impl Config {
             policy,
             metrics,
             background,
+            jwks_call: Mutex::new(None),
         })
     }
 
     /// True when the configuration has main-thread work (a collector): the ticker runs.
     pub fn needs_ticks(&self) -> bool {
-        self.background.is_some()
+        self.background.is_some() || self.policy.token.jwks_source.is_some()
     }
 
     /// The main thread's periodic work: ship usage, sync, and tell the gate whether it can
@@ -211,6 +216,7 @@ impl Config {
 
     /// [`Config::tick`] at `now` (Unix ms).
     pub fn tick_at(&self, host: &mut impl CollectorHost, now: u64) {
+        self.fetch_keys(host, now);
         let Some(background) = &self.background else {
             return;
         };
@@ -262,6 +268,10 @@ impl Config {
         answer: Option<CalloutAnswer<'_>>,
         now: u64,
     ) {
+        if lock(&self.jwks_call).take_if(|call| *call == id).is_some() {
+            self.keys_fetched(answer, now);
+            return;
+        }
         let Some(background) = &self.background else {
             return;
         };
@@ -273,6 +283,73 @@ impl Config {
                 Some(response) => gate.apply_sync(&work, &response, now),
                 None => gate.sync_failed(work, now),
             }
+        }
+    }
+
+    /// Start fetching the license keys (`token.jwks_source`) when the gate says one is due:
+    /// on the refresh interval, sooner after a token named an unknown key.
+    fn fetch_keys(&self, host: &mut impl CollectorHost, now: u64) {
+        let mut call = lock(&self.jwks_call);
+        if call.is_some() {
+            // Envoy answers every callout by its timeout: the call ends by itself.
+            return;
+        }
+        let mut shared = lock(&self.shared);
+        let Some(source) = shared.gate.jwks_due(now) else {
+            return;
+        };
+        let headers = [
+            (":method", "GET"),
+            (":path", source.path.as_str()),
+            (":authority", source.authority.as_str()),
+            ("accept", "application/jwk-set+json, application/json"),
+        ];
+        match host.http_call(&source.cluster, &headers, b"", source.timeout_ms) {
+            Ok(id) => {
+                *call = Some(id);
+                shared.gate.jwks_started(true, now);
+            }
+            Err(why) => {
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "tollgate: cannot fetch the license keys from cluster {} ({why})",
+                        source.cluster
+                    ),
+                );
+                shared.gate.jwks_started(false, now);
+            }
+        }
+    }
+
+    /// The key fetch answered (`None`: it failed); the gate keeps the last good keys.
+    fn keys_fetched(&self, answer: Option<CalloutAnswer<'_>>, now: u64) {
+        let answer = answer.map(|a| {
+            let status = std::str::from_utf8(a.status)
+                .ok()
+                .and_then(|s| s.parse::<u16>().ok())
+                .unwrap_or(0);
+            let body = if a.body.len() > MAX_JWKS_BYTES {
+                &[][..]
+            } else {
+                a.body
+            };
+            (status, body)
+        });
+        let fetched = lock(&self.shared).gate.jwks_answered(answer, now);
+        match fetched {
+            Some(Fetched::Changed { keys, skipped }) => {
+                let mut message = format!("tollgate: license keys updated: {keys} key(s) from the JWKS");
+                if !skipped.is_empty() {
+                    message.push_str(&format!("; skipped: {}", skipped.join("; ")));
+                }
+                log(LogLevel::Info, &message);
+            }
+            Some(Fetched::Failed(why)) => log(
+                LogLevel::Warn,
+                &format!("tollgate: fetching the license keys failed ({why}); the last good keys stay in use"),
+            ),
+            Some(Fetched::Unchanged) | None => {}
         }
     }
 

@@ -130,13 +130,9 @@ fn what_the_module_does_not_run_yet_is_refused_at_load() {
     let mut with_seats = with_collector.clone();
     with_seats["users"] = json!({"header": "x-user"});
     with_seats["pseudonyms"] = json!({"key_id": "t", "secret": "0123456789abcdef0123456789abcdef"});
-    let mut with_source = with_collector.clone();
-    with_source["token"].as_object_mut().unwrap().remove("jwks");
-    with_source["token"]["jwks_source"] = json!({"cluster": "tollgate_collector"});
     for (config, what) in [
         (with_quotas, "quotas with a `collector`"),
         (with_seats, "seats (`users`) with a `collector`"),
-        (with_source, "`token.jwks_source`"),
     ] {
         let error = compile(config.to_string().as_bytes()).unwrap_err();
         assert!(
@@ -177,9 +173,12 @@ impl CollectorHost for FakeMain {
             return Err("no healthy host");
         }
         let path = headers.iter().find(|(k, _)| *k == ":path").unwrap().1;
-        assert!(headers
+        // Calls to the collector are signed; a key fetch is a plain GET.
+        let method = headers.iter().find(|(k, _)| *k == ":method").unwrap().1;
+        let signed = headers
             .iter()
-            .any(|(k, _)| *k == tollgate_wire::SIGNATURE_HEADER));
+            .any(|(k, _)| *k == tollgate_wire::SIGNATURE_HEADER);
+        assert_eq!(signed, method == "POST", "{headers:?}");
         let id = self.calls.len() as u64 + 1;
         self.calls.push((id, path.to_string(), body.to_vec()));
         Ok(id)
@@ -484,4 +483,39 @@ fn the_gate_is_shared_by_threads_and_so_is_the_rate_limit() {
     });
     // 12 requests at once from two threads: the burst of 4 (plus at most one refill).
     assert!((4..=5).contains(&admitted), "admitted {admitted}");
+}
+
+#[test]
+fn license_keys_come_from_the_jwks_source_on_the_main_thread() {
+    let mut json = demo_config();
+    let jwks = json["token"]
+        .as_object_mut()
+        .unwrap()
+        .remove("jwks")
+        .unwrap();
+    json["token"]["jwks_source"] = json!({"cluster": "keys", "path": "/.well-known/jwks.json"});
+    let (config, _) = config(&json);
+    assert!(config.needs_ticks());
+    let token = demo_token("pro");
+    // No keys yet: nothing verifies.
+    assert!(!request(&config, "/v1/search", Some(&token)).0);
+    let mut main = FakeMain::default();
+    let now = now_ms();
+    config.tick_at(&mut main, now);
+    let (id, path, _) = main.calls.last().cloned().unwrap();
+    assert_eq!(path, "/.well-known/jwks.json");
+    // One fetch at a time.
+    config.tick_at(&mut main, now + 100);
+    assert_eq!(main.calls.len(), 1);
+    let body = serde_json::to_vec(&jwks).unwrap();
+    config.callout_done_at(
+        &mut main,
+        id,
+        Some(CalloutAnswer {
+            status: b"200",
+            body: &body,
+        }),
+        now + 200,
+    );
+    assert!(request(&config, "/v1/search", Some(&token)).0);
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tollgate_collector::{open, AppState, IngestKeys, Running};
 use tollgate_devkit::envoy::workspace_root;
-use tollgate_devkit::{Bootstrap, Envoy, Upstream};
+use tollgate_devkit::{Adapter, Bootstrap, Envoy, Upstream};
 use tollgate_tests::http::request;
 
 const SECRET: &str = "licensing-e2e-secret-0123456789";
@@ -51,7 +51,12 @@ impl Drop for Stack {
     }
 }
 
-fn stack(name: &str) -> Stack {
+fn stack(adapter: Adapter, name: &str) -> Stack {
+    if adapter == Adapter::Native {
+        tollgate_devkit::envoy::require_native_module().unwrap();
+    }
+    let name = format!("{name}-{}", adapter.name());
+    let name = name.as_str();
     let dir = std::env::temp_dir().join(format!("tollgate-lic-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -68,6 +73,7 @@ fn stack(name: &str) -> Stack {
     let collector = Running::start_state(0, state).unwrap();
     let upstream = Upstream::start(0).unwrap();
     let mut bootstrap = Bootstrap::new(plugin(), upstream.port());
+    bootstrap.adapter = adapter;
     bootstrap.collector_ports = vec![collector.addr.port()];
     let envoy = Envoy::start(&format!("lic-{name}"), &bootstrap.to_json(), 2).unwrap();
     Stack {
@@ -147,9 +153,31 @@ fn until(envoy: &Envoy, token: &str, want: &str) -> Vec<String> {
     }
 }
 
-#[test]
-fn a_license_issued_by_the_collector_is_served_through_envoy_until_revoked() {
-    let s = stack("revoke");
+/// Each test body here runs against both adapters, as `wasm::<name>` and `native::<name>`.
+macro_rules! with_both_adapters {
+    ($($test:ident),* $(,)?) => {
+        mod wasm {
+            $(#[test]
+            fn $test() {
+                super::$test(tollgate_devkit::Adapter::Wasm)
+            })*
+        }
+        mod native {
+            $(#[test]
+            fn $test() {
+                super::$test(tollgate_devkit::Adapter::Native)
+            })*
+        }
+    };
+}
+
+with_both_adapters!(
+    a_license_issued_by_the_collector_is_served_through_envoy_until_revoked,
+    signing_keys_rotate_without_a_restart_and_a_retired_key_stops_verifying,
+);
+
+fn a_license_issued_by_the_collector_is_served_through_envoy_until_revoked(adapter: Adapter) {
+    let s = stack(adapter, "revoke");
     let issued = issue(&s.collector, "lic-e2e-1");
     let token = issued["token"].as_str().unwrap();
     // The first key was generated on the first issue; Envoy fetches it within a tick.
@@ -178,9 +206,8 @@ fn a_license_issued_by_the_collector_is_served_through_envoy_until_revoked() {
     assert_eq!(shown["revoked"], "contract ended");
 }
 
-#[test]
-fn signing_keys_rotate_without_a_restart_and_a_retired_key_stops_verifying() {
-    let s = stack("rotate");
+fn signing_keys_rotate_without_a_restart_and_a_retired_key_stops_verifying(adapter: Adapter) {
+    let s = stack(adapter, "rotate");
     let (status, first) = admin(
         &s.collector,
         "POST",
