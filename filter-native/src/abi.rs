@@ -15,7 +15,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use crate::background::{CalloutAnswer, CollectorHost, TICK_MS};
-use crate::{Config, ConfigHost, Http, Stream};
+use crate::{Config, ConfigHost, Http, Stream, Wake};
 
 /// The ABI version Envoy 1.40 matches (`Dynamic module ABI version v0.2.0 matched.`).
 const ABI_VERSION: &std::ffi::CStr = c"v0.2.0";
@@ -81,6 +81,10 @@ const HEADERS_CONTINUE: u32 = 0;
 const HEADERS_STOP_ITERATION: u32 = 1;
 /// Body and trailer statuses: `Continue` is 0 in each enum.
 const CONTINUE: u32 = 0;
+/// `..._request_body_status_StopIterationAndBuffer`.
+const STOP_ITERATION_AND_BUFFER: u32 = 1;
+/// `..._request_trailers_status_StopIteration`.
+const TRAILERS_STOP_ITERATION: u32 = 1;
 
 /// `envoy_dynamic_module_type_metrics_result_Success`.
 const METRICS_SUCCESS: u32 = 0;
@@ -148,6 +152,17 @@ mod raw {
             label_values_length: usize,
             value: u64,
         ) -> u32;
+        /// A handle any thread may commit events through; they run the stream's `scheduled`
+        /// hook on its worker, while the stream lives (Envoy holds it weakly).
+        pub fn envoy_dynamic_module_callback_http_filter_scheduler_new(
+            filter: FilterEnvoyPtr,
+        ) -> *mut c_void;
+        pub fn envoy_dynamic_module_callback_http_filter_scheduler_commit(
+            scheduler: *mut c_void,
+            event_id: u64,
+        );
+        pub fn envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler: *mut c_void);
+        pub fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter: FilterEnvoyPtr);
         pub fn envoy_dynamic_module_callback_http_filter_config_define_gauge(
             config: ConfigEnvoyPtr,
             name: ModuleBuffer,
@@ -371,6 +386,27 @@ impl Drop for Scheduler {
     }
 }
 
+/// A stream's scheduler: a commit runs the stream's `scheduled` hook on its worker.
+struct StreamScheduler(*mut c_void);
+
+// SAFETY: Envoy's stream scheduler is made for committing from any thread (it posts to the
+// stream's worker dispatcher, and holds the stream weakly); it is deleted once, by its owner.
+unsafe impl Send for StreamScheduler {}
+
+impl Wake for StreamScheduler {
+    fn wake(&self) {
+        // SAFETY: the scheduler is alive (deleted only in `drop`).
+        unsafe { raw::envoy_dynamic_module_callback_http_filter_scheduler_commit(self.0, 1) }
+    }
+}
+
+impl Drop for StreamScheduler {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from `scheduler_new` and is deleted once, here.
+        unsafe { raw::envoy_dynamic_module_callback_http_filter_scheduler_delete(self.0) }
+    }
+}
+
 /// The event a tick commits.
 const TICK_EVENT: u64 = 1;
 
@@ -528,6 +564,17 @@ impl Http for FilterHandle {
                 ModuleBuffer::of(details),
             )
         }
+    }
+
+    fn waker(&mut self) -> Option<Box<dyn Wake>> {
+        // SAFETY: the filter pointer is the running hook's.
+        let ptr = unsafe { raw::envoy_dynamic_module_callback_http_filter_scheduler_new(self.0) };
+        (!ptr.is_null()).then(|| Box::new(StreamScheduler(ptr)) as Box<dyn Wake>)
+    }
+
+    fn continue_request(&mut self) {
+        // SAFETY: the filter pointer is the running hook's (`scheduled`, on its worker).
+        unsafe { raw::envoy_dynamic_module_callback_http_filter_continue_decoding(self.0) }
     }
 
     fn increment(&mut self, counter: usize, value: u64) {
@@ -787,21 +834,37 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     filter_module_ptr: *mut c_void,
     _end_of_stream: bool,
 ) -> u32 {
-    guard("request_body", (), || {
+    let holding = guard("request_body", false, || {
         // SAFETY: as in `request_headers`.
-        if let Some((_, stream)) = unsafe { stream_mut(filter_module_ptr) } {
-            stream.request_body(&FilterHandle(filter_envoy_ptr));
-        }
+        let Some((_, stream)) = (unsafe { stream_mut(filter_module_ptr) }) else {
+            return false;
+        };
+        stream.request_body(&FilterHandle(filter_envoy_ptr));
+        stream.holding()
     });
-    CONTINUE
+    // Held for a lease or a seat: Envoy buffers the body until the decision (a Continue
+    // here would send the headers on too).
+    if holding {
+        STOP_ITERATION_AND_BUFFER
+    } else {
+        CONTINUE
+    }
 }
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
     _filter_envoy_ptr: FilterEnvoyPtr,
-    _filter_module_ptr: *mut c_void,
+    filter_module_ptr: *mut c_void,
 ) -> u32 {
-    CONTINUE
+    let holding = guard("request_trailers", false, || {
+        // SAFETY: as in `request_headers`.
+        unsafe { stream_mut(filter_module_ptr) }.is_some_and(|(_, stream)| stream.holding())
+    });
+    if holding {
+        TRAILERS_STOP_ITERATION
+    } else {
+        CONTINUE
+    }
 }
 
 #[no_mangle]
@@ -865,8 +928,8 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter_module_ptr:
     })
 }
 
-// Hooks Envoy 1.40 requires to load a module, for features this module does not use (HTTP
-// callouts and streams, scheduled events, watermarks). The C ABI lets a callee ignore its
+// Hooks Envoy 1.40 requires to load a module, for features this module does not use
+// (stream-level HTTP callouts and streams, watermarks). The C ABI lets a callee ignore its
 // arguments, so they take none; each does nothing, so there is nothing to panic.
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done() {}
@@ -881,7 +944,28 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete() {}
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset() {}
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled() {}
+pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+    filter_envoy_ptr: FilterEnvoyPtr,
+    filter_module_ptr: *mut c_void,
+    _event_id: u64,
+) {
+    let resumed = guard("scheduled", false, || {
+        // SAFETY: as in `request_headers` (Envoy runs it on the stream's worker). The borrow
+        // ends before the answer: answering may run `stream_complete` on this same stream.
+        let resumed = match unsafe { stream_mut(filter_module_ptr) } {
+            Some((config, stream)) => stream.resume(config),
+            None => return false,
+        };
+        if let Some(resumed) = resumed {
+            resumed.answer(&mut FilterHandle(filter_envoy_ptr));
+        }
+        true
+    });
+    if !resumed {
+        // The held request can be neither decided nor let go: answer it.
+        let _ = catch_unwind(|| crate::internal_error(&mut FilterHandle(filter_envoy_ptr)));
+    }
+}
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark()
 {
@@ -951,6 +1035,18 @@ mod raw {
     ) -> u32 {
         1
     }
+    pub unsafe fn envoy_dynamic_module_callback_http_filter_scheduler_new(
+        _: FilterEnvoyPtr,
+    ) -> *mut c_void {
+        std::ptr::null_mut()
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_filter_scheduler_commit(
+        _: *mut c_void,
+        _: u64,
+    ) {
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_filter_scheduler_delete(_: *mut c_void) {}
+    pub unsafe fn envoy_dynamic_module_callback_http_filter_continue_decoding(_: FilterEnvoyPtr) {}
     pub unsafe fn envoy_dynamic_module_callback_http_filter_config_define_gauge(
         _: ConfigEnvoyPtr,
         _: ModuleBuffer,

@@ -331,10 +331,10 @@ impl Background {
         Some(call.work)
     }
 
-    /// True when a sync is due (none in flight, the interval passed); the next is due an
-    /// interval later.
-    pub fn sync_due(&mut self, now_ms: u64) -> bool {
-        if self.sync.is_some() || now_ms < self.next_sync_ms {
+    /// True when a sync is due: none in flight, and the interval passed or requests wait for
+    /// its answer (`waiting`). The next is due an interval later.
+    pub fn sync_due(&mut self, now_ms: u64, waiting: bool) -> bool {
+        if self.sync.is_some() || (!waiting && now_ms < self.next_sync_ms) {
             return false;
         }
         self.next_sync_ms = now_ms.saturating_add(self.settings.shipper.flush_interval_ms);

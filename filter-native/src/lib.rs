@@ -55,6 +55,45 @@ pub trait Http {
     /// Answer locally; the request goes no further.
     fn send_response(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]);
     fn increment(&mut self, counter: usize, value: u64);
+    /// A handle that wakes this stream on its worker (its `scheduled` hook runs), from any
+    /// thread; `None` if Envoy refuses one.
+    fn waker(&mut self) -> Option<Box<dyn Wake>>;
+    /// Let a request this filter stopped go on upstream.
+    fn continue_request(&mut self);
+}
+
+/// Wakes one stream on its worker thread; a stream gone by then is not woken.
+pub trait Wake: Send {
+    fn wake(&self);
+}
+
+/// Where a held request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Waiting for a lease or a seat.
+    Waiting,
+    /// Decided on the main thread; the stream is woken to answer.
+    Decided,
+    /// The stream answered the decision.
+    Answered,
+    /// The stream ended first (the client left).
+    Gone,
+}
+
+/// A request held for the collector, shared by its stream and the main thread.
+struct WaitSlot {
+    admission: Admission,
+    state: Held,
+    /// When it was decided (Unix ms): processing is metered from then, so the wait for a
+    /// lease is not billed as processing.
+    decided_ms: u64,
+}
+
+/// A held request as the main thread sees it.
+struct Waiter {
+    slot: Arc<Mutex<WaitSlot>>,
+    since_ms: u64,
+    wake: Box<dyn Wake>,
 }
 
 /// Log to Envoy's `dynamic_modules` logger.
@@ -84,6 +123,8 @@ pub struct Config {
     background: Option<Mutex<Background>>,
     /// The callout fetching `token.jwks_source`, while one is in flight.
     jwks_call: Mutex<Option<u64>>,
+    /// Requests held for a lease or a seat.
+    waiters: Mutex<Vec<Waiter>>,
 }
 
 /// A JWKS is a few keys; an answer larger than this is not one.
@@ -99,19 +140,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Why a configuration cannot run in this module yet.
 fn unsupported(policy: &Policy) -> Option<&'static str> {
-    // With a collector, quotas wait for a lease and seats for the collector's answer: the
-    // request is held, which this module cannot do yet.
-    if policy.collector.is_some()
-        && policy
-            .plans
-            .values()
-            .any(|plan| !plan.limits.quotas.is_empty())
-    {
-        return Some("quotas with a `collector`");
-    }
-    if policy.collector.is_some() && policy.users.is_some() {
-        return Some("seats (`users`) with a `collector`");
-    }
     if policy.reads_client_address {
         return Some("`sharing` limits");
     }
@@ -200,6 +228,7 @@ impl Config {
             metrics,
             background,
             jwks_call: Mutex::new(None),
+            waiters: Mutex::new(Vec::new()),
         })
     }
 
@@ -227,7 +256,9 @@ impl Config {
         if let Some(work) = background.overdue_sync(host, now) {
             lock(&self.shared).gate.sync_failed(work, now);
         }
-        if background.sync_due(now) {
+        self.decide_waiters(now);
+        let waiting = !lock(&self.waiters).is_empty();
+        if background.sync_due(now, waiting) {
             let work = lock(&self.shared).gate.sync_work(now);
             if !work.is_empty() {
                 if let Err(work) = background.start_sync(host, work, now) {
@@ -284,6 +315,34 @@ impl Config {
                 None => gate.sync_failed(work, now),
             }
         }
+        // Leases and seats may have come in: held requests go on at once, not a tick later.
+        self.decide_waiters(now);
+    }
+
+    /// Decide the held requests that can be decided now (a lease or seat came in, a denial,
+    /// or they waited `quota.lease_wait_ms`), and wake their streams to answer.
+    fn decide_waiters(&self, now: u64) {
+        let wait_ms = self.policy.quota.lease_wait_ms;
+        let mut waiters = lock(&self.waiters);
+        if waiters.is_empty() {
+            return;
+        }
+        let gate = &mut lock(&self.shared).gate;
+        waiters.retain(|waiter| {
+            let mut slot = lock(&waiter.slot);
+            if slot.state != Held::Waiting {
+                return false;
+            }
+            let timed_out = now.saturating_sub(waiter.since_ms) >= wait_ms;
+            gate.retry_held(&mut slot.admission, now, timed_out);
+            if slot.admission.verdict == Verdict::AwaitCollector {
+                return true;
+            }
+            slot.state = Held::Decided;
+            slot.decided_ms = now;
+            waiter.wake.wake();
+            false
+        });
     }
 
     /// Start fetching the license keys (`token.jwks_source`) when the gate says one is due:
@@ -401,6 +460,8 @@ pub fn internal_error(http: &mut impl Http) {
 #[derive(Default)]
 pub struct Stream {
     admission: Option<Admission>,
+    /// Set while (and after) the request was held for the collector.
+    held: Option<Arc<Mutex<WaitSlot>>>,
     started_nanos: u64,
     request_bytes: u64,
     response_bytes: u64,
@@ -433,6 +494,27 @@ impl Stream {
             };
             lock(&config.shared).gate.admit(&head, self.started_nanos)
         };
+        if admission.verdict == Verdict::AwaitCollector && config.background.is_some() {
+            if let Some(wake) = http.waker() {
+                let slot = Arc::new(Mutex::new(WaitSlot {
+                    admission,
+                    state: Held::Waiting,
+                    decided_ms: 0,
+                }));
+                lock(&config.waiters).push(Waiter {
+                    slot: Arc::clone(&slot),
+                    since_ms: self.started_nanos / 1_000_000,
+                    wake,
+                });
+                self.held = Some(slot);
+                return false;
+            }
+        }
+        self.deliver(admission, policy, http)
+    }
+
+    /// Answer `admission`; true when the request goes on upstream.
+    fn deliver(&mut self, admission: Admission, policy: &Policy, http: &mut impl Http) -> bool {
         let answered = answer(&admission, policy, http);
         self.admission = Some(admission);
         match answered {
@@ -443,6 +525,39 @@ impl Stream {
                 false
             }
         }
+    }
+
+    /// True while the request is held and not answered: its body and trailers must wait
+    /// (letting them on would send the headers on too).
+    pub fn holding(&self) -> bool {
+        self.held
+            .as_ref()
+            .is_some_and(|slot| matches!(lock(slot).state, Held::Waiting | Held::Decided))
+    }
+
+    /// The main thread decided the held request: take the decision as this stream's, and say
+    /// how to answer it. The answer is given after the stream is let go ([`Resumed::answer`]):
+    /// outside a filter callback, Envoy may complete the stream inside the call that answers
+    /// it (a local reply, or `continue_decoding` on to a direct response), and its completion
+    /// meters what this stream holds by then.
+    pub fn resume(&mut self, config: &Config) -> Option<Resumed> {
+        let admission = {
+            let mut slot = lock(self.held.as_ref()?);
+            if slot.state != Held::Decided {
+                return None;
+            }
+            slot.state = Held::Answered;
+            self.started_nanos = self
+                .started_nanos
+                .max(slot.decided_ms.saturating_mul(1_000_000));
+            slot.admission.clone()
+        };
+        self.response_bytes = self.response_bytes.saturating_add(reply_bytes(&admission));
+        self.admission = Some(admission.clone());
+        Some(Resumed {
+            admission,
+            policy: Arc::clone(&config.policy),
+        })
     }
 
     /// The rate limits left, for clients that pace themselves (allowed requests).
@@ -470,6 +585,27 @@ impl Stream {
 
     /// Meter the request and count it into Envoy stats.
     pub fn complete(&mut self, config: &Config, http: &mut impl Http) {
+        if let Some(slot) = self.held.take() {
+            let unanswered = {
+                let mut slot = lock(&slot);
+                let state = std::mem::replace(&mut slot.state, Held::Gone);
+                match state {
+                    // Answered: `self.admission` is what was served.
+                    Held::Answered => None,
+                    // The client left while it waited: metered as still waiting (quota or
+                    // seat unavailable). Decided but not answered yet: what was reserved for
+                    // it goes back, and it is metered the same way.
+                    Held::Waiting | Held::Decided | Held::Gone => Some(slot.admission.clone()),
+                }
+            };
+            if let Some(mut admission) = unanswered {
+                if admission.verdict != Verdict::AwaitCollector {
+                    lock(&config.shared).gate.release(&mut admission);
+                    admission.verdict = Verdict::AwaitCollector;
+                }
+                self.admission = Some(admission);
+            }
+        }
         let Some(admission) = self.admission.take() else {
             return;
         };
@@ -497,6 +633,35 @@ impl Stream {
         config.metrics.count(http, counters, health, &usage);
     }
 }
+
+/// A held request's decision, to answer once its stream is let go (see [`Stream::resume`]).
+pub struct Resumed {
+    admission: Admission,
+    policy: Arc<Policy>,
+}
+
+impl Resumed {
+    /// Answer the request; an admitted one goes on upstream.
+    pub fn answer(self, http: &mut impl Http) {
+        if let Answered::Continue = answer(&self.admission, &self.policy, http) {
+            http.continue_request();
+        }
+    }
+}
+
+/// The body bytes of the local reply [`answer`] sends for `admission` (0 when it goes on).
+fn reply_bytes(admission: &Admission) -> u64 {
+    match &admission.verdict {
+        Verdict::Allow | Verdict::Public => 0,
+        Verdict::AwaitCollector => CANNOT_HOLD.len() as u64,
+        Verdict::Refuse(refusal) => refusal.body().len() as u64,
+    }
+}
+
+/// The answer to a request that must wait for the collector when Envoy lends no way to wake
+/// it later: it can be neither decided nor let through.
+const CANNOT_HOLD: &[u8] =
+    br#"{"error":"not_configured","message":"the licensing filter cannot hold requests"}"#;
 
 /// The test build's panic, to prove the hooks' guard (feature `panic-probe`).
 #[cfg(feature = "panic-probe")]
@@ -535,13 +700,11 @@ fn answer(admission: &Admission, policy: &Policy, http: &mut impl Http) -> Answe
             }
             Answered::Continue
         }
-        // Only for quotas or seats with a collector, which this module refuses at load;
-        // never let it through.
+        // Held requests never get here (see `Stream::request_headers`); if Envoy refused a
+        // waker, the request cannot wait: never let it through.
         Verdict::AwaitCollector => {
-            let body =
-                br#"{"error":"not_configured","message":"the licensing filter cannot hold requests"}"#;
-            not_configured(http, body);
-            Answered::Replied(body.len() as u64)
+            not_configured(http, CANNOT_HOLD);
+            Answered::Replied(CANNOT_HOLD.len() as u64)
         }
         Verdict::Refuse(refusal) => {
             let headers = refusal.headers();

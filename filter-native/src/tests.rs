@@ -36,6 +36,17 @@ struct FakeHttp {
     response: HashMap<String, String>,
     sent: Option<Sent>,
     counters: HashMap<usize, u64>,
+    /// Times the stream was woken, shared with its waker.
+    woken: Arc<std::sync::atomic::AtomicU32>,
+    continued: bool,
+}
+
+struct FakeWaker(Arc<std::sync::atomic::AtomicU32>);
+
+impl Wake for FakeWaker {
+    fn wake(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Http for FakeHttp {
@@ -64,6 +75,12 @@ impl Http for FakeHttp {
     }
     fn increment(&mut self, counter: usize, value: u64) {
         *self.counters.entry(counter).or_default() += value;
+    }
+    fn waker(&mut self) -> Option<Box<dyn Wake>> {
+        Some(Box::new(FakeWaker(Arc::clone(&self.woken))))
+    }
+    fn continue_request(&mut self) {
+        self.continued = true;
     }
 }
 
@@ -125,26 +142,29 @@ fn collector() -> Value {
 fn what_the_module_does_not_run_yet_is_refused_at_load() {
     let mut with_collector = demo_config();
     with_collector["collector"] = collector();
+    let mut with_sharing = with_collector.clone();
+    with_sharing["plans"]["pro"]["sharing"] =
+        json!({"max_clients": 3, "window_seconds": 600, "block": true});
+    with_sharing["pseudonyms"] =
+        json!({"key_id": "t", "secret": "0123456789abcdef0123456789abcdef"});
+    let error = compile(with_sharing.to_string().as_bytes()).unwrap_err();
+    assert!(
+        error.contains(
+            "the native module does not support `sharing` limits yet; use the wasm filter"
+        ),
+        "{error}"
+    );
+    let mut host = FakeConfig::default();
+    assert!(Config::new(&mut host, b"tollgate", with_sharing.to_string().as_bytes()).is_none());
+    // Quotas and seats run with a collector: held requests wait on the main thread's sync.
     let mut with_quotas = with_collector.clone();
     with_quotas["plans"]["pro"]["quotas"] = json!({"calls": {"per": "day", "limit": 1000}});
     let mut with_seats = with_collector.clone();
     with_seats["users"] = json!({"header": "x-user"});
     with_seats["pseudonyms"] = json!({"key_id": "t", "secret": "0123456789abcdef0123456789abcdef"});
-    for (config, what) in [
-        (with_quotas, "quotas with a `collector`"),
-        (with_seats, "seats (`users`) with a `collector`"),
-    ] {
-        let error = compile(config.to_string().as_bytes()).unwrap_err();
-        assert!(
-            error.contains(&format!(
-                "the native module does not support {what} yet; use the wasm filter"
-            )),
-            "{error}"
-        );
-        let mut host = FakeConfig::default();
-        assert!(Config::new(&mut host, b"tollgate", config.to_string().as_bytes()).is_none());
+    for config in [with_collector, with_quotas, with_seats] {
+        assert!(compile(config.to_string().as_bytes()).is_ok());
     }
-    assert!(compile(with_collector.to_string().as_bytes()).is_ok());
     assert!(compile(b"").unwrap_err().contains("empty"));
     assert!(compile(b"{not json").is_err());
     let mut host = FakeConfig::default();
@@ -518,4 +538,117 @@ fn license_keys_come_from_the_jwks_source_on_the_main_thread() {
         now + 200,
     );
     assert!(request(&config, "/v1/search", Some(&token)).0);
+}
+
+fn held_request(config: &Config, token: &str) -> (Stream, FakeHttp) {
+    let mut http = FakeHttp::default();
+    http.request.insert(":path".into(), b"/v1/search".to_vec());
+    http.request.insert(":method".into(), b"GET".to_vec());
+    http.request.insert(
+        "authorization".into(),
+        format!("Bearer {token}").into_bytes(),
+    );
+    let mut stream = Stream::default();
+    assert!(
+        !stream.request_headers(config, &mut http),
+        "held, not continued"
+    );
+    assert!(http.sent.is_none(), "nothing answered yet");
+    assert!(stream.holding());
+    (stream, http)
+}
+
+fn sync_of(main: &FakeMain) -> (u64, tollgate_wire::sync::SyncRequest) {
+    let (id, _, body) = main.calls.iter().rev().find(|c| c.1 == "/v1/sync").unwrap();
+    (*id, tollgate_wire::sync::SyncRequest::decode(body).unwrap())
+}
+
+#[test]
+fn a_request_held_for_a_lease_goes_on_once_the_sync_brings_one_and_a_leaver_is_not_billed() {
+    let mut json = demo_config();
+    json["collector"] = collector();
+    json["plans"]["pro"]["quotas"] = json!({"calls": {"per": "day", "limit": 1000}});
+    let (config, _) = config(&json);
+    let token = demo_token("pro");
+    let (mut stream, mut http) = held_request(&config, &token);
+    let (mut gone, mut gone_http) = held_request(&config, &token);
+    // The second client leaves while it waits.
+    gone.complete(&config, &mut gone_http);
+
+    let mut main = FakeMain::default();
+    let now = now_ms();
+    config.tick_at(&mut main, now);
+    let (id, sync) = sync_of(&main);
+    assert_eq!(sync.leases.len(), 1, "{sync:?}");
+    let lease = &sync.leases[0];
+    let response = json!({
+        "version": tollgate_wire::VERSION,
+        "grants": [{
+            "lease_id": lease.lease_id, "granted": 100, "period_start_ms": 0,
+            "period_end_ms": now + 86_400_000, "expires_ms": now + 60_000, "allocated": 100,
+        }],
+        "closed": [], "denials": [], "seats": [],
+    });
+    let body = serde_json::to_vec(&response).unwrap();
+    config.callout_done_at(
+        &mut main,
+        id,
+        Some(CalloutAnswer {
+            status: b"200",
+            body: &body,
+        }),
+        now,
+    );
+    assert_eq!(http.woken.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        gone_http.woken.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a gone stream is not woken"
+    );
+    stream.resume(&config).unwrap().answer(&mut http);
+    assert!(http.continued && http.sent.is_none());
+    assert!(
+        http.request.contains_key("x-tollgate-license"),
+        "{:?}",
+        http.request.keys()
+    );
+    assert!(!stream.holding());
+    stream.complete(&config, &mut http);
+
+    // What reaches the collector: one allowed call, one that left while waiting.
+    config.tick_at(&mut main, now + 10_000);
+    let (_, _, body) = main
+        .calls
+        .iter()
+        .rev()
+        .find(|c| c.1 == "/v1/usage")
+        .unwrap();
+    let batch = tollgate_wire::UsageBatch::decode(body).unwrap();
+    let calls = |outcome: &str| -> u64 {
+        batch
+            .records
+            .iter()
+            .filter(|r| r.meter == tollgate_wire::Meter::Calls && r.outcome == outcome)
+            .map(|r| r.units)
+            .sum()
+    };
+    assert_eq!(calls("allowed"), 1, "{batch:?}");
+    assert_eq!(calls("quota_unavailable"), 1, "{batch:?}");
+}
+
+#[test]
+fn a_held_request_is_refused_once_it_waited_lease_wait_ms() {
+    let mut json = demo_config();
+    json["collector"] = collector();
+    json["plans"]["pro"]["quotas"] = json!({"calls": {"per": "day", "limit": 1000}});
+    let (config, _) = config(&json);
+    let (mut stream, mut http) = held_request(&config, &demo_token("pro"));
+    let mut main = FakeMain::default();
+    // The collector never answers.
+    config.tick_at(&mut main, now_ms() + 60_000);
+    assert_eq!(http.woken.load(std::sync::atomic::Ordering::SeqCst), 1);
+    stream.resume(&config).unwrap().answer(&mut http);
+    assert!(!http.continued);
+    let (status, _, body) = http.sent.clone().unwrap();
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
 }

@@ -319,8 +319,7 @@ fn collector_metric(c: &Running, line_prefix: &str) -> u64 {
 
 /// The collector behind a faulty proxy: answers held past the filter's timeout (1 s) after the
 /// batch was stored, 500s after storing, 500s before. The filter must retry what failed, and a
-/// retry of a stored batch must count zero more. (The native module does not run quotas with a
-/// collector yet: its run has no quota.)
+/// retry of a stored batch must count zero more.
 fn a_collector_answering_slowly_or_with_500s_loses_nothing_and_counts_nothing_twice(
     adapter: Adapter,
 ) {
@@ -331,11 +330,8 @@ fn a_collector_answering_slowly_or_with_500s_loses_nothing_and_counts_nothing_tw
     // A daily quota on `pro`, spent in the middle of the faults: its leases come through the
     // same faulty proxy.
     const QUOTA: u64 = 300;
-    let with_quota = adapter == Adapter::Wasm;
     let mut plugin = config();
-    if with_quota {
-        plugin["plans"]["pro"]["quotas"] = json!({"calls": {"per": "day", "limit": QUOTA}});
-    }
+    plugin["plans"]["pro"]["quotas"] = json!({"calls": {"per": "day", "limit": QUOTA}});
     let mut bootstrap = bootstrap_for(adapter, plugin, &upstream);
     bootstrap.collector_ports = vec![proxy.port];
     let envoy = Envoy::start(
@@ -384,7 +380,7 @@ fn a_collector_answering_slowly_or_with_500s_loses_nothing_and_counts_nothing_tw
             .contains_key(&("lic-pro".to_string(), "quota_exhausted".to_string()))
     };
     let deadline = Instant::now() + Duration::from_secs(120);
-    while with_quota && !pro_exhausted(&seen) {
+    while !pro_exhausted(&seen) {
         assert!(
             Instant::now() < deadline,
             "the quota was never spent: {seen:?}"
@@ -409,7 +405,7 @@ fn a_collector_answering_slowly_or_with_500s_loses_nothing_and_counts_nothing_tw
     };
     let (pro_allowed, exhausted) = (count("allowed"), count("quota_exhausted"));
     assert!(
-        !with_quota || (pro_allowed <= QUOTA + 1 && exhausted > 0),
+        pro_allowed <= QUOTA + 1 && exhausted > 0,
         "{pro_allowed} admitted, quota {QUOTA}, reached: {seen:?}"
     );
     assert!(
@@ -418,7 +414,7 @@ fn a_collector_answering_slowly_or_with_500s_loses_nothing_and_counts_nothing_tw
     );
     if adapter == Adapter::Native {
         eprintln!(
-            "native: {} requests faulted, {failed} sends failed, {duplicates} retried batches were duplicates; stored exactly: {seen:?}",
+            "native: {} requests faulted, {failed} sends failed, {duplicates} retried batches were duplicates; quota {QUOTA}: {pro_allowed} admitted, {exhausted} refused; stored exactly: {seen:?}",
             proxy.injected()
         );
         let _ = std::fs::remove_dir_all(&dir);

@@ -670,18 +670,20 @@ fn native_module_refuses_at_load_what_it_does_not_run_yet() {
         assert!(!err.contains("panic"), "{err}");
         err
     };
-    // Fail closed: quotas with a collector (requests wait for a lease) do not load, so Envoy
-    // does not start.
+    // Fail closed: `sharing` limits (they read client addresses) do not load, so Envoy does
+    // not start.
     let mut config = demo_config();
     config["collector"] = json!({
         "cluster": "tollgate_collector", "instance": "e2e/native", "key_id": "k1",
         "secret": "0123456789abcdef0123456789abcdef",
     });
-    config["plans"]["pro"]["quotas"] = json!({"calls": {"per": "day", "limit": 1000}});
+    config["pseudonyms"] = json!({"key_id": "e2e", "secret": "0123456789abcdef0123456789abcdef"});
+    config["plans"]["pro"]["sharing"] =
+        json!({"max_clients": 3, "window_seconds": 600, "block": true});
     let err = refused(config);
     assert!(
         err.contains(
-            "the native module does not support quotas with a `collector` yet; use the wasm filter"
+            "the native module does not support `sharing` limits yet; use the wasm filter"
         ),
         "{err}"
     );

@@ -13,7 +13,7 @@ use tollgate_collector::catalog::CatalogFileWatch;
 use tollgate_collector::control::ControlPlane;
 use tollgate_collector::{open, AppState, IngestKeys, Running, UsageQuery};
 use tollgate_devkit::envoy::workspace_root;
-use tollgate_devkit::{Bootstrap, Envoy, LicenseSpec, SigningKey, Upstream};
+use tollgate_devkit::{Adapter, Bootstrap, Envoy, LicenseSpec, SigningKey, Upstream};
 use tollgate_tests::collector::stored_allowed_calls;
 use tollgate_tests::http::request;
 
@@ -57,6 +57,21 @@ struct Stack {
 }
 
 fn stack(name: &str, plugin: &Value, envoys: usize, catalog: Option<Value>) -> Stack {
+    stack_on(Adapter::Wasm, name, plugin, envoys, catalog)
+}
+
+fn stack_on(
+    adapter: Adapter,
+    name: &str,
+    plugin: &Value,
+    envoys: usize,
+    catalog: Option<Value>,
+) -> Stack {
+    if adapter == Adapter::Native {
+        tollgate_devkit::envoy::require_native_module().unwrap();
+    }
+    let name = format!("{name}-{}", adapter.name());
+    let name = name.as_str();
     let dir = std::env::temp_dir().join(format!("tollgate-quota-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -81,6 +96,7 @@ fn stack(name: &str, plugin: &Value, envoys: usize, catalog: Option<Value>) -> S
     let collector = Running::start_state(0, state).unwrap();
     let upstream = Upstream::start(0).unwrap();
     let mut bootstrap = Bootstrap::new(plugin.clone(), upstream.port());
+    bootstrap.adapter = adapter;
     bootstrap.collector_ports = vec![collector.addr.port()];
     let envoys = (0..envoys)
         .map(|i| Envoy::start(&format!("{name}-{i}"), &bootstrap.to_json(), 2).unwrap())
@@ -183,10 +199,34 @@ fn spent<'a>(
     }
 }
 
-#[test]
-fn two_envoys_with_two_workers_each_admit_a_daily_quota_of_1000_calls_once() {
+/// Each test body named here runs against both adapters, as `wasm::<name>` and
+/// `native::<name>`.
+macro_rules! with_both_adapters {
+    ($($test:ident),* $(,)?) => {
+        mod wasm {
+            $(#[test]
+            fn $test() {
+                super::$test(tollgate_devkit::Adapter::Wasm)
+            })*
+        }
+        mod native {
+            $(#[test]
+            fn $test() {
+                super::$test(tollgate_devkit::Adapter::Native)
+            })*
+        }
+    };
+}
+
+with_both_adapters!(
+    two_envoys_with_two_workers_each_admit_a_daily_quota_of_1000_calls_once,
+    a_bytes_quota_holds_with_large_responses,
+    a_held_request_with_a_body_reaches_the_upstream_only_when_admitted,
+);
+
+fn two_envoys_with_two_workers_each_admit_a_daily_quota_of_1000_calls_once(adapter: Adapter) {
     let plugin = plugin(json!({"calls": {"per": "day", "limit": 1000}}));
-    let s = stack("calls", &plugin, 2, None);
+    let s = stack_on(adapter, "calls", &plugin, 2, None);
     let token = license("lic-quota", "metered");
     let tally = hammer(
         &s.envoys,
@@ -239,11 +279,10 @@ fn two_envoys_with_two_workers_each_admit_a_daily_quota_of_1000_calls_once() {
     assert!((1..=86_400).contains(&retry), "{retry}");
 }
 
-#[test]
-fn a_bytes_quota_holds_with_large_responses() {
+fn a_bytes_quota_holds_with_large_responses(adapter: Adapter) {
     let limit = 200_000u64;
     let plugin = plugin(json!({"response_bytes": {"per": "month", "limit": limit}}));
-    let s = stack("bytes", &plugin, 2, None);
+    let s = stack_on(adapter, "bytes", &plugin, 2, None);
     let token = license("lic-bytes", "metered");
     let tally = hammer(
         &s.envoys,
@@ -502,10 +541,9 @@ fn without_a_collector_quotas_deny_or_allow_the_allowance() {
 
 /// A request with a body that has to wait for its license's first lease is held whole: the
 /// upstream gets it only once it is admitted, with the license headers and not the forged ones.
-#[test]
-fn a_held_request_with_a_body_reaches_the_upstream_only_when_admitted() {
+fn a_held_request_with_a_body_reaches_the_upstream_only_when_admitted(adapter: Adapter) {
     let plugin = plugin(json!({"calls": {"per": "day", "limit": 2}}));
-    let s = stack("held-post", &plugin, 1, None);
+    let s = stack_on(adapter, "held-post", &plugin, 1, None);
     let token = license("lic-post", "metered");
     let post = |n: usize| {
         let body = "x".repeat(n);

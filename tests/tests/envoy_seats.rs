@@ -14,7 +14,7 @@ use tollgate_collector::catalog::CatalogFileWatch;
 use tollgate_collector::control::ControlPlane;
 use tollgate_collector::{open, AppState, IngestKeys, Running};
 use tollgate_devkit::envoy::workspace_root;
-use tollgate_devkit::{Bootstrap, Envoy, LicenseSpec, SigningKey, Upstream};
+use tollgate_devkit::{Adapter, Bootstrap, Envoy, LicenseSpec, SigningKey, Upstream};
 use tollgate_tests::collector::stored_allowed_calls;
 use tollgate_tests::http::{request, request_from, RawResponse};
 
@@ -22,7 +22,9 @@ const SECRET: &str = "seats-e2e-secret-0123456789";
 const ADMIN: &str = "seats-e2e-admin-token-0123456789";
 const PSEUDONYM_SECRET: &str = "seats-e2e-pseudonym-key-0123456789abcdef";
 
-fn plugin() -> Value {
+/// The seat plans (and, for the wasm filter only, a `sharing` plan: the native module does not
+/// read client addresses yet and refuses one).
+fn plugin(adapter: Adapter) -> Value {
     let mut config: Value = serde_json::from_slice(
         &std::fs::read(workspace_root().join("envoy/tollgate.json")).unwrap(),
     )
@@ -31,8 +33,10 @@ fn plugin() -> Value {
     config["users"] = json!({"header": "x-end-user"});
     config["plans"]["team"] = json!({"seats": {"named": 3, "per": "month"}});
     config["plans"]["floating"] = json!({"seats": {"floating": 2, "window_seconds": 3}});
-    config["plans"]["shared"] =
-        json!({"sharing": {"max_clients": 3, "window_seconds": 600, "block": true}});
+    if adapter == Adapter::Wasm {
+        config["plans"]["shared"] =
+            json!({"sharing": {"max_clients": 3, "window_seconds": 600, "block": true}});
+    }
     config["collector"] = json!({
         "key_id": "k1",
         "secret": SECRET,
@@ -66,6 +70,15 @@ impl Drop for Stack {
 }
 
 fn stack(name: &str) -> Stack {
+    stack_on(Adapter::Wasm, name)
+}
+
+fn stack_on(adapter: Adapter, name: &str) -> Stack {
+    if adapter == Adapter::Native {
+        tollgate_devkit::envoy::require_native_module().unwrap();
+    }
+    let name = format!("{name}-{}", adapter.name());
+    let name = name.as_str();
     let dir = std::env::temp_dir().join(format!("tollgate-seats-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -91,7 +104,8 @@ fn stack(name: &str) -> Stack {
     };
     let collector = Running::start_state(0, state).unwrap();
     let upstream = Upstream::start(0).unwrap();
-    let mut bootstrap = Bootstrap::new(plugin(), upstream.port());
+    let mut bootstrap = Bootstrap::new(plugin(adapter), upstream.port());
+    bootstrap.adapter = adapter;
     bootstrap.collector_ports = vec![collector.addr.port()];
     let envoys = (0..2)
         .map(|i| Envoy::start(&format!("seats-{name}-{i}"), &bootstrap.to_json(), 2).unwrap())
@@ -168,9 +182,34 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
         .any(|w| w == needle.as_bytes())
 }
 
-#[test]
-fn named_seats_admit_exactly_n_users_across_two_envoys_and_the_holders_keep_working() {
-    let s = stack("named");
+/// Each test body named here runs against both adapters, as `wasm::<name>` and
+/// `native::<name>`.
+macro_rules! with_both_adapters {
+    ($($test:ident),* $(,)?) => {
+        mod wasm {
+            $(#[test]
+            fn $test() {
+                super::$test(tollgate_devkit::Adapter::Wasm)
+            })*
+        }
+        mod native {
+            $(#[test]
+            fn $test() {
+                super::$test(tollgate_devkit::Adapter::Native)
+            })*
+        }
+    };
+}
+
+with_both_adapters!(
+    named_seats_admit_exactly_n_users_across_two_envoys_and_the_holders_keep_working,
+    a_floating_seat_frees_once_its_user_is_idle_for_the_window,
+);
+
+fn named_seats_admit_exactly_n_users_across_two_envoys_and_the_holders_keep_working(
+    adapter: Adapter,
+) {
+    let s = stack_on(adapter, "named");
     let token = license("lic-team", "team");
     let users = [
         "alice@acme.example",
@@ -258,9 +297,8 @@ fn seat_of(c: &Running, license: &str, user: &str) -> Option<(u64, u64, u64)> {
     })
 }
 
-#[test]
-fn a_floating_seat_frees_once_its_user_is_idle_for_the_window() {
-    let s = stack("floating");
+fn a_floating_seat_frees_once_its_user_is_idle_for_the_window(adapter: Adapter) {
+    let s = stack_on(adapter, "floating");
     let token = license("lic-float", "floating");
     assert_eq!(outcome(&call(&s.envoys[0], &token, "ann")), "allowed");
     assert_eq!(outcome(&call(&s.envoys[1], &token, "ben")), "allowed");
