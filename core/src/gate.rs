@@ -112,6 +112,16 @@ struct StoredDenial {
     until_ms: Option<u64>,
 }
 
+/// The client's host in a proxy's `source.address` (`1.2.3.4:5678`, `[::1]:5678`): the port
+/// changes per connection, the client does not.
+pub fn client_host(address: &str) -> &str {
+    let host = match address.rsplit_once(':') {
+        Some((host, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => address,
+    };
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
 /// What a sync with the collector carries from this worker.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SyncWork {
@@ -1236,4 +1246,16 @@ fn bearer_token<'a>(credential: Option<&'a str>, prefix: &str) -> Result<&'a str
         ));
     }
     Ok(token)
+}
+
+#[cfg(test)]
+mod client_host_tests {
+    use super::client_host;
+
+    #[test]
+    fn the_port_goes_and_the_host_stays() {
+        assert_eq!(client_host("10.1.2.3:5678"), "10.1.2.3");
+        assert_eq!(client_host("[::1]:443"), "::1");
+        assert_eq!(client_host("10.1.2.3"), "10.1.2.3");
+    }
 }

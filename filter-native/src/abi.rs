@@ -86,6 +86,9 @@ const STOP_ITERATION_AND_BUFFER: u32 = 1;
 /// `..._request_trailers_status_StopIteration`.
 const TRAILERS_STOP_ITERATION: u32 = 1;
 
+/// `envoy_dynamic_module_type_attribute_id_SourceAddress` in Envoy 1.40 (`source.address`).
+const ATTRIBUTE_SOURCE_ADDRESS: u32 = 24;
+
 /// `envoy_dynamic_module_type_metrics_result_Success`.
 const METRICS_SUCCESS: u32 = 0;
 
@@ -163,6 +166,11 @@ mod raw {
         );
         pub fn envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler: *mut c_void);
         pub fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter: FilterEnvoyPtr);
+        pub fn envoy_dynamic_module_callback_http_filter_get_attribute_string(
+            filter: FilterEnvoyPtr,
+            attribute_id: u32,
+            result: *mut EnvoyBuffer,
+        ) -> bool;
         pub fn envoy_dynamic_module_callback_http_filter_config_define_gauge(
             config: ConfigEnvoyPtr,
             name: ModuleBuffer,
@@ -570,6 +578,28 @@ impl Http for FilterHandle {
         // SAFETY: the filter pointer is the running hook's.
         let ptr = unsafe { raw::envoy_dynamic_module_callback_http_filter_scheduler_new(self.0) };
         (!ptr.is_null()).then(|| Box::new(StreamScheduler(ptr)) as Box<dyn Wake>)
+    }
+
+    fn client_address(&self) -> Option<String> {
+        let mut result = EnvoyBuffer {
+            ptr: std::ptr::null(),
+            length: 0,
+        };
+        // SAFETY: the filter pointer is the running hook's; `result` is a live local Envoy
+        // points at the attribute's bytes, valid while the hook runs (copied out below).
+        let found = unsafe {
+            raw::envoy_dynamic_module_callback_http_filter_get_attribute_string(
+                self.0,
+                ATTRIBUTE_SOURCE_ADDRESS,
+                &mut result,
+            )
+        };
+        if !found {
+            return None;
+        }
+        // SAFETY: as above.
+        let bytes = unsafe { bytes(result.ptr, result.length) };
+        std::str::from_utf8(bytes).ok().map(str::to_string)
     }
 
     fn continue_request(&mut self) {
@@ -1047,6 +1077,13 @@ mod raw {
     }
     pub unsafe fn envoy_dynamic_module_callback_http_filter_scheduler_delete(_: *mut c_void) {}
     pub unsafe fn envoy_dynamic_module_callback_http_filter_continue_decoding(_: FilterEnvoyPtr) {}
+    pub unsafe fn envoy_dynamic_module_callback_http_filter_get_attribute_string(
+        _: FilterEnvoyPtr,
+        _: u32,
+        _: *mut EnvoyBuffer,
+    ) -> bool {
+        false
+    }
     pub unsafe fn envoy_dynamic_module_callback_http_filter_config_define_gauge(
         _: ConfigEnvoyPtr,
         _: ModuleBuffer,

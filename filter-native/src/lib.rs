@@ -9,10 +9,8 @@
 //! With a `collector`, usage is shipped exactly once and licenses are synced (denials such as
 //! revocations come back) from Envoy's main thread: see [`background`].
 //!
-//! License keys from `token.jwks_source` are fetched the same way.
-//!
-//! Not in this module yet (refused at load, so nothing runs unchecked): quotas and seats with a
-//! collector (they hold requests for a lease or a seat), and plans with `sharing` limits. All `unsafe` lives in [`abi`].
+//! License keys from `token.jwks_source` are fetched the same way. Requests that wait for a
+//! quota lease or a seat are held, and woken on their worker once the main thread decides. All `unsafe` lives in [`abi`].
 
 // Slicing that can panic would answer 500 instead of deciding.
 #![deny(clippy::indexing_slicing)]
@@ -60,6 +58,8 @@ pub trait Http {
     fn waker(&mut self) -> Option<Box<dyn Wake>>;
     /// Let a request this filter stopped go on upstream.
     fn continue_request(&mut self);
+    /// The downstream client's address (`source.address`: host and port).
+    fn client_address(&self) -> Option<String>;
 }
 
 /// Wakes one stream on its worker thread; a stream gone by then is not woken.
@@ -138,26 +138,12 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Why a configuration cannot run in this module yet.
-fn unsupported(policy: &Policy) -> Option<&'static str> {
-    if policy.reads_client_address {
-        return Some("`sharing` limits");
-    }
-    None
-}
-
 /// The policy in `bytes`, or the message that refuses it.
 pub fn compile(bytes: &[u8]) -> Result<Policy, String> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err("invalid configuration: the filter_config is empty".into());
     }
-    let policy = Policy::from_json(bytes).map_err(|e| e.to_string())?;
-    if let Some(what) = unsupported(&policy) {
-        return Err(format!(
-            "invalid configuration: the native module does not support {what} yet; use the wasm filter"
-        ));
-    }
-    Ok(policy)
+    Policy::from_json(bytes).map_err(|e| e.to_string())
 }
 
 impl Config {
@@ -485,12 +471,18 @@ impl Stream {
                 Some(UserSource::Header(name)) => http.request_header(name),
                 _ => None,
             };
+            // Read only when a plan limits sharing: each read is a call into Envoy.
+            let address = if policy.reads_client_address {
+                http.client_address()
+            } else {
+                None
+            };
             let head = RequestHead {
                 method: std::str::from_utf8(method).unwrap_or(""),
                 path: std::str::from_utf8(path).unwrap_or(""),
                 credential,
                 user: user.and_then(|u| std::str::from_utf8(u).ok()),
-                client_address: None,
+                client_address: address.as_deref().map(tollgate_core::gate::client_host),
             };
             lock(&config.shared).gate.admit(&head, self.started_nanos)
         };

@@ -82,6 +82,9 @@ impl Http for FakeHttp {
     fn continue_request(&mut self) {
         self.continued = true;
     }
+    fn client_address(&self) -> Option<String> {
+        Some("127.0.0.1:40000".into())
+    }
 }
 
 fn demo_config() -> Value {
@@ -139,34 +142,39 @@ fn collector() -> Value {
 }
 
 #[test]
-fn what_the_module_does_not_run_yet_is_refused_at_load() {
+fn every_configuration_the_wasm_filter_runs_loads_and_a_bad_one_is_refused() {
     let mut with_collector = demo_config();
     with_collector["collector"] = collector();
-    let mut with_sharing = with_collector.clone();
-    with_sharing["plans"]["pro"]["sharing"] =
-        json!({"max_clients": 3, "window_seconds": 600, "block": true});
-    with_sharing["pseudonyms"] =
-        json!({"key_id": "t", "secret": "0123456789abcdef0123456789abcdef"});
-    let error = compile(with_sharing.to_string().as_bytes()).unwrap_err();
-    assert!(
-        error.contains(
-            "the native module does not support `sharing` limits yet; use the wasm filter"
-        ),
-        "{error}"
-    );
-    let mut host = FakeConfig::default();
-    assert!(Config::new(&mut host, b"tollgate", with_sharing.to_string().as_bytes()).is_none());
-    // Quotas and seats run with a collector: held requests wait on the main thread's sync.
+    let pseudonyms = json!({"key_id": "t", "secret": "0123456789abcdef0123456789abcdef"});
     let mut with_quotas = with_collector.clone();
     with_quotas["plans"]["pro"]["quotas"] = json!({"calls": {"per": "day", "limit": 1000}});
     let mut with_seats = with_collector.clone();
     with_seats["users"] = json!({"header": "x-user"});
-    with_seats["pseudonyms"] = json!({"key_id": "t", "secret": "0123456789abcdef0123456789abcdef"});
-    for config in [with_collector, with_quotas, with_seats] {
-        assert!(compile(config.to_string().as_bytes()).is_ok());
+    with_seats["pseudonyms"] = pseudonyms.clone();
+    let mut with_sharing = with_collector.clone();
+    with_sharing["plans"]["pro"]["sharing"] =
+        json!({"max_clients": 3, "window_seconds": 600, "block": true});
+    with_sharing["pseudonyms"] = pseudonyms;
+    let mut with_source = demo_config();
+    with_source["token"].as_object_mut().unwrap().remove("jwks");
+    with_source["token"]["jwks_source"] = json!({"cluster": "keys"});
+    for config in [
+        with_collector,
+        with_quotas,
+        with_seats,
+        with_sharing,
+        with_source,
+    ] {
+        let mut host = FakeConfig::default();
+        assert!(Config::new(&mut host, b"tollgate", config.to_string().as_bytes()).is_some());
     }
     assert!(compile(b"").unwrap_err().contains("empty"));
     assert!(compile(b"{not json").is_err());
+    let mut bad = demo_config();
+    bad["plans"]["starter"]["rate_limit"]["burst"] = json!(0);
+    assert!(compile(bad.to_string().as_bytes())
+        .unwrap_err()
+        .contains("plans.starter.rate_limit.burst"));
     let mut host = FakeConfig::default();
     assert!(Config::new(&mut host, b"tollgate", b"{}").is_none());
 }

@@ -516,16 +516,7 @@ impl TollgateHttp {
 fn client_address() -> Option<String> {
     let bytes = hostcalls::get_property(vec!["source", "address"]).ok()??;
     let address = String::from_utf8(bytes).ok()?;
-    // `1.2.3.4:5678` or `[::1]:5678`: the port changes per connection, the client does not.
-    let host = match address.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
-        _ => address.as_str(),
-    };
-    Some(
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string(),
-    )
+    Some(tollgate_core::gate::client_host(&address).to_string())
 }
 
 fn request_header(name: &str) -> Option<Vec<u8>> {

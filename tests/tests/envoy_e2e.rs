@@ -654,7 +654,7 @@ fn invalid_plugin_configuration_is_refused_with_the_field_named() {
 }
 
 #[test]
-fn native_module_refuses_at_load_what_it_does_not_run_yet() {
+fn native_module_refuses_an_invalid_configuration_at_load() {
     require_native_module().unwrap();
     let refused = |config: Value| -> String {
         let mut bootstrap = Bootstrap::new(config, 1);
@@ -670,23 +670,7 @@ fn native_module_refuses_at_load_what_it_does_not_run_yet() {
         assert!(!err.contains("panic"), "{err}");
         err
     };
-    // Fail closed: `sharing` limits (they read client addresses) do not load, so Envoy does
-    // not start.
-    let mut config = demo_config();
-    config["collector"] = json!({
-        "cluster": "tollgate_collector", "instance": "e2e/native", "key_id": "k1",
-        "secret": "0123456789abcdef0123456789abcdef",
-    });
-    config["pseudonyms"] = json!({"key_id": "e2e", "secret": "0123456789abcdef0123456789abcdef"});
-    config["plans"]["pro"]["sharing"] =
-        json!({"max_clients": 3, "window_seconds": 600, "block": true});
-    let err = refused(config);
-    assert!(
-        err.contains(
-            "the native module does not support `sharing` limits yet; use the wasm filter"
-        ),
-        "{err}"
-    );
+    // Fail closed: a configuration the module refuses makes Envoy refuse to start.
     // The core's own checks, with the field named, as in the wasm filter.
     let mut config = demo_config();
     config["plans"]["starter"]["rate_limit"]["burst"] = json!(0);

@@ -22,9 +22,7 @@ const SECRET: &str = "seats-e2e-secret-0123456789";
 const ADMIN: &str = "seats-e2e-admin-token-0123456789";
 const PSEUDONYM_SECRET: &str = "seats-e2e-pseudonym-key-0123456789abcdef";
 
-/// The seat plans (and, for the wasm filter only, a `sharing` plan: the native module does not
-/// read client addresses yet and refuses one).
-fn plugin(adapter: Adapter) -> Value {
+fn plugin() -> Value {
     let mut config: Value = serde_json::from_slice(
         &std::fs::read(workspace_root().join("envoy/tollgate.json")).unwrap(),
     )
@@ -33,10 +31,8 @@ fn plugin(adapter: Adapter) -> Value {
     config["users"] = json!({"header": "x-end-user"});
     config["plans"]["team"] = json!({"seats": {"named": 3, "per": "month"}});
     config["plans"]["floating"] = json!({"seats": {"floating": 2, "window_seconds": 3}});
-    if adapter == Adapter::Wasm {
-        config["plans"]["shared"] =
-            json!({"sharing": {"max_clients": 3, "window_seconds": 600, "block": true}});
-    }
+    config["plans"]["shared"] =
+        json!({"sharing": {"max_clients": 3, "window_seconds": 600, "block": true}});
     config["collector"] = json!({
         "key_id": "k1",
         "secret": SECRET,
@@ -67,10 +63,6 @@ impl Drop for Stack {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn stack(name: &str) -> Stack {
-    stack_on(Adapter::Wasm, name)
 }
 
 fn stack_on(adapter: Adapter, name: &str) -> Stack {
@@ -104,7 +96,7 @@ fn stack_on(adapter: Adapter, name: &str) -> Stack {
     };
     let collector = Running::start_state(0, state).unwrap();
     let upstream = Upstream::start(0).unwrap();
-    let mut bootstrap = Bootstrap::new(plugin(adapter), upstream.port());
+    let mut bootstrap = Bootstrap::new(plugin(), upstream.port());
     bootstrap.adapter = adapter;
     bootstrap.collector_ports = vec![collector.addr.port()];
     let envoys = (0..2)
@@ -204,6 +196,7 @@ macro_rules! with_both_adapters {
 with_both_adapters!(
     named_seats_admit_exactly_n_users_across_two_envoys_and_the_holders_keep_working,
     a_floating_seat_frees_once_its_user_is_idle_for_the_window,
+    a_token_replayed_from_many_clients_raises_the_alert_and_is_blocked,
 );
 
 fn named_seats_admit_exactly_n_users_across_two_envoys_and_the_holders_keep_working(
@@ -356,9 +349,8 @@ fn a_floating_seat_frees_once_its_user_is_idle_for_the_window(adapter: Adapter) 
     );
 }
 
-#[test]
-fn a_token_replayed_from_many_clients_raises_the_alert_and_is_blocked() {
-    let s = stack("sharing");
+fn a_token_replayed_from_many_clients_raises_the_alert_and_is_blocked(adapter: Adapter) {
+    let s = stack_on(adapter, "sharing");
     let token = license("lic-shared", "shared");
     let auth = format!("Bearer {token}");
     let from = |ip: &str, envoy: &Envoy| {
