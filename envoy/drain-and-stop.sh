@@ -39,6 +39,11 @@ post() { "$curl" -fsS -m 5 -X POST "$admin$1" >/dev/null; }
 stat() {
     "$curl" -fsS -m 5 "$admin/stats?filter=^$1\$" | awk -F': ' -v n="$1" '$1 == n { v = $2 } END { print v + 0 }'
 }
+# A Tollgate stat, whichever adapter runs: the wasm filter (`wasmcustom.`) or the native
+# module (`dynamicmodulescustom.`).
+tollgate_stat() {
+    echo $(( $(stat "wasmcustom.tollgate.$1") + $(stat "dynamicmodulescustom.tollgate.$1") ))
+}
 # Requests in flight on every HTTP connection manager, summed.
 active_requests() {
     "$curl" -fsS -m 5 "$admin/stats?filter=downstream_rq_active\$" | awk -F': ' '$1 ~ /^http\./ && $1 !~ /admin/ { s += $2 } END { print s + 0 }'
@@ -75,8 +80,8 @@ while :; do
     fi
     stopped=$(stat listener_manager.listener_stopped)
     active=$(active_requests)
-    buffered=$(stat wasmcustom.tollgate.usage_buffered_records)
-    acked=$(stat wasmcustom.tollgate.usage_records_acked)
+    buffered=$(tollgate_stat usage_buffered_records)
+    acked=$(tollgate_stat usage_records_acked)
     if [ "$stopped" -eq 0 ] || [ "$active" -ne 0 ] || [ "$buffered" -ne 0 ] || [ "$acked" -ne "$last_acked" ]; then
         last_acked=$acked
         quiet_since=$now

@@ -226,6 +226,9 @@ with_both_adapters!(
     plugin_configuration_changes_mid_load_lose_nothing_and_count_nothing_twice,
     fail_closed_answers_503_while_the_collector_is_down_and_recovers_by_itself,
     fail_open_serves_and_reports_exactly_what_it_dropped,
+    plugin_configuration_changed_every_2_s_for_20_s_under_load_counts_exactly,
+    envoy_hot_restarted_mid_load_loses_nothing,
+    envoy_stopped_mid_load_by_drain_and_stop_loses_nothing,
 );
 
 fn collector_totals_equal_what_envoy_served(adapter: Adapter) {
@@ -566,17 +569,17 @@ fn change_plugin_config(
 
 /// Hot reloads back to back: a new plugin configuration every 2 s for 20 s under steady load
 /// (each builds new VMs on every worker; the old ones hand their usage over or send it).
-#[test]
-fn plugin_configuration_changed_every_2_s_for_20_s_under_load_counts_exactly() {
-    let dir = scratch("reload-often");
+fn plugin_configuration_changed_every_2_s_for_20_s_under_load_counts_exactly(adapter: Adapter) {
+    let name = format!("reload-often-{}", adapter.name());
+    let dir = scratch(&name);
     let c = collector(&dir.join("usage.db"), 0);
     let upstream = Upstream::start(0).unwrap();
     let mut plugin = config();
-    let mut bootstrap = Bootstrap::new(plugin.clone(), upstream.port());
+    let mut bootstrap = bootstrap_for(adapter, plugin.clone(), &upstream);
     bootstrap.collector_ports = vec![c.addr.port()];
     bootstrap.ecds_dir = Some(dir.join("ecds"));
     bootstrap.write_plugin_config(&plugin).unwrap();
-    let envoy = Envoy::start("reload-often", &bootstrap.to_json(), 2).unwrap();
+    let envoy = Envoy::start(&name, &bootstrap.to_json(), 2).unwrap();
     let first = reloads(&envoy);
     let mut seen = Seen::default();
     for step in 1..=10 {
@@ -590,6 +593,10 @@ fn plugin_configuration_changed_every_2_s_for_20_s_under_load_counts_exactly() {
     let back = Instant::now();
     wait_for(c.state.store.as_ref(), &seen);
     assert_eq!(upstream.requests(), seen.calls_with("allowed"));
+    if adapter == Adapter::Native {
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     chaos(
         "plugin configuration changed every 2 s for 20 s (ECDS)",
         &seen,
@@ -720,15 +727,15 @@ fn soak_steady_load_keeps_memory_and_open_files_flat_and_loses_nothing() {
 /// Envoy hot restart (a new binary or bootstrap, `--restart-epoch`): the new process takes the
 /// listener, the old one drains and exits. Usage metered in the old process's VMs must still
 /// arrive, once.
-#[test]
-fn envoy_hot_restarted_mid_load_loses_nothing() {
-    let dir = scratch("hot-restart");
+fn envoy_hot_restarted_mid_load_loses_nothing(adapter: Adapter) {
+    let name = format!("hot-restart-{}", adapter.name());
+    let dir = scratch(&name);
     let c = collector(&dir.join("usage.db"), 0);
     let upstream = Upstream::start(0).unwrap();
-    let mut bootstrap = Bootstrap::new(config(), upstream.port());
+    let mut bootstrap = bootstrap_for(adapter, config(), &upstream);
     bootstrap.collector_ports = vec![c.addr.port()];
     bootstrap.listen_port = free_port();
-    let mut old = Envoy::start_hot_restartable("hot-restart", &bootstrap.to_json(), 2).unwrap();
+    let mut old = Envoy::start_hot_restartable(&name, &bootstrap.to_json(), 2).unwrap();
     let mut seen = Seen::default();
     traffic(&old, 20, &mut seen);
     // The new epoch comes with a changed plugin configuration, as a deploy would bring.
@@ -755,6 +762,10 @@ fn envoy_hot_restarted_mid_load_loses_nothing() {
     let back = Instant::now();
     wait_for(c.state.store.as_ref(), &seen);
     assert_eq!(upstream.requests(), seen.calls_with("allowed"));
+    if adapter == Adapter::Native {
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     chaos(
         "Envoy hot restart (epoch 0 to 1, new plugin configuration, drain 2 s)",
         &seen,
@@ -933,14 +944,14 @@ fn load_until_refused(envoy: &Envoy) -> std::thread::JoinHandle<Seen> {
 /// Envoy stopped in the middle of the load the way the README says to stop it
 /// (`envoy/drain-and-stop.sh`: health check failed, listeners drained, Tollgate's buffer
 /// empty, then SIGTERM): every call served is stored, none twice.
-#[test]
-fn envoy_stopped_mid_load_by_drain_and_stop_loses_nothing() {
-    let dir = scratch("drain-and-stop");
+fn envoy_stopped_mid_load_by_drain_and_stop_loses_nothing(adapter: Adapter) {
+    let name = format!("drain-and-stop-{}", adapter.name());
+    let dir = scratch(&name);
     let c = collector(&dir.join("usage.db"), 0);
     let upstream = Upstream::start(0).unwrap();
-    let mut bootstrap = Bootstrap::new(config(), upstream.port());
+    let mut bootstrap = bootstrap_for(adapter, config(), &upstream);
     bootstrap.collector_ports = vec![c.addr.port()];
-    let mut envoy = Envoy::start("drain-and-stop", &bootstrap.to_json(), 2).unwrap();
+    let mut envoy = Envoy::start(&name, &bootstrap.to_json(), 2).unwrap();
     let mut seen = Seen::default();
     traffic(&envoy, 5, &mut seen);
     let load = load_until_refused(&envoy);
@@ -965,6 +976,10 @@ fn envoy_stopped_mid_load_by_drain_and_stop_loses_nothing() {
     c.stop().unwrap();
     assert_eq!(stored(store.as_ref()), seen, "stored after a drained stop");
     assert_eq!(upstream.requests(), seen.calls_with("allowed"));
+    if adapter == Adapter::Native {
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     chaos(
         "Envoy stopped by envoy/drain-and-stop.sh mid-load",
         &seen,
