@@ -17,9 +17,10 @@
 //! Variants:
 //! - `none`: Envoy with no filter (the floor);
 //! - `cpp`: Envoy's C++ `jwt_authn` (with its token cache) and `local_ratelimit`;
-//! - `native`, `native-no-headers`, `native-100k`: Tollgate's dynamic module (`make native`)
-//!   with the warm configuration minus `collector` (the module does not ship usage yet), without
-//!   the four license headers, and at 100,000 licenses;
+//! - `native`, `native-no-collector`, `native-no-headers`, `native-100k`: Tollgate's dynamic
+//!   module (`make native`) with the warm configuration of `tollgate` (metering and shipping to
+//!   the live collector), without the collector, without the four license headers, and at
+//!   100,000 licenses;
 //! - `tollgate`: the filter with a warm token cache, metering and shipping to a live collector;
 //! - `cold-eddsa`, `cold-es256`, `cold-rs256`: every request's signature is checked (a token
 //!   cache of one entry and 64 tokens in turn: each request misses, as a new token would);
@@ -136,6 +137,7 @@ const ALL: &[&str] = &[
     "wasm-props",
     "cpp",
     "native",
+    "native-no-collector",
     "native-no-headers",
     "native-100k",
     "tollgate",
@@ -657,17 +659,19 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
                 Some(setup.tokens("warm")),
             )
         }
-        // The dynamic module (`make native`) with the same configuration, minus what it does
-        // not run yet (`collector`: no metering shipped, no quotas).
-        "native" | "native-no-headers" | "native-100k" => {
+        // The dynamic module (`make native`) with the same configuration as `tollgate`,
+        // shipping to the same live collector (`native-no-collector`: without it).
+        "native" | "native-no-collector" | "native-no-headers" | "native-100k" => {
             let cache = if name == "native-100k" {
                 200_000
             } else {
                 10_000
             };
             let mut config = tollgate_config(keys, cache)?;
-            if let Some(c) = config.as_object_mut() {
-                c.remove("collector");
+            if name == "native-no-collector" {
+                if let Some(c) = config.as_object_mut() {
+                    c.remove("collector");
+                }
             }
             if name == "native-no-headers" {
                 config["upstream_headers"] =
@@ -678,8 +682,9 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
             } else {
                 "warm"
             };
+            let collector = config.get("collector").map(|_| setup.collector_port);
             (
-                bootstrap(vec![native_http_filter(&config.to_string())], None),
+                bootstrap(vec![native_http_filter(&config.to_string())], collector),
                 Some(setup.tokens(tokens)),
             )
         }

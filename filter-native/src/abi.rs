@@ -148,13 +148,6 @@ mod raw {
             label_names_length: usize,
             counter_id: *mut usize,
         ) -> u32;
-        pub fn envoy_dynamic_module_callback_http_filter_increment_counter(
-            filter: FilterEnvoyPtr,
-            id: usize,
-            label_values: *const ModuleBuffer,
-            label_values_length: usize,
-            value: u64,
-        ) -> u32;
         /// A handle any thread may commit events through; they run the stream's `scheduled`
         /// hook on its worker, while the stream lives (Envoy holds it weakly).
         pub fn envoy_dynamic_module_callback_http_filter_scheduler_new(
@@ -606,20 +599,6 @@ impl Http for FilterHandle {
         // SAFETY: the filter pointer is the running hook's (`scheduled`, on its worker).
         unsafe { raw::envoy_dynamic_module_callback_http_filter_continue_decoding(self.0) }
     }
-
-    fn increment(&mut self, counter: usize, value: u64) {
-        // SAFETY: the filter pointer is the running hook's; `counter` came from
-        // `define_counter` on this stream's configuration; no labels.
-        let _ = unsafe {
-            raw::envoy_dynamic_module_callback_http_filter_increment_counter(
-                self.0,
-                counter,
-                std::ptr::null(),
-                0,
-                value,
-            )
-        };
-    }
 }
 
 /// Run a hook's body; a panic is logged and becomes `fallback`.
@@ -682,19 +661,15 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         let Some(config) = Config::new(&mut ConfigHandle(config_envoy_ptr), name, bytes) else {
             return std::ptr::null();
         };
-        let ticker = if config.needs_ticks() {
-            let ticker = Scheduler::new(config_envoy_ptr).and_then(Ticker::start);
-            if ticker.is_none() {
-                crate::log(
-                    LogLevel::Critical,
-                    "tollgate: cannot start the collector's ticker (scheduler or thread refused)",
-                );
-                return std::ptr::null();
-            }
-            ticker
-        } else {
-            None
-        };
+        // Stats, usage shipping, syncs and key fetches all run on the main thread's tick.
+        let ticker = Scheduler::new(config_envoy_ptr).and_then(Ticker::start);
+        if ticker.is_none() {
+            crate::log(
+                LogLevel::Critical,
+                "tollgate: cannot start the main thread's ticker (scheduler or thread refused)",
+            );
+            return std::ptr::null();
+        }
         let boxed = ConfigBox {
             ticker,
             envoy: config_envoy_ptr,
@@ -937,13 +912,13 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
 
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
-    filter_envoy_ptr: FilterEnvoyPtr,
+    _filter_envoy_ptr: FilterEnvoyPtr,
     filter_module_ptr: *mut c_void,
 ) {
     guard("stream_complete", (), || {
         // SAFETY: as in `request_headers`.
         if let Some((config, stream)) = unsafe { stream_mut(filter_module_ptr) } {
-            stream.complete(config, &mut FilterHandle(filter_envoy_ptr));
+            stream.complete(config);
         }
     })
 }
@@ -1053,15 +1028,6 @@ mod raw {
         _: *const ModuleBuffer,
         _: usize,
         _: *mut usize,
-    ) -> u32 {
-        1
-    }
-    pub unsafe fn envoy_dynamic_module_callback_http_filter_increment_counter(
-        _: FilterEnvoyPtr,
-        _: usize,
-        _: *const ModuleBuffer,
-        _: usize,
-        _: u64,
     ) -> u32 {
         1
     }

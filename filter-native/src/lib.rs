@@ -25,8 +25,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tollgate_core::config::UserSource;
 use tollgate_core::jwks::Fetched;
-use tollgate_core::meter::Ledger;
-use tollgate_core::{Admission, Gate, Policy, RequestHead, UsageTotals, Verdict};
+use tollgate_core::{Admission, Gate, Policy, RequestHead, UsageKey, UsageTotals, Verdict};
 
 pub use crate::abi::LogLevel;
 use crate::background::{Background, CalloutAnswer, CollectorHost};
@@ -52,7 +51,6 @@ pub trait Http {
     fn received_body_bytes(&self, request: bool) -> u64;
     /// Answer locally; the request goes no further.
     fn send_response(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]);
-    fn increment(&mut self, counter: usize, value: u64);
     /// A handle that wakes this stream on its worker (its `scheduled` hook runs), from any
     /// thread; `None` if Envoy refuses one.
     fn waker(&mut self) -> Option<Box<dyn Wake>>;
@@ -107,11 +105,10 @@ const _: () = {
     send::<Gate<NativeCells>>();
 };
 
-/// What every worker's requests update, under one short lock.
+/// What every worker's requests update, under one short lock. The gate aggregates the usage
+/// and counters of requests until the main thread's tick takes them.
 struct Shared {
     gate: Gate<NativeCells>,
-    /// Usage metered since the main thread last took it for the collector.
-    unshipped: Ledger,
 }
 
 /// One filter configuration: the compiled policy, the gate every worker shares, and (with a
@@ -206,10 +203,7 @@ impl Config {
             None => None,
         };
         Some(Config {
-            shared: Mutex::new(Shared {
-                gate,
-                unshipped: Ledger::default(),
-            }),
+            shared: Mutex::new(Shared { gate }),
             policy,
             metrics,
             background,
@@ -218,13 +212,8 @@ impl Config {
         })
     }
 
-    /// True when the configuration has main-thread work (a collector): the ticker runs.
-    pub fn needs_ticks(&self) -> bool {
-        self.background.is_some() || self.policy.token.jwks_source.is_some()
-    }
-
-    /// The main thread's periodic work: ship usage, sync, and tell the gate whether it can
-    /// meter (fail-closed refuses while the buffer is full).
+    /// The main thread's periodic work: count stats, ship usage, sync, fetch keys, and tell
+    /// the gate whether it can meter (fail-closed refuses while the buffer is full).
     pub fn tick(&self, host: &mut impl CollectorHost) {
         self.tick_at(host, now_ms());
     }
@@ -232,11 +221,11 @@ impl Config {
     /// [`Config::tick`] at `now` (Unix ms).
     pub fn tick_at(&self, host: &mut impl CollectorHost, now: u64) {
         self.fetch_keys(host, now);
+        let usage = self.count_stats(host);
         let Some(background) = &self.background else {
             return;
         };
         let mut background = lock(background);
-        let usage = std::mem::take(&mut lock(&self.shared).unshipped).drain();
         background.absorb(usage);
         background.ship(host, &self.policy, now);
         if let Some(work) = background.overdue_sync(host, now) {
@@ -331,6 +320,21 @@ impl Config {
         });
     }
 
+    /// Count into Envoy stats what the gate aggregated since the last tick; its usage, for the
+    /// collector.
+    fn count_stats(&self, host: &mut impl CollectorHost) -> Vec<(UsageKey, UsageTotals)> {
+        let (counters, health, usage) = {
+            let mut shared = lock(&self.shared);
+            (
+                shared.gate.take_counters(),
+                shared.gate.store_health(),
+                shared.gate.drain_usage(),
+            )
+        };
+        self.metrics.count(host, counters, health, &usage);
+        usage
+    }
+
     /// Start fetching the license keys (`token.jwks_source`) when the gate says one is due:
     /// on the refresh interval, sooner after a token named an unknown key.
     fn fetch_keys(&self, host: &mut impl CollectorHost, now: u64) {
@@ -401,11 +405,11 @@ impl Config {
     /// Envoy is destroying the configuration (its last stream is done): what was metered and
     /// not acknowledged goes to the next configuration.
     pub fn close(&self, host: &mut impl CollectorHost) {
+        let usage = self.count_stats(host);
         let Some(background) = &self.background else {
             return;
         };
         let mut background = lock(background);
-        let usage = std::mem::take(&mut lock(&self.shared).unshipped).drain();
         background.absorb(usage);
         background.close(host, &self.policy, now_ms());
     }
@@ -575,8 +579,8 @@ impl Stream {
             .saturating_add(http.received_body_bytes(false));
     }
 
-    /// Meter the request and count it into Envoy stats.
-    pub fn complete(&mut self, config: &Config, http: &mut impl Http) {
+    /// Meter the request: the gate aggregates it until the main thread's next tick.
+    pub fn complete(&mut self, config: &Config) {
         if let Some(slot) = self.held.take() {
             let unanswered = {
                 let mut slot = lock(&slot);
@@ -607,22 +611,7 @@ impl Stream {
             response_bytes: self.response_bytes,
             processing_nanos: now_nanos().saturating_sub(self.started_nanos),
         };
-        let (counters, health, usage) = {
-            let shared = &mut *lock(&config.shared);
-            shared.gate.record(&admission, usage);
-            let usage = shared.gate.drain_usage();
-            if config.background.is_some() {
-                for (key, totals) in &usage {
-                    shared.unshipped.record(key.clone(), *totals);
-                }
-            }
-            (
-                shared.gate.take_counters(),
-                shared.gate.store_health(),
-                usage,
-            )
-        };
-        config.metrics.count(http, counters, health, &usage);
+        lock(&config.shared).gate.record(&admission, usage);
     }
 }
 

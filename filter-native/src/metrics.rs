@@ -1,11 +1,14 @@
 //! Envoy stats defined by the module (shown as `dynamicmodulescustom.tollgate.*`), the same
-//! names as the wasm filter's `wasmcustom.tollgate.*`.
+//! names as the wasm filter's `wasmcustom.tollgate.*`. Counted on the main thread's tick from
+//! what the gate aggregated (as the wasm filter folds its stats on its tick), so a request
+//! makes no stat call into Envoy.
 
 use tollgate_core::ratelimit::StoreHealth;
 use tollgate_core::refusal::Code;
 use tollgate_core::{GateCounters, Outcome, Policy, UsageKey, UsageTotals};
 
-use crate::{ConfigHost, Http};
+use crate::background::CollectorHost;
+use crate::ConfigHost;
 
 struct FeatureMetrics {
     allowed: usize,
@@ -26,7 +29,7 @@ pub struct Metrics {
     store_conflicts: usize,
     store_errors: usize,
     features: Vec<FeatureMetrics>,
-    /// The store's health last counted (the gate reports totals), by every worker.
+    /// The store's health last counted (the gate reports totals).
     reported_store: std::sync::Mutex<StoreHealth>,
 }
 
@@ -34,9 +37,9 @@ fn counter(host: &mut impl ConfigHost, name: String) -> Result<usize, String> {
     host.define_counter(&name).ok_or(name)
 }
 
-fn add(http: &mut impl Http, counter: usize, value: u64) {
+fn add(host: &mut impl CollectorHost, counter: usize, value: u64) {
     if value > 0 {
-        http.increment(counter, value);
+        host.increment(counter, value);
     }
 }
 
@@ -77,18 +80,17 @@ impl Metrics {
         })
     }
 
-    /// Count what the gate counted and metered for one request.
+    /// Count what the gate counted and metered since the last tick.
     pub fn count(
         &self,
-        http: &mut impl Http,
+        http: &mut impl CollectorHost,
         counters: GateCounters,
         health: StoreHealth,
         usage: &[(UsageKey, UsageTotals)],
     ) {
         add(http, self.cache_hits, counters.token_cache_hits);
         add(http, self.cache_misses, counters.token_cache_misses);
-        // Totals only grow; two workers may report out of order, so count what exceeds the
-        // highest total counted so far.
+        // Totals only grow: count what exceeds the highest total counted so far.
         let (conflicts, errors) = match self.reported_store.lock() {
             Ok(mut reported) => {
                 let delta = (

@@ -35,7 +35,6 @@ struct FakeHttp {
     request: HashMap<String, Vec<u8>>,
     response: HashMap<String, String>,
     sent: Option<Sent>,
-    counters: HashMap<usize, u64>,
     /// Times the stream was woken, shared with its waker.
     woken: Arc<std::sync::atomic::AtomicU32>,
     continued: bool,
@@ -72,9 +71,6 @@ impl Http for FakeHttp {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         self.sent = Some((status, headers, body.to_vec()));
-    }
-    fn increment(&mut self, counter: usize, value: u64) {
-        *self.counters.entry(counter).or_default() += value;
     }
     fn waker(&mut self) -> Option<Box<dyn Wake>> {
         Some(Box::new(FakeWaker(Arc::clone(&self.woken))))
@@ -128,13 +124,15 @@ fn request(config: &Config, path: &str, token: Option<&str>) -> (bool, FakeHttp)
     let go_on = stream.request_headers(config, &mut http);
     stream.response_headers(&mut http);
     stream.response_body(&http);
-    stream.complete(config, &mut http);
+    stream.complete(config);
     (go_on, http)
 }
 
-fn counter(host: &FakeConfig, http: &FakeHttp, name: &str) -> u64 {
+/// A stat as Envoy would show it after the main thread's next tick.
+fn counter(config: &Config, host: &FakeConfig, main: &mut FakeMain, name: &str) -> u64 {
+    config.tick(main);
     let id = host.names.iter().position(|n| n == name).unwrap();
-    http.counters.get(&id).copied().unwrap_or(0)
+    main.counters.get(&id).copied().unwrap_or(0)
 }
 
 fn collector() -> Value {
@@ -248,7 +246,6 @@ fn usage_is_shipped_from_the_main_thread_and_kept_until_acknowledged() {
     let mut json = demo_config();
     json["collector"] = collector();
     let (config, host) = config(&json);
-    assert!(config.needs_ticks());
     let token = demo_token("pro");
     for _ in 0..3 {
         assert!(request(&config, "/v1/search", Some(&token)).0);
@@ -451,17 +448,19 @@ fn missing_token_is_refused_with_the_wasm_filters_answer() {
     assert!(headers.iter().any(|(k, _)| k == "www-authenticate"));
     let body: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(body["error"], "missing_token");
+    let mut main = FakeMain::default();
     assert_eq!(
         counter(
+            &config,
             &host,
-            &http,
+            &mut main,
             "tollgate.requests_refused.reason.missing_token"
         ),
         1
     );
     // The refusal's own body is metered (Envoy does not show it to the body hook).
     assert_eq!(
-        counter(&host, &http, "tollgate.response_bytes"),
+        counter(&config, &host, &mut main, "tollgate.response_bytes"),
         http.sent.as_ref().unwrap().2.len() as u64
     );
 }
@@ -482,11 +481,21 @@ fn licensed_request_goes_on_with_license_headers_and_no_token() {
         http.response.get("ratelimit").map(String::as_str),
         Some("\"license\";r=9;t=1")
     );
-    assert_eq!(counter(&host, &http, "tollgate.requests_allowed"), 1);
-    assert_eq!(counter(&host, &http, "tollgate.token_cache_misses"), 1);
+    let mut main = FakeMain::default();
+    assert_eq!(
+        counter(&config, &host, &mut main, "tollgate.requests_allowed"),
+        1
+    );
+    assert_eq!(
+        counter(&config, &host, &mut main, "tollgate.token_cache_misses"),
+        1
+    );
     // The second request of the token is a cache hit of the one shared gate.
-    let (_, http) = request(&config, "/v1/search?q=2", Some(&token));
-    assert_eq!(counter(&host, &http, "tollgate.token_cache_hits"), 1);
+    let _ = request(&config, "/v1/search?q=2", Some(&token));
+    assert_eq!(
+        counter(&config, &host, &mut main, "tollgate.token_cache_hits"),
+        1
+    );
 }
 
 #[test]
@@ -523,7 +532,6 @@ fn license_keys_come_from_the_jwks_source_on_the_main_thread() {
         .unwrap();
     json["token"]["jwks_source"] = json!({"cluster": "keys", "path": "/.well-known/jwks.json"});
     let (config, _) = config(&json);
-    assert!(config.needs_ticks());
     let token = demo_token("pro");
     // No keys yet: nothing verifies.
     assert!(!request(&config, "/v1/search", Some(&token)).0);
@@ -579,9 +587,9 @@ fn a_request_held_for_a_lease_goes_on_once_the_sync_brings_one_and_a_leaver_is_n
     let (config, _) = config(&json);
     let token = demo_token("pro");
     let (mut stream, mut http) = held_request(&config, &token);
-    let (mut gone, mut gone_http) = held_request(&config, &token);
+    let (mut gone, gone_http) = held_request(&config, &token);
     // The second client leaves while it waits.
-    gone.complete(&config, &mut gone_http);
+    gone.complete(&config);
 
     let mut main = FakeMain::default();
     let now = now_ms();
@@ -621,7 +629,7 @@ fn a_request_held_for_a_lease_goes_on_once_the_sync_brings_one_and_a_leaver_is_n
         http.request.keys()
     );
     assert!(!stream.holding());
-    stream.complete(&config, &mut http);
+    stream.complete(&config);
 
     // What reaches the collector: one allowed call, one that left while waiting.
     config.tick_at(&mut main, now + 10_000);

@@ -627,9 +627,10 @@ fn shipped_envoy_configs_validate() {
     };
     let ecds = std::fs::read_to_string(dir.join("ecds/tollgate.yaml")).unwrap();
     assert_eq!(plugin_config(&ecds), plugin_config(&yaml));
-    // The native module's example runs envoy/tollgate.json as it is (no collector yet).
+    // The native module's example runs the wasm filter's plugin configuration as it is.
     let native = std::fs::read_to_string(dir.join("envoy-native.yaml")).unwrap();
-    assert_eq!(plugin_config(&native), demo_config());
+    assert_eq!(plugin_config(&native), plugin_config(&yaml));
+    assert!(native.contains("- name: tollgate_collector"));
     assert!(native.contains("DynamicModuleFilter"));
     let ecds_bootstrap = std::fs::read_to_string(dir.join("envoy-ecds.yaml")).unwrap();
     assert!(ecds_bootstrap.contains("path: envoy/ecds/tollgate.yaml"));
