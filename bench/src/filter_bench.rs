@@ -20,7 +20,8 @@
 //! - `native`, `native-no-collector`, `native-no-headers`, `native-100k`: Tollgate's dynamic
 //!   module (`make native`) with the warm configuration of `tollgate` (metering and shipping to
 //!   the live collector), without the collector, without the four license headers, and at
-//!   100,000 licenses;
+//!   100,000 licenses; `native-no-writes`: no header written at all (no license headers, the
+//!   token left in place, no `RateLimit` headers);
 //! - `tollgate`: the filter with a warm token cache, metering and shipping to a live collector;
 //! - `cold-eddsa`, `cold-es256`, `cold-rs256`: every request's signature is checked (a token
 //!   cache of one entry and 64 tokens in turn: each request misses, as a new token would);
@@ -139,6 +140,7 @@ const ALL: &[&str] = &[
     "native",
     "native-no-collector",
     "native-no-headers",
+    "native-no-writes",
     "native-100k",
     "tollgate",
     "tollgate-no-collector",
@@ -661,7 +663,11 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
         }
         // The dynamic module (`make native`) with the same configuration as `tollgate`,
         // shipping to the same live collector (`native-no-collector`: without it).
-        "native" | "native-no-collector" | "native-no-headers" | "native-100k" => {
+        "native"
+        | "native-no-collector"
+        | "native-no-headers"
+        | "native-no-writes"
+        | "native-100k" => {
             let cache = if name == "native-100k" {
                 200_000
             } else {
@@ -673,9 +679,14 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
                     c.remove("collector");
                 }
             }
-            if name == "native-no-headers" {
+            if matches!(name, "native-no-headers" | "native-no-writes") {
                 config["upstream_headers"] =
                     json!({"account": null, "license": null, "plan": null, "feature": null});
+            }
+            // No header written at all: the token left in place, no RateLimit headers.
+            if name == "native-no-writes" {
+                config["token"]["strip_from_upstream"] = json!(false);
+                config["rate_limit_headers"] = json!(false);
             }
             let tokens = if name == "native-100k" {
                 "licenses-100k"
