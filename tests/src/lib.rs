@@ -8,6 +8,27 @@ pub mod wasm_host;
 
 use std::path::PathBuf;
 
+/// Each test body named runs against both adapters, as `wasm::<name>` and `native::<name>`:
+/// `with_both_adapters!(a, b)` in a test file whose `fn a(adapter: Adapter)` and
+/// `fn b(adapter: Adapter)` are the bodies.
+#[macro_export]
+macro_rules! with_both_adapters {
+    ($($test:ident),* $(,)?) => {
+        mod wasm {
+            $(#[test]
+            fn $test() {
+                super::$test(tollgate_devkit::Adapter::Wasm)
+            })*
+        }
+        mod native {
+            $(#[test]
+            fn $test() {
+                super::$test(tollgate_devkit::Adapter::Native)
+            })*
+        }
+    };
+}
+
 /// The release .wasm the tests load: `$TOLLGATE_WASM`, else the workspace's build output
 /// (`make wasm` builds it).
 pub fn filter_wasm_path() -> PathBuf {

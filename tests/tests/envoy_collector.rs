@@ -201,26 +201,7 @@ fn bootstrap_for(adapter: Adapter, plugin: Value, upstream: &Upstream) -> Bootst
     bootstrap
 }
 
-/// Each test body named here runs against both adapters, as `wasm::<name>` and
-/// `native::<name>`: the same counting, the same bounds.
-macro_rules! with_both_adapters {
-    ($($test:ident),* $(,)?) => {
-        mod wasm {
-            $(#[test]
-            fn $test() {
-                super::$test(tollgate_devkit::Adapter::Wasm)
-            })*
-        }
-        mod native {
-            $(#[test]
-            fn $test() {
-                super::$test(tollgate_devkit::Adapter::Native)
-            })*
-        }
-    };
-}
-
-with_both_adapters!(
+tollgate_tests::with_both_adapters!(
     collector_totals_equal_what_envoy_served,
     a_collector_answering_slowly_or_with_500s_loses_nothing_and_counts_nothing_twice,
     plugin_configuration_changes_mid_load_lose_nothing_and_count_nothing_twice,

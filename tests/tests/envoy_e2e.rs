@@ -82,25 +82,7 @@ fn assert_no_vm_failure(envoy: &Envoy) {
     }
 }
 
-/// Each test body here runs against both adapters, as `wasm::<name>` and `native::<name>`.
-macro_rules! with_both_adapters {
-    ($($test:ident),* $(,)?) => {
-        mod wasm {
-            $(#[test]
-            fn $test() {
-                super::$test(tollgate_devkit::Adapter::Wasm)
-            })*
-        }
-        mod native {
-            $(#[test]
-            fn $test() {
-                super::$test(tollgate_devkit::Adapter::Native)
-            })*
-        }
-    };
-}
-
-with_both_adapters!(
+tollgate_tests::with_both_adapters!(
     licensed_request_reaches_upstream_with_context_headers_and_no_forgeries,
     every_refusal_has_its_status_code_and_json_body,
     rate_limit_holds_for_the_whole_envoy_across_two_workers,

@@ -153,25 +153,7 @@ fn until(envoy: &Envoy, token: &str, want: &str) -> Vec<String> {
     }
 }
 
-/// Each test body here runs against both adapters, as `wasm::<name>` and `native::<name>`.
-macro_rules! with_both_adapters {
-    ($($test:ident),* $(,)?) => {
-        mod wasm {
-            $(#[test]
-            fn $test() {
-                super::$test(tollgate_devkit::Adapter::Wasm)
-            })*
-        }
-        mod native {
-            $(#[test]
-            fn $test() {
-                super::$test(tollgate_devkit::Adapter::Native)
-            })*
-        }
-    };
-}
-
-with_both_adapters!(
+tollgate_tests::with_both_adapters!(
     a_license_issued_by_the_collector_is_served_through_envoy_until_revoked,
     signing_keys_rotate_without_a_restart_and_a_retired_key_stops_verifying,
 );

@@ -199,26 +199,7 @@ fn spent<'a>(
     }
 }
 
-/// Each test body named here runs against both adapters, as `wasm::<name>` and
-/// `native::<name>`.
-macro_rules! with_both_adapters {
-    ($($test:ident),* $(,)?) => {
-        mod wasm {
-            $(#[test]
-            fn $test() {
-                super::$test(tollgate_devkit::Adapter::Wasm)
-            })*
-        }
-        mod native {
-            $(#[test]
-            fn $test() {
-                super::$test(tollgate_devkit::Adapter::Native)
-            })*
-        }
-    };
-}
-
-with_both_adapters!(
+tollgate_tests::with_both_adapters!(
     two_envoys_with_two_workers_each_admit_a_daily_quota_of_1000_calls_once,
     a_bytes_quota_holds_with_large_responses,
     a_held_request_with_a_body_reaches_the_upstream_only_when_admitted,

@@ -174,26 +174,7 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
         .any(|w| w == needle.as_bytes())
 }
 
-/// Each test body named here runs against both adapters, as `wasm::<name>` and
-/// `native::<name>`.
-macro_rules! with_both_adapters {
-    ($($test:ident),* $(,)?) => {
-        mod wasm {
-            $(#[test]
-            fn $test() {
-                super::$test(tollgate_devkit::Adapter::Wasm)
-            })*
-        }
-        mod native {
-            $(#[test]
-            fn $test() {
-                super::$test(tollgate_devkit::Adapter::Native)
-            })*
-        }
-    };
-}
-
-with_both_adapters!(
+tollgate_tests::with_both_adapters!(
     named_seats_admit_exactly_n_users_across_two_envoys_and_the_holders_keep_working,
     a_floating_seat_frees_once_its_user_is_idle_for_the_window,
     a_token_replayed_from_many_clients_raises_the_alert_and_is_blocked,
