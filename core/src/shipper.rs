@@ -433,6 +433,21 @@ pub struct HeldBatch {
     pub body: Vec<u8>,
 }
 
+impl HeldBatch {
+    /// The log line of a batch the collector refused for good: the whole body, so that an
+    /// operator can fix and replay it.
+    pub fn dead_letter_message(&self, refusal: &tollgate_wire::Refusal) -> String {
+        format!(
+            "usage batch {} ({} records) refused for good by the collector ({}: {}); dropped as a dead letter, body follows: {}",
+            self.batch_id,
+            self.records,
+            refusal.error,
+            refusal.message,
+            String::from_utf8_lossy(&self.body)
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

@@ -431,17 +431,7 @@ impl Background {
     fn dead_letter(&self, host: &mut impl CollectorHost, dead: &HeldBatch, refusal: &Refusal) {
         add(host, self.metrics.rejected, 1);
         add(host, self.metrics.records_rejected, dead.records as u64);
-        log(
-            LogLevel::Critical,
-            &format!(
-                "usage batch {} ({} records) refused for good by the collector ({}: {}); dropped as a dead letter, body follows: {}",
-                dead.batch_id,
-                dead.records,
-                refusal.error,
-                refusal.message,
-                String::from_utf8_lossy(&dead.body)
-            ),
-        );
+        log(LogLevel::Critical, &dead.dead_letter_message(refusal));
     }
 
     /// Take the batches destroyed configurations handed over, if any.

@@ -334,17 +334,7 @@ impl Outbox {
     fn dead_letter(&self, dead: &HeldBatch, refusal: &Refusal) {
         add(self.metrics.rejected, 1);
         add(self.metrics.records_rejected, dead.records as u64);
-        log(
-            LogLevel::Critical,
-            &format!(
-                "usage batch {} ({} records) refused for good by the collector ({}: {}); dropped as a dead letter, body follows: {}",
-                dead.batch_id,
-                dead.records,
-                refusal.error,
-                refusal.message,
-                String::from_utf8_lossy(&dead.body)
-            ),
-        );
+        log(LogLevel::Critical, &dead.dead_letter_message(refusal));
     }
 
     /// The VM is going away: put every unacknowledged batch where the next VM finds it
