@@ -21,7 +21,9 @@
 //!   module (`make native`) with the warm configuration of `tollgate` (metering and shipping to
 //!   the live collector), without the collector, without the four license headers, and at
 //!   100,000 licenses; `native-no-writes`: no header written at all (no license headers, the
-//!   token left in place, no `RateLimit` headers);
+//!   token left in place, no `RateLimit` headers); `native-license-headers`: only the four
+//!   license headers written (what Envoy's C++ chain would need two more filters for);
+//!   `native-combined`: only the one `upstream_headers.combined` header;
 //! - `tollgate`: the filter with a warm token cache, metering and shipping to a live collector;
 //! - `cold-eddsa`, `cold-es256`, `cold-rs256`: every request's signature is checked (a token
 //!   cache of one entry and 64 tokens in turn: each request misses, as a new token would);
@@ -34,7 +36,9 @@
 //!   `tollgate-wasm-floor` crate, same SDK and runtime): no host call; the clock and header
 //!   reads of Tollgate's warm path; and those plus four request headers written;
 //! - `tollgate-no-collector`, `tollgate-no-rate-limit`, `tollgate-no-headers`, `tollgate-bare`
-//!   (all three off): where the warm filter's time goes, feature by feature.
+//!   (all three off): where the warm filter's time goes, feature by feature;
+//!   `tollgate-no-writes`, `tollgate-license-headers`, `tollgate-combined`: as the `native-`
+//!   variants of those names, with the collector on.
 //! - `tollgate-users`, `tollgate-seats`, `tollgate-sharing`: the warm filter with 100 end users
 //!   in turn in an `x-end-user` header (pseudonymised per request, metered per user); with a
 //!   floating seat held by each; with sharing detection (the client address read and
@@ -141,12 +145,17 @@ const ALL: &[&str] = &[
     "native-no-collector",
     "native-no-headers",
     "native-no-writes",
+    "native-license-headers",
+    "native-combined",
     "native-100k",
     "tollgate",
     "tollgate-no-collector",
     "tollgate-no-rate-limit",
     "tollgate-no-headers",
     "tollgate-bare",
+    "tollgate-no-writes",
+    "tollgate-license-headers",
+    "tollgate-combined",
     "tollgate-users",
     "tollgate-seats",
     "tollgate-sharing",
@@ -263,6 +272,32 @@ fn cpp_filters_cached(keys: &Keys, cache: Option<usize>) -> Vec<Value> {
             }
         }),
     ]
+}
+
+/// The header writes of the `-no-writes`, `-license-headers` and `-combined` variants: the token
+/// left in place and no `RateLimit` headers (as Envoy's C++ chain here), and the license context
+/// in no header, in the four, or in the one combined header.
+fn context_writes(config: &mut Value, mode: &str) {
+    let none = json!({"account": null, "license": null, "plan": null, "feature": null});
+    let headers = match mode {
+        "no-writes" => none,
+        "license-headers" => return only_context(config, None),
+        "combined" => {
+            let mut h = none;
+            h["combined"] = json!("x-tollgate-context");
+            h
+        }
+        _ => return,
+    };
+    only_context(config, Some(headers));
+}
+
+fn only_context(config: &mut Value, headers: Option<Value>) {
+    config["token"]["strip_from_upstream"] = json!(false);
+    config["rate_limit_headers"] = json!(false);
+    if let Some(headers) = headers {
+        config["upstream_headers"] = headers;
+    }
 }
 
 fn tollgate_filter(module: &Path, config: &Value) -> Value {
@@ -637,6 +672,7 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
                 config["upstream_headers"] =
                     json!({"account": null, "license": null, "plan": null, "feature": null});
             }
+            context_writes(&mut config, ablation.trim_start_matches("tollgate-"));
             // Users told apart (a header, pseudonymised per request), seats held (every
             // user holds one after the warm-up: a shared-data read per request), and
             // sharing detection (the client address read and pseudonymised per request).
@@ -667,6 +703,8 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
         | "native-no-collector"
         | "native-no-headers"
         | "native-no-writes"
+        | "native-license-headers"
+        | "native-combined"
         | "native-100k" => {
             let cache = if name == "native-100k" {
                 200_000
@@ -679,15 +717,11 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
                     c.remove("collector");
                 }
             }
-            if matches!(name, "native-no-headers" | "native-no-writes") {
+            if name == "native-no-headers" {
                 config["upstream_headers"] =
                     json!({"account": null, "license": null, "plan": null, "feature": null});
             }
-            // No header written at all: the token left in place, no RateLimit headers.
-            if name == "native-no-writes" {
-                config["token"]["strip_from_upstream"] = json!(false);
-                config["rate_limit_headers"] = json!(false);
-            }
+            context_writes(&mut config, name.trim_start_matches("native-"));
             let tokens = if name == "native-100k" {
                 "licenses-100k"
             } else {

@@ -104,7 +104,26 @@ pub struct FilterConfig {
     /// limits too (quota items are always sent). Default true.
     #[serde(default = "default_true")]
     pub rate_limit_headers: bool,
+    /// Requests of a rate limit a worker takes from the shared bucket at once and then admits
+    /// with no shared-data call: at most `min(this, burst / 8)` (1: every request reads and
+    /// writes the shared bucket). A limit may then admit up to `workers x (lease - 1)` more
+    /// than its burst and rate allow.
+    #[serde(default = "default_rate_limit_lease")]
+    pub rate_limit_lease: u32,
+    /// A dynamic-metadata namespace the native module writes the license context into
+    /// (`account`, `license`, `plan`, `feature`): for access logs, later filters and the route's
+    /// header formatters, with no header written. The proxy-wasm filter cannot write dynamic
+    /// metadata and refuses a configuration that asks for it.
+    #[serde(default)]
+    pub license_metadata: Option<String>,
 }
+
+fn default_rate_limit_lease() -> u32 {
+    16
+}
+
+/// The largest `rate_limit_lease`.
+const MAX_RATE_LIMIT_LEASE: u32 = 1_000;
 
 fn default_true() -> bool {
     true
@@ -767,6 +786,8 @@ pub enum UnmatchedRoutes {
 }
 
 /// Names of the request headers that carry the license context upstream; `null` turns one off.
+/// `combined` names one header carrying all four (a structured-field dictionary, RFC 9651):
+/// one header write instead of four, for upstreams that parse it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamHeadersConfig {
@@ -774,6 +795,7 @@ pub struct UpstreamHeadersConfig {
     pub license: Option<String>,
     pub plan: Option<String>,
     pub feature: Option<String>,
+    pub combined: Option<String>,
 }
 
 impl Default for UpstreamHeadersConfig {
@@ -783,6 +805,7 @@ impl Default for UpstreamHeadersConfig {
             license: Some("x-tollgate-license".into()),
             plan: Some("x-tollgate-plan".into()),
             feature: Some("x-tollgate-feature".into()),
+            combined: None,
         }
     }
 }
@@ -927,14 +950,21 @@ pub struct UpstreamHeaders {
     pub license: Option<String>,
     pub plan: Option<String>,
     pub feature: Option<String>,
+    pub combined: Option<String>,
 }
 
 impl UpstreamHeaders {
     /// Every configured header name, for stripping client-sent copies.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        [&self.account, &self.license, &self.plan, &self.feature]
-            .into_iter()
-            .filter_map(|name| name.as_deref())
+        [
+            &self.account,
+            &self.license,
+            &self.plan,
+            &self.feature,
+            &self.combined,
+        ]
+        .into_iter()
+        .filter_map(|name| name.as_deref())
     }
 }
 
@@ -958,6 +988,11 @@ pub struct Policy {
     pub reads_client_address: bool,
     /// Allowed responses carry `RateLimit` items for rate limits, not only for quotas.
     pub rate_limit_headers: bool,
+    /// Requests a worker takes from a shared rate-limit bucket at once (see
+    /// [`crate::ratelimit`]).
+    pub rate_limit_lease: u32,
+    /// The dynamic-metadata namespace of the license context (native module only).
+    pub license_metadata: Option<String>,
     /// What is valid but suspicious in the configuration (logged once by the adapter).
     warnings: Vec<ConfigWarning>,
 }
@@ -1111,6 +1146,7 @@ impl Policy {
             license: header_name("upstream_headers.license", headers.license)?,
             plan: header_name("upstream_headers.plan", headers.plan)?,
             feature: header_name("upstream_headers.feature", headers.feature)?,
+            combined: header_name("upstream_headers.combined", headers.combined)?,
         };
         if upstream_headers.names().any(|name| name == token.header) {
             return Err(ConfigError::new(
@@ -1118,7 +1154,32 @@ impl Policy {
                 "a license header must not be the token header",
             ));
         }
+        let mut named: Vec<&str> = upstream_headers.names().collect();
+        named.sort_unstable();
+        if named.windows(2).any(|pair| pair.first() == pair.get(1)) {
+            return Err(ConfigError::new(
+                "upstream_headers",
+                "each license header needs its own name",
+            ));
+        }
 
+        if !(1..=MAX_RATE_LIMIT_LEASE).contains(&config.rate_limit_lease) {
+            return Err(ConfigError::new(
+                "rate_limit_lease",
+                format!("must be between 1 and {MAX_RATE_LIMIT_LEASE}"),
+            ));
+        }
+        let rate_limit_lease = config.rate_limit_lease;
+        let license_metadata = config.license_metadata;
+        if let Some(namespace) = &license_metadata {
+            let valid = |b: u8| b.is_ascii_alphanumeric() || b"._-".contains(&b);
+            if namespace.is_empty() || namespace.len() > 128 || !namespace.bytes().all(valid) {
+                return Err(ConfigError::new(
+                    "license_metadata",
+                    "must be 1-128 of A-Za-z0-9._- (a dynamic-metadata namespace)",
+                ));
+            }
+        }
         Ok(Policy {
             token,
             features,
@@ -1133,8 +1194,20 @@ impl Policy {
             users,
             reads_client_address,
             rate_limit_headers: config.rate_limit_headers,
+            rate_limit_lease,
+            license_metadata,
             warnings,
         })
+    }
+
+    /// Whether a request for `method` and `path` is decided by its license: only then does the
+    /// adapter read the token header (and the user and client address). Public and unrouted
+    /// requests are decided without them.
+    pub fn needs_license(&self, method: &str, path: &str) -> bool {
+        matches!(
+            self.routes.lookup(method, path),
+            Some(crate::routes::RouteTarget::Feature(_))
+        )
     }
 
     /// The feature's name.

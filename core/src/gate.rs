@@ -1,12 +1,12 @@
 //! The per-request decision: route → token → plan → feature → rate limits, and the meters
 //! recorded when the request ends. One `Gate` per VM (per Envoy worker).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use tollgate_wire::sync::{
-    ClientsSeen, DenialCode, LeaseRequest, LeaseReturn, LicenseSeen, Period, SeatRequest, SeatRule,
+    ClientsSeen, LeaseRequest, LeaseReturn, LicenseSeen, Period, SeatRequest, SeatRule,
     SyncResponse,
 };
 use tollgate_wire::Meter;
@@ -14,6 +14,7 @@ use tollgate_wire::Meter;
 use crate::cache::TokenCache;
 use crate::config::JwksSource;
 use crate::config::{FeatureId, Policy, RateQuota, UnmatchedRoutes, UserSource, WithoutCollector};
+use crate::denials::{Denials, StoredDenial};
 use crate::jwks::{Fetched, RemoteKeys};
 use crate::meter::{Ledger, Outcome, UsageKey, UsageTotals};
 use crate::pseudonym::Subject;
@@ -104,14 +105,6 @@ struct QuotaTarget {
     last_used_ms: u64,
 }
 
-/// A refusal the collector ordered for a license, kept in shared data for every worker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct StoredDenial {
-    code: DenialCode,
-    message: String,
-    until_ms: Option<u64>,
-}
-
 /// The client's host in a proxy's `source.address` (`1.2.3.4:5678`, `[::1]:5678`): the port
 /// changes per connection, the client does not.
 pub fn client_host(address: &str) -> &str {
@@ -161,11 +154,6 @@ const LEASE_FETCH_TIMEOUT_MS: u64 = 3_000;
 const LEASE_RETURN_GRACE_MS: u64 = 30_000;
 /// A quota unused this long is no longer synced (its pool keeps nothing then).
 const QUOTA_IDLE_MS: u64 = 600_000;
-
-/// The shared-data key of a license's denial.
-fn denial_key(license: &str) -> String {
-    format!("tollgate/deny/{}:{license}", license.len())
-}
 
 fn quota_name(meter: Meter, period: Period) -> String {
     format!("quota_{}_{}", meter.as_str(), period.as_str())
@@ -254,23 +242,77 @@ impl Admission {
             .then_some(policy.token.header.as_str())
     }
 
-    /// The license-context headers to set upstream, for an allowed request.
-    pub fn upstream_headers<'a>(&'a self, policy: &'a Policy) -> Vec<(&'a str, &'a str)> {
+    /// The license context of an allowed request: its account, license, plan and feature,
+    /// under those names.
+    pub fn license_context<'a>(
+        &'a self,
+        policy: &'a Policy,
+    ) -> Option<[(&'static str, &'a str); 4]> {
         let (Verdict::Allow, Some(license)) = (&self.verdict, &self.license) else {
+            return None;
+        };
+        Some([
+            ("account", &*license.account),
+            ("license", &*license.license_id),
+            ("plan", &*license.plan.name),
+            (
+                "feature",
+                self.feature.map_or("", |f| policy.feature_name(f)),
+            ),
+        ])
+    }
+
+    /// The license-context headers to set upstream, for an allowed request: each configured
+    /// one of the four, then the combined one.
+    pub fn upstream_headers<'a>(&'a self, policy: &'a Policy) -> Vec<(&'a str, Cow<'a, str>)> {
+        let Some(context) = self.license_context(policy) else {
             return Vec::new();
         };
         let h = &policy.upstream_headers;
-        let feature = self.feature.map_or("", |f| policy.feature_name(f));
-        [
-            (h.account.as_deref(), &*license.account),
-            (h.license.as_deref(), &*license.license_id),
-            (h.plan.as_deref(), &*license.plan.name),
-            (h.feature.as_deref(), feature),
-        ]
-        .into_iter()
-        .filter_map(|(name, value)| name.map(|n| (n, value)))
-        .collect()
+        let names = [&h.account, &h.license, &h.plan, &h.feature];
+        let mut headers: Vec<(&str, Cow<'_, str>)> = names
+            .iter()
+            .zip(context)
+            .filter_map(|(name, (_, value))| name.as_deref().map(|n| (n, Cow::Borrowed(value))))
+            .collect();
+        if let Some(name) = h.combined.as_deref() {
+            let items: Vec<String> = context
+                .iter()
+                .map(|(key, value)| format!("{key}={}", structured_string(value)))
+                .collect();
+            headers.push((name, Cow::Owned(items.join(", "))));
+        }
+        headers
     }
+}
+
+/// `value` as a structured-field String (RFC 9651 section 3.3.3), or as a Display String
+/// (section 3.3.8, percent-encoded UTF-8) when it holds characters a String cannot.
+fn structured_string(value: &str) -> String {
+    let printable = |b: u8| (0x20..=0x7e).contains(&b);
+    if value.bytes().all(printable) {
+        let mut out = String::with_capacity(value.len() + 2);
+        out.push('"');
+        for c in value.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+        return out;
+    }
+    let mut out = String::with_capacity(value.len() * 3 + 3);
+    out.push_str("%\"");
+    for b in value.bytes() {
+        if b == b'%' || b == b'"' || !printable(b) {
+            out.push_str(&format!("%{b:02x}"));
+        } else {
+            out.push(char::from(b));
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// Counters kept per worker and folded into Envoy stats periodically.
@@ -312,6 +354,8 @@ pub struct Gate<S: SharedCells + SharedBlobs + Clone> {
     seat_asks: BTreeMap<(Arc<str>, Arc<str>), SeatRequest>,
     /// Clients of licenses whose plan detects sharing, since the last sync.
     clients_seen: BTreeMap<Arc<str>, ClientsSeen>,
+    /// The collector's denials, as this gate last read them.
+    denials: Denials,
 }
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
@@ -327,16 +371,19 @@ struct Seen {
 impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
     pub fn new(policy: Arc<Policy>, cells: S) -> Self {
         let cache = TokenCache::new(policy.token.cache_entries, policy.token.leeway_seconds);
+        let rate_lease = policy.rate_limit_lease;
         // A new VM starts with the set an earlier VM or another worker fetched, if any.
         let remote_keys = policy.token.jwks_source.clone().map(|source| {
             let mut keys = RemoteKeys::new(source);
             keys.load_shared(&cells);
             keys
         });
+        let mut denials = Denials::default();
+        denials.refresh(&cells);
         Gate {
             policy,
             cache,
-            limits: RateLimits::new(cells.clone()),
+            limits: RateLimits::with_lease(cells.clone(), rate_lease),
             shared: cells,
             quotas: HashMap::new(),
             licenses_seen: BTreeMap::new(),
@@ -352,6 +399,7 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
             remote_keys,
             seat_asks: BTreeMap::new(),
             clients_seen: BTreeMap::new(),
+            denials,
         }
     }
 
@@ -595,27 +643,13 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
 
     /// A refusal the collector ordered for this license, if one is in force.
     fn denial(&self, license: &License, now_ms: u64) -> Option<Refusal> {
-        let (bytes, _) =
-            SharedBlobs::load(&self.shared, &denial_key(&license.license_id)).ok()??;
-        if bytes.is_empty() {
-            return None;
-        }
-        let denial: StoredDenial = serde_json::from_slice(&bytes).ok()?;
-        if denial.until_ms.is_some_and(|until| until <= now_ms) {
-            return None;
-        }
-        let code = match denial.code {
-            DenialCode::LicenseRevoked => Code::LicenseRevoked,
-            DenialCode::AccountSuspended => Code::AccountSuspended,
-            DenialCode::SpendCapReached => Code::SpendCapReached,
-            DenialCode::LicenseSharingDetected => Code::LicenseSharingDetected,
-        };
-        Some(Refusal {
-            retry_after_seconds: denial
-                .until_ms
-                .map(|until| until.saturating_sub(now_ms).div_ceil(1000)),
-            ..Refusal::new(code, denial.message)
-        })
+        self.denials.refusal(&license.license_id, now_ms)
+    }
+
+    /// Take the denials another worker's sync brought (see [`crate::denials`]): the adapter
+    /// calls this on every tick.
+    pub fn refresh_denials(&mut self) {
+        self.denials.refresh(&self.shared);
     }
 
     /// Reserve the license's period quotas for `admission` (verdict [`Verdict::AwaitCollector`]):
@@ -1076,21 +1110,7 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
                 }),
             );
         }
-        for (license, denial) in named {
-            let key = denial_key(license);
-            let value = denial
-                .map(|d| serde_json::to_vec(&d).unwrap_or_default())
-                .unwrap_or_default();
-            let current = SharedBlobs::load(&self.shared, &key).ok().flatten();
-            if current.as_ref().map(|(v, _)| v.as_slice()) == Some(value.as_slice())
-                || (current.is_none() && value.is_empty())
-            {
-                continue;
-            }
-            // Last writer wins: every worker writes what the collector said most recently.
-            let _ =
-                SharedBlobs::compare_and_swap(&self.shared, &key, &value, current.map(|(_, v)| v));
-        }
+        self.denials.apply(&self.shared, &named);
     }
 
     fn license(&mut self, credential: Option<&str>, now: u64) -> Result<Arc<License>, Refusal> {

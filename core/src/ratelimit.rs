@@ -4,6 +4,14 @@
 //! rate. The state of a GCRA limit is one number (the theoretical arrival time, TAT), so it is
 //! kept in proxy-wasm shared data and updated with compare-and-swap: read, let governor decide,
 //! write back only if no other worker wrote in between, else retry.
+//!
+//! Those are two shared-data calls per request. A worker may instead take `k` requests from a
+//! bucket at once (`rate_limit_lease`) and admit them from its own memory: one read and write
+//! per `k` requests. The tokens are taken from the shared bucket when leased, so leasing never
+//! admits more over time; it lets tokens taken earlier be spent later, so in any window a limit
+//! admits at most `burst + rate x window + workers x (k - 1)` (a lease of `k` holds `k - 1` after
+//! its first request). `k` is at most `burst / 8`, so a small burst is kept exactly; and a lease
+//! lives [`LEASE_LIFETIME_NANOS`], so that one idle worker does not sit on tokens.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -101,6 +109,23 @@ impl SharedCells for MemoryCells {
 /// How many times a conflicting CAS is retried before the decision is taken without it.
 const CAS_ATTEMPTS: usize = 32;
 
+/// How long leased tokens may wait to be spent.
+pub const LEASE_LIFETIME_NANOS: u64 = 1_000_000_000;
+/// A lease is at most this share of the burst (`burst / 8`).
+const LEASE_BURST_SHARE: u32 = 8;
+/// Leases held at once, at most (beyond it, new keys are checked one request at a time).
+const MAX_LEASES: usize = 4_096;
+
+/// Requests taken from a shared bucket and not admitted yet.
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    quota: RateQuota,
+    tokens: u32,
+    /// The bucket's capacity left when the lease was taken (for the `RateLimit` header).
+    remaining: u32,
+    expires_nanos: u64,
+}
+
 /// Health of the shared store, for stats.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct StoreHealth {
@@ -194,16 +219,34 @@ pub struct RateLimits<S: SharedCells + Clone> {
     clock: SetClock,
     health: Arc<HealthCounts>,
     limiters: HashMap<RateQuota, Limiter<S>>,
+    /// Requests taken at once from a bucket (1: none leased).
+    lease_tokens: u32,
+    leases: HashMap<Box<str>, Lease>,
 }
 
 impl<S: SharedCells + Clone> RateLimits<S> {
+    /// Every request checked against the shared bucket.
     pub fn new(cells: S) -> Self {
+        Self::with_lease(cells, 1)
+    }
+
+    /// Up to `lease_tokens` requests taken from a bucket at once (see the module's docs).
+    pub fn with_lease(cells: S, lease_tokens: u32) -> Self {
         RateLimits {
             cells,
             clock: SetClock::default(),
             health: Arc::default(),
             limiters: HashMap::new(),
+            lease_tokens: lease_tokens.max(1),
+            leases: HashMap::new(),
         }
+    }
+
+    /// The lease size for `quota`: a small burst is never leased.
+    fn lease_size(&self, quota: RateQuota) -> u32 {
+        self.lease_tokens
+            .min(quota.burst / LEASE_BURST_SHARE)
+            .max(1)
     }
 
     /// Take one request from `key`'s bucket at `now` (Unix nanoseconds): the requests the
@@ -212,6 +255,72 @@ impl<S: SharedCells + Clone> RateLimits<S> {
     // governor's keyed limiter takes `&K`; the key is the `Box<str>` a license holds.
     #[allow(clippy::borrowed_box)]
     pub fn check(&mut self, key: &Box<str>, quota: RateQuota, now_nanos: u64) -> Result<u32, u64> {
+        self.clock.set(now_nanos);
+        let lease = self.lease_size(quota);
+        if lease > 1 {
+            if let Some(held) = self.leases.get_mut(&**key) {
+                if held.quota == quota && held.tokens > 0 && now_nanos < held.expires_nanos {
+                    held.tokens -= 1;
+                    return Ok(held.remaining.saturating_add(held.tokens));
+                }
+            }
+            if let Some(remaining) = self.take_lease(key, quota, lease, now_nanos) {
+                return Ok(remaining);
+            }
+        }
+        let limiter = match self.limiter(quota) {
+            Ok(limiter) => limiter,
+            Err(burst) => return Ok(burst),
+        };
+        limiter
+            .check_key(key)
+            .map(|state| state.remaining_burst_capacity())
+            .map_err(|not_until: NotUntil<Nanos>| {
+                let wait: Duration = not_until.wait_time_from(Nanos::from(now_nanos));
+                u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX)
+            })
+    }
+
+    /// Take `size` requests from `key`'s bucket (the first admitted now, the rest leased): the
+    /// requests left, or `None` when the bucket cannot give them all (then one is asked for).
+    // governor's keyed limiter takes `&K`.
+    #[allow(clippy::borrowed_box)]
+    fn take_lease(
+        &mut self,
+        key: &Box<str>,
+        quota: RateQuota,
+        size: u32,
+        now_nanos: u64,
+    ) -> Option<u32> {
+        if self.leases.len() >= MAX_LEASES && !self.leases.contains_key(&**key) {
+            self.leases.retain(|_, l| l.expires_nanos > now_nanos);
+            if self.leases.len() >= MAX_LEASES {
+                return None;
+            }
+        }
+        let n = NonZeroU32::new(size)?;
+        let limiter = self.limiter(quota).ok()?;
+        let state = limiter.check_key_n(key, n).ok()?.ok()?;
+        let lease = Lease {
+            quota,
+            tokens: size - 1,
+            remaining: state.remaining_burst_capacity(),
+            expires_nanos: now_nanos.saturating_add(LEASE_LIFETIME_NANOS),
+        };
+        let remaining = lease.remaining.saturating_add(lease.tokens);
+        match self.leases.get_mut(&**key) {
+            Some(held) => *held = lease,
+            None => {
+                self.leases.insert(key.clone(), lease);
+            }
+        }
+        Some(remaining)
+    }
+
+    /// The limiter of `quota`, its clock set to now (`Err(burst)`: a quota governor cannot
+    /// express, which admits everything).
+    fn limiter(&mut self, quota: RateQuota) -> Result<&Limiter<S>, u32> {
+        let now_nanos = self.clock.0.load(Ordering::Relaxed);
         let limiter = match self.limiters.entry(quota) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -220,7 +329,8 @@ impl<S: SharedCells + Clone> RateLimits<S> {
                 // shared data mean the same to every worker and survive VM restarts.
                 self.clock.set(0);
                 let Some(governor_quota) = governor_quota(quota) else {
-                    return Ok(quota.burst);
+                    self.clock.set(now_nanos);
+                    return Err(quota.burst);
                 };
                 let store = CellStore {
                     cells: self.cells.clone(),
@@ -230,13 +340,7 @@ impl<S: SharedCells + Clone> RateLimits<S> {
             }
         };
         self.clock.set(now_nanos);
-        limiter
-            .check_key(key)
-            .map(|state| state.remaining_burst_capacity())
-            .map_err(|not_until: NotUntil<Nanos>| {
-                let wait: Duration = not_until.wait_time_from(Nanos::from(now_nanos));
-                u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX)
-            })
+        Ok(limiter)
     }
 
     /// Conflicts and errors met in the shared store so far.
@@ -322,6 +426,97 @@ mod tests {
         // A VM started after a reload sees the bucket the old VM drained.
         let mut second = RateLimits::new(Rc::clone(&cells));
         assert_eq!(second.check(&key, q, T0 + SECOND / 2), Err(SECOND / 2));
+    }
+
+    /// Cells that count their reads: each is a shared-data call in Envoy.
+    #[derive(Default)]
+    struct Counted {
+        inner: MemoryCells,
+        loads: Cell<u64>,
+    }
+
+    impl SharedCells for Counted {
+        fn load(&self, key: &str) -> Result<Option<(u64, u32)>, StoreError> {
+            self.loads.set(self.loads.get() + 1);
+            self.inner.load(key)
+        }
+        fn compare_and_swap(
+            &self,
+            key: &str,
+            value: u64,
+            version: Option<u32>,
+        ) -> Result<bool, StoreError> {
+            self.inner.compare_and_swap(key, value, version)
+        }
+    }
+
+    #[test]
+    fn a_lease_serves_k_requests_per_shared_call() {
+        let cells = Rc::new(Counted::default());
+        let mut limits = RateLimits::with_lease(Rc::clone(&cells), 16);
+        let key: Box<str> = "lic".into();
+        let q = quota(1_000, 1_000);
+        for i in 0..160u64 {
+            assert!(limits.check(&key, q, T0 + i * 1_000).is_ok());
+        }
+        assert_eq!(cells.loads.get(), 10);
+    }
+
+    #[test]
+    fn leases_across_workers_stay_within_the_documented_bound() {
+        // 4 workers, each leasing 16, a limit of 100/s with a burst of 200; 3 s of requests,
+        // 1,000 per second per worker in turn.
+        let cells = Rc::new(MemoryCells::default());
+        let mut workers: Vec<_> = (0..4)
+            .map(|_| RateLimits::with_lease(Rc::clone(&cells), 16))
+            .collect();
+        let key: Box<str> = "lic".into();
+        let q = quota(100, 200);
+        let mut admitted = 0u64;
+        for step in 0..12_000u64 {
+            let now = T0 + step * SECOND / 4_000;
+            let worker = &mut workers[(step % 4) as usize];
+            if worker.check(&key, q, now).is_ok() {
+                admitted += 1;
+            }
+        }
+        // burst + rate x 3 s = 500; leases may add workers x (k - 1) = 60, and hold back as
+        // many (tokens leased and not spent yet when the test ends).
+        assert!((440..=560).contains(&admitted), "admitted {admitted}");
+    }
+
+    #[test]
+    fn a_small_burst_is_never_leased() {
+        let cells = Rc::new(Counted::default());
+        let mut a = RateLimits::with_lease(Rc::clone(&cells), 16);
+        let mut b = RateLimits::with_lease(Rc::clone(&cells), 16);
+        let key: Box<str> = "lic".into();
+        // burst 15 / 8 = 1: every request reads the shared bucket, and two workers admit
+        // the burst exactly.
+        let q = quota(1, 15);
+        let admitted = (0..40)
+            .filter(|i| {
+                let w = if i % 2 == 0 { &mut a } else { &mut b };
+                w.check(&key, q, T0).is_ok()
+            })
+            .count();
+        assert_eq!(admitted, 15);
+        assert_eq!(cells.loads.get(), 40);
+    }
+
+    #[test]
+    fn unspent_leased_tokens_lapse_after_the_lease_lifetime() {
+        let cells = Rc::new(MemoryCells::default());
+        let mut limits = RateLimits::with_lease(Rc::clone(&cells), 16);
+        let key: Box<str> = "lic".into();
+        // 16/s, burst 128: one request leases 16 of the burst.
+        let q = quota(16, 128);
+        assert_eq!(limits.check(&key, q, T0), Ok(112 + 15));
+        assert_eq!(limits.check(&key, q, T0 + 1), Ok(112 + 14));
+        // Past the lease's life its 14 tokens are gone (taken from the bucket, never
+        // admitted): a new lease comes from the bucket, which refilled 16 in that second.
+        let later = T0 + LEASE_LIFETIME_NANOS;
+        assert_eq!(limits.check(&key, q, later), Ok(112 + 15));
     }
 
     /// Cells whose every first CAS loses to another writer.

@@ -97,6 +97,17 @@ impl RouteTable {
             .map(|route| route.target)
     }
 
+    /// Whether the method can change which route `path` takes: a route naming methods matches
+    /// the path before any route taking every method does. Otherwise the adapter saves the
+    /// `:method` read (a host call) and looks up with an empty method.
+    pub fn method_matters(&self, path: &str) -> bool {
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        self.routes
+            .iter()
+            .find(|r| r.path.matches(path))
+            .is_some_and(|r| !r.methods.is_any())
+    }
+
     /// The methods the routes matching `path` take, in configuration order without repeats
     /// (for `Allow`). Empty when no route serves the path; never asked when one takes every
     /// method, since that one would have matched.

@@ -103,6 +103,7 @@ fn each_algorithm_verifies_and_sets_upstream_headers() {
         assert_eq!(admission.verdict, Verdict::Allow, "{:?}", key.file.alg);
         let policy = Arc::clone(gate.policy());
         let headers = admission.upstream_headers(&policy);
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_ref())).collect();
         assert_eq!(
             headers,
             vec![
@@ -113,6 +114,84 @@ fn each_algorithm_verifies_and_sets_upstream_headers() {
             ]
         );
     }
+}
+
+#[test]
+fn one_combined_header_carries_the_context_as_a_structured_dictionary() {
+    let mut config = config();
+    config["upstream_headers"] = json!({
+        "account": null, "license": null, "plan": null, "feature": "x-feature",
+        "combined": "x-tollgate-context",
+    });
+    let mut gate = gate_with(&config);
+    // An account id with a quote, and a license id beyond ASCII.
+    let mut spec = spec("starter", &["search"]);
+    spec.account = "acme \"eu\"".into();
+    spec.license_id = "lic-\u{e9}".into();
+    let bearer = format!("Bearer {}", token(&keys().ed, &spec));
+    let admission = gate.admit(
+        &RequestHead {
+            method: "GET",
+            path: "/v1/search",
+            credential: Some(&bearer),
+            user: None,
+            client_address: None,
+        },
+        NOW * SECOND,
+    );
+    assert_eq!(admission.verdict, Verdict::Allow);
+    let policy = Arc::clone(gate.policy());
+    let headers = admission.upstream_headers(&policy);
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_ref())).collect();
+    assert_eq!(
+        headers,
+        vec![
+            ("x-feature", "search"),
+            (
+                "x-tollgate-context",
+                r#"account="acme \"eu\"", license=%"lic-%c3%a9", plan="starter", feature="search""#
+            ),
+        ]
+    );
+    // Stripped from public requests like the four.
+    assert!(policy
+        .upstream_headers
+        .names()
+        .any(|n| n == "x-tollgate-context"));
+}
+
+#[test]
+fn license_headers_need_distinct_names() {
+    let mut config = config();
+    config["upstream_headers"] = json!({"combined": "x-tollgate-plan"});
+    let err = Policy::from_json(config.to_string().as_bytes()).unwrap_err();
+    assert_eq!(err.field, "upstream_headers", "{err}");
+}
+
+#[test]
+fn the_method_is_read_only_where_a_route_names_methods() {
+    let policy = gate().policy().clone();
+    // /v1/design takes only POST; /v1/search and /healthz every method.
+    assert!(policy.routes.method_matters("/v1/design/x"));
+    assert!(!policy.routes.method_matters("/v1/search?q=1"));
+    assert!(!policy.routes.method_matters("/healthz"));
+    assert!(!policy.routes.method_matters("/elsewhere"));
+    // A route taking every method after one naming methods: the method still decides.
+    let mut config = config();
+    config["routes"] = json!([
+        {"prefix": "/v1/design", "methods": ["POST"], "feature": "design"},
+        {"prefix": "/v1/", "feature": "search"},
+    ]);
+    let policy = Policy::from_json(config.to_string().as_bytes()).unwrap();
+    assert!(policy.routes.method_matters("/v1/design"));
+    assert!(!policy.routes.method_matters("/v1/search"));
+    // And the token only for a licensed feature's route.
+    assert!(policy.needs_license("", "/v1/search?q=1"));
+    assert!(!policy.needs_license("", "/healthz"));
+    let gate = gate();
+    assert!(!gate.policy().needs_license("", "/healthz"));
+    assert!(!gate.policy().needs_license("GET", "/v1/design/x"));
+    assert!(gate.policy().needs_license("POST", "/v1/design/x"));
 }
 
 #[test]

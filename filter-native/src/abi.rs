@@ -128,6 +128,13 @@ mod raw {
             key: ModuleBuffer,
             value: ModuleBuffer,
         ) -> bool;
+        /// 1.40: no result (checked in the binary: the value buffer goes on the stack).
+        pub fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+            filter: FilterEnvoyPtr,
+            namespace: ModuleBuffer,
+            key: ModuleBuffer,
+            value: ModuleBuffer,
+        );
         /// 1.40: the size by value (newer headers return a bool and write through a pointer).
         pub fn envoy_dynamic_module_callback_http_get_body_size(
             filter: FilterEnvoyPtr,
@@ -524,6 +531,19 @@ impl Http for FilterHandle {
                 self.0,
                 RESPONSE_HEADER,
                 ModuleBuffer::of(name.as_bytes()),
+                ModuleBuffer::of(value.as_bytes()),
+            )
+        };
+    }
+
+    fn set_metadata(&mut self, namespace: &str, key: &str, value: &str) {
+        // SAFETY: the filter pointer is the running hook's; the three buffers are borrowed for
+        // the call and copied by Envoy into the stream's dynamic metadata.
+        unsafe {
+            raw::envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+                self.0,
+                ModuleBuffer::of(namespace.as_bytes()),
+                ModuleBuffer::of(key.as_bytes()),
                 ModuleBuffer::of(value.as_bytes()),
             )
         };
@@ -1006,6 +1026,13 @@ mod raw {
         _: ModuleBuffer,
     ) -> bool {
         false
+    }
+    pub unsafe fn envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+        _: FilterEnvoyPtr,
+        _: ModuleBuffer,
+        _: ModuleBuffer,
+        _: ModuleBuffer,
+    ) {
     }
     pub unsafe fn envoy_dynamic_module_callback_http_get_body_size(
         _: FilterEnvoyPtr,

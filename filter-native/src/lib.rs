@@ -47,6 +47,8 @@ pub trait Http {
     /// Replace every copy of a request header (`None`: remove them).
     fn set_request_header(&mut self, name: &str, value: Option<&str>);
     fn set_response_header(&mut self, name: &str, value: &str);
+    /// Set a string in the stream's dynamic metadata.
+    fn set_metadata(&mut self, namespace: &str, key: &str, value: &str);
     /// The size of the body chunk the running body hook was called with.
     fn received_body_bytes(&self, request: bool) -> u64;
     /// Answer locally; the request goes no further.
@@ -231,6 +233,8 @@ impl Config {
         if let Some(work) = background.overdue_sync(host, now) {
             lock(&self.shared).gate.sync_failed(work, now);
         }
+        // Denials a previous configuration's sync wrote (this gate's own syncs update it).
+        lock(&self.shared).gate.refresh_denials();
         self.decide_waiters(now);
         let waiting = !lock(&self.waiters).is_empty();
         if background.sync_due(now, waiting) {
@@ -465,25 +469,36 @@ impl Stream {
         probe(http);
         let policy = &config.policy;
         let admission = {
-            let path = http.request_header(":path").unwrap_or_default();
-            let method = http.request_header(":method").unwrap_or_default();
-            // Bytes that are not UTF-8 cannot be a JWT or a configured path.
-            let credential = http
-                .request_header(&policy.token.header)
+            // Bytes that are not UTF-8 cannot be a configured path or method.
+            let path = std::str::from_utf8(http.request_header(":path").unwrap_or_default());
+            let path = path.unwrap_or("");
+            // Each read is a call into Envoy: `:method` only where a route names methods, the
+            // token, user and address only when the route is a licensed feature's.
+            let method = if policy.routes.method_matters(path) {
+                http.request_header(":method").unwrap_or_default()
+            } else {
+                b""
+            };
+            let method = std::str::from_utf8(method).unwrap_or("");
+            let licensed = policy.needs_license(method, path);
+            // Bytes that are not UTF-8 cannot be a JWT.
+            let credential = licensed
+                .then(|| http.request_header(&policy.token.header))
+                .flatten()
                 .map(|c| std::str::from_utf8(c).unwrap_or("\u{fffd}"));
             let user = match &policy.users {
-                Some(UserSource::Header(name)) => http.request_header(name),
+                Some(UserSource::Header(name)) if licensed => http.request_header(name),
                 _ => None,
             };
-            // Read only when a plan limits sharing: each read is a call into Envoy.
-            let address = if policy.reads_client_address {
+            // Read only when a plan limits sharing.
+            let address = if licensed && policy.reads_client_address {
                 http.client_address()
             } else {
                 None
             };
             let head = RequestHead {
-                method: std::str::from_utf8(method).unwrap_or(""),
-                path: std::str::from_utf8(path).unwrap_or(""),
+                method,
+                path,
                 credential,
                 user: user.and_then(|u| std::str::from_utf8(u).ok()),
                 client_address: address.as_deref().map(tollgate_core::gate::client_host),
@@ -671,7 +686,15 @@ fn answer(admission: &Admission, policy: &Policy, http: &mut impl Http) -> Answe
             }
             // Replacing a header also removes every copy the client sent.
             for (name, value) in admission.upstream_headers(policy) {
-                http.set_request_header(name, Some(value));
+                http.set_request_header(name, Some(&value));
+            }
+            if let (Some(namespace), Some(context)) = (
+                policy.license_metadata.as_deref(),
+                admission.license_context(policy),
+            ) {
+                for (key, value) in context {
+                    http.set_metadata(namespace, key, value);
+                }
             }
             Answered::Continue
         }

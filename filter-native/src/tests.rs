@@ -34,6 +34,8 @@ type Sent = (u32, Vec<(String, String)>, Vec<u8>);
 struct FakeHttp {
     request: HashMap<String, Vec<u8>>,
     response: HashMap<String, String>,
+    /// Dynamic metadata: (namespace, key) → value.
+    metadata: HashMap<(String, String), String>,
     sent: Option<Sent>,
     /// Times the stream was woken, shared with its waker.
     woken: Arc<std::sync::atomic::AtomicU32>,
@@ -60,6 +62,10 @@ impl Http for FakeHttp {
     }
     fn set_response_header(&mut self, name: &str, value: &str) {
         self.response.insert(name.into(), value.into());
+    }
+    fn set_metadata(&mut self, namespace: &str, key: &str, value: &str) {
+        self.metadata
+            .insert((namespace.into(), key.into()), value.into());
     }
     fn received_body_bytes(&self, _request: bool) -> u64 {
         // As in Envoy: a filter's own local reply does not pass its body hook.
@@ -496,6 +502,38 @@ fn licensed_request_goes_on_with_license_headers_and_no_token() {
         counter(&config, &host, &mut main, "tollgate.token_cache_hits"),
         1
     );
+}
+
+#[test]
+fn the_license_context_goes_to_dynamic_metadata_with_no_header_written() {
+    let mut json = demo_config();
+    json["upstream_headers"] =
+        json!({"account": null, "license": null, "plan": null, "feature": null});
+    json["token"]["strip_from_upstream"] = json!(false);
+    json["rate_limit_headers"] = json!(false);
+    json["license_metadata"] = json!("tollgate");
+    let (config, _host) = config(&json);
+    let token = demo_token("starter");
+    let (go_on, http) = request(&config, "/v1/search?q=1", Some(&token));
+    assert!(go_on);
+    let meta = |key: &str| {
+        http.metadata
+            .get(&("tollgate".to_string(), key.to_string()))
+            .cloned()
+    };
+    assert_eq!(meta("account").as_deref(), Some("acme"));
+    assert_eq!(meta("license").as_deref(), Some("lic-1"));
+    assert_eq!(meta("plan").as_deref(), Some("starter"));
+    assert_eq!(meta("feature").as_deref(), Some("search"));
+    // Nothing but what the client sent: no header written.
+    let mut names: Vec<&str> = http.request.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, [":method", ":path", "authorization"]);
+    assert!(http.response.is_empty());
+    // A refused request writes none.
+    let (go_on, http) = request(&config, "/v1/search", None);
+    assert!(!go_on);
+    assert!(http.metadata.is_empty());
 }
 
 #[test]

@@ -343,6 +343,13 @@ impl RootContext for TollgateRoot {
                 return false;
             }
         };
+        if policy.license_metadata.is_some() {
+            log(
+                LogLevel::Critical,
+                "invalid configuration at `license_metadata`: proxy-wasm cannot write dynamic metadata; use the native module, or `upstream_headers`",
+            );
+            return false;
+        }
         // Once per configuration of this VM, never per request.
         for warning in policy.warnings() {
             log(LogLevel::Warn, &warning.to_string());
@@ -438,6 +445,13 @@ impl RootContext for TollgateRoot {
             self.flush_stats();
         }
         if !self.closing {
+            // Denials another worker's sync brought: one shared-data read per tick, so that
+            // requests read none.
+            if let (Some(_), Some(Ok(mut gate))) =
+                (&self.outbox, self.gate.as_ref().map(|g| g.try_borrow_mut()))
+            {
+                gate.refresh_denials();
+            }
             self.quota_tick(now);
         }
         if let (Some(outbox), Some(gate)) = (self.outbox.as_mut(), self.gate.as_ref()) {
@@ -542,7 +556,7 @@ fn answer(admission: &Admission, policy: &Policy) {
             }
             // Replacing a header also removes every copy the client sent.
             for (name, value) in admission.upstream_headers(policy) {
-                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(&value));
             }
         }
         Verdict::Public => {
@@ -585,34 +599,45 @@ impl HttpContext for TollgateHttp {
                     br#"{"error":"not_configured","message":"the licensing filter is not ready"}"#,
                 );
             };
+            let policy = Arc::clone(gate.policy());
             let path = request_header(":path").unwrap_or_default();
-            let method = request_header(":method").unwrap_or_default();
-            let credential = request_header(&gate.policy().token.header);
-            // Bytes that are not UTF-8 cannot be a JWT or a configured path.
+            // Bytes that are not UTF-8 cannot be a configured path or method.
+            let path = std::str::from_utf8(&path).unwrap_or("");
+            // Each read is a host call: `:method` only where a route names methods, the token,
+            // user and address only when the route is a licensed feature's.
+            let method = if policy.routes.method_matters(path) {
+                request_header(":method").unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            let method = std::str::from_utf8(&method).unwrap_or("");
+            let licensed = policy.needs_license(method, path);
+            let credential = if licensed {
+                request_header(&policy.token.header)
+            } else {
+                None
+            };
+            // Bytes that are not UTF-8 cannot be a JWT.
             let credential = credential
                 .as_deref()
                 .map(|c| std::str::from_utf8(c).unwrap_or("\u{fffd}"));
-            // Read only when configured: each read is a host call.
-            let user = match &gate.policy().users {
-                Some(UserSource::Header(name)) => request_header(name),
+            let user = match &policy.users {
+                Some(UserSource::Header(name)) if licensed => request_header(name),
                 _ => None,
             };
-            let client_address = if gate.policy().reads_client_address {
+            let client_address = if licensed && policy.reads_client_address {
                 client_address()
             } else {
                 None
             };
             let head = RequestHead {
-                method: std::str::from_utf8(&method).unwrap_or(""),
-                path: std::str::from_utf8(&path).unwrap_or(""),
+                method,
+                path,
                 credential,
                 user: user.as_deref().and_then(|u| std::str::from_utf8(u).ok()),
                 client_address: client_address.as_deref(),
             };
-            (
-                gate.admit(&head, self.started_nanos),
-                Arc::clone(gate.policy()),
-            )
+            (gate.admit(&head, self.started_nanos), policy)
         };
         if admission.verdict == Verdict::AwaitCollector {
             let slot = Rc::new(RefCell::new(WaitSlot {

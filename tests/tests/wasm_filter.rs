@@ -719,6 +719,14 @@ fn bad_configurations_fail_to_start_and_name_the_field() {
             "routes[1]",
         ),
         (
+            with(&|c| c["license_metadata"] = json!("tollgate")),
+            "invalid configuration at `license_metadata`: proxy-wasm cannot write dynamic metadata",
+        ),
+        (
+            with(&|c| c["rate_limit_lease"] = json!(0)),
+            "invalid configuration at `rate_limit_lease`: must be between 1 and 1000",
+        ),
+        (
             with(&|c| c["routes"][2]["methods"] = json!(["GTE"])),
             "invalid configuration at `routes[2].methods[0]`: `GTE` is not an HTTP method; use one of GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH",
         ),
