@@ -23,10 +23,15 @@
 //!   100,000 licenses; `native-no-writes`: no header written at all (no license headers, the
 //!   token left in place, no `RateLimit` headers); `native-license-headers`: only the four
 //!   license headers written (what Envoy's C++ chain would need two more filters for);
-//!   `native-combined`: only the one `upstream_headers.combined` header;
+//!   `native-combined`: only the one `upstream_headers.combined` header; `native-metadata`:
+//!   the license context in dynamic metadata (`license_metadata`), no header written;
+//!   `native-public`: every route public and no license header configured, the module's own
+//!   floor (its hooks, one header read, a route lookup, nothing written); `native-100k-bare`:
+//!   100,000 licenses with no collector, rate limit or header (the token cache's memory);
 //! - `tollgate`: the filter with a warm token cache, metering and shipping to a live collector;
 //! - `cold-eddsa`, `cold-es256`, `cold-rs256`: every request's signature is checked (a token
 //!   cache of one entry and 64 tokens in turn: each request misses, as a new token would);
+//! - `native-cold-eddsa`: the same for the native module;
 //! - `cpp-cold-eddsa`, `cpp-cold-es256`, `cpp-cold-rs256`: the same for `jwt_authn`
 //!   (its cache off);
 //! - `licenses-1k`, `licenses-100k`: warm tokens of 1,000 or 100,000 distinct licenses;
@@ -147,7 +152,10 @@ const ALL: &[&str] = &[
     "native-no-writes",
     "native-license-headers",
     "native-combined",
+    "native-metadata",
+    "native-public",
     "native-100k",
+    "native-100k-bare",
     "tollgate",
     "tollgate-no-collector",
     "tollgate-no-rate-limit",
@@ -160,6 +168,7 @@ const ALL: &[&str] = &[
     "tollgate-seats",
     "tollgate-sharing",
     "cold-eddsa",
+    "native-cold-eddsa",
     "cpp-cold-eddsa",
     "cold-es256",
     "cpp-cold-es256",
@@ -274,9 +283,10 @@ fn cpp_filters_cached(keys: &Keys, cache: Option<usize>) -> Vec<Value> {
     ]
 }
 
-/// The header writes of the `-no-writes`, `-license-headers` and `-combined` variants: the token
-/// left in place and no `RateLimit` headers (as Envoy's C++ chain here), and the license context
-/// in no header, in the four, or in the one combined header.
+/// The header writes of the `-no-writes`, `-license-headers`, `-combined` and `-metadata`
+/// variants: the token left in place and no `RateLimit` headers (as Envoy's C++ chain here), and
+/// the license context in no header, in the four, in the one combined header, or in dynamic
+/// metadata.
 fn context_writes(config: &mut Value, mode: &str) {
     let none = json!({"account": null, "license": null, "plan": null, "feature": null});
     let headers = match mode {
@@ -286,6 +296,11 @@ fn context_writes(config: &mut Value, mode: &str) {
             let mut h = none;
             h["combined"] = json!("x-tollgate-context");
             h
+        }
+        // Native only: the context in dynamic metadata, no header at all.
+        "metadata" => {
+            config["license_metadata"] = json!("tollgate");
+            none
         }
         _ => return,
     };
@@ -705,24 +720,39 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
         | "native-no-writes"
         | "native-license-headers"
         | "native-combined"
-        | "native-100k" => {
-            let cache = if name == "native-100k" {
+        | "native-metadata"
+        | "native-public"
+        | "native-100k"
+        | "native-100k-bare" => {
+            let cache = if name.starts_with("native-100k") {
                 200_000
             } else {
                 10_000
             };
             let mut config = tollgate_config(keys, cache)?;
-            if name == "native-no-collector" {
+            if matches!(name, "native-no-collector" | "native-100k-bare") {
                 if let Some(c) = config.as_object_mut() {
                     c.remove("collector");
                 }
+            }
+            // The token cache's share of the memory: no collector, rate limit or headers.
+            if name == "native-100k-bare" {
+                config["plans"]["pro"] = json!({});
+                context_writes(&mut config, "no-writes");
             }
             if name == "native-no-headers" {
                 config["upstream_headers"] =
                     json!({"account": null, "license": null, "plan": null, "feature": null});
             }
             context_writes(&mut config, name.trim_start_matches("native-"));
-            let tokens = if name == "native-100k" {
+            // The module's own floor in the same run: its hooks, the `:path` read and a route
+            // lookup; no token read, nothing decided for a license, nothing written.
+            if name == "native-public" {
+                config["routes"] = json!([{"prefix": "/", "public": true}]);
+                config["upstream_headers"] =
+                    json!({"account": null, "license": null, "plan": null, "feature": null});
+            }
+            let tokens = if name.starts_with("native-100k") {
                 "licenses-100k"
             } else {
                 "warm"
@@ -770,6 +800,14 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
         // A cache of one entry and 64 tokens in turn: every request misses the cache and its
         // signature is checked, as if every token were new (verification does not depend on
         // which token it is).
+        // The module verifying every request (as `cold-eddsa` for the wasm filter).
+        "native-cold-eddsa" => {
+            let config = tollgate_config(keys, 1)?;
+            (
+                bootstrap(vec![native_http_filter(&config.to_string())], collector),
+                Some(setup.tokens("cold-eddsa")),
+            )
+        }
         cold if cold.starts_with("cold-") => (
             bootstrap(
                 vec![tollgate_filter(module, &tollgate_config(keys, 1)?)],
@@ -799,7 +837,8 @@ fn run_variant(setup: &Setup, name: &str, o: &Options, raw: &mut String) -> Resu
     // Warm up: connections, the VM, and (for the licenses variants) the token cache.
     let warm_seconds = match name.trim_end_matches("@before") {
         // Every token is verified once (cold) before the cache is warm.
-        "licenses-100k" | "licenses-100k-bare" | "cpp-licenses-100k" | "native-100k" => 45,
+        "licenses-100k" | "licenses-100k-bare" | "cpp-licenses-100k" | "native-100k"
+        | "native-100k-bare" => 45,
         "licenses-1k" => 3,
         _ => 2,
     };
@@ -897,7 +936,8 @@ fn run_pair(setup: &Setup, name: &str, o: &Options, raw: &mut String) -> Result<
         _ => 0,
     };
     let warm_seconds = match name.trim_end_matches("@before") {
-        "licenses-100k" | "licenses-100k-bare" | "cpp-licenses-100k" | "native-100k" => 45,
+        "licenses-100k" | "licenses-100k-bare" | "cpp-licenses-100k" | "native-100k"
+        | "native-100k-bare" => 45,
         "licenses-1k" => 3,
         _ => 2,
     };
