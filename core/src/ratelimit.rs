@@ -222,6 +222,8 @@ pub struct RateLimits<S: SharedCells + Clone> {
     /// Requests taken at once from a bucket (1: none leased).
     lease_tokens: u32,
     leases: HashMap<Box<str>, Lease>,
+    /// No expired lease is looked for before then (see `take_lease`).
+    next_prune_nanos: u64,
 }
 
 impl<S: SharedCells + Clone> RateLimits<S> {
@@ -239,6 +241,7 @@ impl<S: SharedCells + Clone> RateLimits<S> {
             limiters: HashMap::new(),
             lease_tokens: lease_tokens.max(1),
             leases: HashMap::new(),
+            next_prune_nanos: 0,
         }
     }
 
@@ -293,6 +296,12 @@ impl<S: SharedCells + Clone> RateLimits<S> {
         now_nanos: u64,
     ) -> Option<u32> {
         if self.leases.len() >= MAX_LEASES && !self.leases.contains_key(&**key) {
+            // Pruned at most once per lease lifetime: with more busy keys than leases, the
+            // keys beyond the cap are checked one request at a time, not scanned for.
+            if now_nanos < self.next_prune_nanos {
+                return None;
+            }
+            self.next_prune_nanos = now_nanos.saturating_add(LEASE_LIFETIME_NANOS);
             self.leases.retain(|_, l| l.expires_nanos > now_nanos);
             if self.leases.len() >= MAX_LEASES {
                 return None;
@@ -517,6 +526,31 @@ mod tests {
         // admitted): a new lease comes from the bucket, which refilled 16 in that second.
         let later = T0 + LEASE_LIFETIME_NANOS;
         assert_eq!(limits.check(&key, q, later), Ok(112 + 15));
+    }
+
+    #[test]
+    fn keys_beyond_the_lease_cap_are_checked_one_request_at_a_time() {
+        let cells = Rc::new(Counted::default());
+        let mut limits = RateLimits::with_lease(Rc::clone(&cells), 16);
+        let q = quota(1_000, 1_000);
+        for i in 0..MAX_LEASES {
+            let key: Box<str> = format!("lic-{i}").into();
+            assert!(limits.check(&key, q, T0).is_ok());
+        }
+        assert_eq!(limits.leases.len(), MAX_LEASES);
+        let before = cells.loads.get();
+        let extra: Box<str> = "lic-extra".into();
+        for _ in 0..10 {
+            assert!(limits.check(&extra, q, T0 + 1).is_ok());
+        }
+        // Not leased (the cap holds), and still limited through the shared bucket.
+        assert_eq!(limits.leases.len(), MAX_LEASES);
+        assert_eq!(cells.loads.get() - before, 10);
+        // Once the leases lapsed, a prune makes room.
+        assert!(limits
+            .check(&extra, q, T0 + LEASE_LIFETIME_NANOS + 1)
+            .is_ok());
+        assert_eq!(limits.leases.len(), 1);
     }
 
     /// Cells whose every first CAS loses to another writer.
