@@ -14,6 +14,7 @@ use tollgate_wire::Meter;
 use crate::cache::TokenCache;
 use crate::config::JwksSource;
 use crate::config::{FeatureId, Policy, RateQuota, UnmatchedRoutes, UserSource, WithoutCollector};
+use crate::context::combined;
 use crate::denials::{Denials, StoredDenial};
 use crate::jwks::{Fetched, RemoteKeys};
 use crate::meter::{Ledger, Outcome, UsageKey, UsageTotals};
@@ -276,43 +277,16 @@ impl Admission {
             .filter_map(|(name, (_, value))| name.as_deref().map(|n| (n, Cow::Borrowed(value))))
             .collect();
         if let Some(name) = h.combined.as_deref() {
-            let items: Vec<String> = context
-                .iter()
-                .map(|(key, value)| format!("{key}={}", structured_string(value)))
-                .collect();
-            headers.push((name, Cow::Owned(items.join(", "))));
+            // Made once per license and feature when the token was verified.
+            let made = self.license.as_ref().and_then(|license| {
+                let feature = usize::from(self.feature?);
+                license.combined_context.get(feature)?.as_deref()
+            });
+            let value = made.map_or_else(|| Cow::Owned(combined(&context)), Cow::Borrowed);
+            headers.push((name, value));
         }
         headers
     }
-}
-
-/// `value` as a structured-field String (RFC 9651 section 3.3.3), or as a Display String
-/// (section 3.3.8, percent-encoded UTF-8) when it holds characters a String cannot.
-fn structured_string(value: &str) -> String {
-    let printable = |b: u8| (0x20..=0x7e).contains(&b);
-    if value.bytes().all(printable) {
-        let mut out = String::with_capacity(value.len() + 2);
-        out.push('"');
-        for c in value.chars() {
-            if c == '"' || c == '\\' {
-                out.push('\\');
-            }
-            out.push(c);
-        }
-        out.push('"');
-        return out;
-    }
-    let mut out = String::with_capacity(value.len() * 3 + 3);
-    out.push_str("%\"");
-    for b in value.bytes() {
-        if b == b'%' || b == b'"' || !printable(b) {
-            out.push_str(&format!("%{b:02x}"));
-        } else {
-            out.push(char::from(b));
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// Counters kept per worker and folded into Envoy stats periodically.

@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod calls;
 pub mod config;
+pub mod context;
 pub mod denials;
 pub mod gate;
 pub mod handover;

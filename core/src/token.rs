@@ -416,6 +416,10 @@ pub struct License {
     /// The end user (`users.claim`), pseudonymised when the token is verified: the raw value
     /// is not kept.
     pub user: Option<Arc<str>>,
+    /// The `upstream_headers.combined` value per feature of the license, indexed by
+    /// [`FeatureId`] (empty when no combined header is configured): made once here, so a
+    /// request formats nothing.
+    pub combined_context: Box<[Option<Box<str>>]>,
 }
 
 /// Why a token was refused: the refusal code and a message for the caller.
@@ -653,6 +657,24 @@ pub fn verify(
     } else {
         Box::default()
     };
+    let combined_context = if policy.upstream_headers.combined.is_some() {
+        (0..policy.features.len())
+            .map(|id| {
+                let feature = FeatureId::try_from(id).ok()?;
+                features.contains(feature).then(|| {
+                    crate::context::combined(&[
+                        ("account", &claims.sub),
+                        ("license", &claims.lid),
+                        ("plan", &plan.name),
+                        ("feature", policy.feature_name(feature)),
+                    ])
+                    .into_boxed_str()
+                })
+            })
+            .collect()
+    } else {
+        Box::default()
+    };
     Ok(License {
         account: claims.sub.into(),
         license_id: claims.lid.into(),
@@ -663,6 +685,7 @@ pub fn verify(
         rate_key: rate_key.into_boxed_str(),
         feature_rate_keys,
         user,
+        combined_context,
     })
 }
 
