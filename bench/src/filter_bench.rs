@@ -283,31 +283,31 @@ fn cpp_filters_cached(keys: &Keys, cache: Option<usize>) -> Vec<Value> {
     ]
 }
 
+/// `upstream_headers` with none of the four license headers.
+fn no_license_headers() -> Value {
+    json!({"account": null, "license": null, "plan": null, "feature": null})
+}
+
 /// The header writes of the `-no-writes`, `-license-headers`, `-combined` and `-metadata`
 /// variants: the token left in place and no `RateLimit` headers (as Envoy's C++ chain here), and
 /// the license context in no header, in the four, in the one combined header, or in dynamic
 /// metadata.
 fn context_writes(config: &mut Value, mode: &str) {
-    let none = json!({"account": null, "license": null, "plan": null, "feature": null});
     let headers = match mode {
-        "no-writes" => none,
-        "license-headers" => return only_context(config, None),
+        "no-writes" => Some(no_license_headers()),
+        "license-headers" => None,
         "combined" => {
-            let mut h = none;
+            let mut h = no_license_headers();
             h["combined"] = json!("x-tollgate-context");
-            h
+            Some(h)
         }
         // Native only: the context in dynamic metadata, no header at all.
         "metadata" => {
             config["license_metadata"] = json!("tollgate");
-            none
+            Some(no_license_headers())
         }
         _ => return,
     };
-    only_context(config, Some(headers));
-}
-
-fn only_context(config: &mut Value, headers: Option<Value>) {
     config["token"]["strip_from_upstream"] = json!(false);
     config["rate_limit_headers"] = json!(false);
     if let Some(headers) = headers {
@@ -684,8 +684,7 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
                 config["plans"]["pro"] = json!({});
             }
             if bare || ablation == "tollgate-no-headers" {
-                config["upstream_headers"] =
-                    json!({"account": null, "license": null, "plan": null, "feature": null});
+                config["upstream_headers"] = no_license_headers();
             }
             context_writes(&mut config, ablation.trim_start_matches("tollgate-"));
             // Users told apart (a header, pseudonymised per request), seats held (every
@@ -741,16 +740,14 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
                 context_writes(&mut config, "no-writes");
             }
             if name == "native-no-headers" {
-                config["upstream_headers"] =
-                    json!({"account": null, "license": null, "plan": null, "feature": null});
+                config["upstream_headers"] = no_license_headers();
             }
             context_writes(&mut config, name.trim_start_matches("native-"));
             // The module's own floor in the same run: its hooks, the `:path` read and a route
             // lookup; no token read, nothing decided for a license, nothing written.
             if name == "native-public" {
                 config["routes"] = json!([{"prefix": "/", "public": true}]);
-                config["upstream_headers"] =
-                    json!({"account": null, "license": null, "plan": null, "feature": null});
+                config["upstream_headers"] = no_license_headers();
             }
             let tokens = if name.starts_with("native-100k") {
                 "licenses-100k"
@@ -785,8 +782,7 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
                 c.remove("collector");
             }
             config["plans"]["pro"] = json!({});
-            config["upstream_headers"] =
-                json!({"account": null, "license": null, "plan": null, "feature": null});
+            config["upstream_headers"] = no_license_headers();
             (
                 bootstrap(vec![tollgate_filter(module, &config)], None),
                 Some(setup.tokens("licenses-100k")),
@@ -824,6 +820,17 @@ fn variant(setup: &Setup, name: &str) -> Result<(Value, Option<PathBuf>)> {
     })
 }
 
+/// A variant's warm-up: connections, the VM, and (for the licenses variants) the token cache,
+/// every token verified once (cold) before the cache is warm.
+fn warm_up_seconds(name: &str) -> u64 {
+    match name.trim_end_matches("@before") {
+        "licenses-100k" | "licenses-100k-bare" | "cpp-licenses-100k" | "native-100k"
+        | "native-100k-bare" => 45,
+        "licenses-1k" => 3,
+        _ => 2,
+    }
+}
+
 fn run_variant(setup: &Setup, name: &str, o: &Options, raw: &mut String) -> Result<Figures> {
     let (config, tokens) = variant(setup, name)?;
     let envoy = Envoy::start(&format!("bench-{name}"), &config, 1)?;
@@ -835,13 +842,7 @@ fn run_variant(setup: &Setup, name: &str, o: &Options, raw: &mut String) -> Resu
         _ => 0,
     };
     // Warm up: connections, the VM, and (for the licenses variants) the token cache.
-    let warm_seconds = match name.trim_end_matches("@before") {
-        // Every token is verified once (cold) before the cache is warm.
-        "licenses-100k" | "licenses-100k-bare" | "cpp-licenses-100k" | "native-100k"
-        | "native-100k-bare" => 45,
-        "licenses-1k" => 3,
-        _ => 2,
-    };
+    let warm_seconds = warm_up_seconds(name);
     wrk(&url, warm_tokens, users, warm_seconds, &setup.script)?;
     let ticks = clock_ticks_per_second();
     let cpu_before = cpu_ticks(envoy.pid())?;
@@ -935,12 +936,7 @@ fn run_pair(setup: &Setup, name: &str, o: &Options, raw: &mut String) -> Result<
         "tollgate-users" | "tollgate-seats" | "tollgate-sharing" => BENCH_USERS,
         _ => 0,
     };
-    let warm_seconds = match name.trim_end_matches("@before") {
-        "licenses-100k" | "licenses-100k-bare" | "cpp-licenses-100k" | "native-100k"
-        | "native-100k-bare" => 45,
-        "licenses-1k" => 3,
-        _ => 2,
-    };
+    let warm_seconds = warm_up_seconds(name);
     // Both get the same requests, tokens included: the pair differs only by the filter.
     let urls = [none.url(PATH), envoy.url(PATH)];
     let urls = [urls[0].as_str(), urls[1].as_str()];

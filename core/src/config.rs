@@ -1200,16 +1200,6 @@ impl Policy {
         })
     }
 
-    /// Whether a request for `method` and `path` is decided by its license: only then does the
-    /// adapter read the token header (and the user and client address). Public and unrouted
-    /// requests are decided without them.
-    pub fn needs_license(&self, method: &str, path: &str) -> bool {
-        matches!(
-            self.routes.lookup(method, path),
-            Some(crate::routes::RouteTarget::Feature(_))
-        )
-    }
-
     /// The feature's name.
     pub fn feature_name(&self, feature: FeatureId) -> &str {
         self.features

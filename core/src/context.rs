@@ -2,6 +2,22 @@
 //! structured-field dictionary (RFC 9651), `account="acme", license="lic-1", plan="pro",
 //! feature="search"`.
 
+/// The license context under its names, in the order every channel uses (the four headers,
+/// the combined one, dynamic metadata).
+pub fn fields<'a>(
+    account: &'a str,
+    license: &'a str,
+    plan: &'a str,
+    feature: &'a str,
+) -> [(&'static str, &'a str); 4] {
+    [
+        ("account", account),
+        ("license", license),
+        ("plan", plan),
+        ("feature", feature),
+    ]
+}
+
 /// The combined header's value for a license's context (name, value pairs in order).
 pub fn combined(context: &[(&str, &str)]) -> String {
     let items: Vec<String> = context

@@ -102,8 +102,12 @@ impl Denials {
                 };
             }
             if !changed {
-                self.local = into_local(all);
-                self.version = version;
+                // What the collector said is stored already; take the entry only if this copy
+                // is behind it.
+                if version != self.version {
+                    self.local = into_local(all);
+                    self.version = version;
+                }
                 return;
             }
             let Ok(bytes) = serde_json::to_vec(&all) else {

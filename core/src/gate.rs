@@ -14,7 +14,7 @@ use tollgate_wire::Meter;
 use crate::cache::TokenCache;
 use crate::config::JwksSource;
 use crate::config::{FeatureId, Policy, RateQuota, UnmatchedRoutes, UserSource, WithoutCollector};
-use crate::context::combined;
+use crate::context::{combined, fields};
 use crate::denials::{Denials, StoredDenial};
 use crate::jwks::{Fetched, RemoteKeys};
 use crate::meter::{Ledger, Outcome, UsageKey, UsageTotals};
@@ -252,15 +252,12 @@ impl Admission {
         let (Verdict::Allow, Some(license)) = (&self.verdict, &self.license) else {
             return None;
         };
-        Some([
-            ("account", &*license.account),
-            ("license", &*license.license_id),
-            ("plan", &*license.plan.name),
-            (
-                "feature",
-                self.feature.map_or("", |f| policy.feature_name(f)),
-            ),
-        ])
+        Some(fields(
+            &license.account,
+            &license.license_id,
+            &license.plan.name,
+            self.feature.map_or("", |f| policy.feature_name(f)),
+        ))
     }
 
     /// The license-context headers to set upstream, for an allowed request: each configured
@@ -429,6 +426,18 @@ impl<S: SharedCells + SharedBlobs + Clone> Gate<S> {
     /// Decide on a request at `now_nanos` (Unix nanoseconds, the proxy's clock).
     pub fn admit(&mut self, request: &RequestHead<'_>, now_nanos: u64) -> Admission {
         let target = self.policy.routes.lookup(request.method, request.path);
+        self.admit_routed(target, request, now_nanos)
+    }
+
+    /// [`Gate::admit`] for a request whose route the adapter has looked up already (it needs
+    /// the route to know which headers to read: see
+    /// [`crate::routes::RouteTable::lookup_path`]).
+    pub fn admit_routed(
+        &mut self,
+        target: Option<RouteTarget>,
+        request: &RequestHead<'_>,
+        now_nanos: u64,
+    ) -> Admission {
         if self.metering_blocked {
             let feature = match target {
                 Some(RouteTarget::Feature(feature)) => Some(feature),

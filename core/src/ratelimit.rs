@@ -258,7 +258,6 @@ impl<S: SharedCells + Clone> RateLimits<S> {
     // governor's keyed limiter takes `&K`; the key is the `Box<str>` a license holds.
     #[allow(clippy::borrowed_box)]
     pub fn check(&mut self, key: &Box<str>, quota: RateQuota, now_nanos: u64) -> Result<u32, u64> {
-        self.clock.set(now_nanos);
         let lease = self.lease_size(quota);
         if lease > 1 {
             if let Some(held) = self.leases.get_mut(&**key) {
@@ -271,7 +270,7 @@ impl<S: SharedCells + Clone> RateLimits<S> {
                 return Ok(remaining);
             }
         }
-        let limiter = match self.limiter(quota) {
+        let limiter = match self.limiter(quota, now_nanos) {
             Ok(limiter) => limiter,
             Err(burst) => return Ok(burst),
         };
@@ -308,7 +307,7 @@ impl<S: SharedCells + Clone> RateLimits<S> {
             }
         }
         let n = NonZeroU32::new(size)?;
-        let limiter = self.limiter(quota).ok()?;
+        let limiter = self.limiter(quota, now_nanos).ok()?;
         let state = limiter.check_key_n(key, n).ok()?.ok()?;
         let lease = Lease {
             quota,
@@ -326,10 +325,9 @@ impl<S: SharedCells + Clone> RateLimits<S> {
         Some(remaining)
     }
 
-    /// The limiter of `quota`, its clock set to now (`Err(burst)`: a quota governor cannot
-    /// express, which admits everything).
-    fn limiter(&mut self, quota: RateQuota) -> Result<&Limiter<S>, u32> {
-        let now_nanos = self.clock.0.load(Ordering::Relaxed);
+    /// The limiter of `quota`, its clock set to `now_nanos` (`Err(burst)`: a quota governor
+    /// cannot express, which admits everything).
+    fn limiter(&mut self, quota: RateQuota, now_nanos: u64) -> Result<&Limiter<S>, u32> {
         let limiter = match self.limiters.entry(quota) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -338,7 +336,6 @@ impl<S: SharedCells + Clone> RateLimits<S> {
                 // shared data mean the same to every worker and survive VM restarts.
                 self.clock.set(0);
                 let Some(governor_quota) = governor_quota(quota) else {
-                    self.clock.set(now_nanos);
                     return Err(quota.burst);
                 };
                 let store = CellStore {

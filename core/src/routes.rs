@@ -69,6 +69,15 @@ pub enum RouteTarget {
     Public,
 }
 
+/// What [`RouteTable::lookup_path`] could tell from the path alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathRoute {
+    /// The target (`None`: no route serves the path), whatever the method.
+    Found(Option<RouteTarget>),
+    /// A route naming methods matches first: the method decides.
+    NeedsMethod,
+}
+
 /// One compiled route.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -97,15 +106,15 @@ impl RouteTable {
             .map(|route| route.target)
     }
 
-    /// Whether the method can change which route `path` takes: a route naming methods matches
-    /// the path before any route taking every method does. Otherwise the adapter saves the
-    /// `:method` read (a host call) and looks up with an empty method.
-    pub fn method_matters(&self, path: &str) -> bool {
+    /// The route of `path` found without its method, so that the adapter saves the `:method`
+    /// read (a host call) where no route names methods; `NeedsMethod` when a route naming
+    /// methods matches the path first (then [`RouteTable::lookup`] with the method decides).
+    pub fn lookup_path(&self, path: &str) -> PathRoute {
         let path = path.split_once('?').map_or(path, |(p, _)| p);
-        self.routes
-            .iter()
-            .find(|r| r.path.matches(path))
-            .is_some_and(|r| !r.methods.is_any())
+        match self.routes.iter().find(|r| r.path.matches(path)) {
+            Some(route) if !route.methods.is_any() => PathRoute::NeedsMethod,
+            route => PathRoute::Found(route.map(|r| r.target)),
+        }
     }
 
     /// The methods the routes matching `path` take, in configuration order without repeats

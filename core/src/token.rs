@@ -662,12 +662,12 @@ pub fn verify(
             .map(|id| {
                 let feature = FeatureId::try_from(id).ok()?;
                 features.contains(feature).then(|| {
-                    crate::context::combined(&[
-                        ("account", &claims.sub),
-                        ("license", &claims.lid),
-                        ("plan", &plan.name),
-                        ("feature", policy.feature_name(feature)),
-                    ])
+                    crate::context::combined(&crate::context::fields(
+                        &claims.sub,
+                        &claims.lid,
+                        &plan.name,
+                        policy.feature_name(feature),
+                    ))
                     .into_boxed_str()
                 })
             })

@@ -5,6 +5,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
+use tollgate_core::routes::{PathRoute, RouteTarget};
 use tollgate_core::{Code, Gate, MemoryCells, Outcome, Policy, RequestHead, UsageTotals, Verdict};
 use tollgate_devkit::{jwks, LicenseSpec, SigningKey};
 
@@ -170,12 +171,21 @@ fn license_headers_need_distinct_names() {
 
 #[test]
 fn the_method_is_read_only_where_a_route_names_methods() {
+    let method_matters =
+        |policy: &Policy, path: &str| policy.routes.lookup_path(path) == PathRoute::NeedsMethod;
+    let needs_license = |policy: &Policy, method: &str, path: &str| {
+        let target = match policy.routes.lookup_path(path) {
+            PathRoute::Found(target) => target,
+            PathRoute::NeedsMethod => policy.routes.lookup(method, path),
+        };
+        matches!(target, Some(RouteTarget::Feature(_)))
+    };
     let policy = gate().policy().clone();
     // /v1/design takes only POST; /v1/search and /healthz every method.
-    assert!(policy.routes.method_matters("/v1/design/x"));
-    assert!(!policy.routes.method_matters("/v1/search?q=1"));
-    assert!(!policy.routes.method_matters("/healthz"));
-    assert!(!policy.routes.method_matters("/elsewhere"));
+    assert!(method_matters(&policy, "/v1/design/x"));
+    assert!(!method_matters(&policy, "/v1/search?q=1"));
+    assert!(!method_matters(&policy, "/healthz"));
+    assert!(!method_matters(&policy, "/elsewhere"));
     // A route taking every method after one naming methods: the method still decides.
     let mut config = config();
     config["routes"] = json!([
@@ -183,15 +193,15 @@ fn the_method_is_read_only_where_a_route_names_methods() {
         {"prefix": "/v1/", "feature": "search"},
     ]);
     let policy = Policy::from_json(config.to_string().as_bytes()).unwrap();
-    assert!(policy.routes.method_matters("/v1/design"));
-    assert!(!policy.routes.method_matters("/v1/search"));
+    assert!(method_matters(&policy, "/v1/design"));
+    assert!(!method_matters(&policy, "/v1/search"));
     // And the token only for a licensed feature's route.
-    assert!(policy.needs_license("", "/v1/search?q=1"));
-    assert!(!policy.needs_license("", "/healthz"));
+    assert!(needs_license(&policy, "", "/v1/search?q=1"));
+    assert!(!needs_license(&policy, "", "/healthz"));
     let gate = gate();
-    assert!(!gate.policy().needs_license("", "/healthz"));
-    assert!(!gate.policy().needs_license("GET", "/v1/design/x"));
-    assert!(gate.policy().needs_license("POST", "/v1/design/x"));
+    assert!(!needs_license(gate.policy(), "", "/healthz"));
+    assert!(!needs_license(gate.policy(), "GET", "/v1/design/x"));
+    assert!(needs_license(gate.policy(), "POST", "/v1/design/x"));
 }
 
 #[test]

@@ -25,6 +25,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tollgate_core::config::UserSource;
 use tollgate_core::jwks::Fetched;
+use tollgate_core::routes::{PathRoute, RouteTarget};
 use tollgate_core::{Admission, Gate, Policy, RequestHead, UsageKey, UsageTotals, Verdict};
 
 pub use crate::abi::LogLevel;
@@ -474,13 +475,15 @@ impl Stream {
             let path = path.unwrap_or("");
             // Each read is a call into Envoy: `:method` only where a route names methods, the
             // token, user and address only when the route is a licensed feature's.
-            let method = if policy.routes.method_matters(path) {
-                http.request_header(":method").unwrap_or_default()
-            } else {
-                b""
+            let (method, target) = match policy.routes.lookup_path(path) {
+                PathRoute::Found(target) => ("", target),
+                PathRoute::NeedsMethod => {
+                    let method = http.request_header(":method").unwrap_or_default();
+                    let method = std::str::from_utf8(method).unwrap_or("");
+                    (method, policy.routes.lookup(method, path))
+                }
             };
-            let method = std::str::from_utf8(method).unwrap_or("");
-            let licensed = policy.needs_license(method, path);
+            let licensed = matches!(target, Some(RouteTarget::Feature(_)));
             // Bytes that are not UTF-8 cannot be a JWT.
             let credential = licensed
                 .then(|| http.request_header(&policy.token.header))
@@ -503,7 +506,9 @@ impl Stream {
                 user: user.and_then(|u| std::str::from_utf8(u).ok()),
                 client_address: address.as_deref().map(tollgate_core::gate::client_host),
             };
-            lock(&config.shared).gate.admit(&head, self.started_nanos)
+            lock(&config.shared)
+                .gate
+                .admit_routed(target, &head, self.started_nanos)
         };
         if admission.verdict == Verdict::AwaitCollector && config.background.is_some() {
             if let Some(wake) = http.waker() {

@@ -22,6 +22,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
 use tollgate_core::config::UserSource;
+use tollgate_core::routes::{PathRoute, RouteTarget};
 use tollgate_core::{Admission, Gate, Policy, RequestHead, UsageTotals, Verdict};
 
 use crate::host::{Metrics, SharedDataCells};
@@ -605,13 +606,16 @@ impl HttpContext for TollgateHttp {
             let path = std::str::from_utf8(&path).unwrap_or("");
             // Each read is a host call: `:method` only where a route names methods, the token,
             // user and address only when the route is a licensed feature's.
-            let method = if policy.routes.method_matters(path) {
-                request_header(":method").unwrap_or_default()
-            } else {
-                Vec::new()
+            let method_bytes;
+            let (method, target) = match policy.routes.lookup_path(path) {
+                PathRoute::Found(target) => ("", target),
+                PathRoute::NeedsMethod => {
+                    method_bytes = request_header(":method").unwrap_or_default();
+                    let method = std::str::from_utf8(&method_bytes).unwrap_or("");
+                    (method, policy.routes.lookup(method, path))
+                }
             };
-            let method = std::str::from_utf8(&method).unwrap_or("");
-            let licensed = policy.needs_license(method, path);
+            let licensed = matches!(target, Some(RouteTarget::Feature(_)));
             let credential = if licensed {
                 request_header(&policy.token.header)
             } else {
@@ -637,7 +641,7 @@ impl HttpContext for TollgateHttp {
                 user: user.as_deref().and_then(|u| std::str::from_utf8(u).ok()),
                 client_address: client_address.as_deref(),
             };
-            (gate.admit(&head, self.started_nanos), policy)
+            (gate.admit_routed(target, &head, self.started_nanos), policy)
         };
         if admission.verdict == Verdict::AwaitCollector {
             let slot = Rc::new(RefCell::new(WaitSlot {
