@@ -25,6 +25,11 @@ use crate::ratelimit::StoreError;
 /// How often an Envoy whose quota is used up asks the collector again.
 pub const EXHAUSTED_RECHECK_MS: u64 = 5_000;
 
+/// Lease ids a pool remembers having taken, so that a second answer for one of them is not
+/// held twice. An answer comes at the latest when its call times out, a few seconds after it
+/// was asked, and a pool asks for one lease at a time: 16 is many times what can be pending.
+const APPLIED_KEPT: usize = 16;
+
 /// A lease held in a pool.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
@@ -76,6 +81,9 @@ pub struct Pool {
     pub unreported: u64,
     /// Units admitted without a lease since the last grant (`without_collector: allow`).
     pub allowance_used: u64,
+    /// The latest lease ids taken into the pool (at most [`APPLIED_KEPT`]).
+    #[serde(default)]
+    pub applied: Vec<String>,
 }
 
 /// The outcome of a reservation.
@@ -202,19 +210,34 @@ impl Pool {
         id
     }
 
-    /// The collector answered a lease request.
+    /// The collector answered a lease request that this worker sent (the caller checks that).
+    ///
+    /// The answer to the request in flight is taken. So is a grant for another id this pool
+    /// has not taken yet: two workers that create a pool at once both ask for a lease, and
+    /// Envoy cannot check a new key's first write, so one of the two requests in flight may
+    /// be overwritten; its grant is allocated at the collector all the same, and dropping it
+    /// would leave those units unused and never returned until the period ends. A second
+    /// answer for an id already taken (two workers asked under it, or a retried call) is not
+    /// held again: its units may already have been used and returned.
     pub fn apply_grant(&mut self, grant: &LeaseGrant, now_ms: u64) {
-        // Only the answer to the request in flight is taken: a second answer for the same id
-        // (two workers asked under it, or a retried call) would hold the same units twice,
-        // and they may already have been used and returned.
-        if self
+        let in_flight = self
             .fetch
             .as_ref()
-            .is_none_or(|f| f.lease_id != grant.lease_id)
-        {
+            .is_some_and(|f| f.lease_id == grant.lease_id);
+        let taken = self.applied.iter().any(|id| id == &grant.lease_id)
+            || self.leases.iter().any(|l| l.id == grant.lease_id);
+        if taken || (!in_flight && grant.granted == 0) {
+            // A refusal for a request no longer in flight says nothing the pool's own
+            // request will not say.
             return;
         }
-        self.fetch = None;
+        if in_flight {
+            self.fetch = None;
+        }
+        if self.applied.len() >= APPLIED_KEPT {
+            self.applied.remove(0);
+        }
+        self.applied.push(grant.lease_id.clone());
         self.period_end_ms = grant.period_end_ms;
         self.allocated = grant.allocated;
         if grant.granted == 0 {
@@ -556,6 +579,52 @@ mod tests {
         pool.fetch_unanswered(&id);
         assert!(pool.wants_lease(10, 2000, T0 + 3001));
         assert_eq!(pool.begin_fetch(|| "d/10".into(), T0 + 3001), "d/9");
+    }
+
+    /// Envoy cannot check a new key's first write: two workers that create a pool at once
+    /// both ask for a lease, and the pool keeps only the second one's request. Both grants are
+    /// allocated at the collector, so both are held (dropping one would leave its units unused
+    /// and never returned until the period's end), and a second copy of either is not.
+    #[test]
+    fn both_grants_are_held_when_two_workers_create_a_pool_at_once() {
+        let mut first = Pool::default();
+        let a = first.begin_fetch(|| "a/q0".into(), T0);
+        // The second worker read no pool either; its write replaces the first one's.
+        let mut pool = Pool::default();
+        let b = pool.begin_fetch(|| "b/q0".into(), T0);
+        pool.apply_grant(&grant(&a, 50, T0 + 10_000), T0 + 10);
+        assert_eq!(pool.available(T0 + 10), 50);
+        assert!(
+            pool.fetch.is_some(),
+            "the second worker's request is still in flight"
+        );
+        pool.apply_grant(&grant(&b, 50, T0 + 10_000), T0 + 20);
+        assert_eq!(pool.available(T0 + 20), 100);
+        assert!(pool.fetch.is_none());
+        pool.apply_grant(&grant(&a, 50, T0 + 10_000), T0 + 30);
+        assert_eq!(pool.available(T0 + 30), 100);
+        // Used up and returned: a late copy of either is still not held again.
+        for _ in 0..100 {
+            let (lease, _) = taken(pool.reserve(1, T0 + 40));
+            pool.commit(&lease, 1, 1);
+        }
+        assert_eq!(pool.sweep(5000, T0 + 50).len(), 2);
+        pool.apply_grant(&grant(&b, 50, T0 + 10_000), T0 + 60);
+        pool.apply_grant(&grant(&a, 50, T0 + 10_000), T0 + 60);
+        assert_eq!(pool.available(T0 + 60), 0);
+        // A refusal for a request no longer in flight changes nothing.
+        let c = pool.begin_fetch(|| "a/q1".into(), T0 + 70);
+        pool.apply_grant(&grant("b/q1", 0, T0 + 10_000), T0 + 80);
+        assert_eq!(pool.exhausted_until_ms, 0);
+        assert_eq!(
+            pool.fetch.as_ref().map(|f| f.lease_id.as_str()),
+            Some(c.as_str())
+        );
+        // The pool remembers a bounded number of ids.
+        for n in 0..40 {
+            pool.apply_grant(&grant(&format!("z/{n}"), 1, T0 + 10_000), T0 + 90);
+        }
+        assert_eq!(pool.applied.len(), APPLIED_KEPT);
     }
 
     /// Workers sharing one pool through compare-and-swap never admit more than was granted.

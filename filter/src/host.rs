@@ -60,7 +60,8 @@ impl SharedBlobs for SharedDataCells {
     ) -> Result<bool, StoreError> {
         // A new key's first write cannot be checked (Envoy's CAS 0 is unconditional): two
         // workers creating one pool at once can lose one of the two writes. Both started from
-        // an empty pool, so what is lost is at most one worker's first reservation or lease.
+        // an empty pool holding no lease, so what is lost is one worker's lease request in
+        // flight, and `Pool::apply_grant` still takes its grant when it comes.
         match hostcalls::set_shared_data(key, Some(value), version) {
             Ok(()) => Ok(true),
             Err(Status::CasMismatch) => Ok(false),
