@@ -170,5 +170,67 @@ fn main() -> Result<()> {
             per(admit + record + flush + sync)
         );
     }
+    quota_pool_profile(requests)?;
+    Ok(())
+}
+
+/// A request on a route with a quota reads and writes its pool in shared data twice (reserve
+/// when it starts, commit when it ends). This times that pair on a pool holding two leases and
+/// a lease request in flight, with the pool's binary layout and with the JSON it replaced.
+fn quota_pool_profile(requests: usize) -> Result<()> {
+    use tollgate_core::quota::{update_blob, MemoryBlobs, Pool, Reservation};
+    use tollgate_wire::sync::{LeaseGrant, Period};
+    let now_ms = unix_now() * 1000;
+    let key = tollgate_core::quota::pool_key("lic-bench", tollgate_wire::Meter::Calls, Period::Day);
+    type Codec = (fn(&[u8]) -> Pool, fn(&Pool) -> Vec<u8>);
+    let fresh = |(decode, encode): Codec| -> Result<MemoryBlobs> {
+        let blobs = MemoryBlobs::default();
+        update_blob(&blobs, &key, decode, encode, |pool| {
+            for n in 0..3 {
+                let id = pool.begin_fetch(|| format!("envoy-1/w{n}/q{n}"), now_ms);
+                if n < 2 {
+                    pool.apply_grant(
+                        &LeaseGrant {
+                            lease_id: id,
+                            granted: u64::MAX / 4,
+                            period_start_ms: now_ms - 1000,
+                            period_end_ms: now_ms + 3_600_000,
+                            expires_ms: now_ms + 3_600_000,
+                            allocated: 0,
+                        },
+                        now_ms,
+                    );
+                }
+            }
+        })
+        .map_err(|_| anyhow::anyhow!("pool"))?;
+        Ok(blobs)
+    };
+    println!();
+    println!("| quota pool, reserve + commit | ns/request | bytes in shared data |");
+    println!("|---|---|---|");
+    let json: Codec = (
+        |b| serde_json::from_slice(b).unwrap_or_default(),
+        |p| serde_json::to_vec(p).unwrap_or_default(),
+    );
+    let layout: Codec = (Pool::decode, Pool::encode);
+    for (name, (decode, encode)) in [("binary layout", layout), ("JSON (before)", json)] {
+        let blobs = fresh((decode, encode))?;
+        let started = Instant::now();
+        for _ in 0..requests {
+            let r = update_blob(&blobs, &key, decode, encode, |p| p.reserve(1, now_ms))
+                .map_err(|_| anyhow::anyhow!("reserve"))?;
+            let Reservation::Taken { lease_id, units } = r else {
+                anyhow::bail!("not taken: {r:?}");
+            };
+            update_blob(&blobs, &key, decode, encode, |p| {
+                p.commit(&lease_id, units, 1)
+            })
+            .map_err(|_| anyhow::anyhow!("commit"))?;
+        }
+        let per = started.elapsed().as_nanos() as f64 / requests as f64;
+        let size = update_blob(&blobs, &key, decode, encode, |p| encode(p).len()).unwrap_or(0);
+        println!("| {name} | {per:.0} | {size} |");
+    }
     Ok(())
 }

@@ -284,14 +284,179 @@ impl Pool {
         returns
     }
 
+    /// The pool in shared data: a fixed binary layout (see [`pool_layout`]), which a request
+    /// reads and writes twice (reserve, commit), so it is made and parsed without JSON.
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        pool_layout::encode(self)
     }
 
-    /// A stored pool; a damaged value reads as an empty pool (its leases are then never
-    /// returned: the quota is under-used for the period, never over-used).
+    /// A stored pool. A value in the JSON an earlier build wrote (a configuration reload that
+    /// brings a new filter into the same Envoy keeps shared data) still reads. A damaged value
+    /// reads as an empty pool (its leases are then never returned: the quota is under-used for
+    /// the period, never over-used).
     pub fn decode(bytes: &[u8]) -> Pool {
-        serde_json::from_slice(bytes).unwrap_or_default()
+        if bytes.first() == Some(&b'{') {
+            return serde_json::from_slice(bytes).unwrap_or_default();
+        }
+        pool_layout::decode(bytes).unwrap_or_default()
+    }
+}
+
+/// The binary layout of a [`Pool`], little-endian, pinned by a golden test:
+///
+/// ```text
+/// u8  version (1)
+/// u64 exhausted_until_ms, recheck_ms, period_end_ms, allocated, unreported, allowance_used
+/// u8  fetch present (0 or 1); if 1: u64 since_ms, str lease_id
+/// u16 lease count; each: str id, u64 granted, u64 used, u32 inflight, u64 expires_ms,
+///     u64 closing_since_ms (u64::MAX: not closing)
+/// u16 applied count; each: str id
+/// str = u16 byte length, then UTF-8
+/// ```
+///
+/// Anything else (another version, a short or long value, bad UTF-8) does not decode.
+mod pool_layout {
+    use super::{Fetch, Lease, Pool};
+
+    const VERSION: u8 = 1;
+    const NOT_CLOSING: u64 = u64::MAX;
+
+    pub(super) fn encode(pool: &Pool) -> Vec<u8> {
+        let ids: usize = pool.leases.iter().map(|l| l.id.len() + 38).sum::<usize>()
+            + pool.applied.iter().map(|a| a.len() + 2).sum::<usize>()
+            + pool.fetch.as_ref().map_or(0, |f| f.lease_id.len() + 10);
+        let mut out = Vec::with_capacity(54 + ids);
+        out.push(VERSION);
+        for n in [
+            pool.exhausted_until_ms,
+            pool.recheck_ms,
+            pool.period_end_ms,
+            pool.allocated,
+            pool.unreported,
+            pool.allowance_used,
+        ] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        match &pool.fetch {
+            Some(fetch) => {
+                out.push(1);
+                out.extend_from_slice(&fetch.since_ms.to_le_bytes());
+                put_str(&mut out, &fetch.lease_id);
+            }
+            None => out.push(0),
+        }
+        // Counts and ids above u16::MAX cannot occur (a pool holds a few leases; ids are a
+        // worker prefix and a number); they are cut rather than written wrongly.
+        let kept = usize::from(u16::MAX);
+        put_len(&mut out, pool.leases.len().min(kept));
+        for lease in pool.leases.iter().take(kept) {
+            put_str(&mut out, &lease.id);
+            out.extend_from_slice(&lease.granted.to_le_bytes());
+            out.extend_from_slice(&lease.used.to_le_bytes());
+            out.extend_from_slice(&lease.inflight.to_le_bytes());
+            out.extend_from_slice(&lease.expires_ms.to_le_bytes());
+            let closing = lease.closing_since_ms.unwrap_or(NOT_CLOSING);
+            out.extend_from_slice(&closing.to_le_bytes());
+        }
+        put_len(&mut out, pool.applied.len().min(kept));
+        for id in pool.applied.iter().take(kept) {
+            put_str(&mut out, id);
+        }
+        out
+    }
+
+    fn put_len(out: &mut Vec<u8>, len: usize) {
+        let len = u16::try_from(len).unwrap_or(u16::MAX);
+        out.extend_from_slice(&len.to_le_bytes());
+    }
+
+    fn put_str(out: &mut Vec<u8>, s: &str) {
+        let mut end = s.len().min(usize::from(u16::MAX));
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        put_len(out, end);
+        out.extend_from_slice(s.as_bytes().get(..end).unwrap_or_default());
+    }
+
+    struct Reader<'a>(&'a [u8]);
+
+    impl<'a> Reader<'a> {
+        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+            if self.0.len() < n {
+                return None;
+            }
+            let (head, rest) = self.0.split_at(n);
+            self.0 = rest;
+            Some(head)
+        }
+
+        fn u8(&mut self) -> Option<u8> {
+            self.take(1).and_then(|b| b.first().copied())
+        }
+
+        fn u16(&mut self) -> Option<u16> {
+            Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+        }
+
+        fn u32(&mut self) -> Option<u32> {
+            Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+        }
+
+        fn u64(&mut self) -> Option<u64> {
+            Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+        }
+
+        fn str(&mut self) -> Option<String> {
+            let len = usize::from(self.u16()?);
+            let bytes = self.take(len)?;
+            std::str::from_utf8(bytes).ok().map(str::to_string)
+        }
+    }
+
+    pub(super) fn decode(bytes: &[u8]) -> Option<Pool> {
+        let mut r = Reader(bytes);
+        if r.u8()? != VERSION {
+            return None;
+        }
+        let mut pool = Pool {
+            exhausted_until_ms: r.u64()?,
+            recheck_ms: r.u64()?,
+            period_end_ms: r.u64()?,
+            allocated: r.u64()?,
+            unreported: r.u64()?,
+            allowance_used: r.u64()?,
+            ..Pool::default()
+        };
+        pool.fetch = match r.u8()? {
+            0 => None,
+            1 => {
+                let since_ms = r.u64()?;
+                Some(Fetch {
+                    lease_id: r.str()?,
+                    since_ms,
+                })
+            }
+            _ => return None,
+        };
+        let leases = r.u16()?;
+        pool.leases = Vec::with_capacity(usize::from(leases));
+        for _ in 0..leases {
+            let id = r.str()?;
+            let (granted, used, inflight, expires_ms) = (r.u64()?, r.u64()?, r.u32()?, r.u64()?);
+            let closing = r.u64()?;
+            pool.leases.push(Lease {
+                id,
+                granted,
+                used,
+                inflight,
+                expires_ms,
+                closing_since_ms: (closing != NOT_CLOSING).then_some(closing),
+            });
+        }
+        let applied = r.u16()?;
+        pool.applied = (0..applied).map(|_| r.str()).collect::<Option<_>>()?;
+        r.0.is_empty().then_some(pool)
     }
 }
 
@@ -686,5 +851,110 @@ mod tests {
             "tollgate/q/5:lic-1/response_bytes/month"
         );
         assert_eq!(Pool::decode(b"\xff not json"), Pool::default());
+    }
+
+    fn sample_pool() -> Pool {
+        Pool {
+            leases: vec![
+                Lease {
+                    id: "w1/q7".into(),
+                    granted: 50,
+                    used: 12,
+                    inflight: 2,
+                    expires_ms: T0 + 10_000,
+                    closing_since_ms: None,
+                },
+                Lease {
+                    id: "w2/q3".into(),
+                    granted: 50,
+                    used: 50,
+                    inflight: 0,
+                    expires_ms: T0 + 5_000,
+                    closing_since_ms: Some(T0 + 4_000),
+                },
+            ],
+            exhausted_until_ms: 0,
+            recheck_ms: T0 + 5_000,
+            period_end_ms: END,
+            allocated: 900,
+            fetch: Some(Fetch {
+                lease_id: "w1/q8".into(),
+                since_ms: T0 + 1,
+            }),
+            unreported: 3,
+            allowance_used: 1,
+            applied: vec!["w2/q3".into(), "w1/q7".into()],
+        }
+    }
+
+    /// The layout workers of one Envoy share, byte for byte: a change to it must be a new
+    /// version (a reload can put two builds of the filter in one Envoy at once).
+    #[test]
+    fn the_pool_layout_is_pinned() {
+        let bytes = sample_pool().encode();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            concat!(
+                "01",
+                "0000000000000000",
+                "8858b9ca9e010000",
+                "8033f0ca9e010000",
+                "8403000000000000",
+                "0300000000000000",
+                "0100000000000000",
+                "01",
+                "0145b9ca9e010000",
+                "0500",
+                "77312f7138",
+                "0200",
+                "0500",
+                "77312f7137",
+                "3200000000000000",
+                "0c00000000000000",
+                "02000000",
+                "106cb9ca9e010000",
+                "ffffffffffffffff",
+                "0500",
+                "77322f7133",
+                "3200000000000000",
+                "3200000000000000",
+                "00000000",
+                "8858b9ca9e010000",
+                "a054b9ca9e010000",
+                "0200",
+                "0500",
+                "77322f7133",
+                "0500",
+                "77312f7137",
+            )
+        );
+        assert_eq!(Pool::decode(&bytes), sample_pool());
+    }
+
+    #[test]
+    fn damaged_pools_read_as_empty_and_json_from_an_earlier_build_still_reads() {
+        let bytes = sample_pool().encode();
+        // Every cut, an extra byte, another version and bad UTF-8 in an id.
+        for cut in 0..bytes.len() {
+            assert_eq!(Pool::decode(&bytes[..cut]), Pool::default(), "cut at {cut}");
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert_eq!(Pool::decode(&long), Pool::default());
+        let mut other = bytes.clone();
+        other[0] = 2;
+        assert_eq!(Pool::decode(&other), Pool::default());
+        let mut bad = bytes.clone();
+        let at = bytes.windows(5).position(|w| w == b"w1/q8").unwrap();
+        bad[at] = 0xff;
+        assert_eq!(Pool::decode(&bad), Pool::default());
+        // The JSON earlier builds wrote (no `applied` list yet).
+        let mut earlier = serde_json::to_value(sample_pool()).unwrap();
+        earlier.as_object_mut().unwrap().remove("applied");
+        let read = Pool::decode(earlier.to_string().as_bytes());
+        assert_eq!(read.leases, sample_pool().leases);
+        assert_eq!(read.fetch, sample_pool().fetch);
+        assert!(read.applied.is_empty());
     }
 }
