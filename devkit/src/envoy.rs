@@ -100,12 +100,21 @@ impl Adapter {
 /// An Envoy dynamic-module HTTP filter entry running `libtollgate.so` (found through
 /// `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`, which [`Envoy`] sets) with the plugin `configuration`.
 pub fn native_http_filter(configuration: &str) -> Value {
+    native_http_filter_of(NATIVE_MODULE_NAME, configuration)
+}
+
+/// The dynamic module's name: Envoy loads `lib<name>.so`.
+pub const NATIVE_MODULE_NAME: &str = "tollgate";
+
+/// [`native_http_filter`] loading the module `lib<module>.so` (a missing one, in the tests
+/// that show the filter fails closed).
+pub fn native_http_filter_of(module: &str, configuration: &str) -> Value {
     json!({
         "name": "tollgate",
         "typed_config": {
             "@type": Adapter::Native.type_url(),
             // Kept loaded: unloading a module with thread-locals or a live gate is not safe.
-            "dynamic_module_config": {"name": "tollgate", "do_not_close": true},
+            "dynamic_module_config": {"name": module, "do_not_close": true},
             "filter_name": "tollgate",
             "filter_config": {
                 "@type": "type.googleapis.com/google.protobuf.StringValue",
@@ -175,6 +184,9 @@ pub struct Bootstrap {
     /// (see [`Bootstrap::write_plugin_config`]) instead of inline: changing it builds new VMs
     /// in the running Envoy, as a control plane or Istio does.
     pub ecds_dir: Option<PathBuf>,
+    /// The native module's name (`lib<name>.so`); [`NATIVE_MODULE_NAME`] unless a test wants
+    /// a module that is not there.
+    pub native_module: String,
 }
 
 /// The name of the ECDS file in [`Bootstrap::ecds_dir`].
@@ -192,6 +204,7 @@ impl Bootstrap {
             exact_balance: false,
             collector_ports: Vec::new(),
             ecds_dir: None,
+            native_module: NATIVE_MODULE_NAME.to_string(),
         }
     }
 
@@ -228,7 +241,9 @@ impl Bootstrap {
     pub fn tollgate_filter(&self, plugin_config: &Value) -> Value {
         match self.adapter {
             Adapter::Wasm => wasm_http_filter(&self.wasm_path, &plugin_config.to_string()),
-            Adapter::Native => native_http_filter(&plugin_config.to_string()),
+            Adapter::Native => {
+                native_http_filter_of(&self.native_module, &plugin_config.to_string())
+            }
         }
     }
 

@@ -89,7 +89,93 @@ tollgate_tests::with_both_adapters!(
     malformed_tokens_all_get_401_and_envoy_keeps_serving,
     usage_is_metered_into_envoy_stats,
     one_combined_header_can_carry_the_license_context,
+    a_missing_module_fails_closed_at_start_and_on_an_update,
 );
+
+/// Fail closed: a filter whose module is not there lets no request through unchecked. At
+/// start Envoy refuses the configuration (`--mode validate` names the module; Envoy exits
+/// rather than serve). As an update (ECDS, as a control plane or Istio sends it), Envoy
+/// refuses the update and the running filter keeps deciding every request.
+fn a_missing_module_fails_closed_at_start_and_on_an_update(adapter: Adapter) {
+    if adapter == Adapter::Native {
+        require_native_module().unwrap();
+    }
+    let name = format!("missing-module-{}-{}", adapter.name(), std::process::id());
+    let dir = std::env::temp_dir().join(&name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let without_module = |bootstrap: &mut Bootstrap| match adapter {
+        Adapter::Wasm => bootstrap.wasm_path = dir.join("tollgate_missing.wasm"),
+        Adapter::Native => bootstrap.native_module = "tollgate_missing".into(),
+    };
+    let upstream = Upstream::start(0).unwrap();
+    let config = demo_config();
+
+    // At start.
+    let mut bootstrap = Bootstrap::new(config.clone(), upstream.port());
+    bootstrap.adapter = adapter;
+    without_module(&mut bootstrap);
+    let path = dir.join("envoy.json");
+    std::fs::write(&path, bootstrap.to_json().to_string()).unwrap();
+    let err = validate(&path).unwrap_err().to_string();
+    assert!(err.contains("tollgate_missing"), "{err}");
+    let err = match Envoy::start(&format!("{name}-start"), &bootstrap.to_json(), 1) {
+        Ok(_) => panic!("Envoy started with its filter's module missing"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("exited"), "{err}");
+
+    // As an update of a running filter.
+    let mut bootstrap = Bootstrap::new(config.clone(), upstream.port());
+    bootstrap.adapter = adapter;
+    bootstrap.ecds_dir = Some(dir.join("ecds"));
+    bootstrap.write_plugin_config(&config).unwrap();
+    let envoy = Envoy::start(&format!("{name}-update"), &bootstrap.to_json(), 2).unwrap();
+    let stat = |name: &str| {
+        envoy
+            .stat(&format!(
+                "extension_config_discovery.http_filter.tollgate.{name}"
+            ))
+            .unwrap()
+    };
+    let failures = stat("config_fail");
+    let token = bearer(
+        &license("acme", "lic-missing-module", "pro", &["search"])
+            .mint(&demo_key())
+            .unwrap(),
+    );
+    let decided = || {
+        let unlicensed = request(envoy.listener, "GET", "/v1/search", &[]).unwrap();
+        assert_eq!(
+            (unlicensed.status, unlicensed.code().as_str()),
+            (401, "missing_token")
+        );
+        let licensed = request(
+            envoy.listener,
+            "GET",
+            "/v1/search",
+            &[("authorization", token.as_slice())],
+        )
+        .unwrap();
+        assert_eq!(licensed.status, 200);
+    };
+    decided();
+    without_module(&mut bootstrap);
+    bootstrap.write_plugin_config(&config).unwrap();
+    eventually("Envoy to refuse the update", || {
+        stat("config_fail") > failures
+    });
+    // (Envoy's file watch may also reload the unchanged file once while the new one is
+    // written, so `config_reload` can move; what matters is that the filter still decides.)
+    decided();
+    assert_eq!(
+        upstream.requests(),
+        2,
+        "only the licensed requests went upstream"
+    );
+    drop(envoy);
+    let _ = std::fs::remove_dir_all(&dir);
+}
 
 fn one_combined_header_can_carry_the_license_context(adapter: Adapter) {
     let mut config = demo_config();
