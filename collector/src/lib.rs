@@ -9,6 +9,7 @@ pub mod clock;
 pub mod control;
 pub mod customer;
 pub mod exports;
+pub mod group_commit;
 pub mod health;
 pub mod licensing;
 pub mod overview;

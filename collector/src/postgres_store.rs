@@ -188,8 +188,16 @@ fn bucket_expression(granularity: Granularity) -> &'static str {
 }
 
 impl Store for PostgresStore {
-    fn ingest(&self, batch: &UsageBatch, received_ms: u64) -> Result<Ingested> {
-        self.with_client(|client| ingest(client, batch, received_ms))
+    fn ingest_group(&self, batches: &[(&UsageBatch, u64)]) -> Result<Vec<Ingested>> {
+        self.with_client(|client| {
+            let mut tx = client.transaction()?;
+            let outcomes = batches
+                .iter()
+                .map(|(batch, received_ms)| ingest_in(&mut tx, batch, *received_ms))
+                .collect::<Result<Vec<_>>>()?;
+            tx.commit()?;
+            Ok(outcomes)
+        })
     }
 
     fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>> {
@@ -1254,8 +1262,12 @@ fn close_lease(client: &mut Client, lease_id: &str, used: u64, now_ms: u64) -> R
     Ok(known)
 }
 
-fn ingest(client: &mut Client, batch: &UsageBatch, received_ms: u64) -> Result<Ingested> {
-    let mut tx = client.transaction()?;
+/// Store one batch inside `tx` (see [`Store::ingest_group`]): nothing is committed here.
+fn ingest_in(
+    tx: &mut postgres::Transaction<'_>,
+    batch: &UsageBatch,
+    received_ms: u64,
+) -> Result<Ingested> {
     let records = to_i64(
         "records",
         u64::try_from(batch.records.len()).unwrap_or(u64::MAX),
@@ -1279,7 +1291,6 @@ fn ingest(client: &mut Client, batch: &UsageBatch, received_ms: u64) -> Result<I
                 &[&batch.batch_id],
             )?
             .get(0);
-        tx.commit()?;
         return Ok(Ingested::Duplicate {
             records: u64::try_from(first).unwrap_or(0),
         });
@@ -1327,7 +1338,6 @@ fn ingest(client: &mut Client, batch: &UsageBatch, received_ms: u64) -> Result<I
                 &user,
             ],
         )?;
-    tx.commit()?;
     Ok(Ingested::Accepted {
         records: u64::try_from(records).unwrap_or(0),
     })

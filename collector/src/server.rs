@@ -88,7 +88,7 @@ impl Metrics {
         }
     }
 
-    fn render(&self) -> String {
+    fn render(&self, groups: &crate::group_commit::GroupStats) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
         let mut counter = |name: &str, help: &str, lines: Vec<(String, u64)>| {
@@ -136,6 +136,16 @@ impl Metrics {
                 ),
                 ("{reason=\"store_error\"}".into(), get(&self.store_errors)),
             ],
+        );
+        counter(
+            "tollgate_collector_ingest_commits_total",
+            "Transactions that stored usage batches (batches arriving together share one).",
+            vec![(String::new(), get(&groups.commits))],
+        );
+        counter(
+            "tollgate_collector_ingest_committed_batches_total",
+            "Usage batches those transactions held (over commits: the batches per commit).",
+            vec![(String::new(), get(&groups.batches))],
         );
         counter(
             "tollgate_collector_syncs_total",
@@ -197,6 +207,8 @@ pub struct AppState {
     pub readiness: Arc<crate::health::Readiness>,
     /// The wall clock every decision reads.
     pub clock: Arc<crate::clock::Clock>,
+    /// Batches arriving together are stored in one transaction.
+    pub group_commit: crate::group_commit::GroupCommit,
 }
 
 impl AppState {
@@ -213,6 +225,7 @@ impl AppState {
             billing: crate::worker::BillingSettings::default(),
             readiness: Arc::default(),
             clock: Arc::default(),
+            group_commit: Default::default(),
         }
     }
 }
@@ -323,16 +336,15 @@ async fn ingest(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
             );
         }
     };
-    let store = Arc::clone(&state.store);
     let batch = Arc::new(batch);
     let received_ms = state.clock.now_ms();
-    let stored = {
-        let batch = Arc::clone(&batch);
-        tokio::task::spawn_blocking(move || store.ingest(&batch, received_ms)).await
-    };
+    let stored = state
+        .group_commit
+        .ingest(&state.store, Arc::clone(&batch), received_ms)
+        .await;
     let outcome = match stored {
-        Ok(Ok(outcome)) => outcome,
-        Ok(Err(e)) => {
+        Ok(outcome) => outcome,
+        Err(e) => {
             state.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
             log(
                 json!({"level": "error", "msg": "storing a batch failed", "batch_id": batch.batch_id, "error": format!("{e:#}")}),
@@ -344,15 +356,6 @@ async fn ingest(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
                     "{}: the batch was not stored; retry",
                     crate::store::failure_reason(&e)
                 ),
-            );
-        }
-        Err(e) => {
-            state.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-            log(json!({"level": "error", "msg": "store task failed", "error": e.to_string()}));
-            return refusal(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "the batch was not stored; retry",
             );
         }
     };
@@ -818,7 +821,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         [("content-type", "text/plain; version=0.0.4")],
         format!(
             "{}# HELP tollgate_collector_sharing_alerts_total Licenses detected used from more clients than their plan allows (one per episode).\n# TYPE tollgate_collector_sharing_alerts_total counter\ntollgate_collector_sharing_alerts_total {}\n",
-            state.metrics.render(),
+            state.metrics.render(state.group_commit.stats()),
             state.control.sharing_alerts.load(Ordering::Relaxed)
         ),
     )

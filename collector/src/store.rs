@@ -308,7 +308,17 @@ pub trait StoreProbe: Send {
 /// Where usage, and the state filters obey, are kept.
 pub trait Store: Send + Sync + 'static {
     /// Store `batch` unless its id was stored before, in one transaction.
-    fn ingest(&self, batch: &UsageBatch, received_ms: u64) -> Result<Ingested>;
+    fn ingest(&self, batch: &UsageBatch, received_ms: u64) -> Result<Ingested> {
+        let mut outcomes = self.ingest_group(&[(batch, received_ms)])?;
+        outcomes
+            .pop()
+            .context("the store answered no outcome for the batch")
+    }
+    /// Group commit: store each batch unless its id was stored before (also earlier in the
+    /// same group), all in one transaction, so that batches arriving together pay for one
+    /// commit (one fsync). All are stored or none is: on an error, nothing of the group was
+    /// stored, and the caller may store them one by one to find the one that fails.
+    fn ingest_group(&self, batches: &[(&UsageBatch, u64)]) -> Result<Vec<Ingested>>;
     /// Sum usage by calendar bucket, account, license, feature, outcome and meter.
     fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>>;
     /// A check of the store on a connection of its own (opened on first use, again after a
@@ -828,56 +838,68 @@ fn bucket_expression(granularity: Granularity) -> &'static str {
     }
 }
 
+/// Store one batch inside `tx` (see [`Store::ingest_group`]): nothing is committed here.
+fn ingest_in(
+    tx: &rusqlite::Transaction<'_>,
+    batch: &UsageBatch,
+    received_ms: u64,
+) -> Result<Ingested> {
+    let records = u64::try_from(batch.records.len()).unwrap_or(u64::MAX);
+    let inserted = tx.execute(
+        "INSERT INTO batches (batch_id, instance, sequence, records, created_ms, received_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (batch_id) DO NOTHING",
+        params![
+            batch.batch_id,
+            batch.source.instance,
+            to_i64("sequence", batch.sequence)?,
+            to_i64("records", records)?,
+            to_i64("created_ms", batch.created_ms)?,
+            to_i64("received_ms", received_ms)?,
+        ],
+    )?;
+    if inserted == 0 {
+        let first: i64 = tx.query_row(
+            "SELECT records FROM batches WHERE batch_id = ?1",
+            [&batch.batch_id],
+            |r| r.get(0),
+        )?;
+        return Ok(Ingested::Duplicate {
+            records: u64::try_from(first).unwrap_or(0),
+        });
+    }
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO usage_records (batch_id, account, license, feature, outcome, meter, units, window_start_ms, window_end_ms, user_ref)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?;
+        for r in &batch.records {
+            insert.execute(params![
+                batch.batch_id,
+                r.account,
+                r.license,
+                r.feature,
+                r.outcome,
+                r.meter.as_str(),
+                to_i64("units", r.units)?,
+                to_i64("window_start_ms", r.window_start_ms)?,
+                to_i64("window_end_ms", r.window_end_ms)?,
+                r.user,
+            ])?;
+        }
+    }
+    Ok(Ingested::Accepted { records })
+}
+
 impl Store for SqliteStore {
-    fn ingest(&self, batch: &UsageBatch, received_ms: u64) -> Result<Ingested> {
+    fn ingest_group(&self, batches: &[(&UsageBatch, u64)]) -> Result<Vec<Ingested>> {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let records = u64::try_from(batch.records.len()).unwrap_or(u64::MAX);
-        let inserted = tx.execute(
-            "INSERT INTO batches (batch_id, instance, sequence, records, created_ms, received_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (batch_id) DO NOTHING",
-            params![
-                batch.batch_id,
-                batch.source.instance,
-                to_i64("sequence", batch.sequence)?,
-                to_i64("records", records)?,
-                to_i64("created_ms", batch.created_ms)?,
-                to_i64("received_ms", received_ms)?,
-            ],
-        )?;
-        if inserted == 0 {
-            let first: i64 = tx.query_row(
-                "SELECT records FROM batches WHERE batch_id = ?1",
-                [&batch.batch_id],
-                |r| r.get(0),
-            )?;
-            tx.commit()?;
-            return Ok(Ingested::Duplicate {
-                records: u64::try_from(first).unwrap_or(0),
-            });
-        }
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO usage_records (batch_id, account, license, feature, outcome, meter, units, window_start_ms, window_end_ms, user_ref)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            )?;
-            for r in &batch.records {
-                insert.execute(params![
-                    batch.batch_id,
-                    r.account,
-                    r.license,
-                    r.feature,
-                    r.outcome,
-                    r.meter.as_str(),
-                    to_i64("units", r.units)?,
-                    to_i64("window_start_ms", r.window_start_ms)?,
-                    to_i64("window_end_ms", r.window_end_ms)?,
-                    r.user,
-                ])?;
-            }
-        }
+        let outcomes = batches
+            .iter()
+            .map(|(batch, received_ms)| ingest_in(&tx, batch, *received_ms))
+            .collect::<Result<Vec<_>>>()?;
         tx.commit()?;
-        Ok(Ingested::Accepted { records })
+        Ok(outcomes)
     }
 
     fn usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>> {

@@ -161,6 +161,50 @@ fn a_batch_is_counted_once_however_often_it_is_sent_on(db: &Backend) {
 }
 
 #[test]
+fn a_group_of_batches_is_stored_in_one_transaction_or_not_at_all() {
+    for db in backends("group") {
+        a_group_of_batches_is_stored_in_one_transaction_or_not_at_all_on(&db);
+    }
+}
+
+/// Group commit (`Store::ingest_group`), the same on every backend: a batch seen earlier in
+/// the same group is a duplicate; a group that fails stores nothing of itself.
+fn a_group_of_batches_is_stored_in_one_transaction_or_not_at_all_on(db: &Backend) {
+    use tollgate_collector::store::Ingested;
+    let store = open(&db.url()).unwrap();
+    let (one, two) = (batch(1, 3, T0), batch(2, 4, T0));
+    let outcomes = store
+        .ingest_group(&[(&one, T0), (&two, T0), (&one, T0)])
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            Ingested::Accepted { records: 2 },
+            Ingested::Accepted { records: 2 },
+            Ingested::Duplicate { records: 2 },
+        ],
+        "{db:?}"
+    );
+    // A batch the store cannot take (a count beyond a signed 64-bit integer) fails its whole
+    // group: the good batch before it is not stored either, and is taken when sent again.
+    let three = batch(3, 5, T0);
+    let mut bad = batch(4, 1, T0);
+    bad.records[0].units = u64::MAX;
+    assert!(
+        store.ingest_group(&[(&three, T0), (&bad, T0)]).is_err(),
+        "{db:?}"
+    );
+    assert_eq!(
+        store.ingest(&three, T0).unwrap(),
+        Ingested::Accepted { records: 2 },
+        "{db:?}"
+    );
+    drop(store);
+    let c = start(db);
+    assert_eq!(total(&c, "calls"), 3 + 4 + 5, "{db:?}");
+}
+
+#[test]
 fn unsigned_forged_malformed_and_oversized_batches_change_nothing() {
     for db in backends("refused") {
         unsigned_forged_malformed_and_oversized_batches_change_nothing_on(&db);
