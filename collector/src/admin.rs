@@ -465,6 +465,7 @@ async fn erase_account(
     }
     blocking(&state, move |s, now| {
         let erased = crate::privacy::erase_account(s.store.as_ref(), &account, now)?;
+        s.control.licenses_recorded.forget();
         log(
             json!({"level": "info", "msg": "account erased", "account": account, "erased": erased}),
         );

@@ -2,14 +2,17 @@
 //! licenses and accounts to refuse (revoked, suspended, over their spend cap). Storage-neutral:
 //! the transactional parts are the [`Store`]'s.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use anyhow::Result;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use serde_json::json;
-use tollgate_wire::sync::{Denial, DenialCode, Period, SeatRule, SyncRequest, SyncResponse};
+use tollgate_wire::sync::{
+    Denial, DenialCode, LicenseSeen, Period, SeatRule, SyncRequest, SyncResponse,
+};
 use tollgate_wire::VERSION;
 
 use crate::billing::LineKind;
@@ -31,6 +34,68 @@ pub struct ControlPlane {
     pub seat_ttl_ms: u64,
     /// Sharing detections raised since the start (for `/metrics`).
     pub sharing_alerts: AtomicU64,
+    /// The licenses' plans this collector stored lately, so that a sync stores only news.
+    pub licenses_recorded: LicensesRecorded,
+}
+
+/// How long a license's account and plan, once stored, are not stored again while filters keep
+/// naming them unchanged. A sync used to store every license it named, one write transaction
+/// (and fsync) per sync, which made syncs queue behind each other and behind ingest. What is
+/// stored is what billing prices a license with; the time it was last seen is read by nothing.
+/// Refreshing after this long undoes, within it, a change another replica stored (a license
+/// reissued on a new plan and named by a filter of that replica) or an erasure made while the
+/// license was still in use.
+pub const LICENSE_REFRESH_MS: u64 = 60_000;
+/// Beyond this many licenses the memo starts again (bounded memory; the cost is one write per
+/// license named afterwards).
+const LICENSES_REMEMBERED: usize = 200_000;
+
+/// License -> (account, plan, when stored), for [`LICENSE_REFRESH_MS`].
+#[derive(Default)]
+pub struct LicensesRecorded(Mutex<HashMap<String, (String, String, u64)>>);
+
+impl LicensesRecorded {
+    fn memo(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, String, u64)>> {
+        // The map is rebuilt by use: a panic elsewhere leaves nothing to protect.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Of `seen`, the licenses to store now: not stored by this collector within
+    /// [`LICENSE_REFRESH_MS`], or stored with another account or plan.
+    fn due(&self, seen: &[LicenseSeen], now_ms: u64) -> Vec<LicenseSeen> {
+        let memo = self.memo();
+        seen.iter()
+            .filter(|l| {
+                memo.get(&l.license).is_none_or(|(account, plan, at)| {
+                    *account != l.account
+                        || *plan != l.plan
+                        || now_ms.saturating_sub(*at) >= LICENSE_REFRESH_MS
+                })
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// `stored` was committed at `now_ms`.
+    fn stored(&self, stored: &[LicenseSeen], now_ms: u64) {
+        let mut memo = self.memo();
+        if memo.len() + stored.len() > LICENSES_REMEMBERED {
+            memo.clear();
+        }
+        for l in stored {
+            memo.insert(
+                l.license.clone(),
+                (l.account.clone(), l.plan.clone(), now_ms),
+            );
+        }
+    }
+
+    /// Store every license again when next named (after an erasure).
+    pub fn forget(&self) {
+        self.memo().clear();
+    }
 }
 
 impl Default for ControlPlane {
@@ -40,6 +105,7 @@ impl Default for ControlPlane {
             lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
             seat_ttl_ms: DEFAULT_SEAT_TTL_MS,
             sharing_alerts: AtomicU64::new(0),
+            licenses_recorded: LicensesRecorded::default(),
         }
     }
 }
@@ -200,7 +266,11 @@ pub fn sync(
             closed.push(r.lease_id.clone());
         }
     }
-    store.record_licenses(&request.licenses, now_ms)?;
+    let news = control.licenses_recorded.due(&request.licenses, now_ms);
+    if !news.is_empty() {
+        store.record_licenses(&news, now_ms)?;
+        control.licenses_recorded.stored(&news, now_ms);
+    }
     // Clients first: a block found now refuses the license in this very answer.
     for seen in &request.clients {
         let clients = store.note_clients(seen, now_ms)?;
@@ -407,4 +477,57 @@ fn detect_sharing(
         "blocked": seen.block,
     }));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn seen(license: &str, plan: &str) -> LicenseSeen {
+        LicenseSeen {
+            account: "acme".into(),
+            license: license.into(),
+            plan: plan.into(),
+        }
+    }
+
+    fn names(due: &[LicenseSeen]) -> Vec<&str> {
+        due.iter().map(|l| l.license.as_str()).collect()
+    }
+
+    #[test]
+    fn a_license_is_stored_again_only_when_it_changed_or_its_refresh_is_due() {
+        let memo = LicensesRecorded::default();
+        let both = [seen("a", "pro"), seen("b", "pro")];
+        assert_eq!(names(&memo.due(&both, 1_000)), ["a", "b"], "new ones");
+        memo.stored(&both, 1_000);
+        assert!(memo.due(&both, 1_000 + LICENSE_REFRESH_MS - 1).is_empty());
+        let changed = [seen("a", "enterprise"), seen("b", "pro")];
+        assert_eq!(names(&memo.due(&changed, 2_000)), ["a"], "a new plan");
+        let moved = LicenseSeen {
+            account: "globex".into(),
+            ..seen("b", "pro")
+        };
+        assert_eq!(names(&memo.due(&[moved], 2_000)), ["b"], "a new account");
+        assert_eq!(
+            names(&memo.due(&both, 1_000 + LICENSE_REFRESH_MS)),
+            ["a", "b"],
+            "refreshed"
+        );
+        memo.forget();
+        assert_eq!(names(&memo.due(&both, 2_000)), ["a", "b"], "forgotten");
+    }
+
+    #[test]
+    fn the_memo_is_bounded() {
+        let memo = LicensesRecorded::default();
+        let many: Vec<LicenseSeen> = (0..LICENSES_REMEMBERED)
+            .map(|i| seen(&format!("l{i}"), "pro"))
+            .collect();
+        memo.stored(&many, 0);
+        assert_eq!(memo.memo().len(), LICENSES_REMEMBERED);
+        memo.stored(&[seen("one-more", "pro")], 0);
+        assert_eq!(memo.memo().len(), 1);
+    }
 }

@@ -6,6 +6,7 @@ pub mod billing;
 pub mod catalog;
 pub mod cli;
 pub mod clock;
+mod connections;
 pub mod control;
 pub mod customer;
 pub mod exports;

@@ -1,7 +1,7 @@
 //! PostgreSQL storage, for a cluster of collector replicas sharing one database: any replica
 //! can take any batch, and the batch id's primary key keeps each batch stored once.
 
-use std::sync::Mutex;
+use crate::connections::{Connect, Connections};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -50,7 +50,26 @@ const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465;
 /// new connection.
 pub struct PostgresStore {
     url: String,
-    client: Mutex<Option<Client>>,
+    /// A few connections, so that a sync or a read does not wait for an ingest transaction.
+    clients: Connections<PostgresConnect>,
+}
+
+/// Connections per replica: what its request threads use at once, far below PostgreSQL's
+/// default `max_connections` of 100 also with a dozen replicas.
+const CONNECTIONS: usize = 4;
+
+struct PostgresConnect {
+    url: String,
+}
+
+impl Connect for PostgresConnect {
+    type Connection = Client;
+    fn open(&self) -> Result<Client> {
+        Client::connect(&self.url, NoTls).context("reconnecting to PostgreSQL")
+    }
+    fn is_broken(&self, client: &Client) -> bool {
+        client.is_closed()
+    }
 }
 
 fn to_i64(field: &str, value: u64) -> Result<i64> {
@@ -64,24 +83,22 @@ impl PostgresStore {
         let mut client = Client::connect(url, NoTls).context("connecting to PostgreSQL")?;
         migrate(&mut client)?;
         warn_if_not_durable(&mut client);
+        let clients = Connections::new(
+            PostgresConnect {
+                url: url.to_string(),
+            },
+            CONNECTIONS,
+        );
+        clients.adopt(client);
         Ok(PostgresStore {
             url: url.to_string(),
-            client: Mutex::new(Some(client)),
+            clients,
         })
     }
 
-    /// Run `work` on the connection, reconnecting first if the last one broke.
+    /// Run `work` on one of this replica's connections, reconnecting first if it broke.
     fn with_client<T>(&self, work: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
-        let mut guard = self
-            .client
-            .lock()
-            .map_err(|_| anyhow::anyhow!("the database connection was poisoned"))?;
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = None;
-            *guard = Some(Client::connect(&self.url, NoTls).context("reconnecting to PostgreSQL")?);
-        }
-        let client = guard.as_mut().context("no database connection")?;
-        work(client)
+        self.clients.with(work)
     }
 }
 
@@ -283,10 +300,11 @@ impl Store for PostgresStore {
                 &[&seen.license, &since],
             )?;
             let n: i64 = tx
-                // Per pseudonym key (a key rotation would count every client twice): the busiest.
+                // Per pseudonym key (a key rotation would count every client twice): the
+                // busiest. A ref without a key (no `.`) belongs to the key '' (as in store.rs).
                 .query_one(
                     "SELECT COALESCE(MAX(n), 0)::BIGINT FROM (SELECT COUNT(*) AS n FROM license_clients WHERE license = $1
-                     GROUP BY split_part(client_ref, '.', 1)) AS per_key",
+                     GROUP BY CASE WHEN strpos(client_ref, '.') > 0 THEN split_part(client_ref, '.', 1) ELSE '' END) AS per_key",
                     &[&seen.license],
                 )?
                 .get(0);

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::connections::{Connect, Connections};
 use crate::privacy::{Erased, Export, Retained};
 
 use anyhow::{bail, Context, Result};
@@ -717,10 +718,38 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     ),
 ];
 
-/// SQLite in a file, WAL mode: the embedded default.
+/// SQLite in a file, WAL mode: the embedded default. One connection writes (SQLite takes one
+/// writer at a time, and the store's read-then-write transactions rely on it); reads go to a
+/// few reader connections, which in WAL mode see the last commit without waiting for the
+/// writer, so a sync's or a dashboard's reads do not queue behind ingest.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    readers: Connections<SqliteReader>,
     path: std::path::PathBuf,
+}
+
+/// Reader connections: as many as the collector's threads read at once.
+const SQLITE_READERS: usize = 4;
+
+struct SqliteReader {
+    path: std::path::PathBuf,
+}
+
+impl Connect for SqliteReader {
+    type Connection = Connection;
+    fn open(&self) -> Result<Connection> {
+        // Never created: the writer made and migrated the file.
+        let conn = Connection::open_with_flags(
+            &self.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .with_context(|| format!("opening {} to read", self.path.display()))?;
+        // A write through a reader is a bug: refused by SQLite, not done outside the writer.
+        conn.pragma_update(None, "query_only", "ON")?;
+        conn.pragma_update(None, "cache_size", -16384)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(conn)
+    }
 }
 
 /// [`StoreProbe`] for SQLite: a second connection to the file. In WAL mode a reader does not
@@ -780,8 +809,19 @@ impl SqliteStore {
         migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            readers: Connections::new(
+                SqliteReader {
+                    path: path.to_path_buf(),
+                },
+                SQLITE_READERS,
+            ),
             path: path.to_path_buf(),
         })
+    }
+
+    /// Run `work` on a reader connection (see [`SqliteStore`]).
+    fn read<T>(&self, work: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        self.readers.with(work)
     }
 
     fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
@@ -916,31 +956,32 @@ impl Store for SqliteStore {
         );
         let from = query.from_ms.map(|v| to_i64("from_ms", v)).transpose()?;
         let to = query.to_ms.map(|v| to_i64("to_ms", v)).transpose()?;
-        let conn = self.conn()?;
-        let mut statement = conn.prepare_cached(&sql)?;
-        let rows = statement.query_map(
-            params![
-                query.account,
-                query.license,
-                query.feature,
-                query.meter,
-                query.outcome,
-                from,
-                to
-            ],
-            |r| {
-                Ok(UsageRow {
-                    period: r.get(0)?,
-                    account: r.get(1)?,
-                    license: r.get(2)?,
-                    feature: r.get(3)?,
-                    outcome: r.get(4)?,
-                    meter: r.get(5)?,
-                    units: u64::try_from(r.get::<_, i64>(6)?).unwrap_or(0),
-                })
-            },
-        )?;
-        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        self.read(|conn| {
+            let mut statement = conn.prepare_cached(&sql)?;
+            let rows = statement.query_map(
+                params![
+                    query.account,
+                    query.license,
+                    query.feature,
+                    query.meter,
+                    query.outcome,
+                    from,
+                    to
+                ],
+                |r| {
+                    Ok(UsageRow {
+                        period: r.get(0)?,
+                        account: r.get(1)?,
+                        license: r.get(2)?,
+                        feature: r.get(3)?,
+                        outcome: r.get(4)?,
+                        meter: r.get(5)?,
+                        units: u64::try_from(r.get::<_, i64>(6)?).unwrap_or(0),
+                    })
+                },
+            )?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
     }
 
     fn probe(&self) -> Box<dyn StoreProbe> {
@@ -1011,10 +1052,11 @@ impl Store for SqliteStore {
             "DELETE FROM license_clients WHERE license = ?1 AND last_seen_ms <= ?2",
             params![seen.license, since],
         )?;
-        // Per pseudonym key (a key rotation would count every client twice): the busiest.
+        // Per pseudonym key (a key rotation would count every client twice): the busiest. A
+        // ref without a key (no `.`) belongs to the key '' (as in postgres_store.rs).
         let n: i64 = tx.query_row(
             "SELECT COALESCE(MAX(n), 0) FROM (SELECT COUNT(*) AS n FROM license_clients WHERE license = ?1
-             GROUP BY substr(client_ref, 1, instr(client_ref, '.')))",
+             GROUP BY CASE WHEN instr(client_ref, '.') > 0 THEN substr(client_ref, 1, instr(client_ref, '.') - 1) ELSE '' END)",
             [&seen.license],
             |r| r.get(0),
         )?;
@@ -1054,13 +1096,14 @@ impl Store for SqliteStore {
     }
 
     fn sharing_detections(&self, account: Option<&str>) -> Result<Vec<SharingDetection>> {
-        let conn = self.conn()?;
+        self.read(|conn| {
         let mut query = conn.prepare_cached(
             "SELECT license, account, clients, max_clients, window_ms, detected_ms, blocked_until_ms FROM sharing_detections
              WHERE ?1 IS NULL OR account = ?1 ORDER BY detected_ms DESC, license",
         )?;
         let rows = query.query_map([account], sharing_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
     }
 
     fn active_users(
@@ -1070,7 +1113,7 @@ impl Store for SqliteStore {
         to_ms: u64,
         received_until_ms: Option<u64>,
     ) -> Result<ActiveUsers> {
-        let conn = self.conn()?;
+        self.read(|conn| {
         let (from, to) = (to_i64("from_ms", from_ms)?, to_i64("to_ms", to_ms)?);
         let cut = received_until_ms
             .map(|v| to_i64("received_until_ms", v))
@@ -1103,25 +1146,27 @@ impl Store for SqliteStore {
             }
         }
         Ok(out)
+        })
     }
 
     fn seat_use(&self, account: &str, now_ms: u64) -> Result<Vec<SeatUse>> {
-        let conn = self.conn()?;
-        let mut query = conn.prepare_cached(
-            "SELECT license, kind, MAX(seat_limit), MAX(n) FROM (
+        self.read(|conn| {
+            let mut query = conn.prepare_cached(
+                "SELECT license, kind, MAX(seat_limit), MAX(n) FROM (
                SELECT license, kind, key_id, MAX(seat_limit) AS seat_limit, COUNT(*) AS n FROM seats
                WHERE account = ?1 AND until_ms > ?2 GROUP BY license, kind, key_id)
              GROUP BY license, kind ORDER BY license, kind",
-        )?;
-        let rows = query.query_map(params![account, to_i64("now_ms", now_ms)?], |r| {
-            Ok(SeatUse {
-                license: r.get(0)?,
-                kind: r.get(1)?,
-                limit: u32::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
-                in_use: u32::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            )?;
+            let rows = query.query_map(params![account, to_i64("now_ms", now_ms)?], |r| {
+                Ok(SeatUse {
+                    license: r.get(0)?,
+                    kind: r.get(1)?,
+                    limit: u32::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                    in_use: u32::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
     }
 
     fn grant_lease(&self, ask: &LeaseAsk<'_>, now_ms: u64) -> Result<LeaseGrant> {
@@ -1253,11 +1298,11 @@ impl Store for SqliteStore {
 
     fn is_known(&self, name: &Named<'_>) -> Result<bool> {
         let (sql, value) = name.known_sql();
-        Ok(self.conn()?.query_row(sql, [value], |r| r.get(0))?)
+        self.read(|conn| Ok(conn.query_row(sql, [value], |r| r.get(0))?))
     }
 
     fn restrictions(&self, licenses: &[String], accounts: &[String]) -> Result<Restrictions> {
-        let conn = self.conn()?;
+        self.read(|conn| {
         let mut out = Restrictions::default();
         for license in licenses {
             if let Some(reason) = conn
@@ -1308,6 +1353,7 @@ impl Store for SqliteStore {
             }
         }
         Ok(out)
+        })
     }
 
     fn record_licenses(&self, seen: &[LicenseSeen], now_ms: u64) -> Result<()> {
@@ -1342,7 +1388,7 @@ impl Store for SqliteStore {
     }
 
     fn signing_keys(&self) -> Result<Vec<StoredKey>> {
-        let conn = self.conn()?;
+        self.read(|conn| {
         let mut statement = conn.prepare_cached(
             "SELECT kid, alg, private_pem, public_jwk, created_ms, activates_ms, retired_ms FROM signing_keys ORDER BY created_ms, kid",
         )?;
@@ -1358,6 +1404,7 @@ impl Store for SqliteStore {
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
     }
 
     fn retire_signing_key(&self, kid: &str, now_ms: u64) -> Result<bool> {
@@ -1400,7 +1447,7 @@ impl Store for SqliteStore {
     }
 
     fn issued_licenses(&self, account: Option<&str>) -> Result<Vec<IssuedLicense>> {
-        let conn = self.conn()?;
+        self.read(|conn| {
         let mut statement = conn.prepare_cached(
             "SELECT i.license, i.account, i.plan, i.features, i.limits, i.not_before_ms, i.expires_ms, i.kid, i.issued_ms, r.revoked_ms
              FROM issued_licenses i LEFT JOIN revoked_licenses r ON r.license = i.license
@@ -1421,6 +1468,7 @@ impl Store for SqliteStore {
             )))
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
     }
 
     fn billable_usage(
@@ -1430,7 +1478,7 @@ impl Store for SqliteStore {
         to_ms: u64,
         received_until_ms: Option<u64>,
     ) -> Result<Vec<BillableUsage>> {
-        let conn = self.conn()?;
+        self.read(|conn| {
         let mut statement = conn.prepare_cached(
             "SELECT r.license, COALESCE(l.plan, ''), r.feature, r.meter, SUM(r.units) FROM usage_facts r
              LEFT JOIN licenses l ON l.license = r.license
@@ -1451,6 +1499,7 @@ impl Store for SqliteStore {
             billable_row,
         )?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
     }
 
     fn late_usage(
@@ -1460,7 +1509,7 @@ impl Store for SqliteStore {
         received_after_ms: u64,
         received_until_ms: Option<u64>,
     ) -> Result<Vec<BillableUsage>> {
-        let conn = self.conn()?;
+        self.read(|conn| {
         let mut statement = conn.prepare_cached(
             "SELECT r.license, COALESCE(l.plan, ''), r.feature, r.meter, SUM(r.units) FROM usage_facts r
              LEFT JOIN licenses l ON l.license = r.license
@@ -1481,16 +1530,18 @@ impl Store for SqliteStore {
             billable_row,
         )?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
     }
 
     fn first_usage_ms(&self, account: &str, from_ms: u64, to_ms: u64) -> Result<Option<u64>> {
-        let conn = self.conn()?;
+        self.read(|conn| {
         let first: Option<i64> = conn.query_row(
             "SELECT MIN(window_start_ms) FROM usage_facts WHERE account = ?1 AND window_start_ms >= ?2 AND window_start_ms < ?3",
             params![account, to_i64("from_ms", from_ms)?, to_i64("to_ms", to_ms)?],
             |r| r.get(0),
         )?;
         Ok(first.map(u64_of))
+        })
     }
 
     fn records(
@@ -1501,7 +1552,7 @@ impl Store for SqliteStore {
         limit: u32,
         received_until_ms: u64,
     ) -> Result<Vec<StoredRecord>> {
-        let conn = self.conn()?;
+        self.read(|conn| {
         let mut statement = conn.prepare_cached(
             "SELECT r.id, r.batch_id, r.account, r.license, r.feature, r.outcome, r.meter, r.units, r.window_start_ms, r.window_end_ms, r.user_ref
              FROM usage_records r JOIN batches b ON b.batch_id = r.batch_id
@@ -1533,53 +1584,58 @@ impl Store for SqliteStore {
             },
         )?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
     }
 
     fn accounts(&self, from_ms: u64, to_ms: u64) -> Result<Vec<String>> {
-        let conn = self.conn()?;
-        let mut statement = conn.prepare_cached(
+        self.read(|conn| {
+            let mut statement = conn.prepare_cached(
             "SELECT account FROM usage_facts WHERE window_start_ms >= ?1 AND window_start_ms < ?2
              UNION SELECT account FROM issued_licenses WHERE not_before_ms < ?2 AND expires_ms > ?1
              ORDER BY 1",
         )?;
-        let rows = statement.query_map(
-            params![to_i64("from_ms", from_ms)?, to_i64("to_ms", to_ms)?],
-            |r| r.get(0),
-        )?;
-        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            let rows = statement.query_map(
+                params![to_i64("from_ms", from_ms)?, to_i64("to_ms", to_ms)?],
+                |r| r.get(0),
+            )?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
     }
     fn budgets(&self) -> Result<BTreeMap<String, Budget>> {
-        let conn = self.conn()?;
-        let mut statement = conn.prepare_cached("SELECT account, period, amount FROM budgets")?;
-        let rows = statement.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })?;
-        let mut out = BTreeMap::new();
-        for row in rows {
-            let (account, period, amount) = row?;
-            out.insert(account, parse_budget(&period, &amount)?);
-        }
-        Ok(out)
+        self.read(|conn| {
+            let mut statement =
+                conn.prepare_cached("SELECT account, period, amount FROM budgets")?;
+            let rows = statement.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?;
+            let mut out = BTreeMap::new();
+            for row in rows {
+                let (account, period, amount) = row?;
+                out.insert(account, parse_budget(&period, &amount)?);
+            }
+            Ok(out)
+        })
     }
 
     fn quotas(&self, account: &str, now_ms: u64) -> Result<Vec<QuotaState>> {
-        let conn = self.conn()?;
-        let mut statement = conn.prepare_cached(QUOTAS_SQL_SQLITE)?;
-        let rows = statement.query_map(params![account, to_i64("now_ms", now_ms)?], |r| {
-            Ok(QuotaState {
-                license: r.get(0)?,
-                meter: r.get(1)?,
-                period_start_ms: u64_of(r.get(2)?),
-                period_end_ms: u64_of(r.get(3)?),
-                limit: r.get::<_, Option<i64>>(4)?.map_or(0, u64_of),
-                allocated: u64_of(r.get(5)?),
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        self.read(|conn| {
+            let mut statement = conn.prepare_cached(QUOTAS_SQL_SQLITE)?;
+            let rows = statement.query_map(params![account, to_i64("now_ms", now_ms)?], |r| {
+                Ok(QuotaState {
+                    license: r.get(0)?,
+                    meter: r.get(1)?,
+                    period_start_ms: u64_of(r.get(2)?),
+                    period_end_ms: u64_of(r.get(3)?),
+                    limit: r.get::<_, Option<i64>>(4)?.map_or(0, u64_of),
+                    allocated: u64_of(r.get(5)?),
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
     }
 
     fn finalize_invoice(
@@ -1637,7 +1693,7 @@ impl Store for SqliteStore {
     }
 
     fn invoices(&self, account: Option<&str>) -> Result<Vec<StoredInvoice>> {
-        let conn = self.conn()?;
+        self.read(|conn| {
         let mut statement = conn.prepare_cached(&format!(
             "SELECT {INVOICE_COLUMNS} FROM invoices WHERE (?1 IS NULL OR account = ?1) ORDER BY period_start_ms, account"
         ))?;
@@ -1655,6 +1711,7 @@ impl Store for SqliteStore {
             )))
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
     }
 
     fn enqueue_event(&self, event: &WebhookEvent) -> Result<bool> {
@@ -1720,16 +1777,17 @@ impl Store for SqliteStore {
     }
 
     fn webhook_events(&self, limit: u32) -> Result<Vec<WebhookEvent>> {
-        let conn = self.conn()?;
-        let mut statement = conn.prepare_cached(&format!(
+        self.read(|conn| {
+            let mut statement = conn.prepare_cached(&format!(
             "SELECT {EVENT_COLUMNS} FROM webhook_events ORDER BY created_ms DESC, event_id LIMIT ?1"
         ))?;
-        let rows = statement.query_map([limit], event_row)?;
-        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            let rows = statement.query_map([limit], event_row)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
     }
 
     fn deliveries(&self, event_id: &str) -> Result<Vec<Delivery>> {
-        let conn = self.conn()?;
+        self.read(|conn| {
         let mut statement = conn.prepare_cached(
             "SELECT event_id, attempt, at_ms, status, error, duration_ms FROM webhook_deliveries WHERE event_id = ?1 ORDER BY attempt, id",
         )?;
@@ -1744,6 +1802,7 @@ impl Store for SqliteStore {
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
     }
 
     fn apply_retention(&self, before_ms: u64, limit: u32) -> Result<Retained> {
@@ -1801,46 +1860,49 @@ impl Store for SqliteStore {
     }
 
     fn export_account(&self, account: &str) -> Result<Export> {
-        let conn = self.conn()?;
-        let licenses = sqlite_account_licenses(&conn, account)?;
-        let mut export = Export::new();
-        for (table, _) in crate::privacy::ACCOUNT_TABLES {
-            let rows = sqlite_rows(
-                &conn,
-                &format!("SELECT * FROM {table} WHERE account = ?1"),
-                &[&account],
-            )?;
-            export.insert((*table).to_string(), rows);
-        }
-        for table in crate::privacy::LICENSE_TABLES {
-            let mut rows = Vec::new();
-            for license in &licenses {
-                rows.extend(sqlite_rows(
+        self.read(|conn| {
+            // One snapshot for every table, as the writer's lock gave before.
+            let conn = conn.transaction()?;
+            let licenses = sqlite_account_licenses(&conn, account)?;
+            let mut export = Export::new();
+            for (table, _) in crate::privacy::ACCOUNT_TABLES {
+                let rows = sqlite_rows(
                     &conn,
-                    &format!("SELECT * FROM {table} WHERE license = ?1"),
-                    &[license],
+                    &format!("SELECT * FROM {table} WHERE account = ?1"),
+                    &[&account],
+                )?;
+                export.insert((*table).to_string(), rows);
+            }
+            for table in crate::privacy::LICENSE_TABLES {
+                let mut rows = Vec::new();
+                for license in &licenses {
+                    rows.extend(sqlite_rows(
+                        &conn,
+                        &format!("SELECT * FROM {table} WHERE license = ?1"),
+                        &[license],
+                    )?);
+                }
+                export.insert((*table).to_string(), rows);
+            }
+            let events = sqlite_events_naming(&conn, account, &licenses)?;
+            let mut event_rows = Vec::new();
+            let mut delivery_rows = Vec::new();
+            for id in &events {
+                event_rows.extend(sqlite_rows(
+                    &conn,
+                    "SELECT * FROM webhook_events WHERE event_id = ?1",
+                    &[id],
+                )?);
+                delivery_rows.extend(sqlite_rows(
+                    &conn,
+                    "SELECT * FROM webhook_deliveries WHERE event_id = ?1 ORDER BY id",
+                    &[id],
                 )?);
             }
-            export.insert((*table).to_string(), rows);
-        }
-        let events = sqlite_events_naming(&conn, account, &licenses)?;
-        let mut event_rows = Vec::new();
-        let mut delivery_rows = Vec::new();
-        for id in &events {
-            event_rows.extend(sqlite_rows(
-                &conn,
-                "SELECT * FROM webhook_events WHERE event_id = ?1",
-                &[id],
-            )?);
-            delivery_rows.extend(sqlite_rows(
-                &conn,
-                "SELECT * FROM webhook_deliveries WHERE event_id = ?1 ORDER BY id",
-                &[id],
-            )?);
-        }
-        export.insert("webhook_events".to_string(), event_rows);
-        export.insert("webhook_deliveries".to_string(), delivery_rows);
-        Ok(export)
+            export.insert("webhook_events".to_string(), event_rows);
+            export.insert("webhook_deliveries".to_string(), delivery_rows);
+            Ok(export)
+        })
     }
 
     fn erase_account(&self, account: &str) -> Result<Erased> {
@@ -1880,17 +1942,18 @@ impl Store for SqliteStore {
     }
 
     fn export_subject(&self, subject: &str) -> Result<Export> {
-        let conn = self.conn()?;
-        let mut export = Export::new();
-        for (table, column) in crate::privacy::SUBJECT_TABLES {
-            let rows = sqlite_rows(
-                &conn,
-                &format!("SELECT * FROM {table} WHERE {column} = ?1"),
-                &[&subject],
-            )?;
-            export.insert((*table).to_string(), rows);
-        }
-        Ok(export)
+        self.read(|conn| {
+            let mut export = Export::new();
+            for (table, column) in crate::privacy::SUBJECT_TABLES {
+                let rows = sqlite_rows(
+                    conn,
+                    &format!("SELECT * FROM {table} WHERE {column} = ?1"),
+                    &[&subject],
+                )?;
+                export.insert((*table).to_string(), rows);
+            }
+            Ok(export)
+        })
     }
 
     fn erase_subject(&self, subject: &str) -> Result<Erased> {
@@ -2080,6 +2143,9 @@ pub(crate) fn parse_budget(period: &str, amount: &str) -> Result<Budget> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::{SqliteStore, Store};
+
     #[test]
     fn both_backends_have_every_migration() {
         let versions = |m: &[(i64, &str)]| m.iter().map(|(v, _)| *v).collect::<Vec<_>>();
@@ -2094,5 +2160,48 @@ mod tests {
         };
         assert_eq!(files("migrations/sqlite"), super::SQLITE_MIGRATIONS.len());
         assert_eq!(files("migrations/postgres"), super::SQLITE_MIGRATIONS.len());
+    }
+
+    fn temp_store(name: &str) -> (std::path::PathBuf, SqliteStore) {
+        let dir =
+            std::env::temp_dir().join(format!("tollgate-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = SqliteStore::open(&dir.join("usage.db")).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn sqlite_reads_answer_while_the_writer_is_held_and_see_its_last_commit() {
+        let (dir, store) = temp_store("readers");
+        store.set_suspended("acme", Some("unpaid"), 1_000).unwrap();
+        let store = std::sync::Arc::new(store);
+        let writer = store.conn().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reading = std::sync::Arc::clone(&store);
+        std::thread::spawn(move || {
+            let _ = tx.send(reading.restrictions(&[], &["acme".to_string()]));
+        });
+        // A read through the writer would wait for this guard for ever.
+        let read = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the read answered while the writer was held")
+            .unwrap();
+        drop(writer);
+        assert_eq!(
+            read.suspended.get("acme").map(String::as_str),
+            Some("unpaid")
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_write_through_a_sqlite_reader_is_refused() {
+        let (dir, store) = temp_store("query-only");
+        let refused = store
+            .read(|conn| Ok(conn.execute("DELETE FROM licenses", [])?))
+            .unwrap_err();
+        assert!(format!("{refused:#}").contains("readonly"), "{refused:#}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

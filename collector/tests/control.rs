@@ -738,6 +738,35 @@ fn replicas_deciding_seats_at_once_never_hand_out_more_than_the_limit() {
     }
 }
 
+/// The busiest pseudonym key's clients, the same on every backend: refs are `key.pseudonym`;
+/// one without a `.` (not from a Tollgate filter) belongs to the key '', so such refs count
+/// together rather than one each (PostgreSQL's `split_part` once counted each apart).
+#[test]
+fn clients_are_counted_per_key_alike_on_every_backend() {
+    for db in backends("clients-per-key") {
+        let store = open(&db.url()).unwrap();
+        let note = |license: &str, clients: &[&str]| {
+            store
+                .note_clients(
+                    &ClientsSeen {
+                        account: "acme".into(),
+                        license: license.into(),
+                        clients: clients.iter().map(|c| (*c).to_string()).collect(),
+                        max_clients: 100,
+                        window_ms: 60_000,
+                        block: false,
+                    },
+                    NOON_ISH,
+                )
+                .unwrap()
+        };
+        assert_eq!(note("lic-keyed", &["k1.a", "k1.b", "k2.a"]), 2, "{db:?}");
+        assert_eq!(note("lic-bare", &["a", "b", "c"]), 3, "{db:?}");
+        assert_eq!(note("lic-mixed", &["a", ".b", "k1.c"]), 2, "{db:?}");
+        assert_eq!(note("lic-dots", &["k1.a.b", "k1.c"]), 2, "{db:?}");
+    }
+}
+
 #[test]
 fn sharing_is_detected_once_per_window_alerted_and_blocks_when_asked() {
     for db in backends("sharing") {
