@@ -63,12 +63,43 @@ struct PostgresConnect {
 }
 
 impl Connect for PostgresConnect {
-    type Connection = Client;
-    fn open(&self) -> Result<Client> {
-        Client::connect(&self.url, NoTls).context("reconnecting to PostgreSQL")
+    type Connection = Connection;
+    fn open(&self) -> Result<Connection> {
+        Ok(Connection::new(
+            Client::connect(&self.url, NoTls).context("reconnecting to PostgreSQL")?,
+        ))
     }
-    fn is_broken(&self, client: &Client) -> bool {
-        client.is_closed()
+    fn is_broken(&self, connection: &Connection) -> bool {
+        connection.client.is_closed()
+    }
+}
+
+/// A connection and the statements prepared on it. `query` with SQL text parses and plans it
+/// on every call, a round trip more each time; a filter's sync runs the same four reads
+/// thousands of times a second, and every batch the same two inserts, so those are
+/// prepared once per connection.
+struct Connection {
+    client: Client,
+    prepared: std::collections::HashMap<&'static str, postgres::Statement>,
+}
+
+impl Connection {
+    fn new(client: Client) -> Self {
+        Connection {
+            client,
+            prepared: std::collections::HashMap::new(),
+        }
+    }
+
+    /// `sql` prepared on this connection (a cheap handle: the first call prepares it).
+    /// Only for fixed SQL: each distinct text stays prepared for the connection's life.
+    fn prepared(&mut self, sql: &'static str) -> Result<postgres::Statement> {
+        if let Some(statement) = self.prepared.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        self.prepared.insert(sql, statement.clone());
+        Ok(statement)
     }
 }
 
@@ -89,7 +120,7 @@ impl PostgresStore {
             },
             CONNECTIONS,
         );
-        clients.adopt(client);
+        clients.adopt(Connection::new(client));
         Ok(PostgresStore {
             url: url.to_string(),
             clients,
@@ -98,7 +129,7 @@ impl PostgresStore {
 
     /// Run `work` on one of this replica's connections, reconnecting first if it broke.
     fn with_client<T>(&self, work: impl FnOnce(&mut Client) -> Result<T>) -> Result<T> {
-        self.clients.with(work)
+        self.clients.with(|connection| work(&mut connection.client))
     }
 }
 
@@ -206,11 +237,15 @@ fn bucket_expression(granularity: Granularity) -> &'static str {
 
 impl Store for PostgresStore {
     fn ingest_group(&self, batches: &[(&UsageBatch, u64)]) -> Result<Vec<Ingested>> {
-        self.with_client(|client| {
-            let mut tx = client.transaction()?;
+        self.clients.with(|connection| {
+            let statements = IngestStatements {
+                batch: connection.prepared(INSERT_BATCH)?,
+                records: connection.prepared(INSERT_RECORDS)?,
+            };
+            let mut tx = connection.client.transaction()?;
             let outcomes = batches
                 .iter()
-                .map(|(batch, received_ms)| ingest_in(&mut tx, batch, *received_ms))
+                .map(|(batch, received_ms)| ingest_in(&mut tx, &statements, batch, *received_ms))
                 .collect::<Result<Vec<_>>>()?;
             tx.commit()?;
             Ok(outcomes)
@@ -486,32 +521,33 @@ impl Store for PostgresStore {
     }
 
     fn restrictions(&self, licenses: &[String], accounts: &[String]) -> Result<Restrictions> {
-        self.with_client(|client| {
+        // Every sync asks this: prepared statements (see [`Connection`]).
+        self.clients.with(|connection| {
             let mut out = Restrictions::default();
-            for row in client.query(
-                "SELECT license, reason FROM revoked_licenses WHERE license = ANY($1)",
-                &[&licenses],
-            )? {
+            let revoked = connection
+                .prepared("SELECT license, reason FROM revoked_licenses WHERE license = ANY($1)")?;
+            let suspended = connection
+                .prepared("SELECT account, reason FROM suspended_accounts WHERE account = ANY($1)")?;
+            let budgets = connection
+                .prepared("SELECT account, period, amount FROM budgets WHERE account = ANY($1)")?;
+            // SHARING_COLUMNS written out: a prepared statement's key is a `&'static str`.
+            let sharing = connection.prepared(
+                "SELECT license, account, clients, max_clients, window_ms, detected_ms, blocked_until_ms
+                 FROM sharing_detections WHERE license = ANY($1) AND blocked_until_ms IS NOT NULL",
+            )?;
+            let client = &mut connection.client;
+            for row in client.query(&revoked, &[&licenses])? {
                 out.revoked.insert(row.get(0), row.get(1));
             }
-            for row in client.query(
-                "SELECT account, reason FROM suspended_accounts WHERE account = ANY($1)",
-                &[&accounts],
-            )? {
+            for row in client.query(&suspended, &[&accounts])? {
                 out.suspended.insert(row.get(0), row.get(1));
             }
-            for row in client.query(
-                "SELECT account, period, amount FROM budgets WHERE account = ANY($1)",
-                &[&accounts],
-            )? {
+            for row in client.query(&budgets, &[&accounts])? {
                 let (account, period, amount): (String, String, String) =
                     (row.get(0), row.get(1), row.get(2));
                 out.budgets.insert(account, parse_budget(&period, &amount)?);
             }
-            for row in client.query(
-                &format!("SELECT {SHARING_COLUMNS} FROM sharing_detections WHERE license = ANY($1) AND blocked_until_ms IS NOT NULL"),
-                &[&licenses],
-            )? {
+            for row in client.query(&sharing, &[&licenses])? {
                 let detection = sharing_row(&row);
                 out.sharing_blocks.insert(detection.license.clone(), detection);
             }
@@ -1281,8 +1317,22 @@ fn close_lease(client: &mut Client, lease_id: &str, used: u64, now_ms: u64) -> R
 }
 
 /// Store one batch inside `tx` (see [`Store::ingest_group`]): nothing is committed here.
+const INSERT_BATCH: &str =
+    "INSERT INTO batches (batch_id, instance, sequence, records, created_ms, received_ms)
+     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (batch_id) DO NOTHING";
+const INSERT_RECORDS: &str =
+    "INSERT INTO usage_records (batch_id, account, license, feature, outcome, meter, units, window_start_ms, window_end_ms, user_ref)
+     SELECT $1, * FROM UNNEST($2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[], $8::BIGINT[], $9::BIGINT[], $10::TEXT[])";
+
+/// A batch's two inserts, prepared on the connection (see [`Connection`]).
+struct IngestStatements {
+    batch: postgres::Statement,
+    records: postgres::Statement,
+}
+
 fn ingest_in(
     tx: &mut postgres::Transaction<'_>,
+    statements: &IngestStatements,
     batch: &UsageBatch,
     received_ms: u64,
 ) -> Result<Ingested> {
@@ -1291,8 +1341,7 @@ fn ingest_in(
         u64::try_from(batch.records.len()).unwrap_or(u64::MAX),
     )?;
     let inserted = tx.execute(
-        "INSERT INTO batches (batch_id, instance, sequence, records, created_ms, received_ms)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (batch_id) DO NOTHING",
+        &statements.batch,
         &[
             &batch.batch_id,
             &batch.source.instance,
@@ -1341,21 +1390,20 @@ fn ingest_in(
         end.push(to_i64("window_end_ms", r.window_end_ms)?);
     }
     tx.execute(
-            "INSERT INTO usage_records (batch_id, account, license, feature, outcome, meter, units, window_start_ms, window_end_ms, user_ref)
-             SELECT $1, * FROM UNNEST($2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[], $8::BIGINT[], $9::BIGINT[], $10::TEXT[])",
-            &[
-                &batch.batch_id,
-                &account,
-                &license,
-                &feature,
-                &outcome,
-                &meter,
-                &units,
-                &start,
-                &end,
-                &user,
-            ],
-        )?;
+        &statements.records,
+        &[
+            &batch.batch_id,
+            &account,
+            &license,
+            &feature,
+            &outcome,
+            &meter,
+            &units,
+            &start,
+            &end,
+            &user,
+        ],
+    )?;
     Ok(Ingested::Accepted {
         records: u64::try_from(records).unwrap_or(0),
     })
