@@ -42,9 +42,9 @@ pub struct ControlPlane {
 /// naming them unchanged. A sync used to store every license it named, one write transaction
 /// (and fsync) per sync, which made syncs queue behind each other and behind ingest. What is
 /// stored is what billing prices a license with; the time it was last seen is read by nothing.
-/// Refreshing after this long undoes, within it, a change another replica stored (a license
-/// reissued on a new plan and named by a filter of that replica) or an erasure made while the
-/// license was still in use.
+/// Refreshing after this long undoes, within it, a change stored elsewhere while filters keep
+/// naming the license: another replica's (a license reissued on a new plan and named by a
+/// filter of that replica), an issuance's here, or an erasure made while it was still in use.
 pub const LICENSE_REFRESH_MS: u64 = 60_000;
 /// Beyond this many licenses the memo starts again (bounded memory; the cost is one write per
 /// license named afterwards).
