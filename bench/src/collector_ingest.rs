@@ -65,7 +65,7 @@ fn main() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("tollgate-bench-ingest-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let keys = IngestKeys::parse([format!("bench={SECRET}").as_str()])?;
-    tollgate_collector::server::set_info_logs(false);
+    tollgate_collector::telemetry::set_info_logs(false);
     let (url, label, postgres) = if backend == "postgres" {
         let pg = TestPostgres::start_durable("bench-ingest")?;
         (

@@ -56,7 +56,7 @@ fn main() -> Result<()> {
         .context("usage: fan-in [sidecars,...] [seconds] [sqlite|postgres]")?;
     let seconds: u64 = args.get(1).map_or(Ok(60), |s| s.parse())?;
     let backend = args.get(2).map_or("sqlite", String::as_str).to_string();
-    tollgate_collector::server::set_info_logs(false);
+    tollgate_collector::telemetry::set_info_logs(false);
     println!(
         "fan-in, {backend}{}, {seconds} s per step: each sidecar syncs every 200 ms and sends a batch of {RECORDS_PER_BATCH} records a second",
         if backend == "postgres" { ", two replicas" } else { "" }

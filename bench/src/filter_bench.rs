@@ -1023,7 +1023,7 @@ fn main() -> Result<()> {
     }
     // The orchestrator and the collector share CPU 1 with the load generator.
     pin(std::process::id(), "1")?;
-    tollgate_collector::server::set_info_logs(false);
+    tollgate_collector::telemetry::set_info_logs(false);
     let dir = std::env::temp_dir().join(format!("tollgate-filter-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let keys = Keys {

@@ -142,7 +142,7 @@ fn main() -> Result<()> {
     // The collector comes back: everything held drains, and every call served is stored.
     let dir = std::env::temp_dir().join(format!("tollgate-bench-outage-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    tollgate_collector::server::set_info_logs(false);
+    tollgate_collector::telemetry::set_info_logs(false);
     let keys = IngestKeys::parse([format!("bench={INGEST_SECRET}").as_str()])?;
     let collector = Running::start(
         port,

@@ -42,7 +42,7 @@ fn main() -> Result<()> {
 
     let dir = std::env::temp_dir().join(format!("tollgate-bench-delay-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    tollgate_collector::server::set_info_logs(false);
+    tollgate_collector::telemetry::set_info_logs(false);
     let keys = IngestKeys::parse([format!("bench={INGEST_SECRET}").as_str()])?;
     let mut state = tollgate_collector::AppState::new(
         std::sync::Arc::from(open(&format!(

@@ -22,7 +22,7 @@ use serde::Serialize;
 use tollgate_wire::Meter;
 
 use crate::catalog::{Catalog, PlanPricing, Price, TierMode};
-use crate::store::{BillableUsage, IssuedLicense};
+use crate::storage::{BillableUsage, IssuedLicense};
 
 /// Digits after the decimal point of an ISO 4217 currency's minor unit.
 pub fn minor_units(currency: &str) -> u32 {
@@ -781,7 +781,7 @@ fn previous_invoice(
     store: &dyn crate::Store,
     account: &str,
     start_ms: u64,
-) -> Result<Option<crate::store::StoredInvoice>> {
+) -> Result<Option<crate::storage::StoredInvoice>> {
     Ok(store
         .invoices(Some(account))?
         .into_iter()
@@ -908,10 +908,10 @@ pub fn finalize(
     account: &str,
     at_ms: u64,
     now_ms: u64,
-) -> Result<(crate::store::StoredInvoice, bool)> {
+) -> Result<(crate::storage::StoredInvoice, bool)> {
     let bounds = catalog.period_bounds(catalog.billing_period, at_ms);
     let conflict = |message: String| -> anyhow::Error {
-        crate::licensing::Invalid {
+        crate::errors::Invalid {
             message,
             conflict: true,
         }
@@ -970,7 +970,7 @@ pub fn finalize(
         .by_license;
     let invoice = rate_with_users(catalog, account, bounds, &usage, &late, &licenses, &users)?;
     let body = serde_json::to_value(&invoice)?;
-    let stored = crate::store::StoredInvoice {
+    let stored = crate::storage::StoredInvoice {
         invoice_id: invoice.invoice_id.clone(),
         account: account.to_string(),
         period_start_ms: bounds.0,
@@ -999,7 +999,7 @@ pub fn finalize_in_order(
     account: &str,
     at_ms: u64,
     now_ms: u64,
-) -> Result<Vec<(crate::store::StoredInvoice, bool)>> {
+) -> Result<Vec<(crate::storage::StoredInvoice, bool)>> {
     let mut pending = vec![at_ms];
     let mut done = Vec::new();
     while let Some(&next) = pending.last() {

@@ -526,14 +526,12 @@ impl CatalogFileWatch {
                 {
                     Ok(catalog) => {
                         state.1 = std::sync::Arc::new(catalog);
-                        eprintln!(
-                            "{}",
-                            serde_json::json!({"level": "info", "msg": "plan catalogue reloaded", "path": path.display().to_string()})
-                        );
+                        tracing::info!(path = %path.display(), "plan catalogue reloaded");
                     }
-                    Err(e) => eprintln!(
-                        "{}",
-                        serde_json::json!({"level": "error", "msg": "plan catalogue not reloaded; keeping the last good one", "path": path.display().to_string(), "error": format!("{e:#}")})
+                    Err(e) => tracing::error!(
+                        path = %path.display(),
+                        error = %format!("{e:#}"),
+                        "plan catalogue not reloaded; keeping the last good one"
                     ),
                 }
             }

@@ -17,7 +17,7 @@ use tollgate_wire::VERSION;
 
 use crate::billing::LineKind;
 use crate::catalog::{Catalog, CatalogFileWatch};
-use crate::store::{Budget, LeaseAsk, SeatAsk, SharingDetection, Store};
+use crate::storage::{Budget, LeaseAsk, SeatAsk, SharingDetection, Store};
 
 /// Default lease time to live: a filter comes back at least this often while it uses a lease,
 /// which bounds how long stale limits and unreturned units stay with it.
@@ -204,8 +204,8 @@ pub struct UsersReport {
     pub account: String,
     pub period_start_ms: u64,
     pub period_end_ms: u64,
-    pub active_users: crate::store::ActiveUsers,
-    pub seats: Vec<crate::store::SeatUse>,
+    pub active_users: crate::storage::ActiveUsers,
+    pub seats: Vec<crate::storage::SeatUse>,
     pub sharing: Vec<SharingDetection>,
 }
 
@@ -467,15 +467,7 @@ fn detect_sharing(
         now_ms,
     );
     store.enqueue_event(&event)?;
-    crate::server::log(json!({
-        "level": "warn",
-        "msg": "license sharing detected",
-        "account": seen.account,
-        "license": seen.license,
-        "clients": clients,
-        "max_clients": seen.max_clients,
-        "blocked": seen.block,
-    }));
+    tracing::warn!(account = %seen.account, license = %seen.license, clients = clients, max_clients = seen.max_clients, blocked = seen.block, "license sharing detected");
     Ok(())
 }
 

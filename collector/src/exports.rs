@@ -12,7 +12,7 @@ use tollgate_wire::Meter;
 
 use crate::billing::csv_field;
 use crate::catalog::Catalog;
-use crate::store::StoredRecord;
+use crate::storage::StoredRecord;
 
 /// The formats of `GET /v1/admin/exports/usage`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]

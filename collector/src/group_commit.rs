@@ -17,7 +17,7 @@ use anyhow::{anyhow, Result};
 use tokio::sync::{mpsc, oneshot};
 use tollgate_wire::UsageBatch;
 
-use crate::store::{Ingested, Store};
+use crate::storage::{Ingested, Store, UsageStore};
 
 /// What the committer needs of a store: [`Store`]'s two ingest methods (a trait of its own so
 /// that the grouping is tested against a store that holds a commit open).
@@ -28,11 +28,11 @@ pub trait BatchStore: Send + Sync + 'static {
 
 impl<T: Store + ?Sized> BatchStore for T {
     fn ingest_group(&self, batches: &[(&UsageBatch, u64)]) -> Result<Vec<Ingested>> {
-        Store::ingest_group(self, batches)
+        UsageStore::ingest_group(self, batches)
     }
 
     fn ingest(&self, batch: &UsageBatch, received_ms: u64) -> Result<Ingested> {
-        Store::ingest(self, batch, received_ms)
+        UsageStore::ingest(self, batch, received_ms)
     }
 }
 

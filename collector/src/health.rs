@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::store::{Store, StoreProbe};
+use crate::storage::{Store, StoreProbe};
 
 /// How often the prober checks the store. A stopped store is seen within this (plus the
 /// failing check's own time), well inside the shipped configs' 1 s health-check interval.

@@ -1,25 +1,28 @@
 //! Tollgate's collector: takes signed usage batches from filters exactly once, stores them
 //! (SQLite embedded by default), and answers usage queries.
 
-pub mod admin;
+// The layers, each importing only from those below it (no circles; see the README's
+// "Repository"): `cli` and `http`, `worker` -> `state` -> the domain modules -> `storage`.
+// `clock`, `errors` and `telemetry` are leaves anyone may use.
+pub mod account_tokens;
 pub mod billing;
 pub mod catalog;
 pub mod cli;
 pub mod clock;
-mod connections;
 pub mod control;
-pub mod customer;
+pub mod errors;
 pub mod exports;
 pub mod group_commit;
 pub mod health;
+pub mod http;
 pub mod licensing;
 pub mod overview;
-pub mod postgres_store;
 pub mod privacy;
 pub mod seats;
-pub mod server;
 pub mod signing;
-pub mod store;
+pub mod state;
+pub mod storage;
+pub mod telemetry;
 pub mod webhooks;
 pub mod worker;
 
@@ -28,8 +31,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
-pub use server::{app, AppState, IngestKeys, Metrics};
-pub use store::{open, Granularity, Ingested, Store, UsageQuery, UsageRow};
+pub use http::app;
+pub use state::{AppState, IngestKeys};
+pub use storage::{open, Granularity, Ingested, Store, UsageQuery, UsageRow};
+pub use telemetry::metrics::Metrics;
 
 /// Serve on `listener` until `shutdown` resolves; requests in flight are finished first.
 pub async fn serve(
@@ -47,6 +52,7 @@ async fn serve_started(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     started: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<()> {
+    telemetry::init_logs();
     let probing = Arc::clone(&state);
     let prober = tokio::task::spawn_blocking(move || {
         health::Prober::start(probing.store.as_ref(), Arc::clone(&probing.readiness))
@@ -154,10 +160,7 @@ impl Drop for Running {
         if let Err(e) = self.join() {
             // Not silent: a test that drops a collector that failed sees why in its output
             // (tests that must fail on it call `stop`).
-            eprintln!(
-                "{}",
-                serde_json::json!({"level": "error", "msg": format!("collector: {e:#}")})
-            );
+            tracing::error!(error = %format!("{e:#}"), "collector stopped with an error");
         }
     }
 }

@@ -6,43 +6,13 @@
 //! license signed with it arrives. Filters also refetch on an unknown `kid` (rate-limited), so an
 //! activation at once costs at most the first requests of each filter until that refetch lands.
 
+use crate::errors::{conflict, invalid};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::signing::{random_kid, KeyAlg, SigningKey};
-use crate::store::{IssuedLicense, Store, StoredKey};
-
-/// A request the caller must change: answered 400 (or 409 for `conflict`), not 503.
-#[derive(Debug)]
-pub struct Invalid {
-    pub message: String,
-    pub conflict: bool,
-}
-
-impl std::fmt::Display for Invalid {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for Invalid {}
-
-pub(crate) fn invalid(message: impl Into<String>) -> anyhow::Error {
-    Invalid {
-        message: message.into(),
-        conflict: false,
-    }
-    .into()
-}
-
-pub(crate) fn conflict(message: impl Into<String>) -> anyhow::Error {
-    Invalid {
-        message: message.into(),
-        conflict: true,
-    }
-    .into()
-}
+use crate::storage::{IssuedLicense, Store, StoredKey};
 
 /// Default validity of an issued license.
 pub const DEFAULT_VALID_DAYS: u64 = 365;
@@ -180,9 +150,7 @@ pub fn signer(store: &dyn Store, now_ms: u64) -> Result<SigningKey> {
     let mut stored = store.signing_keys()?;
     if stored.is_empty() {
         add_key(store, KeyAlg::EdDSA, None, None, 0, now_ms)?;
-        crate::server::log(
-            json!({"level": "info", "msg": "no signing key yet: generated an Ed25519 key"}),
-        );
+        tracing::info!("no signing key yet: generated an Ed25519 key");
         stored = store.signing_keys()?;
     }
     let Some(active) = signer_of(&stored, now_ms) else {

@@ -14,7 +14,7 @@ use tollgate_wire::Meter;
 
 use crate::catalog::Catalog;
 use crate::control::ControlPlane;
-use crate::store::{Granularity, QuotaState, Store, UsageQuery};
+use crate::storage::{Granularity, QuotaState, Store, UsageQuery};
 
 /// A limit is "near" once this share of it (percent) is used or leased.
 pub const NEAR_LIMIT_PERCENT: u64 = 80;

@@ -16,14 +16,10 @@
 //! Batches (id, filter instance, counts, times) are kept: their ids make ingest exactly-once,
 //! and a retried batch after an erasure must not store its records again.
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use anyhow::Result;
-use serde::Serialize;
-use serde_json::{Map, Value};
 
-use crate::licensing::{conflict, invalid};
-use crate::store::Store;
+use crate::errors::{conflict, invalid};
+use crate::storage::Store;
 
 /// A retention shorter than this could delete usage of a billing period (a calendar month,
 /// plus its finalisation grace) before its invoice is final.
@@ -33,79 +29,7 @@ pub const MIN_RETENTION_DAYS: u64 = 62;
 /// for long.
 pub const RETENTION_CHUNK: u32 = 10_000;
 
-/// What one retention pass did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Retained {
-    /// Raw usage records rolled up and deleted.
-    pub records: u64,
-    /// Their units (now in the aggregates).
-    pub units: u64,
-    /// Seats, client entries and sharing detections that ended before the cut-off, deleted.
-    pub seats: u64,
-    pub clients: u64,
-    pub sharing_detections: u64,
-}
-
-impl Retained {
-    pub fn add(&mut self, other: Retained) {
-        self.records += other.records;
-        self.units += other.units;
-        self.seats += other.seats;
-        self.clients += other.clients;
-        self.sharing_detections += other.sharing_detections;
-    }
-}
-
-/// Everything stored about an account or an end user: rows by table, each row by column.
-pub type Export = BTreeMap<String, Vec<Map<String, Value>>>;
-
-/// Rows deleted (or, for an end user's usage, unlinked), by table.
-pub type Erased = BTreeMap<String, u64>;
-
-/// Tables with an `account` column, in the order an account is erased, and whether they have
-/// a `license` column too (where an account's licenses are found).
-pub(crate) const ACCOUNT_TABLES: &[(&str, bool)] = &[
-    ("usage_records", true),
-    ("usage_rollups", true),
-    ("leases", true),
-    ("seats", true),
-    ("license_clients", true),
-    ("sharing_detections", true),
-    ("licenses", true),
-    ("issued_licenses", true),
-    ("invoices", false),
-    ("budgets", false),
-    ("suspended_accounts", false),
-];
-
-/// The tables of [`ACCOUNT_TABLES`] with a `license` column.
-pub(crate) fn license_sources() -> impl Iterator<Item = &'static str> {
-    ACCOUNT_TABLES
-        .iter()
-        .filter(|(_, has_license)| *has_license)
-        .map(|(table, _)| *table)
-}
-
-/// Tables keyed by license alone.
-pub(crate) const LICENSE_TABLES: &[&str] = &["quota_allocations", "revoked_licenses"];
-
-/// Tables with an end user's pseudonym, and its column. Usage records are unlinked, not deleted.
-pub(crate) const SUBJECT_TABLES: &[(&str, &str)] = &[
-    ("usage_records", "user_ref"),
-    ("seats", "user_ref"),
-    ("license_clients", "client_ref"),
-];
-
-/// True when `payload` holds one of `values` as a string anywhere (webhook events name an
-/// account or license in different places: `account`, `invoice.account`, `license`...).
-pub(crate) fn mentions(payload: &Value, values: &BTreeSet<String>) -> bool {
-    match payload {
-        Value::String(s) => values.contains(s),
-        Value::Array(items) => items.iter().any(|v| mentions(v, values)),
-        Value::Object(fields) => fields.values().any(|v| mentions(v, values)),
-        _ => false,
-    }
-}
+pub use crate::storage::{Erased, Export, Retained};
 
 /// A pseudonym as filters make it: `<key id>.<32 hex digits>`. Anything else is refused, so
 /// that a raw identifier typed by mistake is not searched for (it is never stored).
@@ -182,17 +106,6 @@ pub fn apply_retention(store: &dyn Store, before_ms: u64, max_chunks: u32) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn payload_mentions_are_found_at_any_depth() {
-        let values: BTreeSet<String> = ["acme".to_string(), "lic-1".to_string()].into();
-        let invoice = serde_json::json!({"invoice": {"account": "acme", "lines": []}});
-        let sharing = serde_json::json!({"account": "other", "licenses": ["x", "lic-1"]});
-        let unrelated = serde_json::json!({"account": "acme-2", "n": 3});
-        assert!(mentions(&invoice, &values));
-        assert!(mentions(&sharing, &values));
-        assert!(!mentions(&unrelated, &values));
-    }
 
     #[test]
     fn subjects_must_be_pseudonyms() {

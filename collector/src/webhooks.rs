@@ -18,7 +18,7 @@ use hmac::{Hmac, Mac};
 use serde_json::json;
 use sha2::Sha256;
 
-use crate::store::{Delivery, DeliveryOutcome, Store, WebhookEvent};
+use crate::storage::{Delivery, DeliveryOutcome, Store, WebhookEvent};
 
 /// Where and how events are delivered.
 #[derive(Debug, Clone)]
@@ -195,24 +195,22 @@ pub fn deliver_due(
         } else {
             DeliveryOutcome::RetryAt(at.saturating_add(settings.backoff_ms(attempt)))
         };
-        let level = match outcome {
-            DeliveryOutcome::Delivered => "info",
-            DeliveryOutcome::RetryAt(_) => "warn",
-            DeliveryOutcome::GaveUp => "error",
-        };
-        crate::server::log(json!({
-            "level": level,
-            "msg": match outcome {
-                DeliveryOutcome::Delivered => "webhook delivered",
-                DeliveryOutcome::RetryAt(_) => "webhook not delivered; will retry",
-                DeliveryOutcome::GaveUp => "webhook not delivered; gave up",
-            },
-            "event_id": event.event_id,
-            "type": event.event_type,
-            "attempt": attempt,
-            "status": status,
-            "error": error,
-        }));
+        // `type` is a keyword: the field is `event_type` in the log line.
+        let (event_id, event_type) = (&event.event_id, &event.event_type);
+        let error_text = error.as_deref().unwrap_or("");
+        match outcome {
+            DeliveryOutcome::Delivered => {
+                tracing::info!(%event_id, %event_type, attempt, status, "webhook delivered")
+            }
+            DeliveryOutcome::RetryAt(_) => tracing::warn!(
+                %event_id, %event_type, attempt, status, error = %error_text,
+                "webhook not delivered; will retry"
+            ),
+            DeliveryOutcome::GaveUp => tracing::error!(
+                %event_id, %event_type, attempt, status, error = %error_text,
+                "webhook not delivered; gave up"
+            ),
+        }
         store.record_delivery(
             &Delivery {
                 event_id: event.event_id.clone(),

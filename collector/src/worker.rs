@@ -11,39 +11,10 @@ use anyhow::Result;
 use rust_decimal::Decimal;
 use serde_json::json;
 
-use crate::server::log;
-use crate::{AppState, Store};
+use crate::state::AppState;
+use crate::storage::Store;
 
-/// What the worker does, and how often.
-#[derive(Debug, Clone)]
-pub struct BillingSettings {
-    /// Finalise a period's invoices this long after it ended (late usage from filters that
-    /// were cut off still counts until then); `None`: only on request.
-    pub finalize_grace_ms: Option<u64>,
-    /// Percentages of a budget that raise `spend.threshold_crossed`.
-    pub thresholds: Vec<u32>,
-    /// How often the worker runs.
-    pub interval_ms: u64,
-    /// How often budgets are checked (each check rates every budgeted account's period).
-    pub budget_check_ms: u64,
-    /// Raw usage older than this is rolled up and deleted ([`crate::privacy`]); `None`: kept.
-    pub raw_usage_retention_ms: Option<u64>,
-    /// How often retention runs.
-    pub retention_every_ms: u64,
-}
-
-impl Default for BillingSettings {
-    fn default() -> Self {
-        BillingSettings {
-            finalize_grace_ms: Some(3_600_000),
-            thresholds: vec![50, 80, 100],
-            interval_ms: 1000,
-            budget_check_ms: 5000,
-            raw_usage_retention_ms: None,
-            retention_every_ms: 3_600_000,
-        }
-    }
-}
+pub use crate::state::BillingSettings;
 
 /// The worker's memory of what it already did (its writes are idempotent; this only saves
 /// repeating them, and repeating the same error every round).
@@ -87,13 +58,12 @@ impl Worker {
         self.next_retention_ms = 0;
         self.periods_done_until_ms = 0;
         let moved = store.webhooks_due_now(now_ms);
-        log(json!({
-            "level": "warn",
-            "msg": "the clock stepped back: schedules start over, pending webhooks are due now",
-            "back_by_ms": back_by,
-            "webhooks_moved": moved.as_ref().ok(),
-            "error": moved.err().map(|e| format!("{e:#}")),
-        }));
+        const STEPPED_BACK: &str =
+            "the clock stepped back: schedules start over, pending webhooks are due now";
+        match moved {
+            Ok(moved) => tracing::warn!(back_by_ms = back_by, webhooks_moved = moved, STEPPED_BACK),
+            Err(e) => tracing::warn!(back_by_ms = back_by, error = %format!("{e:#}"), STEPPED_BACK),
+        }
     }
 }
 
@@ -108,9 +78,7 @@ impl Worker {
         self.notice_a_step_back(store, now_ms);
         if let Some(webhooks) = &state.webhooks {
             if let Err(e) = crate::webhooks::deliver_due(store, webhooks, &state.clock, now_ms) {
-                log(
-                    json!({"level": "error", "msg": "webhook delivery round failed", "error": format!("{e:#}")}),
-                );
+                tracing::error!(error = %format!("{e:#}"), "webhook delivery round failed");
             }
             if now_ms >= self.next_budget_check_ms {
                 self.next_budget_check_ms = now_ms.saturating_add(state.billing.budget_check_ms);
@@ -152,15 +120,13 @@ impl Worker {
                         Ok(finalized) => {
                             for (invoice, new) in finalized {
                                 if new {
-                                    log(
-                                        json!({"level": "info", "msg": "invoice finalised", "invoice_id": invoice.invoice_id, "total": invoice.total, "currency": invoice.currency}),
-                                    );
+                                    tracing::info!(invoice_id = %invoice.invoice_id, total = %invoice.total, currency = %invoice.currency, "invoice finalised");
                                 }
                             }
                         }
-                        Err(e) => log(
-                            json!({"level": "error", "msg": "invoice not finalised", "account": account, "period_start_ms": start, "error": format!("{e:#}")}),
-                        ),
+                        Err(e) => {
+                            tracing::error!(account = %account, period_start_ms = start, error = %format!("{e:#}"), "invoice not finalised")
+                        }
                     }
                 }
                 self.periods_done.insert(start);
@@ -185,9 +151,7 @@ impl Worker {
             ) {
                 Ok(spent) => spent,
                 Err(e) => {
-                    log(
-                        json!({"level": "error", "msg": "spend not computed", "account": account, "error": format!("{e:#}")}),
-                    );
+                    tracing::error!(account = %account, error = %format!("{e:#}"), "spend not computed");
                     continue;
                 }
             };
@@ -216,9 +180,7 @@ impl Worker {
                     now_ms,
                 );
                 if store.enqueue_event(&event)? {
-                    log(
-                        json!({"level": "info", "msg": "spend threshold crossed", "account": account, "percent": percent}),
-                    );
+                    tracing::info!(account = %account, percent = percent, "spend threshold crossed");
                 }
                 self.thresholds_raised.insert(id);
             }
@@ -232,13 +194,10 @@ impl Worker {
     fn retain(&mut self, store: &dyn crate::Store, before_ms: u64) {
         match crate::privacy::apply_retention(store, before_ms, 100) {
             Ok(done) if done == crate::privacy::Retained::default() => {}
-            Ok(done) => log(json!({
-                "level": "info", "msg": "retention: raw usage rolled up and deleted",
-                "before_ms": before_ms, "retained": done,
-            })),
-            Err(e) => log(
-                json!({"level": "error", "msg": "retention round failed", "error": format!("{e:#}")}),
-            ),
+            Ok(done) => {
+                tracing::info!(before_ms = before_ms, retained = %serde_json::json!(done), "retention: raw usage rolled up and deleted")
+            }
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "retention round failed"),
         }
     }
 }
@@ -261,20 +220,13 @@ pub async fn run(state: Arc<AppState>) {
         match done {
             Ok((back, result)) => {
                 worker = back;
-                state
-                    .metrics
-                    .worker_rounds
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                state.metrics.worker_rounds.inc();
                 if let Err(e) = result {
-                    log(
-                        json!({"level": "error", "msg": "billing worker round failed", "error": format!("{e:#}")}),
-                    );
+                    tracing::error!(error = %format!("{e:#}"), "billing worker round failed");
                 }
             }
             Err(e) => {
-                log(
-                    json!({"level": "error", "msg": "billing worker round failed", "error": e.to_string()}),
-                );
+                tracing::error!(error = %e, "billing worker round failed");
             }
         }
     }

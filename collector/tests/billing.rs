@@ -9,10 +9,10 @@ use std::path::PathBuf;
 use rust_decimal::Decimal;
 use tollgate_collector::billing::{self, Invoice, LineKind};
 use tollgate_collector::catalog::Catalog;
-use tollgate_collector::store::{BillableUsage, IssuedLicense};
+use tollgate_collector::storage::{BillableUsage, IssuedLicense};
 use tollgate_wire::{Meter, Source, UsageBatch, UsageRecord, VERSION};
 
-use common::backends;
+use common::conformance;
 
 fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
@@ -348,9 +348,8 @@ fn record(
     }
 }
 
-#[test]
-fn the_invoice_drafted_from_stored_usage_is_the_golden_one_on_every_backend() {
-    for db in backends("billing") {
+conformance! {
+    fn the_invoice_drafted_from_stored_usage_is_the_golden_one_on_every_backend(db, "billing") {
         let store = tollgate_collector::open(&db.url()).unwrap();
         store.add_license(&issued("lic-p1", "acme", "pro")).unwrap();
         store.add_license(&issued("lic-p2", "acme", "pro")).unwrap();
@@ -447,9 +446,8 @@ fn distinct_active_users_are_priced_per_license_with_tiers_and_a_cap() {
     assert_eq!(rate(0).total, dec("20.00"));
 }
 
-#[test]
-fn active_users_drafted_from_stored_usage_are_the_golden_ones_on_every_backend() {
-    for db in backends("billing-users") {
+conformance! {
+    fn active_users_drafted_from_stored_usage_are_the_golden_ones_on_every_backend(db, "billing-users") {
         let store = tollgate_collector::open(&db.url()).unwrap();
         store
             .add_license(&issued("lic-t1", "acme", "team"))
@@ -580,14 +578,13 @@ fn the_worker_finalises_the_last_period_once_its_grace_has_passed() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The invoice id names the period's start in the catalogue's zone, as the period does; an
-/// invoice finalised when ids named the UTC instant is the same invoice, not a second one.
-#[test]
-fn an_invoice_is_found_by_its_period_whatever_its_id_says() {
-    for db in backends("invoice-id") {
+conformance! {
+    /// The invoice id names the period's start in the catalogue's zone, as the period does; an
+    /// invoice finalised when ids named the UTC instant is the same invoice, not a second one.
+    fn an_invoice_is_found_by_its_period_whatever_its_id_says(db, "invoice-id") {
         let store = tollgate_collector::open(&db.url()).unwrap();
         store.add_license(&issued("lic-p1", "acme", "pro")).unwrap();
-        let old = tollgate_collector::store::StoredInvoice {
+        let old = tollgate_collector::storage::StoredInvoice {
             invoice_id: "acme/2026-10-31T23:00:00Z".into(),
             account: "acme".into(),
             period_start_ms: NOV_START,
@@ -601,7 +598,7 @@ fn an_invoice_is_found_by_its_period_whatever_its_id_says() {
         store.finalize_invoice(&old, None).unwrap();
         // A replica of the newer version finalising the same period at that instant (past the
         // check above the store) stores nothing: one invoice per account and period.
-        let racing = tollgate_collector::store::StoredInvoice {
+        let racing = tollgate_collector::storage::StoredInvoice {
             invoice_id: "acme/2026-11-01T00:00:00+01:00".into(),
             total: "50.00".into(),
             ..old.clone()

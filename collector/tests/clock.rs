@@ -25,7 +25,7 @@ use tollgate_wire::{
 };
 
 mod common;
-use common::backends;
+use common::conformance;
 
 const SECRET: &str = "clock-test-secret-0123456789";
 const ADMIN: &str = "clock-test-admin-token-0123456789";
@@ -205,9 +205,8 @@ fn grant(c: &Running, id: &str, want: u64) -> (u64, u64) {
     (g.granted, g.period_start_ms)
 }
 
-#[test]
-fn a_clock_stepped_an_hour_forward_and_back_changes_no_count_and_no_limit() {
-    for db in backends("clock") {
+conformance! {
+    fn a_clock_stepped_an_hour_forward_and_back_changes_no_count_and_no_limit(db, "clock") {
         let dir = std::env::temp_dir().join(format!("tollgate-clock-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();

@@ -10,7 +10,7 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use tollgate_collector::catalog::{Catalog, CatalogFileWatch};
 use tollgate_collector::control::{account_status, sync, ControlPlane};
-use tollgate_collector::store::Budget;
+use tollgate_collector::storage::Budget;
 use tollgate_collector::{open, AppState, IngestKeys, Running, Store};
 use tollgate_wire::sync::{
     ClientsSeen, DenialCode, LeaseRequest, LeaseReturn, LicenseSeen, Period, SeatRequest, SeatRule,
@@ -21,7 +21,7 @@ use tollgate_wire::{
 };
 
 mod common;
-use common::{backends, Backend};
+use common::{conformance, Backend};
 
 const SECRET: &str = "control-test-secret-0123456789";
 const ADMIN: &str = "admin-token-0123456789abcdef";
@@ -65,9 +65,8 @@ fn granted(store: &dyn Store, control: &ControlPlane, lease: LeaseRequest, now: 
         .granted
 }
 
-#[test]
-fn leases_hand_out_the_quota_once_and_returns_give_back_the_unused_part() {
-    for db in backends("leases") {
+conformance! {
+    fn leases_hand_out_the_quota_once_and_returns_give_back_the_unused_part(db, "leases") {
         leases_on(&db);
     }
 }
@@ -175,9 +174,8 @@ fn lost_race(e: &anyhow::Error) -> bool {
     .any(|needle| text.contains(needle))
 }
 
-#[test]
-fn replicas_granting_from_one_quota_at_once_never_hand_out_more_than_the_limit() {
-    for db in backends("race") {
+conformance! {
+    fn replicas_granting_from_one_quota_at_once_never_hand_out_more_than_the_limit(db, "race") {
         let url = db.url();
         let stores: Vec<Arc<dyn Store>> = (0..4).map(|_| Arc::from(open(&url).unwrap())).collect();
         let total: u64 = std::thread::scope(|scope| {
@@ -222,9 +220,8 @@ fn replicas_granting_from_one_quota_at_once_never_hand_out_more_than_the_limit()
     }
 }
 
-#[test]
-fn revoked_suspended_and_capped_licenses_are_denied_and_get_no_lease() {
-    for db in backends("denials") {
+conformance! {
+    fn revoked_suspended_and_capped_licenses_are_denied_and_get_no_lease(db, "denials") {
         denials_on(&db);
     }
 }
@@ -577,9 +574,8 @@ fn over_http_the_sync_is_signed_and_the_admin_api_needs_its_token() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn the_catalogue_sets_quota_limits_and_a_change_applies_to_the_next_grant() {
-    for db in backends("catalogue") {
+conformance! {
+    fn the_catalogue_sets_quota_limits_and_a_change_applies_to_the_next_grant(db, "catalogue") {
         let store = open(&db.url()).unwrap();
         let store = store.as_ref();
         let path = std::env::temp_dir().join(format!(
@@ -644,9 +640,8 @@ fn seat_sync(store: &dyn Store, c: &ControlPlane, seats: Vec<SeatRequest>, now: 
         .collect()
 }
 
-#[test]
-fn seats_are_decided_by_the_store_on_every_backend() {
-    for db in backends("seats") {
+conformance! {
+    fn seats_are_decided_by_the_store_on_every_backend(db, "seats") {
         let store = open(&db.url()).unwrap();
         let store = store.as_ref();
         let c = control();
@@ -701,9 +696,8 @@ fn seats_are_decided_by_the_store_on_every_backend() {
     }
 }
 
-#[test]
-fn replicas_deciding_seats_at_once_never_hand_out_more_than_the_limit() {
-    for db in backends("seat-race") {
+conformance! {
+    fn replicas_deciding_seats_at_once_never_hand_out_more_than_the_limit(db, "seat-race") {
         let url = db.url();
         let stores: Vec<Arc<dyn Store>> = (0..4).map(|_| Arc::from(open(&url).unwrap())).collect();
         let rule = SeatRule::Named {
@@ -738,12 +732,11 @@ fn replicas_deciding_seats_at_once_never_hand_out_more_than_the_limit() {
     }
 }
 
-/// The busiest pseudonym key's clients, the same on every backend: refs are `key.pseudonym`;
-/// one without a `.` (not from a Tollgate filter) belongs to the key '', so such refs count
-/// together rather than one each (PostgreSQL's `split_part` once counted each apart).
-#[test]
-fn clients_are_counted_per_key_alike_on_every_backend() {
-    for db in backends("clients-per-key") {
+conformance! {
+    /// The busiest pseudonym key's clients, the same on every backend: refs are `key.pseudonym`;
+    /// one without a `.` (not from a Tollgate filter) belongs to the key '', so such refs count
+    /// together rather than one each (PostgreSQL's `split_part` once counted each apart).
+    fn clients_are_counted_per_key_alike_on_every_backend(db, "clients-per-key") {
         let store = open(&db.url()).unwrap();
         let note = |license: &str, clients: &[&str]| {
             store
@@ -767,9 +760,8 @@ fn clients_are_counted_per_key_alike_on_every_backend() {
     }
 }
 
-#[test]
-fn sharing_is_detected_once_per_window_alerted_and_blocks_when_asked() {
-    for db in backends("sharing") {
+conformance! {
+    fn sharing_is_detected_once_per_window_alerted_and_blocks_when_asked(db, "sharing") {
         let store = open(&db.url()).unwrap();
         let store = store.as_ref();
         let c = control();
@@ -826,9 +818,8 @@ fn sharing_is_detected_once_per_window_alerted_and_blocks_when_asked() {
     }
 }
 
-#[test]
-fn active_users_are_counted_distinct_per_account_license_and_feature() {
-    for db in backends("active-users") {
+conformance! {
+    fn active_users_are_counted_distinct_per_account_license_and_feature(db, "active-users") {
         let store = open(&db.url()).unwrap();
         let record = |license: &str, feature: &str, user: &str, outcome: &str| UsageRecord {
             account: "acme".into(),

@@ -7,7 +7,7 @@ use tollgate_collector::{open, IngestKeys, Running};
 use tollgate_devkit::postgres::TestPostgres;
 
 mod common;
-use common::{backends, Backend};
+use common::{conformance, Backend};
 use tollgate_wire::{
     sign, Meter, Source, UsageBatch, UsageRecord, KEY_ID_HEADER, SIGNATURE_HEADER,
 };
@@ -98,9 +98,8 @@ fn total(c: &Running, meter: &str) -> u64 {
         .sum()
 }
 
-#[test]
-fn a_batch_is_counted_once_however_often_it_is_sent() {
-    for db in backends("once") {
+conformance! {
+    fn a_batch_is_counted_once_however_often_it_is_sent(db, "once") {
         a_batch_is_counted_once_however_often_it_is_sent_on(&db);
     }
 }
@@ -160,9 +159,8 @@ fn a_batch_is_counted_once_however_often_it_is_sent_on(db: &Backend) {
     );
 }
 
-#[test]
-fn a_group_of_batches_is_stored_in_one_transaction_or_not_at_all() {
-    for db in backends("group") {
+conformance! {
+    fn a_group_of_batches_is_stored_in_one_transaction_or_not_at_all(db, "group") {
         a_group_of_batches_is_stored_in_one_transaction_or_not_at_all_on(&db);
     }
 }
@@ -170,7 +168,7 @@ fn a_group_of_batches_is_stored_in_one_transaction_or_not_at_all() {
 /// Group commit (`Store::ingest_group`), the same on every backend: a batch seen earlier in
 /// the same group is a duplicate; a group that fails stores nothing of itself.
 fn a_group_of_batches_is_stored_in_one_transaction_or_not_at_all_on(db: &Backend) {
-    use tollgate_collector::store::Ingested;
+    use tollgate_collector::storage::Ingested;
     let store = open(&db.url()).unwrap();
     let (one, two) = (batch(1, 3, T0), batch(2, 4, T0));
     let outcomes = store
@@ -204,9 +202,8 @@ fn a_group_of_batches_is_stored_in_one_transaction_or_not_at_all_on(db: &Backend
     assert_eq!(total(&c, "calls"), 3 + 4 + 5, "{db:?}");
 }
 
-#[test]
-fn unsigned_forged_malformed_and_oversized_batches_change_nothing() {
-    for db in backends("refused") {
+conformance! {
+    fn unsigned_forged_malformed_and_oversized_batches_change_nothing(db, "refused") {
         unsigned_forged_malformed_and_oversized_batches_change_nothing_on(&db);
     }
 }
@@ -257,9 +254,8 @@ fn unsigned_forged_malformed_and_oversized_batches_change_nothing_on(db: &Backen
     assert_eq!(total(&c, "calls"), 3);
 }
 
-#[test]
-fn usage_is_summed_by_calendar_period() {
-    for db in backends("periods") {
+conformance! {
+    fn usage_is_summed_by_calendar_period(db, "periods") {
         usage_is_summed_by_calendar_period_on(&db);
     }
 }

@@ -15,7 +15,7 @@ use tollgate_collector::{open, AppState, IngestKeys, Running};
 use tollgate_core::Policy;
 use tollgate_wire::{Meter, Source, UsageBatch, UsageRecord};
 
-use common::{backends, Backend};
+use common::{backends, conformance, Backend};
 
 const ADMIN: &str = "licensing-admin-token-0123456789";
 
@@ -90,9 +90,8 @@ fn now_s() -> u64 {
         .as_secs()
 }
 
-#[test]
-fn keys_licenses_and_the_jwks() {
-    for db in backends("licensing") {
+conformance! {
+    fn keys_licenses_and_the_jwks(db, "licensing") {
         keys_licenses_and_the_jwks_on(&db);
     }
 }
@@ -297,9 +296,8 @@ fn record(license: &str, outcome: &str, units: u64, at: u64) -> UsageRecord {
     }
 }
 
-#[test]
-fn exports_page_through_usage_and_a_re_export_has_the_same_identifiers() {
-    for db in backends("exports") {
+conformance! {
+    fn exports_page_through_usage_and_a_re_export_has_the_same_identifiers(db, "exports") {
         exports_on(&db);
     }
 }
@@ -422,7 +420,7 @@ fn an_account_token_reads_its_own_account_only() {
     // filter refuses such licenses.
     {
         use base64::Engine as _;
-        let now = u64::try_from(tollgate_collector::store::now_ms()).unwrap();
+        let now = u64::try_from(tollgate_collector::clock::now_ms()).unwrap();
         let signer = tollgate_collector::licensing::signer(c.state.store.as_ref(), now).unwrap();
         let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(token.split('.').nth(1).unwrap())
@@ -507,7 +505,7 @@ fn the_dashboards_read_licenses_refusal_words_and_the_operator_overview() {
         );
         assert_eq!(status, 201, "{body}");
     }
-    let now = u64::try_from(tollgate_collector::store::now_ms()).unwrap();
+    let now = u64::try_from(tollgate_collector::clock::now_ms()).unwrap();
     let rec = |account: &str, license: &str, outcome: &str, units: u64| UsageRecord {
         account: account.into(),
         license: license.into(),

@@ -12,7 +12,7 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use tollgate_collector::control::{sync, ControlPlane};
 use tollgate_collector::privacy::{self, Retained};
-use tollgate_collector::store::{
+use tollgate_collector::storage::{
     Budget, Delivery, DeliveryOutcome, IssuedLicense, SeatAsk, SharingDetection, StoredInvoice,
 };
 use tollgate_collector::worker::{BillingSettings, Worker};
@@ -25,7 +25,7 @@ use tollgate_wire::sync::{
 use tollgate_wire::{Meter, Source, UsageBatch, UsageRecord};
 
 mod common;
-use common::{backends, sqlite, Backend};
+use common::{backends, conformance, sqlite, Backend};
 
 // 2026-06-15T10:00:00Z
 const NOW: u64 = 1_781_517_600_000;
@@ -120,9 +120,8 @@ fn raw_records(store: &dyn Store) -> usize {
         .len()
 }
 
-#[test]
-fn retention_rolls_old_usage_into_aggregates_and_every_unit_stays_counted_once() {
-    for db in backends("privacy-retention") {
+conformance! {
+    fn retention_rolls_old_usage_into_aggregates_and_every_unit_stays_counted_once(db, "privacy-retention") {
         let store = open(&db.url()).unwrap();
         let store = store.as_ref();
         let batches = old_and_new_usage(store);
@@ -189,9 +188,8 @@ fn retention_rolls_old_usage_into_aggregates_and_every_unit_stays_counted_once()
     }
 }
 
-#[test]
-fn replicas_running_retention_at_once_count_every_unit_once() {
-    for db in backends("privacy-retention-race") {
+conformance! {
+    fn replicas_running_retention_at_once_count_every_unit_once(db, "privacy-retention-race") {
         let store = open(&db.url()).unwrap();
         old_and_new_usage(store.as_ref());
         let before = books(store.as_ref());
@@ -479,9 +477,8 @@ fn assert_gone(db: &Backend, needle: &str) {
     );
 }
 
-#[test]
-fn an_account_is_exported_then_erased_and_nothing_of_it_remains() {
-    for db in backends("privacy-erase") {
+conformance! {
+    fn an_account_is_exported_then_erased_and_nothing_of_it_remains(db, "privacy-erase") {
         let store = open(&db.url()).unwrap();
         let store = store.as_ref();
         let acme_recent = everything_about(
@@ -569,9 +566,8 @@ fn an_account_is_exported_then_erased_and_nothing_of_it_remains() {
     }
 }
 
-#[test]
-fn an_end_user_is_unlinked_from_usage_that_stays_billed() {
-    for db in backends("privacy-subject") {
+conformance! {
+    fn an_end_user_is_unlinked_from_usage_that_stays_billed(db, "privacy-subject") {
         let store = open(&db.url()).unwrap();
         let store = store.as_ref();
         let alice = user(0xa11ce);
@@ -647,7 +643,7 @@ fn call(method: &str, url: &str, token: Option<&str>) -> (u16, Value) {
 fn over_http_export_and_erase_need_the_admin_token_and_a_valid_license_blocks_erasure() {
     let db = &sqlite("privacy-http");
     let store = open(&db.url()).unwrap();
-    let now = u64::try_from(tollgate_collector::store::now_ms()).unwrap();
+    let now = u64::try_from(tollgate_collector::clock::now_ms()).unwrap();
     // The license expires a day after NOW, long before the real now: erasable.
     let _ = everything_about(
         store.as_ref(),

@@ -15,13 +15,13 @@ use axum::routing::post;
 use serde_json::{json, Value};
 use tollgate_collector::catalog::CatalogFileWatch;
 use tollgate_collector::control::ControlPlane;
-use tollgate_collector::store::{Budget, IssuedLicense};
+use tollgate_collector::storage::{Budget, IssuedLicense};
 use tollgate_collector::webhooks::{verify_signature, WebhookSettings};
 use tollgate_collector::{open, AppState, IngestKeys, Running};
 use tollgate_wire::sync::Period;
 use tollgate_wire::{Meter, Source, UsageBatch, UsageRecord};
 
-use common::{backends, Backend};
+use common::{conformance, Backend};
 
 const ADMIN: &str = "webhooks-admin-token-0123456789";
 const HOOK_SECRET: &str = "webhook-signing-secret-0123";
@@ -99,7 +99,7 @@ fn receiver() -> (
 }
 
 fn now_ms() -> u64 {
-    u64::try_from(tollgate_collector::store::now_ms()).unwrap()
+    u64::try_from(tollgate_collector::clock::now_ms()).unwrap()
 }
 
 fn batch(id: &str, calls: u64, at_ms: u64) -> UsageBatch {
@@ -145,9 +145,8 @@ fn admin(c: &Running, method: &str, path: &str, body: Option<Value>) -> (u16, Va
     )
 }
 
-#[test]
-fn webhooks_are_signed_retried_and_delivered_once_for_thresholds_and_invoices() {
-    for db in backends("webhooks") {
+conformance! {
+    fn webhooks_are_signed_retried_and_delivered_once_for_thresholds_and_invoices(db, "webhooks") {
         webhooks_on(&db);
     }
 }
@@ -289,12 +288,7 @@ fn webhooks_on(db: &Backend) {
 
     // A stray duplicate would be sent by a later round of the worker: count after three
     // more rounds have run.
-    let rounds = |c: &tollgate_collector::Running| {
-        c.state
-            .metrics
-            .worker_rounds
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let rounds = |c: &tollgate_collector::Running| c.state.metrics.worker_rounds.get();
     let after = rounds(&c) + 3;
     let deadline = Instant::now() + Duration::from_secs(20);
     while rounds(&c) < after {

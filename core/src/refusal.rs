@@ -106,7 +106,8 @@ impl Code {
     }
 
     /// What the code means, in words for the people whose requests it refused (the
-    /// dashboard shows it beside the code; the README's refusal table says it in full).
+    /// dashboard shows it beside the code; the refusal table of docs/filter.md says it in
+    /// full).
     pub fn meaning(self) -> &'static str {
         match self {
             Code::MissingToken => "the request carried no license token",
@@ -340,12 +341,12 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_s_refusal_table_lists_every_code() {
-        let readme = include_str!("../../README.md");
+    fn the_docs_refusal_table_lists_every_code() {
+        let doc = include_str!("../../docs/filter.md");
         for code in Code::ALL {
             assert!(
-                readme.contains(&format!("| `{}` |", code.as_str())),
-                "README's refusal table lacks {}",
+                doc.contains(&format!("| `{}` |", code.as_str())),
+                "the refusal table of docs/filter.md lacks {}",
                 code.as_str()
             );
         }

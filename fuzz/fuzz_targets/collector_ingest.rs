@@ -41,7 +41,7 @@ fn harness() -> &'static Harness {
     static HARNESS: OnceLock<Harness> = OnceLock::new();
     HARNESS.get_or_init(|| {
         // One line per stored batch would drown libFuzzer's own output.
-        tollgate_collector::server::set_info_logs(false);
+        tollgate_collector::telemetry::set_info_logs(false);
         let path = store_dir().join("usage.db");
         let store = tollgate_collector::open(path.to_str().expect("UTF-8 path")).expect("store");
         let keys = IngestKeys::parse([format!("{INGEST_KEY_ID}={INGEST_SECRET}").as_str()])

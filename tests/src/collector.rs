@@ -82,7 +82,7 @@ impl Drop for CollectorProcess {
 fn listening_port(log: &str) -> Option<u16> {
     log.lines().find_map(|line| {
         let v: serde_json::Value = serde_json::from_str(line).ok()?;
-        if v["msg"] != "collector listening" {
+        if v["message"] != "collector listening" {
             return None;
         }
         v["addr"].as_str()?.rsplit_once(':')?.1.parse().ok()

@@ -11,7 +11,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 use tollgate_collector::catalog::CatalogFileWatch;
 use tollgate_collector::control::ControlPlane;
-use tollgate_collector::store::Budget;
+use tollgate_collector::storage::Budget;
 use tollgate_collector::{open, AppState, IngestKeys, Running};
 use tollgate_devkit::envoy::workspace_root;
 use tollgate_wire::sync::{LeaseRequest, Period, SyncRequest};
@@ -165,7 +165,7 @@ fn the_dashboard_draws_real_collector_data_in_chromium() {
         "/v1/admin/licenses",
         json!({"account": "beta", "plan": "pro", "license_id": "lic-beta", "features": ["search"]}),
     );
-    let now = u64::try_from(tollgate_collector::store::now_ms()).unwrap();
+    let now = u64::try_from(tollgate_collector::clock::now_ms()).unwrap();
     // Two hours of usage: this hour and two hours ago, two features, two refusal reasons.
     let batch = UsageBatch {
         version: 1,
@@ -480,7 +480,8 @@ fn the_dashboard_draws_real_collector_data_in_chromium() {
     assert!(std::fs::read(&operator_shot)
         .expect("a screenshot")
         .starts_with(b"\x89PNG\r\n\x1a\n"));
-    // `TOLLGATE_UPDATE_SCREENSHOT=1` refreshes the README's screenshots.
+    // `TOLLGATE_UPDATE_SCREENSHOT=1` refreshes the screenshots shown in README.md and
+    // docs/licenses-and-billing.md.
     if std::env::var_os("TOLLGATE_UPDATE_SCREENSHOT").is_some() {
         std::fs::copy(&shot, workspace_root().join("docs/dashboard.png")).unwrap();
         std::fs::copy(

@@ -3,7 +3,8 @@
 //! answering slowly (after the filter's timeout) or with 500s before or after storing, plugin
 //! configuration changes (new VMs) in the middle of the load and every 2 s for 20 s, a
 //! collector replica killed with SIGKILL, PostgreSQL restarted under a replica, and the two
-//! buffer-full policies. Each fault test prints a `chaos:` line: the README's table.
+//! buffer-full policies. Each fault test prints a `chaos:` line: a row of the fault table in
+//! docs/testing.md.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
@@ -280,7 +281,7 @@ fn usage_served_while_the_collector_is_stopped_for_60_s_arrives_exactly_once() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// One line of the README's fault table.
+/// One line of the fault table (docs/testing.md, "Faults").
 fn chaos(fault: &str, seen: &Seen, recovery: &str) {
     eprintln!(
         "chaos: | {fault} | {} | {} | exact | {recovery} |",
@@ -380,7 +381,7 @@ fn a_collector_answering_slowly_or_with_500s_loses_nothing_and_counts_nothing_tw
         proxy.injected() > 0 && failed > 0,
         "faults were injected and seen"
     );
-    // The quota holds: one Envoy with two workers may over-admit by one (README, the bound).
+    // The quota holds: one Envoy with two workers may over-admit by one (docs/filter.md, "Quotas").
     let count = |outcome: &str| {
         seen.calls
             .get(&("lic-pro".to_string(), outcome.to_string()))
@@ -922,7 +923,7 @@ fn load_until_refused(envoy: &Envoy) -> std::thread::JoinHandle<Seen> {
     })
 }
 
-/// Envoy stopped in the middle of the load the way the README says to stop it
+/// Envoy stopped in the middle of the load the way docs/deploying.md says to stop it
 /// (`envoy/drain-and-stop.sh`: health check failed, listeners drained, Tollgate's buffer
 /// empty, then SIGTERM): every call served is stored, none twice.
 fn envoy_stopped_mid_load_by_drain_and_stop_loses_nothing(adapter: Adapter) {

@@ -1,6 +1,6 @@
 //! Period quotas, revocation and spend caps through real Envoys and a real collector: two
 //! Envoy processes with two workers each hammer one license; what they admit together is
-//! counted against the quota and the bound documented in the README.
+//! counted against the quota and the bound documented in docs/filter.md ("Quotas").
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
@@ -185,7 +185,7 @@ fn spent<'a>(
     units: impl Fn(&Tally) -> u64 + 'a,
 ) -> impl Fn(&Tally) -> bool + 'a {
     move |t: &Tally| {
-        let now = u64::try_from(tollgate_collector::store::now_ms()).unwrap();
+        let now = u64::try_from(tollgate_collector::clock::now_ms()).unwrap();
         let quota = collector
             .state
             .store
@@ -218,9 +218,9 @@ fn two_envoys_with_two_workers_each_admit_a_daily_quota_of_1000_calls_once(adapt
     );
     eprintln!("calls quota 1000, 2 Envoys x 2 workers: {tally:?}");
     let allowed = tally.count("allowed");
-    // Bound (README, "Quotas"): calls are only admitted out of grants, so exactly the quota;
-    // a grant whose request a second worker's first write of the pool overwrote is held all
-    // the same, so the hammer reaches the quota rather than stranding a lease.
+    // Bound (docs/filter.md, "Quotas"): calls are only admitted out of grants, so exactly the
+    // quota; a grant whose request a second worker's first write of the pool overwrote is held
+    // all the same, so the hammer reaches the quota rather than stranding a lease.
     assert_eq!(allowed, 1000, "admitted {allowed}, quota 1000: {tally:?}");
     assert!(
         tally

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use crate::catalog::CatalogFileWatch;
 use crate::control::{account_status, ControlPlane, DEFAULT_LEASE_TTL_MS};
-use crate::store::Budget;
-use crate::store::{open_existing, require_known, Named};
+use crate::storage::Budget;
+use crate::storage::{open_existing, require_known, Named};
 use crate::{open, AppState, Granularity, IngestKeys, UsageQuery};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -62,7 +62,7 @@ macro_rules! out {
 }
 
 fn now() -> u64 {
-    u64::try_from(crate::store::now_ms()).unwrap_or(0)
+    u64::try_from(crate::storage::now_ms()).unwrap_or(0)
 }
 
 /// An account, or an end user's (or client's) pseudonym.
@@ -484,19 +484,22 @@ fn run() -> Result<()> {
                 .enable_all()
                 .build()?;
             runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
-                eprintln!("{}", serde_json::json!({"level": "info", "msg": "collector listening", "addr": listener.local_addr()?.to_string(), "database": database}));
+                let listener = tokio::net::TcpListener::bind(&listen)
+                    .await
+                    .with_context(|| format!("binding {listen}"))?;
+                crate::telemetry::init_logs();
+                tracing::info!(addr = %listener.local_addr()?, %database, "collector listening");
                 let mut state = AppState::new(Arc::from(store), keys);
                 state.control = control;
                 state.admin_token = admin_token;
                 state.issuer = crate::licensing::Issuer { issuer, audience };
                 state.webhooks = webhooks;
-                state.billing.finalize_grace_ms =
-                    (finalize_grace_seconds > 0).then(|| finalize_grace_seconds.saturating_mul(1000));
+                state.billing.finalize_grace_ms = (finalize_grace_seconds > 0)
+                    .then(|| finalize_grace_seconds.saturating_mul(1000));
                 state.billing.raw_usage_retention_ms = retention;
                 let state = Arc::new(state);
                 crate::serve(listener, state, shutdown_signal()).await?;
-                eprintln!("{}", serde_json::json!({"level": "info", "msg": "collector stopped"}));
+                tracing::info!("collector stopped");
                 Ok(())
             })
         }

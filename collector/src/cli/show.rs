@@ -7,7 +7,7 @@ use chrono_tz::Tz;
 use crate::billing::{Draft, LineKind};
 use crate::control::{AccountStatus, UsersReport};
 use crate::licensing::{KeyInfo, ShownLicense};
-use crate::store::IssuedLicense;
+use crate::storage::IssuedLicense;
 
 /// A time as people read it: RFC 3339 to the second, in `tz` (the catalogue's zone, or UTC).
 pub fn time(tz: Tz, ms: u64) -> String {
@@ -281,7 +281,7 @@ pub fn invoice(tz: Tz, draft: &Draft) -> String {
 }
 
 /// A finalised invoice, from the body stored when it was cut.
-pub fn finalized(tz: Tz, invoice: &crate::store::StoredInvoice) -> String {
+pub fn finalized(tz: Tz, invoice: &crate::storage::StoredInvoice) -> String {
     let text = |v: &serde_json::Value, key: &str| -> String {
         match &v[key] {
             serde_json::Value::String(s) => s.clone(),

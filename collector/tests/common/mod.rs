@@ -43,6 +43,35 @@ impl Drop for Backend {
     }
 }
 
+/// One test body, a test per backend: `conformance! { fn name(db, "label") { ... } }` makes
+/// `name::sqlite` and `name::postgres`, each with `db` a fresh [`Backend`] (the label names its
+/// files; short, since PostgreSQL's socket path is bounded). A backend that drifts from the
+/// other fails its own test, by name. The model is limitador's `test_with_all_storage_impls!`.
+macro_rules! conformance {
+    ($(#[$meta:meta])* fn $name:ident($db:ident, $label:literal) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[test]
+            fn sqlite() {
+                let $db = $crate::common::sqlite($label);
+                $body
+            }
+
+            #[test]
+            fn postgres() {
+                let $db = $crate::common::Backend::Postgres(
+                    tollgate_devkit::postgres::TestPostgres::start($label).unwrap(),
+                );
+                $body
+            }
+        }
+    };
+}
+pub(crate) use conformance;
+
 /// Every backend, fresh: the same test body runs against each.
 pub fn backends(name: &str) -> Vec<Backend> {
     vec![

@@ -170,7 +170,7 @@ fn run(keep_running: bool, leftovers: &Mutex<Leftovers>) -> Result<()> {
     );
     let database = format!("sqlite://{}", scratch.join("usage.db").display());
     let keys = IngestKeys::parse([format!("demo={INGEST_SECRET}").as_str()])?;
-    tollgate_collector::server::set_info_logs(false);
+    tollgate_collector::telemetry::set_info_logs(false);
     let mut state = AppState::new(std::sync::Arc::from(open(&database)?), keys);
     state.admin_token = Some(ADMIN_TOKEN.into());
     state.issuer = Issuer {
@@ -187,7 +187,7 @@ fn run(keep_running: bool, leftovers: &Mutex<Leftovers>) -> Result<()> {
         collector.addr
     );
     let store = collector.state.store.as_ref();
-    let now_ms = || u64::try_from(tollgate_collector::store::now_ms()).unwrap_or(0);
+    let now_ms = || u64::try_from(tollgate_collector::clock::now_ms()).unwrap_or(0);
     // The license server signs with the demo key (kid demo-2026), and publishes it in its JWKS.
     tollgate_collector::licensing::add_key(
         store,
@@ -600,7 +600,7 @@ fn run(keep_running: bool, leftovers: &Mutex<Leftovers>) -> Result<()> {
             "  curl -s -X POST {} -H 'authorization: Bearer {ADMIN_TOKEN}' -d '{{\"account\": \"you\", \"plan\": \"pro\", \"features\": [\"search\"]}}'",
             collector.url("/v1/admin/licenses")
         );
-        let (account_token, _) = tollgate_collector::customer::issue_account_token(
+        let (account_token, _) = tollgate_collector::account_tokens::issue_account_token(
             store,
             &collector.state.issuer,
             "globex",

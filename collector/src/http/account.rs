@@ -1,94 +1,41 @@
 //! What customers see: a read-only view of one account (usage, cost so far and the forecast,
-//! quotas, the invoice draft), for a bearer token scoped to that account, and the dashboard
-//! page that draws it.
-//!
-//! Account tokens are JWTs signed with the license signing key, for the audience
-//! `tollgate:account-api` with the scope `account:read`. They cannot pass for a license (no
-//! `lid` or `plan`), and a license cannot pass for one (wrong audience, no scope).
+//! quotas, users, licenses), for the admin token or a bearer token scoped to that account
+//! ([`crate::account_tokens`]), the dashboard page that draws it, and issuing those tokens.
 
 use std::sync::Arc;
 
-use anyhow::Result;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use jsonwebtoken::{jwk::Jwk, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::server::{admin_refusal, log, refusal};
-use crate::store::{Granularity, Store, UsageQuery};
-use crate::AppState;
+use super::error::{blocking, json_body, refusal};
+use super::extract::Admin;
+use crate::account_tokens::{
+    issue_account_token, verify_account_token, ACCOUNT_SCOPE, DEFAULT_TOKEN_DAYS,
+};
+use crate::state::AppState;
+use crate::storage::{Granularity, UsageQuery};
 
-/// The audience of account tokens.
-pub const ACCOUNT_AUDIENCE: &str = "tollgate:account-api";
-const ACCOUNT_SCOPE: &str = "account:read";
-/// Default validity of an account token.
-pub const DEFAULT_TOKEN_DAYS: u64 = 30;
-
-/// Sign a token for `account`'s read-only view.
-pub fn issue_account_token(
-    store: &dyn Store,
-    issuer: &crate::licensing::Issuer,
-    account: &str,
-    valid_days: u64,
-    now_ms: u64,
-) -> Result<(String, u64)> {
-    let key = crate::licensing::signer(store, now_ms)?;
-    let exp = now_ms / 1000 + valid_days.clamp(1, 366) * 86_400;
-    let mut random = [0u8; 8];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut random);
-    let token = key.sign(&json!({
-        "iss": issuer.issuer.as_deref().unwrap_or("tollgate"),
-        "aud": ACCOUNT_AUDIENCE,
-        "sub": account,
-        "scope": ACCOUNT_SCOPE,
-        "iat": now_ms / 1000,
-        "exp": exp,
-        "jti": random.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-    }))?;
-    Ok((token, exp * 1000))
-}
-
-#[derive(Deserialize)]
-struct AccountClaims {
-    sub: String,
-    scope: String,
-}
-
-/// The account a token is scoped to, if it is a valid account token signed with a key that is
-/// not retired.
-pub fn verify_account_token(store: &dyn Store, token: &str) -> Option<String> {
-    // The filter's header check (`crit` refused, RFC 7515 section 4.1.11), so both verifiers
-    // refuse the same tokens.
-    let header = tollgate_core::token::jose_header(token).ok()?;
-    let kid = header.kid?;
-    let stored = store
-        .signing_keys()
-        .ok()?
-        .into_iter()
-        .find(|k| k.kid == kid && k.retired_ms.is_none())?;
-    let jwk: Jwk = serde_json::from_str(&stored.public_jwk).ok()?;
-    let alg: jsonwebtoken::Algorithm = stored.alg.parse().ok()?;
-    if header.alg != alg {
-        return None;
-    }
-    let key = DecodingKey::from_jwk(&jwk).ok()?;
-    let mut validation = Validation::new(alg);
-    validation.set_audience(&[ACCOUNT_AUDIENCE]);
-    validation.set_required_spec_claims(&["exp", "aud", "sub"]);
-    let claims = jsonwebtoken::decode::<AccountClaims>(token, &key, &validation)
-        .ok()?
-        .claims;
-    (claims.scope == ACCOUNT_SCOPE && !claims.sub.is_empty()).then_some(claims.sub)
+pub(super) fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/admin/accounts/{account}/tokens", post(new_token))
+        .route("/v1/accounts/{account}/usage", get(account_usage))
+        .route("/v1/accounts/{account}/cost", get(account_cost))
+        .route("/v1/accounts/{account}/quotas", get(account_quotas))
+        .route("/v1/accounts/{account}/users", get(account_users))
+        .route("/v1/accounts/{account}/licenses", get(account_licenses))
+        .route("/v1/refusal-codes", get(refusal_codes))
+        .route("/dashboard", get(dashboard))
 }
 
 /// Who calls.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Caller {
+pub(super) enum Caller {
     Admin,
     Account(String),
 }
@@ -101,8 +48,8 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// The caller, if the request carries the admin token or an account token.
-pub fn caller(state: &AppState, headers: &HeaderMap) -> Option<Caller> {
-    if admin_refusal(state, headers).is_none() {
+pub(super) fn caller(state: &AppState, headers: &HeaderMap) -> Option<Caller> {
+    if super::extract::admin_refusal(state, headers).is_none() {
         return Some(Caller::Admin);
     }
     let token = bearer(headers)?;
@@ -117,46 +64,20 @@ fn unauthorized() -> Response {
     )
 }
 
-/// Run `work` for a caller allowed to read `account`: the admin, or the account's own token.
+/// Run `work` for a caller allowed to read `account`: the admin, or the account's own token
+/// (checked off the async threads too: it reads the signing keys).
 async fn for_account(
     state: Arc<AppState>,
     headers: HeaderMap,
     account: String,
-    work: impl FnOnce(&AppState, &str, u64) -> Result<Response> + Send + 'static,
+    work: impl FnOnce(&AppState, &str, u64) -> anyhow::Result<Response> + Send + 'static,
 ) -> Response {
-    let worker = Arc::clone(&state);
-    let done = tokio::task::spawn_blocking(move || {
-        match caller(&worker, &headers) {
-            Some(Caller::Admin) => {}
-            Some(Caller::Account(a)) if a == account => {}
-            _ => return Ok(unauthorized()),
-        }
-        let now = worker.clock.now_ms();
-        work(&worker, &account, now)
+    blocking(&state, move |s, now| match caller(s, &headers) {
+        Some(Caller::Admin) => work(s, &account, now),
+        Some(Caller::Account(a)) if a == account => work(s, &account, now),
+        _ => Ok(unauthorized()),
     })
-    .await;
-    match done {
-        Ok(Ok(response)) => response,
-        Ok(Err(e)) => refusal(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            format!("{e:#}"),
-        ),
-        Err(e) => refusal(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
-    }
-}
-
-/// The routes of this module, merged into [`crate::app`].
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/v1/admin/accounts/{account}/tokens", post(new_token))
-        .route("/v1/accounts/{account}/usage", get(account_usage))
-        .route("/v1/accounts/{account}/cost", get(account_cost))
-        .route("/v1/accounts/{account}/quotas", get(account_quotas))
-        .route("/v1/accounts/{account}/users", get(account_users))
-        .route("/v1/accounts/{account}/licenses", get(account_licenses))
-        .route("/v1/refusal-codes", get(refusal_codes))
-        .route("/dashboard", get(dashboard))
+    .await
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -169,43 +90,34 @@ struct NewToken {
 async fn new_token(
     State(state): State<Arc<AppState>>,
     Path(account): Path<String>,
-    headers: HeaderMap,
+    _: Admin,
     body: Bytes,
 ) -> Response {
-    if let Some(refused) = admin_refusal(&state, &headers) {
-        return refused;
-    }
-    let ask: NewToken = match crate::admin::json_body(&body, r#"{"valid_days": 1-366}"#) {
+    let ask: NewToken = match json_body(&body, r#"{"valid_days": 1-366}"#) {
         Ok(ask) => ask,
         Err(refused) => return *refused,
     };
-    let worker = Arc::clone(&state);
-    let done = tokio::task::spawn_blocking(move || {
-        let now = worker.clock.now_ms();
-        issue_account_token(
-            worker.store.as_ref(),
-            &worker.issuer,
+    blocking(&state, move |s, now| {
+        let issued = issue_account_token(
+            s.store.as_ref(),
+            &s.issuer,
             &account,
             ask.valid_days.unwrap_or(DEFAULT_TOKEN_DAYS),
             now,
-        )
-        .map(|(token, expires_ms)| (account, token, expires_ms))
+        );
+        Ok(match issued {
+            Ok((token, expires_ms)) => {
+                tracing::info!(account = %account, expires_ms, "account token issued");
+                (
+                    StatusCode::CREATED,
+                    Json(json!({"account": account, "token": token, "expires_ms": expires_ms, "scope": ACCOUNT_SCOPE})),
+                )
+                    .into_response()
+            }
+            Err(e) => refusal(StatusCode::CONFLICT, "conflict", format!("{e:#}")),
+        })
     })
-    .await;
-    match done {
-        Ok(Ok((account, token, expires_ms))) => {
-            log(
-                json!({"level": "info", "msg": "account token issued", "account": account, "expires_ms": expires_ms}),
-            );
-            (
-                StatusCode::CREATED,
-                Json(json!({"account": account, "token": token, "expires_ms": expires_ms, "scope": ACCOUNT_SCOPE})),
-            )
-                .into_response()
-        }
-        Ok(Err(e)) => refusal(StatusCode::CONFLICT, "conflict", format!("{e:#}")),
-        Err(e) => refusal(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
-    }
+    .await
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -312,7 +224,7 @@ async fn refusal_codes() -> Response {
 }
 
 /// A page of this crate, under the dashboards' content security policy.
-pub(crate) fn page(html: &'static str) -> Response {
+pub(super) fn page(html: &'static str) -> Response {
     (
         [
             ("content-type", "text/html; charset=utf-8"),
