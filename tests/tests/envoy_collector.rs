@@ -1039,7 +1039,7 @@ fn two_collector_replicas_on_postgres_one_killed_mid_load_totals_exact() {
     let envoy = Envoy::start("replicas", &bootstrap.to_json(), 2).unwrap();
 
     let mut seen = Seen::default();
-    let took_batches = |log: String| log.contains(r#""msg":"batch""#);
+    let took_batches = |log: String| log.contains(r#""message":"batch""#);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !(took_batches(a.log_text()) || took_batches(b.log_text())) {
         assert!(
